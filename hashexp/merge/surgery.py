@@ -1,0 +1,204 @@
+"""Surgery: replace a site's neurons by group representatives, in the model and its optimizer.
+
+Merge math (DESIGN.md). Neuron i of a site has the parameter vector p_i = [w_i; b_i] (norms
+folded in), scale s_i = |p_i| and direction u_i = p_i / s_i. With activation mass a_i:
+
+- positively homogeneous activations (ReLU): the representative of group G is
+  p_r = s_r * u_G with u_G = normalize(sum a_i u_i) and s_r = sum a_i s_i / sum a_i, and every
+  consumer column becomes sum_{i in G} (s_i / s_r) V[:, i]. If u_i = u_j then
+  h_i = (s_i / s_j) h_j, so exact duplicates and positive rescalings merge with no change in
+  function.
+- other activations (tanh, GELU): p_r = sum a_i p_i / sum a_i and consumers sum their columns
+  unscaled (groups were hashed on the MIPS transform, so they agree in norm as well).
+
+Both are linear in the p_i: p_r = sum_i R_i p_i. The same coefficients map the optimizer's
+first moments (and their squares the second moments), so training continues with merged state
+instead of a reset. Each changed parameter is replaced by a new one, in the module and in the
+optimizer's param groups, with its state re-mapped.
+
+A plan may also drop neurons (label -1): that is structured pruning, used by the magnitude
+baseline, through the same code path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hashexp.merge.sites import MergeSite, norm_affine
+
+_EPS = 1e-12
+
+
+@dataclass
+class MergePlan:
+    """What to do with each neuron of one site.
+
+    Attributes:
+        labels: (width,) int64, group of each neuron in [0, new_width), or -1 to drop it.
+        r: (width,) producer coefficients: representative p_g = sum_{labels==g} r_i p_i.
+        m: (width,) consumer coefficients: new column g = sum_{labels==g} m_i V[:, i].
+        a: (width,) normalized activation weights (sum to 1 in each group); used for the
+            statistics of norms that cannot be combined linearly (BatchNorm mean/var, scale).
+        new_width: number of groups.
+    """
+
+    labels: torch.Tensor
+    r: torch.Tensor
+    m: torch.Tensor
+    a: torch.Tensor
+    new_width: int
+
+
+def merge_plan(site: MergeSite, labels: torch.Tensor, act_mass: torch.Tensor | None = None) -> MergePlan:
+    """Coefficients that merge each group of ``labels`` into its activation-weighted representative."""
+    p = site.neuron_vectors()
+    width = p.shape[0]
+    labels = torch.as_tensor(labels, dtype=torch.long, device=p.device)
+    if labels.shape != (width,):
+        raise ValueError(f"site {site.name}: labels must have shape ({width},), got {tuple(labels.shape)}")
+    n_groups = int(labels.max().item()) + 1 if width else 0
+    a = _mass(act_mass, width, p.device)
+    a_sum = torch.zeros(n_groups, device=p.device, dtype=p.dtype).index_add_(0, labels, a)
+    a_norm = a / a_sum[labels]
+    if site.homogeneous:
+        s = p.norm(dim=1).clamp_min(_EPS)
+        u = p / s[:, None]
+        u_sum = torch.zeros(n_groups, p.shape[1], device=p.device, dtype=p.dtype).index_add_(0, labels, a[:, None] * u)
+        u_len = u_sum.norm(dim=1).clamp_min(_EPS)
+        s_r = torch.zeros(n_groups, device=p.device, dtype=p.dtype).index_add_(0, labels, a * s) / a_sum
+        r = (a / s) * (s_r / u_len)[labels]
+        m = s / s_r[labels]
+    else:
+        r = a_norm
+        m = torch.ones_like(a)
+    return MergePlan(labels=labels, r=r, m=m, a=a_norm, new_width=n_groups)
+
+
+def prune_plan(site: MergeSite, keep: torch.Tensor) -> MergePlan:
+    """Keep the neurons in ``keep`` (indices or a bool mask), drop the rest."""
+    width = site.width
+    dev = site.producers[0].module.weight.device
+    keep = torch.as_tensor(keep, device=dev)
+    if keep.dtype == torch.bool:
+        keep = keep.nonzero().flatten()
+    keep = keep.sort().values
+    labels = torch.full((width,), -1, dtype=torch.long, device=dev)
+    labels[keep] = torch.arange(len(keep), device=dev)
+    ones = (labels >= 0).float()
+    return MergePlan(labels=labels, r=ones, m=ones, a=ones, new_width=int(len(keep)))
+
+
+def _mass(act_mass: torch.Tensor | None, width: int, device) -> torch.Tensor:
+    if act_mass is None:
+        return torch.ones(width, device=device)
+    a = torch.as_tensor(act_mass, dtype=torch.float32, device=device).clamp_min(0)
+    if a.shape != (width,):
+        raise ValueError(f"activation mass must have shape ({width},), got {tuple(a.shape)}")
+    # A neuron that never fired still belongs to its group; give it a small weight, not zero.
+    floor = a.max().clamp_min(1.0) * 1e-6
+    return a + floor
+
+
+def _combine(t: torch.Tensor, labels: torch.Tensor, coef: torch.Tensor, dim: int, n: int) -> torch.Tensor:
+    """out[..., g, ...] = sum_{labels==g} coef_i * t[..., i, ...] along ``dim`` (dropped: label -1)."""
+    keep = labels >= 0
+    if not bool(keep.all()):
+        t = t.index_select(dim, keep.nonzero().flatten())
+        labels, coef = labels[keep], coef[keep]
+    shape = [1] * t.dim()
+    shape[dim] = -1
+    out_shape = list(t.shape)
+    out_shape[dim] = n
+    out = torch.zeros(out_shape, dtype=t.dtype, device=t.device)
+    return out.index_add_(dim, labels, t * coef.to(t.dtype).reshape(shape))
+
+
+class _StateMapper:
+    """Swaps a parameter for its merged version, in the module and in the optimizer.
+
+    A new ``nn.Parameter`` replaces the old one (autograd caches a leaf's shape, so resizing
+    ``.data`` in place is not safe); the optimizer's param groups are pointed at it and its
+    state is mapped with the same linear map as the parameter, so nothing stale is left.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer | None):
+        self.opt = optimizer
+
+    def __call__(self, module: nn.Module, attr: str, new: torch.Tensor, labels, coef, dim: int, n: int) -> None:
+        old = getattr(module, attr)
+        param = nn.Parameter(new.contiguous(), requires_grad=old.requires_grad)
+        setattr(module, attr, param)
+        if self.opt is None:
+            return
+        for group in self.opt.param_groups:
+            group["params"] = [param if q is old else q for q in group["params"]]
+        st = self.opt.state.pop(old, None)
+        if st is None:
+            return
+        for key, val in list(st.items()):
+            if torch.is_tensor(val) and val.shape == old.shape and val.dim() > 0:
+                # second moments combine like variances of a weighted sum: squared coefficients
+                c = coef * coef if "sq" in key else coef
+                st[key] = _combine(val, labels, c, dim, n)
+        self.opt.state[param] = st
+
+
+def apply_plan(site: MergeSite, plan: MergePlan, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Rewrite every tensor of ``site`` (and the optimizer state of each) according to ``plan``."""
+    labels, r, m, a, n = plan.labels, plan.r, plan.m, plan.a, plan.new_width
+    remap = _StateMapper(optimizer)
+    with torch.no_grad():
+        for prod in site.producers:
+            mod, bn = prod.module, prod.norm
+            w = mod.weight
+            if bn is None:
+                remap(mod, "weight", _combine(w.data, labels, r, 0, n), labels, r, 0, n)
+                if mod.bias is not None:
+                    remap(mod, "bias", _combine(mod.bias.data, labels, r, 0, n), labels, r, 0, n)
+            else:
+                c, _ = norm_affine(bn)
+                c = c.to(w.dtype)
+                wf, bf = prod.folded()
+                wf_r = _combine(wf, labels, r, 0, n)
+                bf_r = _combine(bf, labels, r, 0, n)
+                c_r = _combine(c.abs().clamp_min(_EPS), labels, a, 0, n)
+                # raw weights with a positive scale c_r: W_r = Wf_r / c_r  (linear in the W_i)
+                wcoef = r * c / c_r[labels].clamp_min(_EPS) if n else r
+                remap(mod, "weight", _combine(w.data, labels, wcoef, 0, n), labels, wcoef, 0, n)
+                mu_r = _combine(bn.running_mean, labels, a, 0, n)
+                var_r = _combine(bn.running_var, labels, a, 0, n)
+                b_r = None
+                if mod.bias is not None:
+                    b_r = _combine(mod.bias.data, labels, a, 0, n)
+                    remap(mod, "bias", b_r, labels, a, 0, n)
+                shift = -mu_r if b_r is None else b_r - mu_r
+                gamma_r = c_r * torch.sqrt(var_r + bn.eps)
+                beta_r = bf_r.flatten() - c_r * shift
+                bn.running_mean = mu_r
+                bn.running_var = var_r
+                if bn.affine:
+                    remap(bn, "weight", gamma_r, labels, a, 0, n)
+                    remap(bn, "bias", beta_r, labels, a, 0, n)
+                bn.num_features = n
+            _set_out(mod, n)
+        for cons in site.consumers:
+            mod = cons.module
+            remap(mod, "weight", _combine(mod.weight.data, labels, m, 1, n), labels, m, 1, n)
+            _set_in(mod, n)
+
+
+def _set_out(mod: nn.Module, n: int) -> None:
+    if isinstance(mod, nn.Linear):
+        mod.out_features = n
+    elif isinstance(mod, nn.modules.conv._ConvNd):
+        mod.out_channels = n
+
+
+def _set_in(mod: nn.Module, n: int) -> None:
+    if isinstance(mod, nn.Linear):
+        mod.in_features = n
+    elif isinstance(mod, nn.modules.conv._ConvNd):
+        mod.in_channels = n
