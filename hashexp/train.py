@@ -1,0 +1,494 @@
+"""The training loop. It knows *that* the network is compressed, not *how*.
+
+Per step: forward, backward, optimizer step; forward hooks on each merge site's tap collect
+activation mass; every ``log_every`` steps a history.csv row (loss, step time, per-site width,
+per-layer weight and gradient norm). When the schedule says so, the compressor rewrites some
+sites (model and optimizer state together) and training simply continues on the smaller
+network. Each epoch ends with an evaluation row and an atomic checkpoint, from which a killed
+run resumes with the same widths, optimizer, schedule and RNG state.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hashexp.data import BatchIterator, DataBundle
+from hashexp.errors import ConfigError, DataError
+from hashexp.merge.sites import MergeSite
+from hashexp.metrics import Stopwatch, count_flops, count_params
+
+log = logging.getLogger("hashexp")
+
+
+class ActivationStats:
+    """Summed |activation| per neuron of each site over the last ``window`` training batches.
+
+    Hooks run only in training mode, so evaluation batches never weigh a representative. The
+    sums are per-batch tensors in a ring buffer; ``reset(site)`` after a rehash because the
+    width changed. ``window=0`` keeps everything since the last reset.
+    """
+
+    def __init__(self, sites: list[MergeSite], window: int = 50, enabled: bool = True) -> None:
+        self.window = int(window)
+        self.buffers: dict[str, deque] = {}
+        self.handles = []
+        self.enabled = enabled
+        if enabled:
+            for s in sites:
+                self._attach(s)
+
+    def _attach(self, site: MergeSite) -> None:
+        if site.tap is None:
+            return
+        buf: deque = deque(maxlen=self.window or None)
+        self.buffers[site.name] = buf
+
+        def hook(module, inputs, output, buf=buf):
+            if module.training and torch.is_tensor(output):
+                with torch.no_grad():
+                    dims = [d for d in range(output.dim()) if d != 1]
+                    buf.append(output.detach().abs().sum(dim=dims).float())
+
+        self.handles.append(site.tap.register_forward_hook(hook))
+
+    def mass(self, name: str) -> torch.Tensor | None:
+        buf = self.buffers.get(name)
+        if not buf:
+            return None
+        return torch.stack(list(buf)).sum(0)
+
+    def reset(self, name: str | None = None) -> None:
+        for k, buf in self.buffers.items():
+            if name is None or k == name:
+                buf.clear()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+class History:
+    """history.csv with a fixed header; rows are dicts, missing fields stay empty."""
+
+    def __init__(self, path: str, columns: list[str], resume_after_step: int | None = None) -> None:
+        self.path = path
+        self.columns = columns
+        if resume_after_step is not None and os.path.exists(path):
+            self._truncate(resume_after_step)
+            self.f = open(path, "a", newline="")
+            self.w = csv.DictWriter(self.f, fieldnames=columns, extrasaction="ignore")
+        else:
+            self.f = open(path, "w", newline="")
+            self.w = csv.DictWriter(self.f, fieldnames=columns, extrasaction="ignore")
+            self.w.writeheader()
+        self.rows_since_flush = 0
+
+    def _truncate(self, step: int) -> None:
+        # Rows written after the checkpoint belong to the killed attempt: drop them.
+        with open(self.path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("step") and int(float(r["step"])) <= step]
+        with open(self.path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.w.writerow({k: _fmt(v) for k, v in row.items()})
+        self.rows_since_flush += 1
+        if self.rows_since_flush >= 20:
+            self.flush()
+
+    def flush(self) -> None:
+        self.f.flush()
+        self.rows_since_flush = 0
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _fmt(v: Any) -> Any:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return v
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={device} but CUDA is not available here; use trainer.device=cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"trainer.device={device!r} is not a device; use cpu, cuda or auto") from None
+
+
+class Trainer:
+    """Trains a model with optional compression during training.
+
+    Args:
+        model: an ``nn.Module`` that declares ``merge_sites()``.
+        data: the in-memory dataset.
+        optimizer: factory ``params -> torch.optim.Optimizer`` (a Hydra partial).
+        epochs, batch_size, eval_batch_size: the usual.
+        lr_schedule: factory ``optimizer -> LRScheduler`` stepped once per epoch, or None.
+        compressor: object with ``compress(model, site_names, stats, optimizer, step)``, or None.
+        schedule: object with ``decide(ctx) -> list[str]`` naming the sites to rehash now.
+        run_dir: where history.csv and checkpoint.pt go.
+        seed: seeds batches, augmentation and the compressor's randomness.
+    """
+
+    def __init__(self, model: nn.Module, data: DataBundle, optimizer: Callable, epochs: int = 10,
+                 batch_size: int = 256, eval_batch_size: int = 4096, lr_schedule: Callable | None = None,
+                 compressor=None, schedule=None, logger=None, run_dir: str = ".", seed: int = 0,
+                 log_every: int = 20, device: str = "cpu", num_threads: int | None = None,
+                 progress: str = "auto", augment: bool = True, checkpoint: bool = True,
+                 resume: str | None = None, bn_recalib_batches: int = 0, name: str = "",
+                 activation_window: int | None = None, dist=None) -> None:
+        if epochs < 0:
+            raise ConfigError(f"trainer.epochs must be >= 0, got {epochs}")
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ConfigError(f"trainer.batch_size and eval_batch_size must be >= 1, got {batch_size}, {eval_batch_size}")
+        if log_every < 1:
+            raise ConfigError(f"trainer.log_every must be >= 1, got {log_every}")
+        if progress not in ("auto", "bar", "log", "none"):
+            raise ConfigError(f"trainer.progress={progress!r}; choose auto, bar, log or none")
+        if num_threads:
+            torch.set_num_threads(int(num_threads))
+        self.device = resolve_device(device)
+        self.dist = dist
+        self.model = model.to(self.device)
+        self.data = data.to(self.device)
+        self.make_optimizer = optimizer
+        self.optimizer = optimizer(self.model.parameters())
+        self._lr_factory = lr_schedule
+        self.lr_schedule = lr_schedule(self.optimizer) if lr_schedule is not None else None
+        self.epochs, self.batch_size, self.eval_batch_size = int(epochs), int(batch_size), int(eval_batch_size)
+        self.compressor, self.schedule, self.logger = compressor, schedule, logger
+        self.run_dir, self.seed, self.log_every = run_dir, int(seed), int(log_every)
+        self.progress = progress
+        self.checkpoint_enabled = checkpoint
+        self.resume = resume
+        self.bn_recalib_batches = int(bn_recalib_batches)
+        self.augment = None
+        if augment and data.is_image and getattr(data, "augment", None) is not None:
+            self.augment = data.augment
+        window = activation_window if activation_window is not None else getattr(compressor, "window", 50)
+        self.sites = model.merge_sites()
+        self.stats = ActivationStats(self.sites, window=window, enabled=compressor is not None)
+        self.timer = Stopwatch()
+        self.step = 0
+        self.epoch = 0
+        self.rehashes = 0
+        self.rehash_log: list[dict] = []
+        self.widths_before = dict(model.widths())
+        self.gen = torch.Generator().manual_seed(self.seed)
+        self.aug_gen = torch.Generator(device=self.device).manual_seed(self.seed + 1)
+        self.layer_names = [n for n, m in self.model.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+        self.epoch_metrics: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def is_main(self) -> bool:
+        return self.dist is None or self.dist.is_main
+
+    def _train_module(self) -> nn.Module:
+        return self.dist.wrap(self.model) if self.dist is not None else self.model
+
+    def history_columns(self) -> list[str]:
+        cols = ["kind", "step", "epoch", "loss", "step_time_s", "lr", "params", "rehash", "hash_time_s"]
+        cols += [f"width/{s.name}" for s in self.sites]
+        cols += [f"wnorm/{n}" for n in self.layer_names] + [f"gnorm/{n}" for n in self.layer_names]
+        cols += ["train_loss", "train_acc", "test_loss", "test_acc", "flops"]
+        if self.schedule is not None and hasattr(self.schedule, "history_columns"):
+            cols += [c for c in self.schedule.history_columns(self.sites) if c not in cols]
+        return cols
+
+    def _layer_norms(self) -> dict[str, float]:
+        out = {}
+        mods = dict(self.model.named_modules())
+        for n in self.layer_names:
+            w = mods[n].weight
+            out[f"wnorm/{n}"] = float(w.detach().norm())
+            out[f"gnorm/{n}"] = float(w.grad.detach().norm()) if w.grad is not None else float("nan")
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        """(mean loss, accuracy) over a split, in eval mode, batched."""
+        self.model.eval()
+        loss_sum, correct = 0.0, 0
+        for i in range(0, len(x), self.eval_batch_size):
+            out = self.model(x[i:i + self.eval_batch_size])
+            yb = y[i:i + self.eval_batch_size]
+            loss_sum += float(F.cross_entropy(out, yb, reduction="sum"))
+            correct += int((out.argmax(1) == yb).sum())
+        self.model.train()
+        n = max(len(x), 1)
+        return loss_sum / n, correct / n
+
+    # ------------------------------------------------------------------ compression
+    def _rehash(self, names: list[str]) -> dict:
+        """Run the compressor on ``names``; rebuild whatever holds the old parameters."""
+        with self.timer("hash"):
+            t0 = time.perf_counter()
+            before = dict(self.model.widths())
+            reports = self.compressor.compress(self.model, names, self.stats, self.optimizer, self.step, dist=self.dist)
+            after = dict(self.model.widths())
+            for r in reports:
+                self.stats.reset(r["site"])
+            # LR schedulers hold param groups, not params: they need no rebuild after surgery
+            if self.bn_recalib_batches > 0 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+                from hashexp.merge.recalibrate import recalibrate_bn
+
+                it = BatchIterator(self.data.x_train, self.data.y_train, self.batch_size, shuffle=True,
+                                   generator=torch.Generator().manual_seed(self.seed + 7919 * (self.rehashes + 1)))
+                batches = (xb for _, (xb, _) in zip(range(self.bn_recalib_batches), it))
+                recalibrate_bn(self.model, batches)
+            dt = time.perf_counter() - t0
+        self.rehashes += 1
+        event = {"step": self.step, "epoch": self.epoch, "before": before, "after": after, "time_s": dt,
+                 "sites": [r["site"] for r in reports], "reports": reports}
+        self.rehash_log.append(event)
+        return event
+
+    # ------------------------------------------------------------------ checkpoint
+    def checkpoint_state(self) -> dict[str, Any]:
+        from hashexp.models import model_payload
+
+        return {
+            "format": "hashexp.checkpoint/1",
+            "model": model_payload(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_schedule": self.lr_schedule.state_dict() if self.lr_schedule is not None else None,
+            "schedule": self.schedule.state_dict() if self.schedule is not None and hasattr(self.schedule, "state_dict") else None,
+            "compressor": self.compressor.state_dict() if self.compressor is not None and hasattr(self.compressor, "state_dict") else None,
+            "step": self.step, "epoch": self.epoch, "rehashes": self.rehashes,
+            "rehash_log": _plain(self.rehash_log), "widths_before": self.widths_before,
+            "times": dict(self.timer.totals),
+            "rng": {"gen": self.gen.get_state(), "aug": self.aug_gen.get_state(), "torch": torch.get_rng_state()},
+        }
+
+    def save_checkpoint(self) -> None:
+        if not (self.checkpoint_enabled and self.is_main):
+            return
+        path = os.path.join(self.run_dir, "checkpoint.pt")
+        tmp = path + ".tmp"
+        with self.timer("checkpoint"):
+            torch.save(self.checkpoint_state(), tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
+
+    def load_checkpoint(self, path: str) -> None:
+        from hashexp.models import build_model
+
+        if os.path.isdir(path):
+            path = os.path.join(path, "checkpoint.pt")
+        if not os.path.isfile(path):
+            raise DataError(f"trainer.resume={path}: no checkpoint there; point it at a run dir that has checkpoint.pt")
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise DataError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it to start over") from None
+        if not isinstance(ck, dict) or ck.get("format") != "hashexp.checkpoint/1":
+            raise DataError(f"{path} is not a hashexp checkpoint")
+        spec = ck["model"]
+        model = build_model({"_target_": spec["target"], **spec["kwargs"]}, spec["input_shape"], spec["num_classes"],
+                            site_widths=spec["widths"])
+        model.load_state_dict(spec["state_dict"])
+        self.stats.remove()
+        self.model = model.to(self.device)
+        self.sites = self.model.merge_sites()
+        self.stats = ActivationStats(self.sites, window=self.stats.window, enabled=self.compressor is not None)
+        self.optimizer = self.make_optimizer(self.model.parameters())
+        self.optimizer.load_state_dict(ck["optimizer"])
+        if ck["lr_schedule"] is not None and self._lr_factory is not None:
+            self.lr_schedule = self._lr_factory(self.optimizer)
+            self.lr_schedule.load_state_dict(ck["lr_schedule"])
+        if self.schedule is not None and ck["schedule"] is not None:
+            self.schedule.load_state_dict(ck["schedule"])
+        if self.compressor is not None and ck["compressor"] is not None:
+            self.compressor.load_state_dict(ck["compressor"])
+        self.step, self.epoch, self.rehashes = ck["step"], ck["epoch"], ck["rehashes"]
+        self.rehash_log = ck["rehash_log"]
+        self.widths_before = ck["widths_before"]
+        self.timer.totals.update(ck["times"])
+        self.gen.set_state(ck["rng"]["gen"])
+        self.aug_gen.set_state(ck["rng"]["aug"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        log.info("resumed from %s at epoch %d (step %d), widths %s", path, self.epoch, self.step, self.model.widths())
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict[str, Any]:
+        resume_from = None
+        if self.resume:
+            resume_from = os.path.join(self.run_dir, "checkpoint.pt") if self.resume == "auto" else self.resume
+            if self.resume == "auto" and not os.path.exists(resume_from):
+                resume_from = None
+        hist = None
+        if self.is_main:
+            os.makedirs(self.run_dir, exist_ok=True)
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        if self.is_main:
+            hist = History(os.path.join(self.run_dir, "history.csv"), self.history_columns(),
+                           resume_after_step=self.step if resume_from is not None else None)
+        data = self.data
+        n_batches = math.ceil(len(data.x_train) / self.batch_size)
+        use_bar = self.progress == "bar" or (self.progress == "auto" and sys.stderr.isatty())
+        total_t0 = time.perf_counter()
+        step_times: list[float] = []
+        losses: list[float] = []
+        self.model.train()
+        try:
+            while self.epoch < self.epochs:
+                it = BatchIterator(data.x_train, data.y_train, self.batch_size, shuffle=True, generator=self.gen)
+                if self.dist is not None:
+                    it = self.dist.shard(it)
+                bar = None
+                if use_bar and self.is_main:
+                    from tqdm import tqdm
+
+                    bar = tqdm(total=n_batches, desc=f"epoch {self.epoch + 1}/{self.epochs}", leave=False)
+                net = self._train_module()
+                for xb, yb in it:
+                    t0 = time.perf_counter()
+                    with self.timer("train"):
+                        if self.augment is not None:
+                            xb = self.augment(xb, self.aug_gen)
+                        out = net(xb)
+                        loss = F.cross_entropy(out, yb)
+                        if not torch.isfinite(loss):
+                            raise FloatingPointError(f"loss became {float(loss)} at step {self.step}; "
+                                                     "lower trainer.optimizer.lr or check the data")
+                        self.optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        self.optimizer.step()
+                    self.step += 1
+                    step_times.append(time.perf_counter() - t0)
+                    losses.append(float(loss.detach()))
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                    event = None
+                    if self.compressor is not None and self.schedule is not None:
+                        names = self.schedule.decide(self._ctx(epoch_end=False), hist=hist)
+                        if names:
+                            event = self._rehash(names)
+                            self.schedule.notify(self._ctx(epoch_end=False), event)
+                            net = self._train_module()
+                    if self.step % self.log_every == 0 or event is not None:
+                        row = self._step_row(losses, step_times, event)
+                        losses, step_times = [], []
+                        if hist is not None:
+                            hist.write(row)
+                        if self.logger is not None and self.is_main:
+                            self.logger.log_row(row, step=self.step)
+                if bar is not None:
+                    bar.close()
+                self.epoch += 1
+                if self.lr_schedule is not None:
+                    self.lr_schedule.step()
+                event = None
+                if self.compressor is not None and self.schedule is not None:
+                    names = self.schedule.decide(self._ctx(epoch_end=True), hist=hist)
+                    if names:
+                        event = self._rehash(names)
+                        self.schedule.notify(self._ctx(epoch_end=True), event)
+                with self.timer("eval"):
+                    row = self._epoch_row(event)
+                if hist is not None:
+                    hist.write(row)
+                    hist.flush()
+                if self.logger is not None and self.is_main:
+                    self.logger.log_row(row, step=self.step)
+                if self.is_main and not use_bar and self.progress != "none":
+                    log.info("epoch %d/%d  step %d  train_loss %.4f  train_acc %.4f  test_acc %.4f  widths %s",
+                             self.epoch, self.epochs, self.step, row["train_loss"], row["train_acc"], row["test_acc"],
+                             self.model.widths())
+                self.save_checkpoint()
+        finally:
+            if hist is not None:
+                hist.close()
+        self.timer.totals["fit"] = self.timer.totals.get("fit", 0.0) + time.perf_counter() - total_t0
+        return self.summary()
+
+    def _ctx(self, epoch_end: bool) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "epoch_end": epoch_end, "model": self.model,
+                "sites": self.model.merge_sites(), "stats": self.stats, "rehashes": self.rehashes,
+                "steps_per_epoch": math.ceil(len(self.data.x_train) / self.batch_size)}
+
+    def _step_row(self, losses, step_times, event) -> dict[str, Any]:
+        row: dict[str, Any] = {"kind": "step", "step": self.step, "epoch": self.epoch,
+                               "loss": sum(losses) / max(len(losses), 1),
+                               "step_time_s": sum(step_times) / max(len(step_times), 1),
+                               "lr": self.optimizer.param_groups[0]["lr"], "params": count_params(self.model),
+                               "rehash": int(event is not None),
+                               "hash_time_s": event["time_s"] if event is not None else 0.0}
+        row.update({f"width/{k}": v for k, v in self.model.widths().items()})
+        row.update(self._layer_norms())
+        return row
+
+    def _epoch_row(self, event) -> dict[str, Any]:
+        tr_loss, tr_acc = self.evaluate(self.data.x_train, self.data.y_train)
+        te_loss, te_acc = self.evaluate(self.data.x_test, self.data.y_test)
+        self.epoch_metrics = {"train_loss": tr_loss, "train_acc": tr_acc, "test_loss": te_loss, "test_acc": te_acc}
+        row: dict[str, Any] = {"kind": "epoch", "step": self.step, "epoch": self.epoch,
+                               "params": count_params(self.model), "rehash": int(event is not None),
+                               "hash_time_s": event["time_s"] if event is not None else 0.0,
+                               "flops": count_flops(self.model, self.data.input_shape),
+                               "lr": self.optimizer.param_groups[0]["lr"], **self.epoch_metrics}
+        row.update({f"width/{k}": v for k, v in self.model.widths().items()})
+        return row
+
+    def summary(self) -> dict[str, Any]:
+        if not self.epoch_metrics:
+            tr_loss, tr_acc = self.evaluate(self.data.x_train, self.data.y_train)
+            te_loss, te_acc = self.evaluate(self.data.x_test, self.data.y_test)
+            self.epoch_metrics = {"train_loss": tr_loss, "train_acc": tr_acc, "test_loss": te_loss, "test_acc": te_acc}
+        t = self.timer.totals
+        return {
+            **self.epoch_metrics,
+            "majority_acc": self.data.majority_acc("test"),
+            "flops": count_flops(self.model, self.data.input_shape),
+            "params": count_params(self.model),
+            "widths": dict(self.model.widths()),
+            "widths_before": dict(self.widths_before),
+            "train_time_s": t.get("fit", 0.0) - t.get("eval", 0.0) - t.get("checkpoint", 0.0),
+            "eval_time_s": t.get("eval", 0.0),
+            "hash_time_s": t.get("hash", 0.0),
+            "rehashes": self.rehashes,
+            "rehash_events": _plain([{k: v for k, v in e.items() if k != "reports"} for e in self.rehash_log]),
+            "epochs": self.epoch,
+            "steps": self.step,
+        }
+
+
+def _plain(obj):
+    """Turn tensors/numpy scalars into plain Python for JSON and weights-only checkpoints."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if torch.is_tensor(obj):
+        return obj.tolist()
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        try:
+            return obj.item()
+        except Exception:
+            return obj
+    return obj
