@@ -1,0 +1,183 @@
+"""One-shot compression of a trained model: ``python -m hashexp.compress RUN_DIR --keep 0.5``.
+
+Loads a run's model.pt (and, from its .hydra/config.yaml, the dataset it was trained on),
+collects activation statistics on a few training batches, merges (or prunes) every site to the
+requested share of its neurons or to a cosine threshold, optionally fine-tunes, evaluates, and
+writes the compressed model.pt and a JSON report.
+
+Python::
+
+    from hashexp.compress import compress_model
+    small, report = compress_model(model, data, method="simhash", keep=0.3)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hashexp.data import BatchIterator, DataBundle
+from hashexp.errors import ConfigError, HashexpError
+from hashexp.metrics import count_flops, count_params
+from hashexp.train import ActivationStats
+
+METHODS = ("simhash", "mips", "magnitude", "random")
+
+
+def make_compressor(method: str, keep: float | None, threshold: float | None, seed: int = 0, **hash_kw):
+    """A compressor for one-shot use: ``keep`` is the share of each site kept, ``threshold`` a cosine."""
+    from hashexp.merge.compressor import HashCompressor, MagnitudePruner, RandomMerger
+
+    if method not in METHODS:
+        raise ConfigError(f"method={method!r}; choose one of {', '.join(METHODS)}")
+    if keep is None and threshold is None:
+        raise ConfigError("give --keep (share of neurons kept) or --threshold (cosine), or both")
+    if method in ("simhash", "mips"):
+        # without a threshold the target decides: every LSH candidate may merge, most similar first
+        return HashCompressor(threshold=-1.0 if threshold is None else threshold, target_ratio=keep, seed=seed,
+                              transform="mips" if method == "mips" else "auto", min_width=1, **hash_kw)
+    if keep is None:
+        raise ConfigError(f"method={method} needs --keep")
+    cls = MagnitudePruner if method == "magnitude" else RandomMerger
+    return cls(target_ratio=keep, seed=seed, min_width=1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 4096) -> float:
+    model.eval()
+    correct = sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum()) for i in range(0, len(x), batch))
+    return correct / max(len(x), 1)
+
+
+def compress_model(model: nn.Module, data: DataBundle, method: str = "simhash", keep: float | None = 0.5,
+                   threshold: float | None = None, calib_batches: int = 20, batch_size: int = 256,
+                   finetune_epochs: float = 0.0, lr: float = 1e-3, seed: int = 0, **hash_kw) -> tuple[nn.Module, dict]:
+    """Compress ``model`` in place in one shot; returns it with a report of widths, FLOPs, accuracy."""
+    comp = make_compressor(method, keep, threshold, seed=seed, **hash_kw)
+    gen = torch.Generator().manual_seed(seed)
+    before = {"widths": dict(model.widths()), "flops": count_flops(model, data.input_shape),
+              "params": count_params(model), "test_acc": evaluate(model, data.x_test, data.y_test)}
+    stats = ActivationStats(model.merge_sites(), window=0)
+    model.train()
+    it = BatchIterator(data.x_train, data.y_train, batch_size, shuffle=True, generator=gen)
+    bn = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bn]
+    for m in bn:  # statistics passes must not move BatchNorm running stats
+        m.momentum = 0.0
+    with torch.no_grad():
+        for _, (xb, _) in zip(range(calib_batches), it):
+            model(xb)
+    for m, mom in zip(bn, momenta):
+        m.momentum = mom
+    t0 = time.perf_counter()
+    reports = comp.compress(model, None, stats, None, 0)
+    hash_time = time.perf_counter() - t0
+    stats.remove()
+    if bn:
+        from hashexp.merge.recalibrate import recalibrate_bn
+
+        it = BatchIterator(data.x_train, data.y_train, batch_size, shuffle=True, generator=gen)
+        recalibrate_bn(model, (xb for _, (xb, _) in zip(range(calib_batches), it)))
+    after_merge_acc = evaluate(model, data.x_test, data.y_test)
+    if finetune_epochs > 0:
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        steps = int(finetune_epochs * len(BatchIterator(data.x_train, data.y_train, batch_size)))
+        model.train()
+        done = 0
+        while done < steps:
+            for xb, yb in BatchIterator(data.x_train, data.y_train, batch_size, shuffle=True, generator=gen):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(model(xb), yb).backward()
+                opt.step()
+                done += 1
+                if done >= steps:
+                    break
+    report = {
+        "method": method, "keep": keep, "threshold": threshold, "finetune_epochs": finetune_epochs,
+        "before": before,
+        "after": {"widths": dict(model.widths()), "flops": count_flops(model, data.input_shape),
+                  "params": count_params(model), "test_acc_no_finetune": after_merge_acc,
+                  "test_acc": evaluate(model, data.x_test, data.y_test)},
+        "hash_time_s": hash_time, "sites": reports, "majority_acc": data.majority_acc("test"),
+    }
+    return model, report
+
+
+def load_run(path: str) -> tuple[nn.Module, Any]:
+    """model.pt and the run's composed config (for its dataset) from a run dir or a model.pt path."""
+    from omegaconf import OmegaConf
+
+    from hashexp.errors import DataError
+    from hashexp.models import load_model
+
+    model_pt = os.path.join(path, "model.pt") if os.path.isdir(path) else path
+    run_dir = os.path.dirname(os.path.abspath(model_pt))
+    cfg_path = os.path.join(run_dir, ".hydra", "config.yaml")
+    cfg = OmegaConf.load(cfg_path) if os.path.isfile(cfg_path) else None
+    if not os.path.isfile(model_pt):
+        raise DataError(f"{model_pt} not found; pass a finished run dir or its model.pt")
+    return load_model(model_pt), cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hashexp.compress", description=__doc__.splitlines()[0])
+    p.add_argument("run", help="a finished run dir (with model.pt and .hydra/) or a model.pt")
+    p.add_argument("--method", default="simhash", choices=METHODS)
+    p.add_argument("--keep", type=float, default=None, help="share of each site's neurons kept, e.g. 0.3")
+    p.add_argument("--threshold", type=float, default=None, help="cosine a member needs to its representative")
+    p.add_argument("--finetune-epochs", type=float, default=0.0)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--calib-batches", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dataset", default=None, help="dataset config name when the run has no .hydra/ (e.g. fashion_mnist)")
+    p.add_argument("--out", default=None, help="output dir (default: <run>/compressed_<method>_<keep>)")
+    a = p.parse_args(argv)
+    try:
+        from hashexp.data import build_dataset
+
+        model, cfg = load_run(a.run)
+        if a.dataset is None and cfg is None:
+            raise ConfigError(f"{a.run} has no .hydra/config.yaml; pass --dataset NAME")
+        ds_cfg = cfg.dataset if a.dataset is None else _dataset_cfg(a.dataset)
+        data = build_dataset(ds_cfg, seed=a.seed)
+        model, report = compress_model(model, data, a.method, a.keep, a.threshold, a.calib_batches,
+                                       finetune_epochs=a.finetune_epochs, lr=a.lr, seed=a.seed)
+        out = a.out or os.path.join(a.run if os.path.isdir(a.run) else os.path.dirname(a.run),
+                                    f"compressed_{a.method}_{a.keep if a.keep is not None else a.threshold}")
+        os.makedirs(out, exist_ok=True)
+        from hashexp.app import write_json_atomic
+        from hashexp.models import save_model
+
+        save_model(model, os.path.join(out, "model.pt"))
+        write_json_atomic(os.path.join(out, "compress.json"), report)
+    except HashexpError as e:
+        print(f"hashexp.compress: error: {e}", file=sys.stderr)
+        return 2
+    b, f = report["before"], report["after"]
+    print(f"{a.method} keep={a.keep} threshold={a.threshold}: widths {b['widths']} -> {f['widths']}, "
+          f"FLOPs {b['flops']} -> {f['flops']} ({b['flops'] / max(f['flops'], 1):.2f}x), "
+          f"test acc {b['test_acc']:.4f} -> {f['test_acc']:.4f} (majority {report['majority_acc']:.4f}); wrote {out}")
+    return 0
+
+
+def _dataset_cfg(name: str):
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    path = Path(__file__).resolve().parent.parent / "conf" / "dataset" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--dataset {name}: no conf/dataset/{name}.yaml")
+    return OmegaConf.load(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
