@@ -246,7 +246,9 @@ class Trainer:
         with self.timer("hash"):
             t0 = time.perf_counter()
             before = dict(self.model.widths())
-            reports = self.compressor.compress(self.model, names, self.stats, self.optimizer, self.step, dist=self.dist)
+            overrides = self.schedule.site_overrides() if hasattr(self.schedule, "site_overrides") else None
+            reports = self.compressor.compress(self.model, names, self.stats, self.optimizer, self.step,
+                                               dist=self.dist, overrides=overrides)
             after = dict(self.model.widths())
             for r in reports:
                 self.stats.reset(r["site"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -93,8 +94,13 @@ class Compressor:
         return max(min(t, width), self._min_width(site))
 
     # -------------------------------------------------------------- main entry
-    def compress(self, model, names: list[str] | None, stats, optimizer, step: int, dist=None) -> list[dict[str, Any]]:
-        """Compress the named sites of ``model`` in place; returns one report per site."""
+    def compress(self, model, names: list[str] | None, stats, optimizer, step: int, dist=None,
+                 overrides: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """Compress the named sites of ``model`` in place; returns one report per site.
+
+        ``overrides`` maps a site name to attribute values used for that site only (e.g. a
+        per-layer schedule's ``{"fc2": {"threshold": 0.9, "target_ratio": 0.7}}``).
+        """
         reports = []
         for idx, site in enumerate(model.merge_sites()):
             if names is not None and site.name not in names:
@@ -105,7 +111,8 @@ class Compressor:
             if dist is not None and mass is not None:
                 mass = dist.all_reduce_sum(mass)
             before = site.width
-            plan = self.plan_site(site, idx, mass) if (dist is None or dist.is_main) else None
+            with self._overridden((overrides or {}).get(site.name)):
+                plan = self.plan_site(site, idx, mass) if (dist is None or dist.is_main) else None
             if dist is not None:
                 plan = dist.broadcast_plan(plan, site)
             if plan is not None and plan.new_width < before:
@@ -116,6 +123,28 @@ class Compressor:
 
     def plan_site(self, site: MergeSite, index: int, mass: torch.Tensor | None) -> MergePlan | None:
         raise NotImplementedError
+
+    @contextmanager
+    def _overridden(self, values: Mapping[str, Any] | None):
+        """Temporarily set per-site knobs (threshold, target_ratio, target_width, ...)."""
+        if not values:
+            yield
+            return
+        unknown = [k for k in values if not hasattr(self, k)]
+        if unknown:
+            raise ConfigError(f"per-site override(s) {unknown} are not knobs of hashing={self.name}")
+        saved = {k: getattr(self, k) for k in values}
+        try:
+            for k, v in values.items():
+                if k == "threshold" and v is not None and not (-1.0 <= float(v) <= 1.0):
+                    raise ConfigError(f"threshold must be a cosine in [-1, 1], got {v}")
+                if k == "target_ratio" and v is not None and not (0.0 < float(v) <= 1.0):
+                    raise ConfigError(f"target_ratio must be in (0, 1], got {v}")
+                setattr(self, k, v)
+            yield
+        finally:
+            for k, v in saved.items():
+                setattr(self, k, v)
 
     def state_dict(self) -> dict[str, Any]:
         return {"calls": self.calls}

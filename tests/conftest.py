@@ -1,0 +1,51 @@
+"""Shared fixtures: config composition and subprocess runs of the app in tmp dirs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# Tiny, fast defaults for end-to-end runs on synthetic data.
+TINY = ["dataset=synthetic", "dataset.n_samples=1200", "model.widths=[32,32]", "trainer.epochs=1",
+        "trainer.batch_size=64", "trainer.progress=log"]
+
+
+def compose(overrides: list[str] | None = None):
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hcompose(config_name="config", overrides=list(overrides or []), return_hydra_config=False)
+
+
+def run_app(tmp_path: Path, overrides: list[str], multirun: bool = False, check: bool = True,
+            cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `python -m hashexp` in a subprocess with outputs under tmp_path."""
+    env = dict(os.environ, HASHEXP_OUTPUTS=str(tmp_path / "outputs"), WANDB_MODE="disabled",
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "hashexp", *(["-m"] if multirun else []), *overrides]
+    proc = subprocess.run(cmd, cwd=str(cwd or tmp_path), env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"hashexp failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def run_dirs(tmp_path: Path) -> list[Path]:
+    return sorted(p.parent for p in (tmp_path / "outputs").rglob("metrics.json"))
+
+
+def read_metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.fixture
+def tiny_overrides() -> list[str]:
+    return list(TINY)
