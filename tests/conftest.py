@@ -15,7 +15,7 @@ CONF = ROOT / "conf"
 
 # Tiny, fast defaults for end-to-end runs on synthetic data.
 TINY = ["dataset=synthetic", "dataset.n_samples=1200", "model.widths=[32,32]", "trainer.epochs=1",
-        "trainer.batch_size=64", "trainer.progress=log"]
+        "trainer.batch_size=64", "trainer.progress=log", "trainer.log_every=5"]
 
 
 def compose(overrides: list[str] | None = None):
@@ -29,6 +29,7 @@ def compose(overrides: list[str] | None = None):
 def run_app(tmp_path: Path, overrides: list[str], multirun: bool = False, check: bool = True,
             cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `python -m hashexp` in a subprocess with outputs under tmp_path."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HASHEXP_OUTPUTS=str(tmp_path / "outputs"), WANDB_MODE="disabled",
                OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "hashexp", *(["-m"] if multirun else []), *overrides]
