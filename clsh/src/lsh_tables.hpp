@@ -1,0 +1,162 @@
+// clsh: multi-table LSH bucket index over integer codes, and greedy union of scored pairs.
+//
+// An item is a row of L codes (one uint64 per hash table, e.g. K packed SimHash sign
+// bits). Two items are candidates when their codes are equal in at least one table
+// (the multi-table scheme of Indyk & Motwani 1998; Charikar 2002 for sign bits). No
+// Python here: the Cython layer (clsh/_clsh.pyx) validates dtypes and shapes and calls
+// these methods with the GIL released.
+//
+// Layout. Items live in a dense "slot" array in insertion order (removal moves the last
+// slot into the hole). Reads run on an index in "rank" space: live items ordered by id,
+// so every ascending list of ranks is also an ascending list of ids. Per table the index
+// holds a code -> bucket lookup and its buckets in CSR form (buckets ordered by smallest
+// member, members ascending); per item it holds its position and bucket end in each table.
+// The index is rebuilt by the first read after insert/remove, in parallel over tables:
+// mutations are O(batch) and a batch of them costs one O(N L) re-index.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "buffer.hpp"
+#include "flat_map.hpp"
+
+namespace clsh {
+
+// Raised when a result would not fit in memory (a bucket of size s yields s(s-1)/2
+// pairs, so huge buckets make the output quadratic). Translated to MemoryError.
+struct OutputTooLarge : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Rows of rank lists, filled in parallel chunks of consecutive rows (chunk c holds rows
+// row0[c] .. row0[c+1]-1). Ranks are stored as int32, a quarter of the int64 (i, j) pairs
+// they become: the intermediate stays small and the numpy output, allocated by the
+// caller once total() is known, is written exactly once, mapping ranks to ids on the fly.
+struct RankLists {
+  std::shared_ptr<const std::vector<int64_t>> rank_id;  // kept alive with the result
+  std::vector<int64_t> row0;
+  std::vector<std::vector<int32_t>> lens;    // per chunk: length of each row
+  std::vector<std::vector<int32_t>> values;  // per chunk: its rows' ranks, concatenated
+
+  int64_t n_rows() const { return row0.empty() ? 0 : row0.back(); }
+  int64_t total() const;
+  void write_offsets(int64_t* out) const;                // n_rows + 1 CSR offsets
+  void write_ids(int64_t* out, int n_threads) const;     // values as ids
+  void write_pairs(int64_t* out, int n_threads) const;   // (id of row r, id of value), row r = rank r
+};
+
+struct Stats {
+  int64_t n_items = 0;
+  int64_t n_tables = 0;
+  std::vector<int64_t> buckets_per_table;
+  std::vector<int64_t> pairs_per_table;  // sum over buckets of size*(size-1)/2
+  int64_t max_bucket = 0;
+  double mean_bucket = 0.0;
+};
+
+// Most int64 values one result may hold: a quarter of physical memory, so that a
+// degenerate input (all codes equal) fails with MemoryError instead of waking the OOM killer.
+int64_t default_output_limit();
+
+class LSHTables {
+ public:
+  static constexpr int64_t kMaxTables = 65536;
+  static constexpr int64_t kMaxItems = 2147483647;  // ranks and bucket numbers are int32
+
+  LSHTables(int64_t n_tables, int n_threads);
+
+  int64_t n_tables() const { return L_; }
+  int n_threads() const { return threads_; }
+  int64_t size();
+
+  // Replaces the contents with items 0..n-1; codes is n x L, row-major. Indexes at once.
+  void build(const uint64_t* codes, int64_t n);
+  // Adds items; ids must be >= 0, distinct, and not stored yet. All-or-nothing.
+  void insert(const int64_t* ids, const uint64_t* codes, int64_t n);
+  // Removes stored items; ids must be distinct and stored. All-or-nothing.
+  void remove(const int64_t* ids, int64_t n);
+  void clear();
+
+  // Per query row: ascending, deduplicated union over tables of the ids in its buckets.
+  RankLists query(const uint64_t* codes, int64_t n, int64_t max_values);
+  // Same for stored items, each excluding itself.
+  RankLists query_ids(const int64_t* ids, int64_t n, int64_t max_values);
+  // Non-empty buckets of one table (rows), ordered by smallest member, members ascending.
+  RankLists buckets(int64_t table);
+  // Row i holds the j > i colliding with i in >= min_tables tables, ascending: write_pairs
+  // gives the pairs sorted lexicographically. OutputTooLarge beyond max_pairs pairs.
+  RankLists candidate_pairs(int64_t min_tables, int64_t max_pairs);
+  Stats stats();
+
+ private:
+  struct Table {
+    // How codes are grouped and looked up, chosen per table and per re-index:
+    //  kDense:  codes span a range <= 2n + 1024 (K <= ~17 bits): a direct-address array
+    //           code - lo -> bucket; one pass, no sort, O(1) lookups.
+    //  kNarrow: codes agree above bit 31: radix sort (low 32 bits, rank) in 8-byte words.
+    //  kWide:   otherwise: radix sort by a 32-bit hash; a run of equal hash that mixes codes
+    //           (probability ~n^2 / 2^33) is split by comparing full codes.
+    enum Mode { kDense, kNarrow, kWide };
+    Mode mode = kDense;
+    uint64_t lo = 0;                    // kDense: smallest code
+    std::vector<int32_t> dense;         // kDense: bucket of code lo + k, or -1
+    std::vector<uint64_t> codes;        // kNarrow/kWide: distinct codes ordered by (key, code)
+    std::vector<int32_t> code_bucket;   // kNarrow/kWide: bucket number of codes[k]
+    std::vector<int64_t> offsets;       // n_buckets + 1
+    std::vector<int32_t> members;       // ranks
+
+    uint32_t key(uint64_t code) const;  // radix modes: 32-bit sort key
+    int64_t find(uint64_t code) const;  // bucket number, or -1
+    // (Re)builds from the codes of ranks 0..n-1. Writes, per rank, its position in members
+    // (pos) and the end of its bucket there (end: also the bucket's identity in this table).
+    void build(const uint64_t* code_of_rank, int64_t n, int32_t* pos, int32_t* end,
+               Arena& scratch);
+    static size_t scratch_bytes(int64_t n);  // what build takes from scratch
+  };
+
+  void ensure_index();  // callers hold mutex_
+  void reindex();
+  RankLists collect(int64_t n, int64_t max_values, const uint64_t* codes, const int64_t* ranks);
+  void reset_items();
+  int64_t slot_of(int64_t id) const;      // -1 when absent
+  void materialize_id_map(size_t extra);  // leave the slot == id shortcut
+
+  std::mutex mutex_;
+  int64_t L_;
+  int threads_;
+
+  // Items in slot order.
+  std::vector<int64_t> slot_id_;
+  std::vector<uint64_t> slot_codes_;  // n x L
+  FlatMap id_to_slot_;
+  bool ids_are_slots_ = true;  // slot_id_[s] == s for every s (after build): no map needed
+
+  // Index in rank space, valid when !dirty_.
+  bool dirty_ = true;
+  std::shared_ptr<std::vector<int64_t>> rank_id_;  // ascending ids; shared with results
+  // Rank-major (n x L): row i holds, per table, i's position in members and its bucket's
+  // end there. "j shares i's bucket in table t" is end_[j][t] == end_[i][t]: one cache line
+  // per item for all tables; the j > i of i's bucket are members[pos_[i][t]+1, end_[i][t]).
+  std::vector<int32_t> pos_, end_;
+  std::vector<Table> tables_;
+};
+
+// Greedy agglomeration: visit pairs by descending score (stable on ties), union their
+// groups unless the merged size would exceed max_group_size (0 = unlimited), stop after
+// max_merges successful unions (-1 = unlimited). Returns labels 0..G-1 numbered in order
+// of each group's smallest member.
+std::vector<int64_t> union_groups(int64_t n, const int64_t* pairs, const double* scores,
+                                  int64_t n_pairs, int64_t max_group_size,
+                                  int64_t max_merges);
+
+// Sign bits of a row-major (n, L*K) projection matrix packed into (n, L) codes: bit k of
+// code l is set when proj[r, l*K + k] >= 0. Threaded over rows.
+void pack_signs(const float* proj, int64_t n, int64_t n_cols, int K, uint64_t* out, int n_threads);
+void pack_signs(const double* proj, int64_t n, int64_t n_cols, int K, uint64_t* out, int n_threads);
+
+}  // namespace clsh
