@@ -233,7 +233,10 @@ class HashCompressor(Compressor):
             raise ConfigError(f"site {site.name}: {n_cand} candidate pairs exceed hashing.max_pairs={self.max_pairs}; "
                               f"raise hashing.bits or hashing.min_tables")
         cos = _pair_cosines(u, pairs)
-        ok = cos >= self.threshold
+        # Two equally weighted members with cosine c sit at cosine sqrt((1 + c) / 2) from their
+        # representative, so a pair can only pass verification if c >= 2 t^2 - 1.
+        t = self.threshold
+        ok = cos >= (2 * t * t - 1 if t > 0 else -1.0)
         pairs, cos = pairs[ok], cos[ok]
         goal = floor if target is None else max(target, floor)
         labels = clsh.union_groups(width, np.ascontiguousarray(pairs, dtype=np.int64),
