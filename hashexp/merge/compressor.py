@@ -165,6 +165,7 @@ class HashCompressor(Compressor):
         min_tables: a pair is a candidate when it collides in at least this many tables.
         transform: ``auto`` (SimHash for ReLU-like sites, MIPS otherwise), ``simhash`` or ``mips``.
         max_group_size: largest group (0: unlimited).
+        max_rounds: rounds of pairwise merging per rehash (each at most halves the width).
         max_pairs: refuse to verify more candidate pairs than this (raise bits instead).
         other arguments: see :class:`Compressor`.
     """
@@ -173,7 +174,7 @@ class HashCompressor(Compressor):
 
     def __init__(self, threshold: float = 0.9, bits: int = 8, tables: int = 8, min_tables: int = 1,
                  transform: str = "auto", max_group_size: int = 0, max_pairs: int = 20_000_000,
-                 n_threads: int = 0, **kw) -> None:
+                 max_rounds: int = 8, n_threads: int = 0, **kw) -> None:
         super().__init__(**kw)
         if not (-1.0 <= float(threshold) <= 1.0):
             raise ConfigError(f"hashing.threshold must be a cosine in [-1, 1], got {threshold}")
@@ -190,6 +191,9 @@ class HashCompressor(Compressor):
         self.transform = transform
         self.max_group_size = int(max_group_size)
         self.max_pairs = int(max_pairs)
+        if int(max_rounds) < 1:
+            raise ConfigError(f"hashing.max_rounds must be >= 1, got {max_rounds}")
+        self.max_rounds = int(max_rounds)
         self.n_threads = int(n_threads)
         self.last_stats: dict[str, dict[str, Any]] = {}
 
@@ -218,6 +222,14 @@ class HashCompressor(Compressor):
         return t.candidate_pairs(self.min_tables)
 
     def plan_site(self, site: MergeSite, index: int, mass: torch.Tensor | None) -> MergePlan | None:
+        """Group the site's neurons in rounds of greedy pairwise merging, most similar first.
+
+        Each round hashes the current group representatives, verifies the candidate pairs by
+        exact cosine, merges a greedy matching of the best pairs (each group joins at most one
+        other, so chains of merely-adjacent neurons never snowball into one group), then
+        verifies every member against its new representative. Rounds repeat until the target
+        width is met or nothing passes the threshold; each round at most halves the width.
+        """
         import clsh
 
         width = site.width
@@ -225,28 +237,47 @@ class HashCompressor(Compressor):
         floor = self._min_width(site)
         if width <= floor or (target is not None and target >= width):
             return None
+        goal = floor if target is None else max(target, floor)
         x = self.hash_vectors(site).cpu()
         u = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        pairs = self.candidate_pairs(site, index, x)
-        n_cand = len(pairs)
-        if n_cand > self.max_pairs:
-            raise ConfigError(f"site {site.name}: {n_cand} candidate pairs exceed hashing.max_pairs={self.max_pairs}; "
-                              f"raise hashing.bits or hashing.min_tables")
-        cos = _pair_cosines(u, pairs)
+        a = mass.detach().float().cpu() if mass is not None else torch.ones(width)
+        a = a.clamp_min(0) + a.abs().max().clamp_min(1.0) * 1e-6
+        t = self.threshold
         # Two equally weighted members with cosine c sit at cosine sqrt((1 + c) / 2) from their
         # representative, so a pair can only pass verification if c >= 2 t^2 - 1.
-        t = self.threshold
-        ok = cos >= (2 * t * t - 1 if t > 0 else -1.0)
-        pairs, cos = pairs[ok], cos[ok]
-        goal = floor if target is None else max(target, floor)
-        labels = clsh.union_groups(width, np.ascontiguousarray(pairs, dtype=np.int64),
-                                   np.ascontiguousarray(cos, dtype=np.float64), self.max_group_size, width - goal)
-        labels = torch.as_tensor(labels, dtype=torch.long)
-        a = mass.cpu() if mass is not None else torch.ones(width)
-        labels = verify_groups(u, labels, a, self.threshold)
-        self.last_stats[site.name] = {"candidates": n_cand, "verified_pairs": int(ok.sum()),
-                                      "groups": int(labels.max()) + 1 if width else 0}
-        if int(labels.max()) + 1 >= width:
+        pair_floor = 2 * t * t - 1 if t > 0 else -1.0
+        labels = torch.arange(width)
+        stats = {"candidates": 0, "verified_pairs": 0, "rounds": 0}
+        for rnd in range(self.max_rounds):
+            g = int(labels.max()) + 1
+            if g <= goal:
+                break
+            rep = torch.zeros(g, u.shape[1]).index_add_(0, labels, a[:, None] * u)
+            rep = rep / rep.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            size = torch.bincount(labels, minlength=g)
+            pairs = self.candidate_pairs(site, index + 7919 * rnd, rep)
+            if len(pairs) > self.max_pairs:
+                raise ConfigError(f"site {site.name}: {len(pairs)} candidate pairs exceed hashing.max_pairs="
+                                  f"{self.max_pairs}; raise hashing.bits or hashing.min_tables")
+            cos = _pair_cosines(rep, pairs)
+            ok = cos >= pair_floor
+            if self.max_group_size:
+                pt = torch.as_tensor(pairs, dtype=torch.long)
+                ok &= ((size[pt[:, 0]] + size[pt[:, 1]]) <= self.max_group_size).numpy() if len(pt) else ok
+            stats["candidates"] += len(pairs)
+            stats["verified_pairs"] += int(ok.sum())
+            if not ok.any():
+                break
+            glab = clsh.union_groups(g, np.ascontiguousarray(pairs[ok], dtype=np.int64),
+                                     np.ascontiguousarray(cos[ok], dtype=np.float64), 2, g - goal)
+            new = verify_groups(u, torch.as_tensor(glab, dtype=torch.long)[labels], a, t)
+            stats["rounds"] = rnd + 1
+            if int(new.max()) + 1 >= g:
+                break
+            labels = new
+        stats["groups"] = int(labels.max()) + 1
+        self.last_stats[site.name] = stats
+        if stats["groups"] >= width:
             return None
         dev = site.producers[0].module.weight.device
         return merge_plan(site, labels.to(dev), None if mass is None else mass.to(dev))
