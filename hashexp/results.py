@@ -443,6 +443,8 @@ def _label(runs: list[dict]) -> None:
 def _variant_config(r: dict) -> dict[str, Any]:
     if "_vc" not in r:
         c = {k: v for k, v in r["config"].items() if not _is_noise(k)}
+        if r.get("hashing") == VANILLA:  # compressor and schedule settings do nothing without a compressor
+            c = {k: v for k, v in c.items() if not k.startswith(("hashing.", "schedule."))}
         if c.get("hashing.width_plan") is not None:
             c["hashing.width_plan"] = "<a run's widths>"  # one path per seed: the same variant
         if not c:  # no .hydra/config.yaml: what metrics.json says about the setup
@@ -485,6 +487,12 @@ def _method_order(method: str) -> tuple:
     return (method != VANILLA, method)
 
 
+def _row_order(key: tuple, flops: float | None) -> tuple:
+    """Vanilla first, then methods by name; inside a method and tag, the largest network first."""
+    dataset, model, method, tag, variant = key
+    return (dataset, model, _method_order(method), tag, -(flops or 0.0), variant)
+
+
 def summarize(runs: Sequence[dict]) -> list[dict[str, Any]]:
     """One row per (dataset, model, method, tag, variant): mean and std over seeds.
 
@@ -499,7 +507,7 @@ def summarize(runs: Sequence[dict]) -> list[dict[str, Any]]:
         if r["status"] == "ok" and not r.get("superseded"):
             groups[_group_key(r)].append(r)
     rows = []
-    for key in sorted(groups, key=lambda k: (k[0], k[1], _method_order(k[2]), k[3], k[4])):
+    for key in sorted(groups, key=lambda k: _row_order(k, _stats([r.get("flops") for r in groups[k]])[0])):
         members = sorted(groups[key], key=lambda r: (str(r.get("seed")), r["run_dir"]))
         row: dict[str, Any] = dict(zip(("dataset", "model", "method", "tag", "variant"), key))
         row["n"] = len(members)
@@ -687,7 +695,8 @@ def _shade(color: str, i: int, n: int):
     c = to_rgb(color)
     if n <= 1:
         return c
-    t = -0.35 + 0.8 * i / (n - 1)  # <0 darker, >0 lighter
+    lo = 0.0 if max(c) < 0.2 else -0.35  # black cannot get darker: spread it over greys
+    t = lo + (0.65 - lo) * i / (n - 1)  # <0 darker, >0 lighter
     if t < 0:
         return tuple(x * (1 + t) for x in c)
     return tuple(x + (1 - x) * t for x in c)
@@ -768,7 +777,7 @@ def make_plots(runs: Sequence[dict], out_dir: str) -> list[str]:
     paths = []
     extra: dict[str, str] = {}
     for (ds, model), groups in sorted(by_pair.items()):
-        keys = sorted(groups, key=lambda k: (_method_order(k[2]), k[3], k[4]))
+        keys = sorted(groups, key=lambda k: _row_order(k, _stats([r.get("flops") for r in groups[k]])[0]))
         show_tag = len({k[3] for k in keys}) > 1
         per_method: dict[str, list[tuple]] = defaultdict(list)
         for k in keys:
@@ -791,7 +800,7 @@ def _safe(s: str) -> str:
 
 
 def _plot_acc_flops(plt, groups, keys, per_method, colors, show_tag, ds, model, path, extra) -> str:
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(10.5, 5.5))
     majority = []
     # a marker per method: methods that land on the same point stay distinguishable
     markers = {m: "*" if m == VANILLA else "osD^vP"[i % 6] for i, m in enumerate(per_method)}
@@ -820,7 +829,7 @@ def _plot_acc_flops(plt, groups, keys, per_method, colors, show_tag, ds, model, 
     ax.set_ylabel("test accuracy (mean ± std over seeds)")
     ax.set_title(f"{ds} / {model}: accuracy vs FLOPs")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -838,7 +847,7 @@ def _plot_curves(plt, groups, keys, colors, show_tag, ds, model, path) -> str | 
                 cols |= set(row)
     sites = sorted(c for c in cols if c.startswith("width/"))
     layers = sorted(c for c in cols if c.startswith("wnorm/"))
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    fig, axes = plt.subplots(2, 2, figsize=(13, 10))
     ax_loss, ax_width, ax_time, ax_norm = axes[0, 0], axes[0, 1], axes[1, 0], axes[1, 1]
     tops = []
     for i, k in enumerate(keys):
@@ -879,7 +888,6 @@ def _plot_curves(plt, groups, keys, colors, show_tag, ds, model, path) -> str | 
     for ax in axes.flat:
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)
-    ax_loss.legend(fontsize=8, loc="best")
     for ax, names, prefix in ((ax_width, sites, "width/"), (ax_norm, layers, "wnorm/")):
         if 1 < len(names) <= 6:  # second legend: which line style is which site/layer
             from matplotlib.lines import Line2D
@@ -889,7 +897,11 @@ def _plot_curves(plt, groups, keys, colors, show_tag, ds, model, path) -> str | 
             leg = ax.legend(handles=handles, fontsize=8, loc="best", title=prefix.rstrip("/"))
             ax.add_artist(leg)
     fig.suptitle(f"{ds} / {model}: training curves (mean over seeds)")
-    fig.tight_layout()
+    handles, labels = ax_loss.get_legend_handles_labels()
+    ncol = min(3, max(1, len(labels)))
+    rows = math.ceil(len(labels) / ncol)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, min(0.04 + 0.028 * rows, 0.4), 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

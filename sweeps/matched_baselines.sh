@@ -8,14 +8,16 @@
 #   3. a small network trained from scratch at each hashed run's final widths (experiment=small_from_scratch)
 #   4. the table and plots of all of it:  <root>/results/results.md
 # Everything lands under $HASHEXP_OUTPUTS/multirun/<date>/<time>_matched_fmnist_mlp2048/.
-# Extra arguments go to every run, e.g. `trainer.epochs=2 dataset.subset_train=5000` for a quick pass.
+# Extra arguments go to every run, e.g. `trainer.epochs=2 dataset.subset_train=5000` for a quick pass
+# (not seed or model.widths: the script sets those).
 set -euo pipefail
 PY=${PYTHON:-python}
 SEEDS=${SEEDS:-0,1,2}
 OUT=${HASHEXP_OUTPUTS:-outputs}
 ROOT="$OUT/multirun/$(date +%Y-%m-%d)/$(date +%H-%M-%S)_matched_fmnist_mlp2048"
 
-"$PY" -m hashexp -m experiment=sweep_fmnist_mlp2048 "seed=$SEEDS" "hydra.sweep.dir=$ROOT/hashed" "$@"
+# extra arguments first: the script's own overrides (seeds, plans, widths, dirs) must win
+"$PY" -m hashexp -m experiment=sweep_fmnist_mlp2048 "$@" "seed=$SEEDS" "hydra.sweep.dir=$ROOT/hashed"
 
 for seed in ${SEEDS//,/ }; do
   hashed=$(ls -d "$ROOT"/hashed/*_simhash_s"$seed" 2>/dev/null | head -n1 || true)
@@ -29,10 +31,10 @@ import json, re, sys
 w = json.load(open(sys.argv[1]))["widths"]
 key = lambda s: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 print("[" + ",".join(str(w[k]) for k in sorted(w, key=key)) + "]")' "$hashed/metrics.json")
-  "$PY" -m hashexp -m experiment=fmnist_mlp2048 hashing=magnitude,random "hashing.width_plan=$hashed" \
-      hashing.target_ratio=null "seed=$seed" "hydra.sweep.dir=$ROOT/baselines_s$seed" "$@"
-  "$PY" -m hashexp experiment=small_from_scratch "model.widths=$widths" "seed=$seed" \
-      "hydra.run.dir=$ROOT/scratch_s$seed" "$@"
+  "$PY" -m hashexp -m experiment=fmnist_mlp2048 "$@" hashing=magnitude,random "++hashing.width_plan=$hashed" \
+      ++hashing.target_ratio=null "seed=$seed" "hydra.sweep.dir=$ROOT/baselines_s$seed"
+  "$PY" -m hashexp experiment=small_from_scratch "$@" "model.widths=$widths" "seed=$seed" \
+      "hydra.run.dir=$ROOT/scratch_s$seed"
 done
 
 "$PY" -m hashexp.results "$ROOT" --out "$ROOT/results"

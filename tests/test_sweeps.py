@@ -55,10 +55,22 @@ def grid(axes: list[tuple[str, list]]) -> list[list[tuple[str, object]]]:
     return points
 
 
+def one_at_a_time(axes: list[tuple[str, list]]) -> list[list[tuple[str, object]]]:
+    """Each value of each axis once, the other axes at their first value."""
+    first = [(k, vs[0]) for k, vs in axes]
+    points = [first]
+    for i, (k, vs) in enumerate(axes):
+        points += [first[:i] + [(k, v)] + first[i + 1:] for v in vs[1:]]
+    return points
+
+
+def wandb_axes(spec: dict) -> list[tuple[str, list]]:
+    return [(name, p["values"] if "values" in p else [p["value"]]) for name, p in spec["parameters"].items()]
+
+
 def wandb_grid(spec: dict) -> list[dict]:
     """The W&B grid sweep's runs (see grid()) as {param: value}."""
-    axes = [(name, p["values"] if "values" in p else [p["value"]]) for name, p in spec["parameters"].items()]
-    return [dict(point) for point in grid(axes)]
+    return [dict(point) for point in grid(wandb_axes(spec))]
 
 
 def wandb_size(spec: dict) -> int:
@@ -104,6 +116,16 @@ def _plain(cfg) -> dict:
     c = OmegaConf.to_container(cfg, resolve=False)
     c.pop("hydra", None)
     return c
+
+
+def _flat(c: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in c.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _drop(c: dict, keys: set[str]) -> dict:
@@ -159,11 +181,12 @@ def test_wandb_sweep_and_its_hydra_twin_configure_the_same_runs(path, compose):
     assert wandb_size(spec) == hydra_size(params_h), f"{path.name} and experiment={exp} differ in size"
     swept_w = {k for k, p in spec["parameters"].items() if "values" in p}
     assert swept_w == {k for k, _ in hydra_axes(params_h)}, f"{path.name} and experiment={exp} sweep other keys"
-    for params in wandb_grid(spec):
+    for params in map(dict, one_at_a_time(wandb_axes(spec))):
         swept = {k: v for k, v in params.items() if k in swept_w}
         a = _drop(_plain(compose(wandb_args(params))), TWIN_DIFF)
         b = _drop(_plain(compose([f"experiment={exp}", *wandb_args(swept)])), TWIN_DIFF)
-        assert a == b, f"{path.name} {swept}: differs from experiment={exp}"
+        diff = sorted(k for k in set(_flat(a)) | set(_flat(b)) if _flat(a).get(k) != _flat(b).get(k))
+        assert not diff, f"{path.name} {swept}: differs from experiment={exp} in {diff}"
 
 
 @pytest.mark.parametrize("name", PRESETS)
