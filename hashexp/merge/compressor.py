@@ -284,11 +284,29 @@ class HashCompressor(Compressor):
 
 
 def _pair_cosines(u: torch.Tensor, pairs: np.ndarray) -> np.ndarray:
-    """Exact cosine of each candidate pair, chunked so memory stays bounded."""
-    out = np.empty(len(pairs), dtype=np.float64)
-    p = torch.as_tensor(pairs, dtype=torch.long)
-    for i in range(0, len(p), _PAIR_CHUNK):
-        c = p[i:i + _PAIR_CHUNK]
+    """Exact cosine of each candidate pair (rows of ``u`` are unit vectors), memory bounded.
+
+    Dense candidate sets (a sizeable share of all n^2 pairs, typical for a layer's few thousand
+    neurons) are read off a blocked Gram matrix: one matmul per block instead of two gathers of
+    P x d. Sparse ones gather the two rows of each pair in chunks.
+    """
+    n, p = u.shape[0], len(pairs)
+    out = np.empty(p, dtype=np.float64)
+    if p == 0:
+        return out
+    pt = torch.as_tensor(pairs, dtype=torch.long)
+    if n * n <= 16 * p:
+        rows = max(1, (1 << 24) // max(n, 1))
+        starts = np.searchsorted(pairs[:, 0], np.arange(0, n + rows, rows))  # pairs sorted by i
+        for b, i0 in enumerate(range(0, n, rows)):
+            lo, hi = int(starts[b]), int(starts[b + 1])
+            if lo == hi:
+                continue
+            gram = u[i0:i0 + rows] @ u.T
+            out[lo:hi] = gram[pt[lo:hi, 0] - i0, pt[lo:hi, 1]].double().numpy()
+        return out
+    for i in range(0, p, _PAIR_CHUNK):
+        c = pt[i:i + _PAIR_CHUNK]
         out[i:i + len(c)] = (u[c[:, 0]] * u[c[:, 1]]).sum(1).double().numpy()
     return out
 
