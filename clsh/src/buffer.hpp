@@ -6,9 +6,11 @@
 // of 512 small ones removes most of that (numpy does the same for its large arrays).
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <new>
 
 #if defined(__linux__)
@@ -62,6 +64,75 @@ class Arena {
   size_t size_ = 0;
   size_t used_ = 0;
   bool owned_ = true;
+};
+
+// Growable int32 array for results: growth without value-initialization (a result is
+// written exactly once), realloc so that large blocks move by remapping instead of copying,
+// and a huge-page hint once a block is large (a 100M-pair result touches gigabytes).
+class I32Buffer {
+ public:
+  I32Buffer() = default;
+  ~I32Buffer() { std::free(p_); }
+  I32Buffer(const I32Buffer&) = delete;
+  I32Buffer& operator=(const I32Buffer&) = delete;
+  I32Buffer(I32Buffer&& o) noexcept : p_(o.p_), n_(o.n_), cap_(o.cap_) {
+    o.p_ = nullptr;
+    o.n_ = o.cap_ = 0;
+  }
+  I32Buffer& operator=(I32Buffer&& o) noexcept {
+    std::swap(p_, o.p_);
+    std::swap(n_, o.n_);
+    std::swap(cap_, o.cap_);
+    return *this;
+  }
+
+  size_t size() const { return n_; }
+  bool empty() const { return n_ == 0; }
+  int32_t* data() { return p_; }
+  const int32_t* data() const { return p_; }
+  int32_t* begin() { return p_; }
+  int32_t* end() { return p_ + n_; }
+  const int32_t* begin() const { return p_; }
+  const int32_t* end() const { return p_ + n_; }
+  int32_t& operator[](size_t i) { return p_[i]; }
+  int32_t operator[](size_t i) const { return p_[i]; }
+
+  void push_back(int32_t v) {
+    if (n_ == cap_) grow(n_ + 1);
+    p_[n_++] = v;
+  }
+  // Appends k uninitialized elements and returns a pointer to the first.
+  int32_t* extend(size_t k) {
+    if (n_ + k > cap_) grow(n_ + k);
+    int32_t* out = p_ + n_;
+    n_ += k;
+    return out;
+  }
+  void append(const int32_t* a, size_t k) {
+    if (k) std::memcpy(extend(k), a, k * sizeof(int32_t));
+  }
+  void truncate(size_t k) { n_ = std::min(n_, k); }
+
+ private:
+  void grow(size_t need) {
+    const size_t cap = std::max<size_t>({need, 2 * cap_, 16});
+    void* q = std::realloc(p_, cap * sizeof(int32_t));
+    if (!q) throw std::bad_alloc();
+    p_ = static_cast<int32_t*>(q);
+    cap_ = cap;
+#if defined(__linux__)
+    constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+    if (cap_ * sizeof(int32_t) >= 2 * kHuge) {
+      const uintptr_t a = reinterpret_cast<uintptr_t>(p_);
+      const uintptr_t s = (a + kHuge - 1) & ~(kHuge - 1);
+      const uintptr_t e = (a + cap_ * sizeof(int32_t)) & ~(kHuge - 1);
+      if (e > s) madvise(reinterpret_cast<void*>(s), e - s, MADV_HUGEPAGE);
+    }
+#endif
+  }
+
+  int32_t* p_ = nullptr;
+  size_t n_ = 0, cap_ = 0;
 };
 
 }  // namespace clsh

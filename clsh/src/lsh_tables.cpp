@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <climits>
 #include <cstring>
 #include <numeric>
 #include <sstream>
@@ -431,7 +432,9 @@ void LSHTables::reindex() {
   // One arena for the whole re-index (huge pages, see buffer.hpp): code, pos and end
   // columns per table, then a scratch region per worker, reused for each table it builds.
   const size_t un = static_cast<size_t>(n);
-  const int W = n_workers(L, threads_);
+  // Starting threads costs tens of microseconds: small indexes are built on this thread.
+  const int threads = n * L < (int64_t{1} << 15) ? 1 : threads_;
+  const int W = n_workers(L, threads);
   const size_t per_worker = Table::scratch_bytes(n) + 64;
   Arena arena(static_cast<size_t>(L) * (Arena::need<uint64_t>(un) + 2 * Arena::need<int32_t>(un)) +
               static_cast<size_t>(W) * per_worker);
@@ -456,7 +459,7 @@ void LSHTables::reindex() {
     }
   });
 
-  parallel_for_workers(L, threads_, [&](int64_t l, int w) {
+  parallel_for_workers(L, threads, [&](int64_t l, int w) {
     Arena scratch(region[w], per_worker);
     tables_[l].build(code[l], n, pos[l], end[l], scratch);
   });
@@ -482,7 +485,7 @@ void LSHTables::reindex() {
 RankLists LSHTables::collect(int64_t n, int64_t max_values, const uint64_t* codes,
                              const int64_t* ranks) {
   const int64_t L = L_;
-  const int64_t nch = n_chunks_for(n, threads_, 64);
+  const int64_t nch = n_chunks_for(n, threads_, std::max<int64_t>(16, 8192 / L));
   std::vector<int64_t> row0(static_cast<size_t>(nch + 1));
   for (int64_t c = 0; c <= nch; ++c) row0[c] = c * n / std::max<int64_t>(nch, 1);
 
@@ -531,7 +534,7 @@ RankLists LSHTables::collect(int64_t n, int64_t max_values, const uint64_t* code
   std::atomic<int64_t> emitted{0};
   parallel_for(nch, threads_, [&](int64_t c) {
     std::vector<int32_t>& lens = out.lens[c];
-    std::vector<int32_t>& vals = out.values[c];
+    I32Buffer& vals = out.values[c];
     std::vector<int32_t> cand, scratch;
     for (int64_t q = row0[c]; q < row0[c + 1]; ++q) {
       const int64_t self = ranks ? ranks[q] : -1;
@@ -555,7 +558,7 @@ RankLists LSHTables::collect(int64_t n, int64_t max_values, const uint64_t* code
         throw OutputTooLarge("query: the result exceeds " + num(static_cast<double>(max_values)) +
                              " ids; buckets are too large: use more bits per table");
       lens.push_back(static_cast<int32_t>(k));
-      vals.insert(vals.end(), cand.begin(), cand.end());
+      vals.append(cand.data(), cand.size());
     }
   });
   return out;
@@ -603,7 +606,8 @@ RankLists LSHTables::buckets(int64_t table) {
     const int64_t b0 = out.row0[c], b1 = out.row0[c + 1];
     for (int64_t b = b0; b < b1; ++b)
       out.lens[c].push_back(static_cast<int32_t>(T.offsets[b + 1] - T.offsets[b]));
-    out.values[c].assign(T.members.begin() + T.offsets[b0], T.members.begin() + T.offsets[b1]);
+    out.values[c].append(T.members.data() + T.offsets[b0],
+                         static_cast<size_t>(T.offsets[b1] - T.offsets[b0]));
   });
   return out;
 }
@@ -621,14 +625,17 @@ RankLists LSHTables::candidate_pairs(int64_t min_tables, int64_t max_pairs) {
   // degenerate input (all codes equal: ~N^2/2 pairs) fails at once, not after filling
   // memory. When m == 1 every pair of any single table is a candidate; in general, with
   // T the number of (pair, table) collisions, T <= (m-1) C(n,2) + L P.
+  double work = static_cast<double>(n);  // pair candidates to visit, plus one per item
   {
     double total = 0, best = 0;
-    for (const Table& T : tables_) {
+    for (int64_t l = 0; l < L; ++l) {
+      const Table& T = tables_[l];
       double t = 0;
       for (size_t b = 0; b + 1 < T.offsets.size(); ++b)
         t += static_cast<double>(pairs_of(T.offsets[b + 1] - T.offsets[b]));
       total += t;
       best = std::max(best, t);
+      if (l <= L - m) work += t;
     }
     const double all = static_cast<double>(pairs_of(n));
     const double lower = m == 1 ? best : std::max(0.0, (total - (m - 1) * all) / L);
@@ -638,21 +645,67 @@ RankLists LSHTables::candidate_pairs(int64_t min_tables, int64_t max_pairs) {
 
   RankLists out;
   out.rank_id = rank_id_;
-  const int64_t nch = n_chunks_for(n, threads_, 256);
+  // Chunks of ~16k units of work (one thread for small jobs), at most 16 per thread; dynamic
+  // scheduling absorbs the imbalance of uneven buckets.
+  const int64_t nch = std::max<int64_t>(
+      n > 0, std::min<int64_t>({n, int64_t{16} * threads_, static_cast<int64_t>(work / 16384)}));
   out.row0.resize(static_cast<size_t>(nch + 1));
   for (int64_t c = 0; c <= nch; ++c) out.row0[c] = c * n / std::max<int64_t>(nch, 1);
   out.lens.resize(static_cast<size_t>(nch));
   out.values.resize(static_cast<size_t>(nch));
   std::atomic<int64_t> emitted{0};
-  parallel_for(nch, threads_, [&](int64_t c) {
+  std::vector<std::vector<uint64_t>> bitmaps(static_cast<size_t>(n_workers(nch, threads_)));
+  parallel_for_workers(nch, threads_, [&](int64_t c, int w) {
     std::vector<int32_t>& lens = out.lens[c];
-    std::vector<int32_t>& vals = out.values[c];
+    I32Buffer& vals = out.values[c];
     lens.reserve(static_cast<size_t>(out.row0[c + 1] - out.row0[c]));
     std::vector<int32_t> scratch;
     for (int64_t i = out.row0[c]; i < out.row0[c + 1]; ++i) {
       const int32_t* pi = &pos_[i * L];
       const int32_t* ei = &end_[i * L];
       const size_t start = vals.size();
+
+      if (m == 1 && L > 1) {
+        // The j > i sharing i's bucket in table t are members[pos+1, end), ascending.
+        int64_t found = 0;
+        int32_t lo = INT32_MAX, hi = -1;
+        for (int64_t t = 0; t < L; ++t) {
+          if (pi[t] + 1 >= ei[t]) continue;
+          const int32_t* mem = tables_[t].members.data();
+          found += ei[t] - pi[t] - 1;
+          lo = std::min(lo, mem[pi[t] + 1]);
+          hi = std::max(hi, mem[ei[t] - 1]);
+        }
+        // Many candidates in a narrow id range (big buckets): a bitmap row dedups and sorts
+        // for free. Set a bit per find, then read the words in order; no row reads of j,
+        // no merging. The scan is bounded by a few words per find.
+        if (found >= 64 && (hi - lo) / 64 <= 4 * found) {
+          std::vector<uint64_t>& bits = bitmaps[w];
+          if (bits.empty()) bits.assign(static_cast<size_t>(n / 64 + 1), 0);
+          for (int64_t t = 0; t < L; ++t) {
+            const int32_t* mem = tables_[t].members.data();
+            for (int32_t p = pi[t] + 1; p < ei[t]; ++p)
+              bits[mem[p] >> 6] |= uint64_t{1} << (mem[p] & 63);
+          }
+          int32_t* o = vals.extend(static_cast<size_t>(found));  // found >= distinct finds
+          for (int32_t word = lo >> 6; word <= (hi >> 6); ++word) {
+            uint64_t b = bits[word];
+            bits[word] = 0;
+            while (b) {
+              *o++ = word * 64 + __builtin_ctzll(b);
+              b &= b - 1;
+            }
+          }
+          vals.truncate(static_cast<size_t>(o - vals.data()));
+          const int64_t k = static_cast<int64_t>(vals.size() - start);
+          lens.push_back(static_cast<int32_t>(k));
+          if (k > 0 && emitted.fetch_add(k) + k > max_pairs)
+            throw OutputTooLarge(too_many_pairs(static_cast<double>(max_pairs), m, max_pairs,
+                                                "more than"));
+          continue;
+        }
+      }
+
       // Pigeonhole: a pair colliding in >= m tables collides first in one of tables
       // 0..L-m. Enumerate only there, keep j at its first colliding table (dedup without
       // a set), and count its other collisions from end_'s row of j. The j > i sharing

@@ -41,7 +41,7 @@ struct RankLists {
   std::shared_ptr<const std::vector<int64_t>> rank_id;  // kept alive with the result
   std::vector<int64_t> row0;
   std::vector<std::vector<int32_t>> lens;    // per chunk: length of each row
-  std::vector<std::vector<int32_t>> values;  // per chunk: its rows' ranks, concatenated
+  std::vector<I32Buffer> values;             // per chunk: its rows' ranks, concatenated
 
   int64_t n_rows() const { return row0.empty() ? 0 : row0.back(); }
   int64_t total() const;
