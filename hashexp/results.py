@@ -212,7 +212,7 @@ def load_run(run_dir: str) -> dict[str, Any]:
         run.update(metrics)
         run["status"] = "ok" if metrics.get("status", "ok") == "ok" else str(metrics.get("status"))
         if status is not None and os.path.getmtime(status_path) > os.path.getmtime(metrics_path):
-            run["error"] = "a later attempt failed: " + str(status.get("error", "")) + " (its earlier metrics.json is used)"
+            run["error"] = f"a later attempt failed: {status.get('error', '')} (its earlier metrics.json is used)"
         run["_mtime"] = os.path.getmtime(metrics_path)
     choices: dict[str, str] = {}
     if metrics is None and status is not None:
@@ -434,7 +434,8 @@ def _label(runs: list[dict]) -> None:
         keys: set[str] = set()
         for r in members:
             keys |= set(_variant_config(r))
-        differing = sorted(k for k in keys if len({_fmt_value(_variant_config(r).get(k, "<unset>")) for r in members}) > 1)
+        differing = sorted(k for k in keys
+                           if len({_fmt_value(_variant_config(r).get(k, "<unset>")) for r in members}) > 1)
         for r in members:
             vc = _variant_config(r)
             r["variant"] = " ".join(f"{k}={_fmt_value(vc.get(k))}" for k in differing)
@@ -508,7 +509,7 @@ def summarize(runs: Sequence[dict]) -> list[dict[str, Any]]:
             groups[_group_key(r)].append(r)
     rows = []
     for key in sorted(groups, key=lambda k: _row_order(k, _stats([r.get("flops") for r in groups[k]])[0])):
-        members = sorted(groups[key], key=lambda r: (str(r.get("seed")), r["run_dir"]))
+        members = sorted(groups[key], key=lambda r: (_num(r.get("seed")), str(r.get("seed")), r["run_dir"]))
         row: dict[str, Any] = dict(zip(("dataset", "model", "method", "tag", "variant"), key))
         row["n"] = len(members)
         row["seeds"] = " ".join(str(r.get("seed")) for r in members)
@@ -531,13 +532,15 @@ def _mean_widths(ws: list[Any]) -> dict[str, float]:
 
 
 def _group_command(members: list[dict]) -> str:
-    """One multirun that reproduces a row: the overrides its runs share, and their seeds."""
-    seeds = sorted({str(r.get("seed")) for r in members}, key=lambda s: (len(s), s))
-    strip = [[o for o in r["overrides"] if not re.match(r"^[+~]*seed=", o)] for r in members]
-    common = [o for o in strip[0] if all(o in s for s in strip[1:])] if strip else []
+    """The command that reproduces a row: one multirun over its seeds when its runs differ only
+    in the seed, else the runs' own commands one after another."""
     if not any(r["overrides"] for r in members):
         return ""
-    return "python -m hashexp -m " + " ".join(shlex.quote(o) for o in common + [f"seed={','.join(seeds)}"])
+    strip = [[o for o in r["overrides"] if not re.match(r"^[+~]*seed=", o)] for r in members]
+    if any(sorted(s) != sorted(strip[0]) for s in strip[1:]):  # e.g. a width plan per seed
+        return " ; ".join(r["command"] for r in members)
+    seeds = ",".join(str(r.get("seed")) for r in members)
+    return "python -m hashexp -m " + " ".join(shlex.quote(o) for o in strip[0] + [f"seed={seeds}"])
 
 
 # ---------------------------------------------------------------------------- formatting
@@ -942,7 +945,7 @@ def write_results(runs: Sequence[dict], out_dir: str, plots: bool = True) -> dic
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m hashexp.results",
-                                description="Tables and plots from hashexp run dirs: every run next to its vanilla twin.")
+                                description="Tables and plots from hashexp run dirs: each run next to its vanilla twin.")
     p.add_argument("paths", nargs="*", help="dirs to scan recursively (default: $HASHEXP_OUTPUTS or outputs)")
     p.add_argument("--sweep", help="only this multirun dir ('latest': the newest under the paths)")
     p.add_argument("--since", help="only runs started on or after YYYY-MM-DD")

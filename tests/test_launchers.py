@@ -63,7 +63,8 @@ def test_slurm_launcher_config_defaults_and_overrides():
     assert la.gpus_per_node == 1 and la.tasks_per_node == 1 and la.timeout_min == 240 and la.partition is None
     cfg = _compose_hydra(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=2",
                           "hydra.launcher.timeout_min=30"])
-    assert (cfg.hydra.launcher.partition, cfg.hydra.launcher.gpus_per_node, cfg.hydra.launcher.timeout_min) == ("gpu", 2, 30)
+    la = cfg.hydra.launcher
+    assert (la.partition, la.gpus_per_node, la.timeout_min) == ("gpu", 2, 30)
     # the plugin's own config still works, and its keys are the ones slurm.yaml sets
     plain = _compose_hydra(["hydra/launcher=submitit_slurm"]).hydra.launcher
     assert set(la) == set(plain)
@@ -101,7 +102,8 @@ def test_slurm_launcher_writes_the_sbatch_script_it_would_submit(tmp_path, monke
         Singleton.set_state(state)
     text = captured["sbatch"]
     for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=2", "#SBATCH --time=30",
-                 "#SBATCH --cpus-per-task=8", "#SBATCH --mem=16GB", "#SBATCH --array=0-1%2",  # 2 jobs, at most min(2, array_parallelism) at once
+                 "#SBATCH --cpus-per-task=8", "#SBATCH --mem=16GB",
+                 "#SBATCH --array=0-1%2",  # 2 jobs, at most min(2, array_parallelism) at once
                  "#SBATCH --ntasks-per-node=1", "#SBATCH --job-name=hashexp"):
         assert line in text, f"{line!r} not in\n{text}"
     assert str(sweep_dir / ".submitit") in text
