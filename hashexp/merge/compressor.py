@@ -83,7 +83,7 @@ class Compressor:
                 t = int(tw)
                 if t < 1:
                     raise ConfigError(f"hashing.target_width for site {site.name} must be >= 1, got {t}")
-        if self.target_ratio is not None:
+        if self.target_ratio is not None and self.plan is None:
             r = max(1, int(round(width * self.target_ratio)))
             t = r if t is None else max(t, r)
         if t is None:

@@ -5,9 +5,10 @@ folded in), scale s_i = |p_i| and direction u_i = p_i / s_i. With activation mas
 
 - positively homogeneous activations (ReLU): the representative of group G is
   p_r = s_r * u_G with u_G = normalize(sum a_i u_i) and s_r = sum a_i s_i / sum a_i, and every
-  consumer column becomes sum_{i in G} (s_i / s_r) V[:, i]. If u_i = u_j then
-  h_i = (s_i / s_j) h_j, so exact duplicates and positive rescalings merge with no change in
-  function.
+  consumer column becomes sum_{i in G} (s_i c_i / s_r) V[:, i] with c_i = cos(u_i, u_G). If
+  u_i = u_j then h_i = (s_i / s_j) h_j, so exact duplicates and positive rescalings (c_i = 1)
+  merge with no change in function; for near-duplicates s_i c_i / s_r is the least-squares
+  scale of h_i on h_r's direction (DESIGN's s_i / s_r overshoots by 1 / c_i).
 - other activations (tanh, GELU): p_r = sum a_i p_i / sum a_i and consumers sum their columns
   unscaled (groups were hashed on the MIPS transform, so they agree in norm as well).
 
@@ -70,7 +71,11 @@ def merge_plan(site: MergeSite, labels: torch.Tensor, act_mass: torch.Tensor | N
         u_len = u_sum.norm(dim=1).clamp_min(_EPS)
         s_r = torch.zeros(n_groups, device=p.device, dtype=p.dtype).index_add_(0, labels, a * s) / a_sum
         r = (a / s) * (s_r / u_len)[labels]
-        m = s / s_r[labels]
+        # Member i's pre-activation projects onto the representative's direction with factor
+        # c_i = cos(u_i, u_G): h_i ~ (s_i c_i / s_r) h_r is the least-squares fit, exact (c_i = 1)
+        # for duplicates and rescalings, and it does not inflate outputs for looser groups.
+        c = (u * (u_sum / u_len[:, None])[labels]).sum(1).clamp_min(0.0)
+        m = s * c / s_r[labels]
     else:
         r = a_norm
         m = torch.ones_like(a)
