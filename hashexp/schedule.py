@@ -4,11 +4,20 @@ A schedule is asked after every optimizer step and at every epoch end; it answer
 names of the sites to rehash now (an empty list: none). The trainer calls ``notify`` after the
 compressor ran. Schedules are checkpointed with the run, so a resumed run rehashes at the same
 steps as an uninterrupted one.
+
+* :class:`FixedSchedule`: every site on one clock.
+* :class:`PerLayerSchedule`: each site on its own clock, with its own threshold and target.
+* :class:`DriftSchedule`: a site is rehashed when its SimHash bits have drifted or enough of
+  its neurons have a mergeable partner, measured cheaply every few steps.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
+
+import numpy as np
+import torch
 
 from hashexp.errors import ConfigError
 
@@ -88,3 +97,330 @@ class FixedSchedule(Schedule):
             return []
         names = [s.name for s in ctx["sites"]]
         return [n for n in names if self.sites is None or n in self.sites]
+
+
+def _site_names(ctx: dict[str, Any]) -> list[str]:
+    return [s.name for s in ctx["sites"]]
+
+
+def _check_known(configured, ctx: dict[str, Any], key: str) -> None:
+    """ConfigError naming the model's sites when ``configured`` names a site the model lacks."""
+    names = _site_names(ctx)
+    unknown = sorted(set(configured) - set(names))
+    if unknown:
+        raise ConfigError(f"{key} names unknown site(s) {unknown}; this model's sites are {names}")
+
+
+# ---------------------------------------------------------------------------------- per layer
+_PLAN_KEYS = ("unit", "every", "start", "stop", "max_rehashes", "threshold", "target_ratio", "target_width", "enabled")
+_OVERRIDE_KEYS = ("threshold", "target_ratio", "target_width")
+
+
+class PerLayerSchedule(Schedule):
+    """Each site on its own clock and with its own merge knobs.
+
+    Early layers of a network often settle (and grow redundant) at another pace than late
+    ones; a per-site schedule rehashes each at its own interval, with its own cosine threshold
+    and target, so that a cautious layer is not dragged along by an eager one.
+
+    Args:
+        unit, every, start, stop, max_rehashes: defaults for every site, as in
+            :class:`FixedSchedule`; ``max_rehashes`` counts the rehashes of each site.
+        threshold, target_ratio, target_width: default merge knobs handed to the compressor
+            for each site (None: the compressor's own ``hashing.*`` value).
+        sites: ``{site: {key: value}}`` with any of the keys above plus ``enabled`` (False:
+            never rehash that site). Sites not listed use the defaults. A site name the model
+            does not have is an error at the first decision.
+    """
+
+    name = "per_layer"
+
+    def __init__(self, unit: str = "epoch", every: int = 1, start: int = 1, stop: int | None = None,
+                 max_rehashes: int | None = None, threshold: float | None = None,
+                 target_ratio: float | None = None, target_width: int | None = None,
+                 sites: dict[str, dict[str, Any]] | None = None, name: str = "per_layer") -> None:
+        super().__init__()
+        defaults = {"unit": unit, "every": every, "start": start, "stop": stop, "max_rehashes": max_rehashes,
+                    "threshold": threshold, "target_ratio": target_ratio, "target_width": target_width,
+                    "enabled": True}
+        self.defaults = self._validate(defaults, "schedule")
+        self.site_cfg: dict[str, dict[str, Any]] = {}
+        for s, kv in (sites or {}).items():
+            if kv is None:
+                kv = {}
+            if not hasattr(kv, "items"):
+                raise ConfigError(f"schedule.sites.{s} must be a mapping of {list(_PLAN_KEYS)}, got {kv!r}")
+            bad = sorted(set(kv) - set(_PLAN_KEYS))
+            if bad:
+                raise ConfigError(f"schedule.sites.{s}: unknown key(s) {bad}; allowed: {list(_PLAN_KEYS)}")
+            self.site_cfg[str(s)] = self._validate({**self.defaults, **dict(kv)}, f"schedule.sites.{s}")
+        self._known: list[str] | None = None
+
+    @staticmethod
+    def _validate(p: dict[str, Any], key: str) -> dict[str, Any]:
+        p = dict(p)
+        if p["unit"] not in ("step", "epoch"):
+            raise ConfigError(f"{key}.unit={p['unit']!r}; choose step or epoch")
+        for k, low in (("every", 1), ("start", 0)):
+            if p[k] is None or int(p[k]) < low:
+                raise ConfigError(f"{key}.{k} must be an integer >= {low}, got {p[k]!r}")
+            p[k] = int(p[k])
+        if p["max_rehashes"] is not None and int(p["max_rehashes"]) < 0:
+            raise ConfigError(f"{key}.max_rehashes must be >= 0 or null, got {p['max_rehashes']}")
+        if p["threshold"] is not None and not (-1.0 <= float(p["threshold"]) <= 1.0):
+            raise ConfigError(f"{key}.threshold must be a cosine in [-1, 1] or null, got {p['threshold']}")
+        if p["target_ratio"] is not None and not (0.0 < float(p["target_ratio"]) <= 1.0):
+            raise ConfigError(f"{key}.target_ratio must be in (0, 1] or null, got {p['target_ratio']}")
+        if p["target_width"] is not None and int(p["target_width"]) < 1:
+            raise ConfigError(f"{key}.target_width must be >= 1 or null, got {p['target_width']}")
+        p["enabled"] = bool(p["enabled"])
+        return p
+
+    def plan(self, site: str) -> dict[str, Any]:
+        """The resolved settings of one site (its own keys over the group's defaults)."""
+        return self.site_cfg.get(site, self.defaults)
+
+    def decide(self, ctx: dict[str, Any], hist=None) -> list[str]:
+        names = _site_names(ctx)
+        if self._known is None:
+            _check_known(self.site_cfg, ctx, "schedule.sites")
+            self._known = names
+        out = []
+        for n in names:
+            p = self.plan(n)
+            if not p["enabled"]:
+                continue
+            if p["max_rehashes"] is not None and self.per_site.get(n, 0) >= int(p["max_rehashes"]):
+                continue
+            if p["unit"] == "epoch":
+                if ctx["epoch_end"] and _due(ctx["epoch"], p["start"], p["every"], p["stop"]):
+                    out.append(n)
+            elif not ctx["epoch_end"] and _due(ctx["step"], p["start"], p["every"], p["stop"]):
+                out.append(n)
+        return out
+
+    def site_overrides(self) -> dict[str, dict[str, Any]]:
+        """``{site: {threshold/target_ratio/target_width: value}}`` for the compressor (non-null only)."""
+        names = set(self._known or []) | set(self.site_cfg)
+        out = {}
+        for n in sorted(names):
+            kv = {k: self.plan(n)[k] for k in _OVERRIDE_KEYS if self.plan(n)[k] is not None}
+            if kv:
+                out[n] = kv
+        return out
+
+
+# ---------------------------------------------------------------------------------- drift
+class DriftSchedule(Schedule):
+    """Rehash a site when its weights have moved or grown redundant, not on a clock.
+
+    Every ``check_every`` steps, per site, two cheap measurements:
+
+    * bit flips: the fraction of SimHash bits (``bits`` fixed random hyperplanes per site,
+      drawn at the first step, at the site's last rehash, or when its width or fan-in changed)
+      whose sign differs from the codes taken then: an angle-drift estimate, a true Hamming
+      count (popcount of XOR) over packed uint64 codes;
+    * partner fraction: the share of a random sample of ``sample`` neurons whose exact cosine
+      to some other neuron of the site is at least ``threshold`` (a near-duplicate), from one
+      (sample x width) matmul. (Proposing partners by Hamming distance of the codes and
+      checking only those was measured slower on CPU: gathering the candidate rows costs more
+      than the dense BLAS product it saves.)
+
+    The site is rehashed when ``bit_flip >= flip_threshold`` or ``partner_frac >=
+    partner_threshold``, at least ``min_interval`` steps after its previous rehash (MONGOOSE,
+    ICLR 2021, rebuilds its LSH tables on a similar drift test). Each measurement is a
+    history.csv row of kind ``drift`` (``drift/metric_s``: that site's measurement seconds).
+    The metric's own cost, re-referencing after rehashes included, is ``metric_time_s`` over
+    ``metric_calls`` checks (``metric_avg_s``).
+
+    Args:
+        check_every: steps between checks (``every`` is its alias, so presets that set
+            ``schedule.every`` compose; ``check_every`` wins when both are given).
+        flip_threshold: bit-flip fraction in [0, 1] that triggers a rehash (null: never).
+        partner_threshold: partner fraction in [0, 1] that triggers a rehash (null: never).
+        min_interval: least steps between two rehashes of one site.
+        threshold: two neurons are partners at cosine >= this (default: ``hashing.threshold``).
+        bits: hyperplanes per site for the bit-flip codes (1..64, one packed word per neuron).
+        sample: neurons sampled for the partner estimate (all when the site is smaller).
+        start, stop, max_rehashes: no check before ``start`` or after ``stop``; at most
+            ``max_rehashes`` rehashes per site.
+        unit: must be ``step`` (checks are counted in optimizer steps).
+        sites: restrict to these site names (None: all sites).
+        seed: seeds the hyperplanes and the samples.
+    """
+
+    name = "drift"
+
+    def __init__(self, check_every: int | None = None, flip_threshold: float | None = 0.15,
+                 partner_threshold: float | None = 0.05, min_interval: int = 100, threshold: float = 0.7,
+                 bits: int = 64, sample: int = 128, start: int = 0, stop: int | None = None,
+                 max_rehashes: int | None = None, unit: str = "step", every: int | None = None,
+                 sites: list[str] | None = None, seed: int = 0, name: str = "drift") -> None:
+        super().__init__()
+        if unit != "step":
+            raise ConfigError(f"schedule=drift checks every few optimizer steps: schedule.unit must be step, got {unit!r}")
+        ce = check_every if check_every is not None else every
+        if ce is None or int(ce) < 1:
+            raise ConfigError(f"schedule.check_every must be an integer >= 1, got {ce!r}")
+        for k, v in (("flip_threshold", flip_threshold), ("partner_threshold", partner_threshold)):
+            if v is not None and not (0.0 <= float(v) <= 1.0):
+                raise ConfigError(f"schedule.{k} must be a fraction in [0, 1] or null, got {v}")
+        if not (-1.0 <= float(threshold) <= 1.0):
+            raise ConfigError(f"schedule.threshold must be a cosine in [-1, 1], got {threshold}")
+        if not (1 <= int(bits) <= 64):
+            raise ConfigError(f"schedule.bits must be in 1..64, got {bits}")
+        if int(sample) < 1 or int(min_interval) < 0 or int(start) < 0:
+            raise ConfigError(f"schedule.sample must be >= 1, min_interval and start >= 0; got {sample}, "
+                              f"{min_interval}, {start}")
+        if max_rehashes is not None and int(max_rehashes) < 0:
+            raise ConfigError(f"schedule.max_rehashes must be >= 0 or null, got {max_rehashes}")
+        self.check_every = int(ce)
+        self.flip_threshold = None if flip_threshold is None else float(flip_threshold)
+        self.partner_threshold = None if partner_threshold is None else float(partner_threshold)
+        self.min_interval, self.threshold = int(min_interval), float(threshold)
+        self.bits, self.sample, self.seed = int(bits), int(sample), int(seed)
+        self.start, self.stop, self.max_rehashes = int(start), stop, max_rehashes
+        self.sites = list(sites) if sites else None
+        self.last_rehash: dict[str, int] = {}
+        self.refs: dict[str, dict[str, Any]] = {}
+        self.versions: dict[str, int] = {}
+        self.metric_time_s = 0.0
+        self.metric_calls = 0
+        self.last: dict[str, dict[str, float]] = {}
+        self._checked = False
+        self._started = False
+
+    # ------------------------------------------------------------ measurements
+    @property
+    def metric_avg_s(self) -> float:
+        """Mean seconds per check (all sites together)."""
+        return self.metric_time_s / max(self.metric_calls, 1)
+
+    def _reference(self, site, index: int, x: torch.Tensor | None = None) -> dict[str, Any]:
+        """Fresh hyperplanes for this site's fan-in and the codes of its neurons now."""
+        from hashexp.lsh import SimHash
+
+        if x is None:
+            x = site.neuron_vectors().detach().cpu()
+        v = self.versions.get(site.name, 0)
+        self.versions[site.name] = v + 1
+        seed = (self.seed * 1_000_003 + index * 7919 + v * 104_729) % (2**62)
+        h = SimHash(x.shape[1], self.bits, 1, seed=seed)
+        ref = {"hasher": h, "codes": h.fingerprint(x)[:, 0].copy(), "dim": int(x.shape[1]), "width": int(x.shape[0])}
+        self.refs[site.name] = ref
+        return ref
+
+    def _partner_frac(self, x: torch.Tensor, index: int, step: int) -> float:
+        n = x.shape[0]
+        if n < 2:
+            return 0.0
+        if n <= self.sample:
+            idx = torch.arange(n)
+        else:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + step * 31 + index) % (2**62))
+            idx = torch.randperm(n, generator=g)[: self.sample]
+        norms = x.norm(dim=1).clamp_min(1e-12)
+        cos = (x[idx] @ x.T) / (norms[idx][:, None] * norms[None, :])
+        cos[torch.arange(len(idx)), idx] = -2.0  # a neuron is not its own partner
+        return float((cos.max(dim=1).values >= self.threshold).float().mean())
+
+    def measure(self, site, index: int, step: int) -> tuple[float, float]:
+        """(bit-flip fraction since the site's reference codes, estimated partner fraction)."""
+        x = site.neuron_vectors().detach().cpu()
+        ref = self.refs.get(site.name)
+        if ref is None or ref["dim"] != x.shape[1] or ref["width"] != x.shape[0]:
+            self._reference(site, index, x)  # new fan-in or width: drift counts from now
+            flip = 0.0
+        else:
+            codes = ref["hasher"].fingerprint(x)[:, 0]
+            flips = int(np.bitwise_count(np.bitwise_xor(codes, ref["codes"])).sum())
+            flip = flips / float(x.shape[0] * self.bits)
+        return flip, self._partner_frac(x, index, step)
+
+    # ------------------------------------------------------------ schedule
+    def decide(self, ctx: dict[str, Any], hist=None) -> list[str]:
+        if not self._checked:
+            if self.sites:
+                _check_known(self.sites, ctx, "schedule.sites")
+            self._checked = True
+        step = ctx["step"]
+        if not self._started:
+            # drift counts from the first step (a run's "rehash 0"), not from the first check
+            t0 = time.perf_counter()
+            for index, site in enumerate(ctx["sites"]):
+                if site.name not in self.refs and (self.sites is None or site.name in self.sites):
+                    self._reference(site, index)
+            self.metric_time_s += time.perf_counter() - t0
+            self._started = True
+        if ctx["epoch_end"] or step < self.start or (self.stop is not None and step > self.stop):
+            return []
+        if (step - self.start) % self.check_every:
+            return []
+        out, rows = [], []
+        t_all = time.perf_counter()
+        for index, site in enumerate(ctx["sites"]):
+            n = site.name
+            if self.sites is not None and n not in self.sites:
+                continue
+            if self.max_rehashes is not None and self.per_site.get(n, 0) >= int(self.max_rehashes):
+                continue
+            t0 = time.perf_counter()
+            flip, partner = self.measure(site, index, step)
+            dt = time.perf_counter() - t0
+            last = self.last_rehash.get(n)
+            ready = last is None or step - last >= self.min_interval
+            fire = ready and ((self.flip_threshold is not None and flip >= self.flip_threshold)
+                              or (self.partner_threshold is not None and partner >= self.partner_threshold))
+            if fire:
+                out.append(n)
+            self.last[n] = {"bit_flip": flip, "partner_frac": partner}
+            rows.append({"kind": "drift", "step": step, "epoch": ctx["epoch"], "drift/site": n,
+                         "drift/bit_flip": flip, "drift/partner_frac": partner, "drift/rehashed": int(fire),
+                         "drift/metric_s": dt})
+        self.metric_time_s += time.perf_counter() - t_all
+        self.metric_calls += 1
+        if hist is not None:
+            for r in rows:
+                hist.write(r)
+        return out
+
+    def notify(self, ctx: dict[str, Any], event: dict[str, Any]) -> None:
+        super().notify(ctx, event)
+        t0 = time.perf_counter()
+        done = set(event.get("sites", []))
+        for index, site in enumerate(ctx["sites"]):
+            if site.name in done:
+                self.last_rehash[site.name] = int(event.get("step", ctx["step"]))
+            if self.sites is not None and site.name not in self.sites:
+                continue
+            # new codes for rehashed sites and for those whose width or fan-in the surgery changed
+            ref = self.refs.get(site.name)
+            x = site.neuron_vectors().detach().cpu()
+            if site.name in done or ref is None or ref["width"] != x.shape[0] or ref["dim"] != x.shape[1]:
+                self._reference(site, index, x)
+        self.metric_time_s += time.perf_counter() - t0
+
+    def history_columns(self, sites) -> list[str]:
+        return ["drift/site", "drift/bit_flip", "drift/partner_frac", "drift/rehashed", "drift/metric_s"]
+
+    def state_dict(self) -> dict[str, Any]:
+        refs = {n: {"projections": r["hasher"].projections.detach().clone(),
+                    "codes": torch.from_numpy(r["codes"].view(np.int64).copy()),
+                    "dim": r["dim"], "width": r["width"]} for n, r in self.refs.items()}
+        return {**super().state_dict(), "last_rehash": dict(self.last_rehash), "versions": dict(self.versions),
+                "refs": refs, "metric_time_s": self.metric_time_s, "metric_calls": self.metric_calls}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from hashexp.lsh import SimHash
+
+        super().load_state_dict(state)
+        self.last_rehash = {k: int(v) for k, v in state["last_rehash"].items()}
+        self.versions = {k: int(v) for k, v in state["versions"].items()}
+        self.metric_time_s, self.metric_calls = float(state["metric_time_s"]), int(state["metric_calls"])
+        self.refs = {}
+        for n, r in state["refs"].items():
+            h = SimHash(int(r["dim"]), self.bits, 1, seed=0)
+            with torch.no_grad():
+                h.projections.copy_(r["projections"])
+            self.refs[n] = {"hasher": h, "codes": r["codes"].numpy().view(np.uint64).copy(),
+                            "dim": int(r["dim"]), "width": int(r["width"])}
