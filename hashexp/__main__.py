@@ -1,4 +1,9 @@
-"""Entry point: ``python -m hashexp [overrides]`` (one run) or ``python -m hashexp -m ...`` (many)."""
+"""Entry point: ``python -m hashexp [overrides]`` (one run) or ``python -m hashexp -m ...`` (many).
+
+Data-parallel: ``torchrun --standalone --nproc_per_node=N -m hashexp [overrides]`` (see
+hashexp/distributed.py). Ranks > 0 get Hydra overrides that keep them out of outputs/ (no
+.hydra/, no log file, a temporary run dir removed at exit) and use rank 0's run dir.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.types import RunMode
 
     from hashexp.app import record_failure, run_dir_of_hydra, train_run
-    from hashexp.errors import HashexpError
+    from hashexp.errors import ConfigError, HashexpError
 
     run_dir = run_dir_of_hydra()
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
@@ -29,6 +34,10 @@ def main(cfg: DictConfig) -> float | None:
         from hashexp.distributed import from_env
 
         dist = from_env(cfg)
+        if dist is not None:
+            if multirun:
+                raise ConfigError("a Hydra multirun (-m) under torchrun is not supported; launch one torchrun per run")
+            run_dir = dist.broadcast_object(run_dir)  # rank 0's run dir: checkpoints, resume=auto
         metrics = train_run(cfg, run_dir, dist=dist)
         return float(metrics["test_acc"])
     except HashexpError as e:
@@ -49,5 +58,25 @@ def main(cfg: DictConfig) -> float | None:
             dist.close()
 
 
+def _rank_setup() -> str | None:
+    """For a torchrun rank > 0: rewrite Hydra's overrides (see distributed.rank_argv); returns its temp dir."""
+    from hashexp.distributed import rank_argv, rank_from_env, world_size_from_env
+
+    if world_size_from_env() <= 1 or rank_from_env() == 0 or any(a in ("-m", "--multirun") for a in sys.argv[1:]):
+        return None
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix=f"hashexp-rank{rank_from_env()}-")
+    sys.argv[1:] = rank_argv(sys.argv[1:], tmp)
+    return tmp
+
+
 if __name__ == "__main__":
-    main()
+    _tmp = _rank_setup()
+    try:
+        main()
+    finally:
+        if _tmp is not None:
+            import shutil
+
+            shutil.rmtree(_tmp, ignore_errors=True)

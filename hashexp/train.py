@@ -4,22 +4,30 @@ Per step: forward, backward, optimizer step; forward hooks on each merge site's 
 activation mass; every ``log_every`` steps a history.csv row (loss, step time, per-site width,
 per-layer weight and gradient norm). When the schedule says so, the compressor rewrites some
 sites (model and optimizer state together) and training simply continues on the smaller
-network. Each epoch ends with an evaluation row and an atomic checkpoint, from which a killed
-run resumes with the same widths, optimizer, schedule and RNG state.
+network. Each epoch ends with an evaluation row and an atomic checkpoint (optionally also every
+``checkpoint_every_steps`` steps), from which a killed run resumes with the same widths,
+optimizer, LR schedule, rehash schedule, compressor, activation statistics, position in the
+epoch and RNG state, and ends with exactly the metrics of an uninterrupted run.
+
+Under torchrun (``dist``, see hashexp/distributed.py) each rank trains on its slice of every
+global batch of ``batch_size``; rank 0 alone writes history.csv and checkpoints.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import logging
 import math
 import os
+import random
 import sys
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -74,6 +82,23 @@ class ActivationStats:
             if name is None or k == name:
                 buf.clear()
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The ring buffers as (batches, width) CPU tensors, for checkpoints.
+
+        Without them a rehash soon after a resume would weigh representatives by fewer batches
+        than the uninterrupted run did.
+        """
+        return {k: torch.stack(list(buf)).cpu() if buf else torch.zeros(0) for k, buf in self.buffers.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> None:
+        for k, t in state.items():
+            buf = self.buffers.get(k)
+            if buf is None:
+                continue
+            buf.clear()
+            for row in t.to(device):
+                buf.append(row)
+
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
@@ -81,13 +106,21 @@ class ActivationStats:
 
 
 class History:
-    """history.csv with a fixed header; rows are dicts, missing fields stay empty."""
+    """history.csv with a fixed header; rows are dicts, missing fields stay empty.
 
-    def __init__(self, path: str, columns: list[str], resume_after_step: int | None = None) -> None:
+    On resume the file restarts from the rows the checkpoint had seen: ``keep_rows`` data rows
+    (or, for checkpoints that did not record it, the rows up to ``resume_after_step``), read
+    from ``source`` (the checkpoint's run dir, when resuming into a new one) or ``path``.
+    """
+
+    def __init__(self, path: str, columns: list[str], resume_after_step: int | None = None,
+                 keep_rows: int | None = None, source: str | None = None) -> None:
         self.path = path
         self.columns = columns
-        if resume_after_step is not None and os.path.exists(path):
-            self._truncate(resume_after_step)
+        self.rows = 0
+        src = source if source is not None and os.path.exists(source) else path
+        if (resume_after_step is not None or keep_rows is not None) and os.path.exists(src):
+            self._truncate(src, resume_after_step, keep_rows)
             self.f = open(path, "a", newline="")
             self.w = csv.DictWriter(self.f, fieldnames=columns, extrasaction="ignore")
         else:
@@ -96,17 +129,25 @@ class History:
             self.w.writeheader()
         self.rows_since_flush = 0
 
-    def _truncate(self, step: int) -> None:
+    def _truncate(self, src: str, step: int | None, keep_rows: int | None) -> None:
         # Rows written after the checkpoint belong to the killed attempt: drop them.
-        with open(self.path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if r.get("step") and int(float(r["step"])) <= step]
-        with open(self.path, "w", newline="") as f:
+        with open(src, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if keep_rows is not None:
+            rows = rows[:keep_rows]
+        else:
+            rows = [r for r in rows if r.get("step") and int(float(r["step"])) <= step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
+        os.replace(tmp, self.path)
+        self.rows = len(rows)
 
     def write(self, row: dict[str, Any]) -> None:
         self.w.writerow({k: _fmt(v) for k, v in row.items()})
+        self.rows += 1
         self.rows_since_flush += 1
         if self.rows_since_flush >= 20:
             self.flush()
@@ -149,6 +190,13 @@ class Trainer:
         schedule: object with ``decide(ctx) -> list[str]`` naming the sites to rehash now.
         run_dir: where history.csv and checkpoint.pt go.
         seed: seeds batches, augmentation and the compressor's randomness.
+        checkpoint: write checkpoint.pt atomically at every epoch end.
+        checkpoint_every_steps: also checkpoint every N optimizer steps inside an epoch (None:
+            epoch ends only); a resume then skips the epoch's batches already trained on.
+        resume: a run dir or checkpoint.pt to continue from, or ``auto`` (this run dir's own
+            checkpoint, if any). The resumed run ends with the same metrics as an uninterrupted one.
+        dist: a :class:`hashexp.distributed.Dist` under torchrun, else None. ``batch_size`` is
+            then the global batch, split over the ranks.
     """
 
     def __init__(self, model: nn.Module, data: DataBundle, optimizer: Callable, epochs: int = 10,
@@ -157,19 +205,24 @@ class Trainer:
                  log_every: int = 20, device: str = "cpu", num_threads: int | None = None,
                  progress: str = "auto", augment: bool = True, checkpoint: bool = True,
                  resume: str | None = None, bn_recalib_batches: int = 0, name: str = "",
-                 activation_window: int | None = None, dist=None) -> None:
+                 activation_window: int | None = None, checkpoint_every_steps: int | None = None,
+                 dist=None) -> None:
         if epochs < 0:
             raise ConfigError(f"trainer.epochs must be >= 0, got {epochs}")
         if batch_size < 1 or eval_batch_size < 1:
             raise ConfigError(f"trainer.batch_size and eval_batch_size must be >= 1, got {batch_size}, {eval_batch_size}")
         if log_every < 1:
             raise ConfigError(f"trainer.log_every must be >= 1, got {log_every}")
+        if checkpoint_every_steps is not None and int(checkpoint_every_steps) < 1:
+            raise ConfigError(f"trainer.checkpoint_every_steps must be >= 1 or null, got {checkpoint_every_steps}")
         if progress not in ("auto", "bar", "log", "none"):
             raise ConfigError(f"trainer.progress={progress!r}; choose auto, bar, log or none")
         if num_threads:
             torch.set_num_threads(int(num_threads))
         self.device = resolve_device(device)
         self.dist = dist
+        if dist is not None:
+            self.device = dist.local_device(self.device)
         self.model = model.to(self.device)
         self.data = data.to(self.device)
         self.make_optimizer = optimizer
@@ -181,6 +234,7 @@ class Trainer:
         self.run_dir, self.seed, self.log_every = run_dir, int(seed), int(log_every)
         self.progress = progress
         self.checkpoint_enabled = checkpoint
+        self.checkpoint_every_steps = int(checkpoint_every_steps) if checkpoint_every_steps else None
         self.resume = resume
         self.bn_recalib_batches = int(bn_recalib_batches)
         self.augment = None
@@ -199,6 +253,12 @@ class Trainer:
         self.aug_gen = torch.Generator(device=self.device).manual_seed(self.seed + 1)
         self.layer_names = [n for n, m in self.model.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
         self.epoch_metrics: dict[str, float] = {}
+        # position inside the current epoch, for mid-epoch checkpoints (0: at an epoch boundary)
+        self.batch_in_epoch = 0
+        self._epoch_gen_state = self.gen.get_state()
+        self._pending_losses: list[float] = []  # step losses not yet in a history row
+        self._hist: History | None = None
+        self._history_rows: int | None = None
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -247,6 +307,8 @@ class Trainer:
             t0 = time.perf_counter()
             before = dict(self.model.widths())
             overrides = self.schedule.site_overrides() if hasattr(self.schedule, "site_overrides") else None
+            if self.dist is not None:  # every rank merges the same network: rank 0's BN statistics
+                self.dist.sync_buffers(self.model)
             reports = self.compressor.compress(self.model, names, self.stats, self.optimizer, self.step,
                                                dist=self.dist, overrides=overrides)
             after = dict(self.model.widths())
@@ -268,9 +330,20 @@ class Trainer:
         return event
 
     # ------------------------------------------------------------------ checkpoint
-    def checkpoint_state(self) -> dict[str, Any]:
+    def checkpoint_state(self, stats: list[dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
+        """Everything a resume needs to continue exactly: weights at their merged widths,
+        optimizer, LR schedule, rehash schedule, compressor, activation statistics (one entry
+        per rank, ``stats``), the position in the epoch, pending step losses and every RNG."""
         from hashexp.models import model_payload
 
+        rng: dict[str, Any] = {
+            # mid-epoch: the state the epoch's permutation was drawn from, to draw it again
+            "gen": self._epoch_gen_state if self.batch_in_epoch else self.gen.get_state(),
+            "aug": self.aug_gen.get_state(), "torch": torch.get_rng_state(),
+            "python": random.getstate(), "numpy": _numpy_rng_state(),
+        }
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
             "format": "hashexp.checkpoint/1",
             "model": model_payload(self.model),
@@ -279,33 +352,55 @@ class Trainer:
             "schedule": self.schedule.state_dict() if self.schedule is not None and hasattr(self.schedule, "state_dict") else None,
             "compressor": self.compressor.state_dict() if self.compressor is not None and hasattr(self.compressor, "state_dict") else None,
             "step": self.step, "epoch": self.epoch, "rehashes": self.rehashes,
+            "batch_in_epoch": self.batch_in_epoch, "batch_size": self.batch_size, "n_train": len(self.data.x_train),
+            "pending_losses": [float(v) for v in self._pending_losses],
+            "history_rows": self._history_rows,
+            "stats": stats if stats is not None else [self.stats.state_dict()],
+            "world_size": self.dist.world_size if self.dist is not None else 1,
             "rehash_log": _plain(self.rehash_log), "widths_before": self.widths_before,
             "times": dict(self.timer.totals),
-            "rng": {"gen": self.gen.get_state(), "aug": self.aug_gen.get_state(), "torch": torch.get_rng_state()},
+            "rng": rng,
         }
 
     def save_checkpoint(self) -> None:
-        if not (self.checkpoint_enabled and self.is_main):
+        """Atomic checkpoint.pt (temp file, fsync, rename): a kill mid-write keeps the previous one.
+
+        Under DDP every rank must call this (the activation statistics are gathered); rank 0 writes.
+        """
+        if not self.checkpoint_enabled:
             return
-        path = os.path.join(self.run_dir, "checkpoint.pt")
-        tmp = path + ".tmp"
         with self.timer("checkpoint"):
-            torch.save(self.checkpoint_state(), tmp)
+            stats = None
+            if self.dist is not None:
+                stats = self.dist.all_gather_object(self.stats.state_dict())
+            if not self.is_main:
+                return
+            if self._hist is not None:
+                self._hist.flush()
+                self._history_rows = self._hist.rows
+            path = os.path.join(self.run_dir, "checkpoint.pt")
+            tmp = path + ".tmp"
+            torch.save(self.checkpoint_state(stats), tmp)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
-            os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
+            os.replace(tmp, path)
+            _fsync_dir(self.run_dir)
+
+    @staticmethod
+    def checkpoint_path(path: str) -> str:
+        return os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
 
     def load_checkpoint(self, path: str) -> None:
         from hashexp.models import build_model
 
-        if os.path.isdir(path):
-            path = os.path.join(path, "checkpoint.pt")
+        path = self.checkpoint_path(path)
         if not os.path.isfile(path):
             raise DataError(f"trainer.resume={path}: no checkpoint there; point it at a run dir that has checkpoint.pt")
         try:
             ck = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise DataError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it to start over") from None
+            raise DataError(f"checkpoint {path} is unreadable or truncated ({type(e).__name__}); "
+                            f"delete it (and resume from an earlier copy) or start over") from None
         if not isinstance(ck, dict) or ck.get("format") != "hashexp.checkpoint/1":
             raise DataError(f"{path} is not a hashexp checkpoint")
         spec = ck["model"]
@@ -316,6 +411,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.sites = self.model.merge_sites()
         self.stats = ActivationStats(self.sites, window=self.stats.window, enabled=self.compressor is not None)
+        self._load_stats(ck.get("stats"))
         self.optimizer = self.make_optimizer(self.model.parameters())
         self.optimizer.load_state_dict(ck["optimizer"])
         if ck["lr_schedule"] is not None and self._lr_factory is not None:
@@ -326,13 +422,42 @@ class Trainer:
         if self.compressor is not None and ck["compressor"] is not None:
             self.compressor.load_state_dict(ck["compressor"])
         self.step, self.epoch, self.rehashes = ck["step"], ck["epoch"], ck["rehashes"]
+        self.batch_in_epoch = int(ck.get("batch_in_epoch", 0))
+        if self.batch_in_epoch and (ck.get("batch_size"), ck.get("n_train")) != (self.batch_size, len(self.data.x_train)):
+            raise ConfigError(f"{path} was written {self.batch_in_epoch} batches into an epoch with batch_size="
+                              f"{ck.get('batch_size')} on {ck.get('n_train')} training samples; resume it with the "
+                              f"same trainer.batch_size and dataset (here {self.batch_size}, {len(self.data.x_train)})")
+        self._pending_losses = [float(v) for v in ck.get("pending_losses", [])]
+        self._history_rows = ck.get("history_rows")
         self.rehash_log = ck["rehash_log"]
         self.widths_before = ck["widths_before"]
         self.timer.totals.update(ck["times"])
-        self.gen.set_state(ck["rng"]["gen"])
-        self.aug_gen.set_state(ck["rng"]["aug"])
-        torch.set_rng_state(ck["rng"]["torch"])
-        log.info("resumed from %s at epoch %d (step %d), widths %s", path, self.epoch, self.step, self.model.widths())
+        rng = ck["rng"]
+        self.gen.set_state(rng["gen"])
+        self._epoch_gen_state = rng["gen"]
+        self.aug_gen.set_state(rng["aug"])
+        torch.set_rng_state(rng["torch"])
+        if "python" in rng:
+            random.setstate(_as_tuple(rng["python"]))
+        if "numpy" in rng:
+            _set_numpy_rng_state(rng["numpy"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        log.info("resumed from %s at epoch %d (step %d, batch %d of the epoch), widths %s", path, self.epoch,
+                 self.step, self.batch_in_epoch, self.model.widths())
+
+    def _load_stats(self, saved: list[dict[str, torch.Tensor]] | None) -> None:
+        """This rank's activation statistics; with another world size, rank 0 takes their sum."""
+        if not saved or not self.stats.enabled:
+            return
+        rank, ws = (self.dist.rank, self.dist.world_size) if self.dist is not None else (0, 1)
+        if len(saved) == ws:
+            mine = saved[rank]
+        elif rank == 0:
+            mine = {k: sum(s[k] for s in saved) for k in saved[0]}
+        else:
+            mine = {k: torch.zeros_like(v) for k, v in saved[0].items()}
+        self.stats.load_state_dict(mine, self.device)
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
@@ -347,42 +472,62 @@ class Trainer:
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         if self.is_main:
+            source = None
+            if resume_from is not None:
+                src_dir = os.path.dirname(os.path.abspath(self.checkpoint_path(resume_from)))
+                if src_dir != os.path.abspath(self.run_dir):  # resuming into a new run dir: carry the rows over
+                    source = os.path.join(src_dir, "history.csv")
             hist = History(os.path.join(self.run_dir, "history.csv"), self.history_columns(),
-                           resume_after_step=self.step if resume_from is not None else None)
+                           resume_after_step=self.step if resume_from is not None else None,
+                           keep_rows=self._history_rows if resume_from is not None else None, source=source)
+        self._hist = hist
         data = self.data
-        n_batches = math.ceil(len(data.x_train) / self.batch_size)
+        n_train = len(data.x_train)
+        n_batches = math.ceil(n_train / self.batch_size)
         use_bar = self.progress == "bar" or (self.progress == "auto" and sys.stderr.isatty())
         total_t0 = time.perf_counter()
         step_times: list[float] = []
-        losses: list[float] = []
+        losses: list[float] = list(self._pending_losses)
         self.model.train()
         try:
             while self.epoch < self.epochs:
+                skip = self.batch_in_epoch  # > 0 only right after a mid-epoch resume
+                # the generator state this epoch's permutation is drawn from (mid-epoch checkpoints)
+                self._epoch_gen_state = self.gen.get_state()
                 it = BatchIterator(data.x_train, data.y_train, self.batch_size, shuffle=True, generator=self.gen)
                 if self.dist is not None:
-                    it = self.dist.shard(it)
+                    # augmentation on the whole global batch, then each rank's slice
+                    aug = (lambda xb: self.augment(xb, self.aug_gen)) if self.augment is not None else None
+                    batches = self.dist.shard(it, transform=aug, start=skip)
+                else:
+                    batches = itertools.islice(iter(it), skip, None)
                 bar = None
                 if use_bar and self.is_main:
                     from tqdm import tqdm
 
-                    bar = tqdm(total=n_batches, desc=f"epoch {self.epoch + 1}/{self.epochs}", leave=False)
+                    bar = tqdm(total=n_batches, initial=skip, desc=f"epoch {self.epoch + 1}/{self.epochs}", leave=False)
                 net = self._train_module()
-                for xb, yb in it:
+                for i, (xb, yb) in enumerate(batches, start=skip):
                     t0 = time.perf_counter()
                     with self.timer("train"):
-                        if self.augment is not None:
-                            xb = self.augment(xb, self.aug_gen)
-                        out = net(xb)
-                        loss = F.cross_entropy(out, yb)
-                        if not torch.isfinite(loss):
-                            raise FloatingPointError(f"loss became {float(loss)} at step {self.step}; "
+                        if self.dist is None:
+                            if self.augment is not None:
+                                xb = self.augment(xb, self.aug_gen)
+                            out = net(xb)
+                            loss = F.cross_entropy(out, yb)
+                            loss_value = loss.detach()
+                        else:
+                            loss, loss_value = self._dist_loss(net, xb, yb, min(self.batch_size, n_train - i * self.batch_size))
+                        if not torch.isfinite(loss_value):
+                            raise FloatingPointError(f"loss became {float(loss_value)} at step {self.step}; "
                                                      "lower trainer.optimizer.lr or check the data")
                         self.optimizer.zero_grad(set_to_none=True)
                         loss.backward()
                         self.optimizer.step()
                     self.step += 1
+                    self.batch_in_epoch = i + 1
                     step_times.append(time.perf_counter() - t0)
-                    losses.append(float(loss.detach()))
+                    losses.append(float(loss_value))
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -400,8 +545,13 @@ class Trainer:
                             hist.write(row)
                         if self.logger is not None and self.is_main:
                             self.logger.log_row(row, step=self.step)
+                    k = self.checkpoint_every_steps
+                    if k is not None and self.step % k == 0 and i + 1 < n_batches:
+                        self._pending_losses = losses
+                        self.save_checkpoint()
                 if bar is not None:
                     bar.close()
+                self.batch_in_epoch = 0
                 self.epoch += 1
                 if self.lr_schedule is not None:
                     self.lr_schedule.step()
@@ -422,12 +572,38 @@ class Trainer:
                     log.info("epoch %d/%d  step %d  train_loss %.4f  train_acc %.4f  test_acc %.4f  widths %s",
                              self.epoch, self.epochs, self.step, row["train_loss"], row["train_acc"], row["test_acc"],
                              self.model.widths())
+                self._pending_losses = losses
                 self.save_checkpoint()
         finally:
             if hist is not None:
                 hist.close()
+            self._hist = None
         self.timer.totals["fit"] = self.timer.totals.get("fit", 0.0) + time.perf_counter() - total_t0
         return self.summary()
+
+    def _dist_loss(self, net: nn.Module, xb: torch.Tensor, yb: torch.Tensor, n_global: int):
+        """(loss to backpropagate, global mean loss) for this rank's slice of a global batch.
+
+        DDP averages gradients over the ranks; scaling the local loss sum by
+        world_size / n_global makes that average the gradient of the mean over the global
+        batch, whatever the slice sizes (an empty slice contributes zeros and still joins the
+        all-reduce). The reported loss is summed over ranks, so every rank sees the same value.
+        """
+        out = net(xb)
+        ws = self.dist.world_size
+        if len(yb):
+            if len(yb) * ws == n_global:  # equal slices: the plain mean, scaled by exactly 1
+                loss = F.cross_entropy(out, yb)
+                local_sum = loss.detach() * len(yb)
+            else:
+                local_sum = F.cross_entropy(out, yb, reduction="sum")
+                loss = local_sum * (ws / n_global)
+                local_sum = local_sum.detach()
+        else:
+            loss = out.sum() * 0.0
+            local_sum = loss.detach()
+        total = self.dist.all_reduce_sum(local_sum.float().reshape(1))
+        return loss, (total / n_global)[0]
 
     def _ctx(self, epoch_end: bool) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "epoch_end": epoch_end, "model": self.model,
@@ -446,6 +622,8 @@ class Trainer:
         return row
 
     def _epoch_row(self, event) -> dict[str, Any]:
+        if self.dist is not None:  # every rank evaluates the network rank 0 writes
+            self.dist.sync_buffers(self.model)
         tr_loss, tr_acc = self.evaluate(self.data.x_train, self.data.y_train)
         te_loss, te_acc = self.evaluate(self.data.x_test, self.data.y_test)
         self.epoch_metrics = {"train_loss": tr_loss, "train_acc": tr_acc, "test_loss": te_loss, "test_acc": te_acc}
@@ -459,6 +637,8 @@ class Trainer:
 
     def summary(self) -> dict[str, Any]:
         if not self.epoch_metrics:
+            if self.dist is not None:
+                self.dist.sync_buffers(self.model)
             tr_loss, tr_acc = self.evaluate(self.data.x_train, self.data.y_train)
             te_loss, te_acc = self.evaluate(self.data.x_test, self.data.y_test)
             self.epoch_metrics = {"train_loss": tr_loss, "train_acc": tr_acc, "test_loss": te_loss, "test_acc": te_acc}
@@ -494,3 +674,32 @@ def _plain(obj):
         except Exception:
             return obj
     return obj
+
+
+def _numpy_rng_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+            "gauss": float(gauss)}
+
+
+def _set_numpy_rng_state(st: dict[str, Any]) -> None:
+    np.random.set_state(("MT19937", st["keys"].numpy().astype(np.uint32), int(st["pos"]), int(st["has_gauss"]),
+                         float(st["gauss"])))
+
+
+def _as_tuple(obj):
+    return tuple(_as_tuple(v) for v in obj) if isinstance(obj, (list, tuple)) else obj
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

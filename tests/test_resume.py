@@ -1,0 +1,185 @@
+"""Checkpoint and resume: a killed run continues to exactly the metrics of an uninterrupted one.
+
+Hashed rehashing runs during training in every test, so the checkpoint must carry the merged
+widths, the optimizer state, the schedule and compressor state, the RNG streams and the
+activation statistics that weigh the next representatives; equality is exact on CPU.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import compose
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# 1280 train samples in batches of 16: 80 steps per epoch, 6 epochs; rehash every 40 steps.
+KILL_RUN = ["dataset=synthetic", "dataset.n_samples=1600", "model.widths=[48,48]", "trainer.epochs=6",
+            "trainer.batch_size=16", "trainer.progress=log", "trainer.log_every=10", "trainer.num_threads=1",
+            "hashing=simhash", "hashing.threshold=0.3", "hashing.target_ratio=0.85", "hashing.window=30",
+            "schedule.unit=step", "schedule.every=40", "schedule.start=20", "schedule.max_rehashes=6", "seed=1"]
+
+# in-process runs: 1024 train samples, batch 32 (32 steps per epoch), a checkpoint every 11 steps
+MID_RUN = ["dataset=synthetic", "dataset.n_samples=1280", "model.widths=[48,48]", "trainer.epochs=4",
+           "trainer.batch_size=32", "trainer.progress=none", "trainer.log_every=3", "trainer.num_threads=1",
+           "hashing=simhash",
+           "hashing.threshold=0.3", "hashing.target_ratio=0.8", "hashing.window=20", "schedule.unit=step",
+           "schedule.every=25", "schedule.start=10", "++trainer.checkpoint_every_steps=11", "seed=2"]
+
+SAME = ["test_acc", "train_acc", "test_loss", "train_loss", "widths", "widths_before", "rehashes", "steps",
+        "epochs", "flops", "params"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """In-process runs set one intra-op thread (as the subprocesses get): undo it afterwards."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    return dict(os.environ, HASHEXP_OUTPUTS=str(tmp_path / "outputs"), WANDB_MODE="disabled", OMP_NUM_THREADS="1",
+                MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+
+
+def _app(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "hashexp", *args]
+
+
+def _history(path: Path) -> list[dict[str, str]]:
+    """history.csv rows without the wall-clock columns."""
+    with path.open() as f:
+        return [{k: v for k, v in r.items() if not k.endswith("time_s") and not k.endswith("metric_s")}
+                for r in csv.DictReader(f)]
+
+
+def _assert_same_run(a: dict, b: dict) -> None:
+    for k in SAME:
+        assert a[k] == b[k], k
+    assert [(e["step"], e["after"]) for e in a["rehash_events"]] == [(e["step"], e["after"]) for e in b["rehash_events"]]
+
+
+def _checkpoint_epoch(path: Path) -> int:
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+    except Exception:  # not there yet
+        return -1
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+    env = _env(tmp_path)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    # the uninterrupted run trains alongside the one that gets killed
+    ref = subprocess.Popen(_app([*KILL_RUN, f"hydra.run.dir={full}"]), cwd=str(tmp_path), env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    victim = subprocess.Popen(_app([*KILL_RUN, f"hydra.run.dir={killed}"]), cwd=str(tmp_path), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while _checkpoint_epoch(killed / "checkpoint.pt") < 1:
+        assert victim.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline, "no checkpoint after 180 s"
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    assert victim.returncode == -signal.SIGKILL
+    assert not (killed / "metrics.json").exists()
+    ck = torch.load(killed / "checkpoint.pt", weights_only=True)
+    assert 1 <= ck["epoch"] < 6 and ck["rehashes"] >= 1
+    assert any(len(v) for v in ck["stats"][0].values())  # activation statistics travel with it
+
+    # resume in its own run dir: history.csv is cut back to the checkpoint and continued
+    res = subprocess.run(_app([*KILL_RUN, "trainer.resume=auto", f"hydra.run.dir={killed}"]), cwd=str(tmp_path),
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in (killed / "__main__.log").read_text()
+    _, err = ref.communicate(timeout=240)
+    assert ref.returncode == 0, err[-3000:]
+
+    a = json.loads((full / "metrics.json").read_text())
+    b = json.loads((killed / "metrics.json").read_text())
+    _assert_same_run(a, b)
+    assert b["rehashes"] == 6 and b["widths"] != b["widths_before"]
+    assert _history(full / "history.csv") == _history(killed / "history.csv")
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL inside the test process (not an Exception: nothing may catch it)."""
+
+
+def test_kill_during_mid_epoch_checkpoint_write_resumes_exactly_into_a_new_dir(tmp_path, monkeypatch):
+    import hashexp.train as train
+    from hashexp.app import train_run
+
+    ref = train_run(compose(MID_RUN), str(tmp_path / "full"))
+
+    # second attempt: "killed" while writing its 7th checkpoint (step 66, epoch 3): half a file
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def dying_save(obj, f, *a, **kw):
+        if str(f).endswith("checkpoint.pt.tmp"):
+            calls["n"] += 1
+            if calls["n"] == 7:
+                real_save(obj, f, *a, **kw)
+                Path(f).write_bytes(Path(f).read_bytes()[:2000])
+                raise Killed()
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(train.torch, "save", dying_save)
+    with pytest.raises(Killed):
+        train_run(compose(MID_RUN), str(tmp_path / "killed"))
+    monkeypatch.setattr(train.torch, "save", real_save)
+
+    killed = tmp_path / "killed"
+    assert (killed / "checkpoint.pt.tmp").stat().st_size == 2000  # the torn write
+    ck = torch.load(killed / "checkpoint.pt", weights_only=True)  # the previous checkpoint is intact
+    assert (ck["step"], ck["epoch"], ck["batch_in_epoch"]) == (55, 1, 23)
+    assert ck["history_rows"] < len(_history(killed / "history.csv"))  # the attempt logged past it
+    assert len(ck["stats"][0]["fc1"]) > 0 and len(ck["pending_losses"]) == 1  # step 55, last row at 54
+
+    # resume from that run dir into a new one: the history rows up to the checkpoint come along
+    out = train_run(compose([*MID_RUN, f"trainer.resume={killed}"]), str(tmp_path / "resumed"))
+    _assert_same_run(ref, out)
+    assert ref["rehashes"] == 5
+    assert _history(tmp_path / "full" / "history.csv") == _history(tmp_path / "resumed" / "history.csv")
+
+    # a mid-epoch position means nothing with another batch size: refused, not guessed
+    from hashexp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="same trainer.batch_size"):
+        train_run(compose([*MID_RUN, "trainer.batch_size=16", f"trainer.resume={killed}"]), str(tmp_path / "bs"))
+
+    # the activation statistics in the checkpoint matter: without them the next merge differs
+    monkeypatch.setattr(train.Trainer, "_load_stats", lambda self, saved: None)
+    lossy = train_run(compose([*MID_RUN, f"trainer.resume={killed}"]), str(tmp_path / "lossy"))
+    assert lossy["train_loss"] != ref["train_loss"]
+
+
+def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
+    from hashexp.app import train_run
+    from hashexp.errors import DataError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"PK\x03\x04 torn")
+    with pytest.raises(DataError, match="no checkpoint there"):
+        train_run(compose([*MID_RUN, f"trainer.resume={tmp_path / 'nowhere'}"]), str(tmp_path / "x"))
+    # resume=auto never silently starts over from a checkpoint it cannot read
+    res = subprocess.run(_app([*MID_RUN, "trainer.resume=auto", f"hydra.run.dir={run}"]), cwd=str(tmp_path),
+                         env=_env(tmp_path), capture_output=True, text=True, timeout=240)
+    assert res.returncode == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("hashexp: error: checkpoint") and "unreadable" in lines[0], res.stderr
+    assert json.loads((run / "status.json").read_text())["status"] == "failed"
+    assert not (run / "metrics.json").exists()
