@@ -222,3 +222,10 @@ def test_training_with_rehash_shrinks_and_logs(tmp_path):
     widths = [int(r["width/fc1"]) for r in rows if r["kind"] == "step"]
     assert widths[0] == 64 and widths[-1] == m["widths"]["fc1"]
     assert all(a >= b for a, b in zip(widths, widths[1:]))  # only ever shrinks
+
+
+def test_baselines_accept_shared_hash_knobs_but_not_unknown_ones():
+    mp = MagnitudePruner(target_ratio=0.5, threshold=0.3, bits=4, tables=8)
+    assert mp.ignored_knobs == {"threshold": 0.3, "bits": 4, "tables": 8}
+    with pytest.raises(TypeError, match="foo"):
+        RandomMerger(target_ratio=0.5, foo=1)

@@ -342,7 +342,20 @@ def verify_groups(u: torch.Tensor, labels: torch.Tensor, mass: torch.Tensor, thr
     return torch.unique(labels, return_inverse=True)[1]
 
 
-class MagnitudePruner(Compressor):
+#: knobs of the hashed compressor that baselines accept and ignore, so one preset can switch
+#: between hashing=simhash and hashing=magnitude/random with a single override
+HASH_ONLY_KNOBS = frozenset({"threshold", "bits", "tables", "min_tables", "transform", "max_group_size", "max_pairs",
+                             "max_rounds", "n_threads"})
+
+
+class _Baseline(Compressor):
+    def __init__(self, **kw) -> None:
+        ignored = {k: kw.pop(k) for k in list(kw) if k in HASH_ONLY_KNOBS}
+        super().__init__(**kw)
+        self.ignored_knobs = ignored
+
+
+class MagnitudePruner(_Baseline):
     """Structured L1-norm pruning of whole neurons (Li et al., ICLR 2017), same targets."""
 
     name = "magnitude"
@@ -358,7 +371,7 @@ class MagnitudePruner(Compressor):
         return prune_plan(site, keep)
 
 
-class RandomMerger(Compressor):
+class RandomMerger(_Baseline):
     """Random groups of near-equal size, merged with the same activation-weighted rule."""
 
     name = "random"
