@@ -299,21 +299,26 @@ def test_failed_mutation_changes_nothing():
 # ----------------------------------------------------------------- threads
 
 
-def test_results_identical_for_1_and_4_threads():
+@pytest.mark.parametrize("buckets", ["sparse", "dense"])
+def test_results_identical_for_1_and_4_threads(buckets):
+    """Big enough that every parallel step really runs on several threads."""
     rng = np.random.default_rng(9)
-    n, L = 30000, 4
-    centers = rng.integers(0, 2**16, size=(n // 6, L), dtype=np.uint64)
-    codes = centers[rng.integers(0, len(centers), n)]
-    codes[rng.random((n, L)) < 0.3] ^= np.uint64(1)  # near-duplicates collide in some tables
-    codes[:, 3] |= np.uint64(1 << 63)  # one table through the hashed path
+    n, L = 70000, 4
+    if buckets == "sparse":  # near-duplicate clusters in 16-bit tables: table-major pair sort
+        centers = rng.integers(0, 2**16, size=(n // 6, L), dtype=np.uint64)
+        codes = centers[rng.integers(0, len(centers), n)]
+        codes[rng.random((n, L)) < 0.3] ^= np.uint64(1)  # near-duplicates collide in some tables
+        codes[:, 3] |= np.uint64(1 << 63)  # one table through the hashed path
+    else:  # ~600 items per bucket: per-item rows (bitmaps, counters)
+        codes = rng.integers(0, 120, size=(n, L)).astype(np.uint64)
     out = []
     for threads in (1, 4):
         t = clsh.LSHTables(L, n_threads=threads)
         t.build(codes)
         t.remove(np.arange(0, n, 7))
         t.insert(np.arange(n, n + 50), codes[:50])
-        res = [t.candidate_pairs(m) for m in (1, 2, 4)]
-        res += list(t.query(codes[:500])) + list(t.query_ids(np.arange(1, 2000, 7)))
+        res = [t.candidate_pairs(m) for m in ((1, 2, 4) if buckets == "sparse" else (2, 4))]
+        res += list(t.query(codes[:300])) + list(t.query_ids(np.arange(1, 1000, 7)))
         res += [a for table in range(L) for a in t.buckets(table)]
         out.append(res)
         assert t.n_threads == threads

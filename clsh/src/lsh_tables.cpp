@@ -29,10 +29,11 @@ std::string num(double x) {
 int64_t pairs_of(int64_t s) { return s * (s - 1) / 2; }
 
 // Stable LSD radix sort of 64-bit words by their high 32 bits, 8 bits per pass; the low
-// 32 bits carry a rank along. Returns the buffer (a or tmp) that holds the result. One read builds the four histograms, and a digit on which
-// all words agree is skipped (K = 16 bit codes: two passes). Why not a code -> bucket
-// hash map: a cache miss per item per table, 3-5x slower than this at N = 1e5; and why
-// 8-byte words: moving 16-byte (code, rank) records was another 3x slower.
+// 32 bits carry a rank along. Returns the buffer (a or tmp) that holds the result. One
+// read builds the four histograms, and a digit on which all words agree is skipped
+// (K = 16 bit codes: two passes). Why not a code -> bucket hash map: a cache miss per item
+// per table, 3-5x slower than this at N = 1e5; and why 8-byte words: moving 16-byte
+// (code, rank) records was another 3x slower.
 uint64_t* radix_sort_high32(uint64_t* a, uint64_t* tmp, size_t n) {
   if (n < 2) return a;
   size_t hist[4][256] = {};
@@ -59,13 +60,100 @@ uint64_t* radix_sort_high32(uint64_t* a, uint64_t* tmp, size_t n) {
   return a;  // whichever buffer holds the result
 }
 
-// cand[0, mid) and cand[mid, end) ascend; make the whole ascend (linear, unlike a sort).
-void merge_tail(std::vector<int32_t>& cand, size_t mid, std::vector<int32_t>& scratch) {
-  if (mid == 0 || mid == cand.size() || cand[mid - 1] < cand[mid]) return;
-  scratch.resize(cand.size());
-  std::merge(cand.begin(), cand.begin() + mid, cand.begin() + mid, cand.end(), scratch.begin());
-  cand.swap(scratch);
+// Stable LSD radix sort of keys below `max_key`, 8 bits per pass (ceil(bits/8) passes; 256
+// output streams keep the scatter cache-friendly): the sort behind table-major pair
+// enumeration. Returns the buffer holding the result.
+uint64_t* radix_sort_keys(uint64_t* a, uint64_t* tmp, size_t n, uint64_t max_key) {
+  int bits = 0;
+  while (bits < 64 && (max_key >> bits) != 0) ++bits;
+  size_t hist[256];
+  for (int shift = 0; shift < bits; shift += 8) {
+    std::fill(hist, hist + 256, size_t{0});
+    for (size_t i = 0; i < n; ++i) ++hist[(a[i] >> shift) & 255];
+    size_t sum = 0;
+    for (size_t& h : hist) {
+      const size_t c = h;
+      h = sum;
+      sum += c;
+    }
+    for (size_t i = 0; i < n; ++i) tmp[hist[(a[i] >> shift) & 255]++] = a[i];
+    std::swap(a, tmp);
+  }
+  return a;
 }
+
+// One row of a result: the ascending values that occur in at least m of up to L ascending
+// lists of distinct ranks (the members of one bucket per table; a value occurs at most once
+// per list, so its multiplicity is the number of tables it collides in). No reads of other
+// items' rows: the cost is the lists themselves plus one counter per value. Strategy:
+//  - one list (m == 1): copy it;
+//  - long rows, m == 1, values in a narrow range: a bitmap (dedups and sorts for free);
+//  - otherwise: count each value, emit those reaching m (resetting as we go), sort them.
+//    Measured against sorting the gathered lists and against a k-way merge on clustered
+//    16x8 codes: 1.5-2x faster (no data-dependent branches, rows are short after dedup).
+// Scratch lives per worker thread and is allocated on first use.
+struct RowUnion {
+  explicit RowUnion(int64_t n_items) : n(n_items) {}
+  int64_t n;  // ranks are < n
+  std::vector<const int32_t*> b, e;
+  std::vector<uint64_t> bits;
+  std::vector<int32_t> count;
+
+  void reset() {
+    b.clear();
+    e.clear();
+  }
+  void add(const int32_t* first, const int32_t* last) {
+    if (first < last) {
+      b.push_back(first);
+      e.push_back(last);
+    }
+  }
+
+  // Appends the row to out (skipping `skip`), returns its length.
+  int64_t emit(int64_t m, int32_t skip, I32Buffer& out) {
+    const size_t k = b.size();
+    if (static_cast<int64_t>(k) < m) return 0;
+    const size_t start = out.size();
+    int64_t total = 0;
+    int32_t lo = INT32_MAX, hi = -1;
+    for (size_t t = 0; t < k; ++t) {
+      total += e[t] - b[t];
+      lo = std::min(lo, *b[t]);
+      hi = std::max(hi, *(e[t] - 1));
+    }
+    if (k == 1) {
+      for (const int32_t* p = b[0]; p < e[0]; ++p)
+        if (*p != skip) out.push_back(*p);
+    } else if (m == 1 && total > 256 && (hi - lo) / 64 <= 4 * total) {
+      if (bits.empty()) bits.assign(static_cast<size_t>(n / 64 + 1), 0);
+      for (size_t t = 0; t < k; ++t)
+        for (const int32_t* p = b[t]; p < e[t]; ++p) bits[*p >> 6] |= uint64_t{1} << (*p & 63);
+      if (skip >= 0) bits[skip >> 6] &= ~(uint64_t{1} << (skip & 63));
+      int32_t* o = out.extend(static_cast<size_t>(total));  // total >= distinct values
+      for (int32_t word = lo >> 6; word <= (hi >> 6); ++word) {
+        uint64_t w = bits[word];
+        bits[word] = 0;
+        while (w) {
+          *o++ = word * 64 + __builtin_ctzll(w);
+          w &= w - 1;
+        }
+      }
+      out.truncate(static_cast<size_t>(o - out.data()));
+    } else {
+      if (count.empty()) count.assign(static_cast<size_t>(n), 0);
+      for (size_t t = 0; t < k; ++t)
+        for (const int32_t* p = b[t]; p < e[t]; ++p) ++count[*p];
+      for (size_t t = 0; t < k; ++t)
+        for (const int32_t* p = b[t]; p < e[t]; ++p) {
+          if (count[*p] >= m && *p != skip) out.push_back(*p);
+          count[*p] = 0;  // also marks it emitted
+        }
+      std::sort(out.begin() + start, out.end());
+    }
+    return static_cast<int64_t>(out.size() - start);
+  }
+};
 
 std::string too_many_pairs(double count, int64_t m, int64_t limit, const char* how) {
   return "candidate_pairs: " + std::string(how) + " " + num(count) + " pairs collide in >= " +
@@ -301,8 +389,12 @@ void LSHTables::reset_items() {
 void LSHTables::clear() {
   std::lock_guard<std::mutex> lock(mutex_);
   reset_items();
+  // Give the memory back too: a cleared table may live on, empty, for a long time.
   slot_id_.shrink_to_fit();
   slot_codes_.shrink_to_fit();
+  tables_.assign(static_cast<size_t>(L_), Table{});
+  std::vector<int32_t>().swap(pos_);
+  std::vector<int32_t>().swap(end_);
 }
 
 void LSHTables::build(const uint64_t* codes, int64_t n) {
@@ -429,29 +521,24 @@ void LSHTables::reindex() {
   auto ids = std::make_shared<std::vector<int64_t>>(static_cast<size_t>(n));
   for (int64_t r = 0; r < n; ++r) (*ids)[r] = slot_id_[rank_slot.empty() ? r : rank_slot[r]];
 
-  // One arena for the whole re-index (huge pages, see buffer.hpp): code, pos and end
-  // columns per table, then a scratch region per worker, reused for each table it builds.
+  // One arena for the whole re-index (huge pages, see buffer.hpp): a code column per table,
+  // then a scratch region per worker, reused for each table that worker builds.
   const size_t un = static_cast<size_t>(n);
-  // Starting threads costs tens of microseconds: small indexes are built on this thread.
-  const int threads = n * L < (int64_t{1} << 15) ? 1 : threads_;
+  // Starting threads costs tens of microseconds (and more on a busy machine): small indexes
+  // are built on this thread.
+  const int threads = n * L < (int64_t{1} << 18) ? 1 : threads_;
   const int W = n_workers(L, threads);
   const size_t per_worker = Table::scratch_bytes(n) + 64;
-  Arena arena(static_cast<size_t>(L) * (Arena::need<uint64_t>(un) + 2 * Arena::need<int32_t>(un)) +
-              static_cast<size_t>(W) * per_worker);
+  Arena arena(static_cast<size_t>(L) * Arena::need<uint64_t>(un) + static_cast<size_t>(W) * per_worker);
   std::vector<uint64_t*> code(static_cast<size_t>(L));
-  std::vector<int32_t*> pos(static_cast<size_t>(L)), end(static_cast<size_t>(L));
-  for (int64_t l = 0; l < L; ++l) {
-    code[l] = arena.take<uint64_t>(un);
-    pos[l] = arena.take<int32_t>(un);
-    end[l] = arena.take<int32_t>(un);
-  }
+  for (int64_t l = 0; l < L; ++l) code[l] = arena.take<uint64_t>(un);
   std::vector<char*> region(static_cast<size_t>(W));
   for (int w = 0; w < W; ++w) region[w] = arena.take<char>(per_worker);
 
   // Rows (slot order) -> columns (rank order) in one sequential pass over the codes,
   // rather than one strided pass per table.
-  const int64_t nch = n_chunks_for(n, threads_, 4096);
-  parallel_for(nch, threads_, [&](int64_t c) {
+  const int64_t nch = threads > 1 ? n_chunks_for(n, threads, 16384) : 1;
+  parallel_for(nch, threads, [&](int64_t c) {
     const int64_t r0 = c * n / nch, r1 = (c + 1) * n / nch;
     for (int64_t r = r0; r < r1; ++r) {
       const uint64_t* row = &slot_codes_[(rank_slot.empty() ? r : rank_slot[r]) * L];
@@ -459,24 +546,11 @@ void LSHTables::reindex() {
     }
   });
 
-  parallel_for_workers(L, threads, [&](int64_t l, int w) {
-    Arena scratch(region[w], per_worker);
-    tables_[l].build(code[l], n, pos[l], end[l], scratch);
-  });
-
-  // Columns -> rank-major rows (see pos_ and end_ in the header).
   pos_.resize(un * static_cast<size_t>(L));
   end_.resize(un * static_cast<size_t>(L));
-  parallel_for(nch, threads_, [&](int64_t c) {
-    const int64_t r0 = c * n / nch, r1 = (c + 1) * n / nch;
-    for (int64_t l = 0; l < L; ++l) {
-      const int32_t* pc = pos[l];
-      const int32_t* ec = end[l];
-      for (int64_t r = r0; r < r1; ++r) {
-        pos_[r * L + l] = pc[r];
-        end_[r * L + l] = ec[r];
-      }
-    }
+  parallel_for_workers(L, threads, [&](int64_t l, int w) {
+    Arena scratch(region[w], per_worker);
+    tables_[l].build(code[l], n, pos_.data() + l * un, end_.data() + l * un, scratch);
   });
   rank_id_ = std::move(ids);
 }
@@ -485,6 +559,7 @@ void LSHTables::reindex() {
 RankLists LSHTables::collect(int64_t n, int64_t max_values, const uint64_t* codes,
                              const int64_t* ranks) {
   const int64_t L = L_;
+  const int64_t n_items = static_cast<int64_t>(rank_id_->size());
   const int64_t nch = n_chunks_for(n, threads_, std::max<int64_t>(16, 8192 / L));
   std::vector<int64_t> row0(static_cast<size_t>(nch + 1));
   for (int64_t c = 0; c <= nch; ++c) row0[c] = c * n / std::max<int64_t>(nch, 1);
@@ -503,9 +578,9 @@ RankLists LSHTables::collect(int64_t n, int64_t max_values, const uint64_t* code
         int32_t& qh = hi[q * L + l];
         if (ranks) {
           // Bucket start: the last offset <= the item's position.
-          const int64_t p = pos_[ranks[q] * L + l];
+          const int64_t p = pos_[l * n_items + ranks[q]];
           ql = static_cast<int32_t>(*(std::upper_bound(T.offsets.begin(), T.offsets.end(), p) - 1));
-          qh = end_[ranks[q] * L + l];
+          qh = end_[l * n_items + ranks[q]];
         } else {
           const int64_t b = T.find(codes[q * L + l]);
           ql = b < 0 ? 0 : static_cast<int32_t>(T.offsets[b]);
@@ -522,43 +597,27 @@ RankLists LSHTables::collect(int64_t n, int64_t max_values, const uint64_t* code
                          " ids (limit " + num(static_cast<double>(max_values)) +
                          "); buckets are too large: use more bits per table or fewer queries");
 
-  // Pass 2: union over tables, deduplicated without a scratch set: a member j found in
-  // table l is kept only if it shares no bucket with the query in an earlier table, i.e.
-  // it is reported by the first table where it collides. Each table's members ascend, so
-  // merging keeps every row sorted.
+  // Pass 2: per row, the union of its buckets over the tables.
   RankLists out;
   out.rank_id = rank_id_;
   out.row0 = row0;
   out.lens.resize(static_cast<size_t>(nch));
   out.values.resize(static_cast<size_t>(nch));
   std::atomic<int64_t> emitted{0};
-  parallel_for(nch, threads_, [&](int64_t c) {
-    std::vector<int32_t>& lens = out.lens[c];
-    I32Buffer& vals = out.values[c];
-    std::vector<int32_t> cand, scratch;
+  std::vector<RowUnion> rows(static_cast<size_t>(n_workers(nch, threads_)), RowUnion(n_items));
+  parallel_for_workers(nch, threads_, [&](int64_t c, int w) {
+    RowUnion& row = rows[w];
     for (int64_t q = row0[c]; q < row0[c + 1]; ++q) {
-      const int64_t self = ranks ? ranks[q] : -1;
-      const int32_t* qh = &hi[q * L];
-      cand.clear();
+      row.reset();
       for (int64_t l = 0; l < L; ++l) {
         const int32_t* mem = tables_[l].members.data();
-        const size_t before = cand.size();
-        for (int32_t p = lo[q * L + l]; p < qh[l]; ++p) {
-          const int32_t j = mem[p];
-          if (j == self) continue;
-          const int32_t* ej = &end_[static_cast<int64_t>(j) * L];
-          bool seen = false;
-          for (int64_t t = 0; t < l && !seen; ++t) seen = (ej[t] == qh[t]);
-          if (!seen) cand.push_back(j);
-        }
-        merge_tail(cand, before, scratch);
+        if (hi[q * L + l] > 0) row.add(mem + lo[q * L + l], mem + hi[q * L + l]);
       }
-      const int64_t k = static_cast<int64_t>(cand.size());
+      const int64_t k = row.emit(1, ranks ? static_cast<int32_t>(ranks[q]) : -1, out.values[c]);
       if (emitted.fetch_add(k) + k > max_values)
         throw OutputTooLarge("query: the result exceeds " + num(static_cast<double>(max_values)) +
                              " ids; buckets are too large: use more bits per table");
-      lens.push_back(static_cast<int32_t>(k));
-      vals.append(cand.data(), cand.size());
+      out.lens[c].push_back(static_cast<int32_t>(k));
     }
   });
   return out;
@@ -635,13 +694,18 @@ RankLists LSHTables::candidate_pairs(int64_t min_tables, int64_t max_pairs) {
         t += static_cast<double>(pairs_of(T.offsets[b + 1] - T.offsets[b]));
       total += t;
       best = std::max(best, t);
-      if (l <= L - m) work += t;
+      work += t;
     }
     const double all = static_cast<double>(pairs_of(n));
     const double lower = m == 1 ? best : std::max(0.0, (total - (m - 1) * all) / L);
     if (lower > static_cast<double>(max_pairs))
       throw OutputTooLarge(too_many_pairs(lower, m, max_pairs, "at least"));
   }
+
+  // Sparse buckets (the usual case: K large enough that most buckets are small): walk each
+  // table's buckets in order and sort the pair keys, instead of visiting every item's L
+  // buckets at random places in memory. Dense buckets (many pairs per item): per-item rows.
+  if (work - n <= 32.0 * n) return pairs_by_sorting(m, static_cast<int64_t>(work) - n, max_pairs);
 
   RankLists out;
   out.rank_id = rank_id_;
@@ -654,92 +718,115 @@ RankLists LSHTables::candidate_pairs(int64_t min_tables, int64_t max_pairs) {
   out.lens.resize(static_cast<size_t>(nch));
   out.values.resize(static_cast<size_t>(nch));
   std::atomic<int64_t> emitted{0};
-  std::vector<std::vector<uint64_t>> bitmaps(static_cast<size_t>(n_workers(nch, threads_)));
+  std::vector<RowUnion> rows(static_cast<size_t>(n_workers(nch, threads_)), RowUnion(n));
   parallel_for_workers(nch, threads_, [&](int64_t c, int w) {
     std::vector<int32_t>& lens = out.lens[c];
     I32Buffer& vals = out.values[c];
     lens.reserve(static_cast<size_t>(out.row0[c + 1] - out.row0[c]));
-    std::vector<int32_t> scratch;
+    RowUnion& row = rows[w];
     for (int64_t i = out.row0[c]; i < out.row0[c + 1]; ++i) {
-      const int32_t* pi = &pos_[i * L];
-      const int32_t* ei = &end_[i * L];
-      const size_t start = vals.size();
-
-      if (m == 1 && L > 1) {
-        // The j > i sharing i's bucket in table t are members[pos+1, end), ascending.
-        int64_t found = 0;
-        int32_t lo = INT32_MAX, hi = -1;
-        for (int64_t t = 0; t < L; ++t) {
-          if (pi[t] + 1 >= ei[t]) continue;
-          const int32_t* mem = tables_[t].members.data();
-          found += ei[t] - pi[t] - 1;
-          lo = std::min(lo, mem[pi[t] + 1]);
-          hi = std::max(hi, mem[ei[t] - 1]);
-        }
-        // Many candidates in a narrow id range (big buckets): a bitmap row dedups and sorts
-        // for free. Set a bit per find, then read the words in order; no row reads of j,
-        // no merging. The scan is bounded by a few words per find.
-        if (found >= 64 && (hi - lo) / 64 <= 4 * found) {
-          std::vector<uint64_t>& bits = bitmaps[w];
-          if (bits.empty()) bits.assign(static_cast<size_t>(n / 64 + 1), 0);
-          for (int64_t t = 0; t < L; ++t) {
-            const int32_t* mem = tables_[t].members.data();
-            for (int32_t p = pi[t] + 1; p < ei[t]; ++p)
-              bits[mem[p] >> 6] |= uint64_t{1} << (mem[p] & 63);
-          }
-          int32_t* o = vals.extend(static_cast<size_t>(found));  // found >= distinct finds
-          for (int32_t word = lo >> 6; word <= (hi >> 6); ++word) {
-            uint64_t b = bits[word];
-            bits[word] = 0;
-            while (b) {
-              *o++ = word * 64 + __builtin_ctzll(b);
-              b &= b - 1;
-            }
-          }
-          vals.truncate(static_cast<size_t>(o - vals.data()));
-          const int64_t k = static_cast<int64_t>(vals.size() - start);
-          lens.push_back(static_cast<int32_t>(k));
-          if (k > 0 && emitted.fetch_add(k) + k > max_pairs)
-            throw OutputTooLarge(too_many_pairs(static_cast<double>(max_pairs), m, max_pairs,
-                                                "more than"));
-          continue;
-        }
-      }
-
-      // Pigeonhole: a pair colliding in >= m tables collides first in one of tables
-      // 0..L-m. Enumerate only there, keep j at its first colliding table (dedup without
-      // a set), and count its other collisions from end_'s row of j. The j > i sharing
-      // i's bucket follow i in members: no search, and nothing to read when i is last.
-      for (int64_t t = 0; t <= L - m; ++t) {
+      // The j > i sharing i's bucket in table t follow i in members: members[pos+1, end).
+      row.reset();
+      for (int64_t t = 0; t < L; ++t) {
         const int32_t* mem = tables_[t].members.data();
-        const size_t before = vals.size();
-        for (int32_t p = pi[t] + 1; p < ei[t]; ++p) {
-          const int32_t j = mem[p];
-          const int32_t* ej = &end_[static_cast<int64_t>(j) * L];
-          bool seen = false;
-          for (int64_t u = 0; u < t && !seen; ++u) seen = (ej[u] == ei[u]);
-          if (seen) continue;
-          if (m > 1) {
-            int64_t hits = 1;
-            for (int64_t u = t + 1; u < L && hits < m; ++u) hits += (ej[u] == ei[u]);
-            if (hits < m) continue;
-          }
-          vals.push_back(j);
-        }
-        // Merge this table's (ascending) finds into the row's earlier ones.
-        if (before > start && vals.size() > before && vals[before - 1] > vals[before]) {
-          scratch.resize(vals.size() - start);
-          std::merge(vals.begin() + start, vals.begin() + before, vals.begin() + before,
-                     vals.end(), scratch.begin());
-          std::copy(scratch.begin(), scratch.end(), vals.begin() + start);
-        }
+        row.add(mem + pos_[t * n + i] + 1, mem + end_[t * n + i]);
       }
-      const int64_t k = static_cast<int64_t>(vals.size() - start);
+      const int64_t k = row.emit(m, -1, vals);
       lens.push_back(static_cast<int32_t>(k));
       if (k > 0 && emitted.fetch_add(k) + k > max_pairs)
         throw OutputTooLarge(too_many_pairs(static_cast<double>(max_pairs), m, max_pairs,
                                             "more than"));
     }
+  });
+  return out;
+}
+
+constexpr int64_t kPartKeys = 16384;  // keys per partition: key + scratch (256 KB) stay in L2
+
+// Table-major candidate pairs. Each (pair, table) collision becomes a key (i - row0) * n + j
+// in the partition of rows holding i; partitions are sorted independently (in parallel) and
+// a key that occurs >= m times is a pair colliding in >= m tables. Output in RankLists form,
+// partition c = chunk c, so rows stay in order.
+RankLists LSHTables::pairs_by_sorting(int64_t m, int64_t occurrences, int64_t max_pairs) {
+  const int64_t n = static_cast<int64_t>(rank_id_->size());
+  const int64_t L = L_;
+  const int64_t C = std::max<int64_t>(
+      n > 0, std::min<int64_t>(n, std::max<int64_t>(int64_t{4} * threads_, occurrences / kPartKeys + 1)));
+  RankLists out;
+  out.rank_id = rank_id_;
+  out.row0.resize(static_cast<size_t>(C + 1));
+  for (int64_t c = 0; c <= C; ++c) out.row0[c] = c * n / std::max<int64_t>(C, 1);
+  out.lens.resize(static_cast<size_t>(C));
+  out.values.resize(static_cast<size_t>(C));
+  if (n == 0) return out;
+  // part[i]: the partition holding row i (a table lookup: partitions are uneven by one).
+  std::vector<int32_t> part(static_cast<size_t>(n));
+  for (int64_t c = 0; c < C; ++c)
+    std::fill(part.begin() + out.row0[c], part.begin() + out.row0[c + 1], static_cast<int32_t>(c));
+
+  // Keys per (table, partition): a member at position p of a bucket ending at e pairs with
+  // the e - p - 1 members after it.
+  std::vector<int64_t> count(static_cast<size_t>(L * C), 0);
+  parallel_for(L, threads_, [&](int64_t t) {
+    const Table& T = tables_[t];
+    int64_t* cnt = &count[t * C];
+    for (size_t b = 0; b + 1 < T.offsets.size(); ++b)
+      for (int64_t p = T.offsets[b]; p < T.offsets[b + 1] - 1; ++p)
+        cnt[part[T.members[p]]] += T.offsets[b + 1] - p - 1;
+  });
+  // Layout: partition-major, then table.
+  std::vector<int64_t> base(static_cast<size_t>(L * C), 0);
+  {
+    int64_t pos = 0;
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t t = 0; t < L; ++t) {
+        base[t * C + c] = pos;
+        pos += count[t * C + c];
+      }
+  }
+  Arena arena(2 * Arena::need<uint64_t>(static_cast<size_t>(occurrences)));
+  uint64_t* keys = arena.take<uint64_t>(static_cast<size_t>(occurrences));
+  uint64_t* tmp = arena.take<uint64_t>(static_cast<size_t>(occurrences));
+  const uint64_t un = static_cast<uint64_t>(n);
+  parallel_for(L, threads_, [&](int64_t t) {
+    const Table& T = tables_[t];
+    std::vector<int64_t> cursor(base.begin() + t * C, base.begin() + (t + 1) * C);
+    for (size_t b = 0; b + 1 < T.offsets.size(); ++b) {
+      const int32_t* mem = T.members.data();
+      for (int64_t p = T.offsets[b]; p < T.offsets[b + 1] - 1; ++p) {
+        const int32_t c = part[mem[p]];
+        const uint64_t hi = static_cast<uint64_t>(mem[p] - out.row0[c]) * un;
+        uint64_t* o = keys + cursor[c];
+        for (int64_t q = p + 1; q < T.offsets[b + 1]; ++q) *o++ = hi + static_cast<uint64_t>(mem[q]);
+        cursor[c] = o - keys;
+      }
+    }
+  });
+  // Partition c's keys: its tables' slices, consecutive from base[0 * C + c].
+  std::atomic<int64_t> emitted{0};
+  parallel_for(C, threads_, [&](int64_t c) {
+    const int64_t lo = base[c];
+    int64_t k_ = 0;
+    for (int64_t t = 0; t < L; ++t) k_ += count[t * C + c];
+    const size_t k = static_cast<size_t>(k_);
+    const int64_t rows = out.row0[c + 1] - out.row0[c];
+    const uint64_t* sorted = radix_sort_keys(keys + lo, tmp + lo, k, static_cast<uint64_t>(rows) * un);
+    std::vector<int32_t>& lens = out.lens[c];
+    I32Buffer& vals = out.values[c];
+    lens.assign(static_cast<size_t>(rows), 0);
+    int64_t kept = 0;
+    for (size_t p = 0; p < k;) {
+      size_t q = p + 1;
+      while (q < k && sorted[q] == sorted[p]) ++q;
+      if (static_cast<int64_t>(q - p) >= m) {
+        ++lens[sorted[p] / un];
+        vals.push_back(static_cast<int32_t>(sorted[p] % un));
+        ++kept;
+      }
+      p = q;
+    }
+    if (kept > 0 && emitted.fetch_add(kept) + kept > max_pairs)
+      throw OutputTooLarge(too_many_pairs(static_cast<double>(max_pairs), m, max_pairs, "more than"));
   });
   return out;
 }

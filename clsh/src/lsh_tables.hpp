@@ -10,7 +10,7 @@
 // slot into the hole). Reads run on an index in "rank" space: live items ordered by id,
 // so every ascending list of ranks is also an ascending list of ids. Per table the index
 // holds a code -> bucket lookup and its buckets in CSR form (buckets ordered by smallest
-// member, members ascending); per item it holds its position and bucket end in each table.
+// member, members ascending), and per item its position and bucket end in each table.
 // The index is rebuilt by the first read after insert/remove, in parallel over tables:
 // mutations are O(batch) and a batch of them costs one O(N L) re-index.
 #pragma once
@@ -119,6 +119,7 @@ class LSHTables {
     static size_t scratch_bytes(int64_t n);  // what build takes from scratch
   };
 
+  RankLists pairs_by_sorting(int64_t m, int64_t occurrences, int64_t max_pairs);
   void ensure_index();  // callers hold mutex_
   void reindex();
   RankLists collect(int64_t n, int64_t max_values, const uint64_t* codes, const int64_t* ranks);
@@ -139,9 +140,8 @@ class LSHTables {
   // Index in rank space, valid when !dirty_.
   bool dirty_ = true;
   std::shared_ptr<std::vector<int64_t>> rank_id_;  // ascending ids; shared with results
-  // Rank-major (n x L): row i holds, per table, i's position in members and its bucket's
-  // end there. "j shares i's bucket in table t" is end_[j][t] == end_[i][t]: one cache line
-  // per item for all tables; the j > i of i's bucket are members[pos_[i][t]+1, end_[i][t]).
+  // Per table (L x n, table-major): rank i's position in that table's members, and the end
+  // of its bucket there; the j > i sharing i's bucket are members[pos + 1, end).
   std::vector<int32_t> pos_, end_;
   std::vector<Table> tables_;
 };

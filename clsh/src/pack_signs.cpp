@@ -35,7 +35,8 @@ void pack_signs_impl(const T* proj, int64_t n, int64_t n_cols, int K, uint64_t* 
     throw std::invalid_argument("pack_signs: the number of columns (" + std::to_string(n_cols) +
                                 ") is not a multiple of K=" + std::to_string(K));
   const int64_t L = n_cols / K;
-  const int64_t nch = n_chunks_for(n, resolve_threads(n_threads), std::max<int64_t>(1, 65536 / n_cols));
+  // Threads only for work worth more than their start-up (~1M projections per chunk).
+  const int64_t nch = n_chunks_for(n, resolve_threads(n_threads), std::max<int64_t>(1, (1 << 20) / n_cols));
   parallel_for(nch, resolve_threads(n_threads), [&](int64_t c) {
     pack_rows(proj, c * n / nch, (c + 1) * n / nch, K, L, out);
   });
