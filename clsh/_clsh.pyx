@@ -152,10 +152,15 @@ cdef class LSHTables:
         n_tables: number of tables L (columns of every codes array), 1..65536.
         n_threads: worker threads, 0 = all cores.
 
-    Memory: a bucket of size s yields s*(s-1)/2 pairs. If nearly all codes are equal the
-    output is ~N^2/2 pairs; ``candidate_pairs`` and ``query`` then raise MemoryError
-    (with the pair count) rather than exhaust RAM. Check ``stats()["pairs_per_table"]``
-    beforehand, and raise K (bits per table) or ``min_tables`` when it is too large.
+    Items are int64 ids >= 0 (``build`` numbers them 0..N-1), at most 2**31 - 1 of them.
+
+    Memory: a bucket of size s yields s*(s-1)/2 pairs, so if nearly all codes are equal
+    the output is ~N^2/2 pairs (5e9 at N = 1e5). ``candidate_pairs`` and ``query`` raise
+    MemoryError, naming the count, when a result would exceed about a quarter of physical
+    memory (or ``max_pairs``), before doing the work when a lower bound already does.
+    ``stats()["pairs_per_table"]`` gives the exact per-table counts up front; raise K
+    (bits per table) or ``min_tables`` when they are too large. Counts are 64-bit: nothing
+    overflows.
 
     Mutations (``insert``/``remove``) are O(batch); the first read after them re-indexes
     all tables in O(N*L) (parallel over tables), so batch mutations together.

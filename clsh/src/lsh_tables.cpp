@@ -60,23 +60,27 @@ uint64_t* radix_sort_high32(uint64_t* a, uint64_t* tmp, size_t n) {
   return a;  // whichever buffer holds the result
 }
 
-// Stable LSD radix sort of keys below `max_key`, 8 bits per pass (ceil(bits/8) passes; 256
-// output streams keep the scatter cache-friendly): the sort behind table-major pair
-// enumeration. Returns the buffer holding the result.
+// Stable LSD radix sort of keys below `max_key`: the sort behind table-major pair
+// enumeration. Digits of at most 11 bits, as few passes as that allows (a partition of
+// ~16k keys and a 2048-entry histogram stay in L2). Returns the buffer holding the result.
 uint64_t* radix_sort_keys(uint64_t* a, uint64_t* tmp, size_t n, uint64_t max_key) {
   int bits = 0;
   while (bits < 64 && (max_key >> bits) != 0) ++bits;
-  size_t hist[256];
-  for (int shift = 0; shift < bits; shift += 8) {
-    std::fill(hist, hist + 256, size_t{0});
-    for (size_t i = 0; i < n; ++i) ++hist[(a[i] >> shift) & 255];
+  const int passes = (bits + 10) / 11;
+  if (passes == 0 || n < 2) return a;
+  const int digit = (bits + passes - 1) / passes;
+  const uint64_t mask = (uint64_t{1} << digit) - 1;
+  std::vector<size_t> hist(static_cast<size_t>(mask) + 1);
+  for (int shift = 0; shift < bits; shift += digit) {
+    std::fill(hist.begin(), hist.end(), size_t{0});
+    for (size_t i = 0; i < n; ++i) ++hist[(a[i] >> shift) & mask];
     size_t sum = 0;
     for (size_t& h : hist) {
       const size_t c = h;
       h = sum;
       sum += c;
     }
-    for (size_t i = 0; i < n; ++i) tmp[hist[(a[i] >> shift) & 255]++] = a[i];
+    for (size_t i = 0; i < n; ++i) tmp[hist[(a[i] >> shift) & mask]++] = a[i];
     std::swap(a, tmp);
   }
   return a;
@@ -750,29 +754,39 @@ constexpr int64_t kPartKeys = 16384;  // keys per partition: key + scratch (256 
 RankLists LSHTables::pairs_by_sorting(int64_t m, int64_t occurrences, int64_t max_pairs) {
   const int64_t n = static_cast<int64_t>(rank_id_->size());
   const int64_t L = L_;
-  const int64_t C = std::max<int64_t>(
-      n > 0, std::min<int64_t>(n, std::max<int64_t>(int64_t{4} * threads_, occurrences / kPartKeys + 1)));
+  auto bit_length = [](uint64_t v) {
+    int b = 0;
+    while (b < 64 && (v >> b) != 0) ++b;
+    return b;
+  };
+  // Partitions are blocks of 2^shift rows (partition of row i: i >> shift), sized for about
+  // kPartKeys keys each, and at least 4 per thread. Keys are (i - first row) << jbits | j:
+  // shifts and masks, no division.
+  const int jbits = bit_length(static_cast<uint64_t>(std::max<int64_t>(n - 1, 1)));
+  const double per_row = std::max(1.0, static_cast<double>(occurrences) / std::max<int64_t>(n, 1));
+  int shift = bit_length(static_cast<uint64_t>(kPartKeys / per_row)) - 1;
+  shift = std::min(shift, bit_length(static_cast<uint64_t>(n / (int64_t{4} * threads_))) - 1);
+  shift = std::max(shift, 0);
+  const int64_t C = (n + (int64_t{1} << shift) - 1) >> shift;
+
   RankLists out;
   out.rank_id = rank_id_;
   out.row0.resize(static_cast<size_t>(C + 1));
-  for (int64_t c = 0; c <= C; ++c) out.row0[c] = c * n / std::max<int64_t>(C, 1);
+  for (int64_t c = 0; c <= C; ++c) out.row0[c] = std::min(n, c << shift);
   out.lens.resize(static_cast<size_t>(C));
   out.values.resize(static_cast<size_t>(C));
   if (n == 0) return out;
-  // part[i]: the partition holding row i (a table lookup: partitions are uneven by one).
-  std::vector<int32_t> part(static_cast<size_t>(n));
-  for (int64_t c = 0; c < C; ++c)
-    std::fill(part.begin() + out.row0[c], part.begin() + out.row0[c + 1], static_cast<int32_t>(c));
 
   // Keys per (table, partition): a member at position p of a bucket ending at e pairs with
   // the e - p - 1 members after it.
   std::vector<int64_t> count(static_cast<size_t>(L * C), 0);
   parallel_for(L, threads_, [&](int64_t t) {
     const Table& T = tables_[t];
+    const int32_t* mem = T.members.data();
     int64_t* cnt = &count[t * C];
     for (size_t b = 0; b + 1 < T.offsets.size(); ++b)
       for (int64_t p = T.offsets[b]; p < T.offsets[b + 1] - 1; ++p)
-        cnt[part[T.members[p]]] += T.offsets[b + 1] - p - 1;
+        cnt[mem[p] >> shift] += T.offsets[b + 1] - p - 1;
   });
   // Layout: partition-major, then table.
   std::vector<int64_t> base(static_cast<size_t>(L * C), 0);
@@ -787,44 +801,49 @@ RankLists LSHTables::pairs_by_sorting(int64_t m, int64_t occurrences, int64_t ma
   Arena arena(2 * Arena::need<uint64_t>(static_cast<size_t>(occurrences)));
   uint64_t* keys = arena.take<uint64_t>(static_cast<size_t>(occurrences));
   uint64_t* tmp = arena.take<uint64_t>(static_cast<size_t>(occurrences));
-  const uint64_t un = static_cast<uint64_t>(n);
+  const uint64_t row_mask = (uint64_t{1} << shift) - 1;
   parallel_for(L, threads_, [&](int64_t t) {
     const Table& T = tables_[t];
+    const int32_t* mem = T.members.data();
     std::vector<int64_t> cursor(base.begin() + t * C, base.begin() + (t + 1) * C);
     for (size_t b = 0; b + 1 < T.offsets.size(); ++b) {
-      const int32_t* mem = T.members.data();
-      for (int64_t p = T.offsets[b]; p < T.offsets[b + 1] - 1; ++p) {
-        const int32_t c = part[mem[p]];
-        const uint64_t hi = static_cast<uint64_t>(mem[p] - out.row0[c]) * un;
-        uint64_t* o = keys + cursor[c];
-        for (int64_t q = p + 1; q < T.offsets[b + 1]; ++q) *o++ = hi + static_cast<uint64_t>(mem[q]);
-        cursor[c] = o - keys;
+      const int64_t e = T.offsets[b + 1];
+      for (int64_t p = T.offsets[b]; p < e - 1; ++p) {
+        const uint64_t i = static_cast<uint64_t>(mem[p]);
+        const uint64_t hi = (i & row_mask) << jbits;
+        uint64_t* o = keys + cursor[i >> shift];
+        for (int64_t q = p + 1; q < e; ++q) *o++ = hi | static_cast<uint64_t>(mem[q]);
+        cursor[i >> shift] = o - keys;
       }
     }
   });
-  // Partition c's keys: its tables' slices, consecutive from base[0 * C + c].
+  // Partition c's keys: its tables' slices, consecutive from base[0 * C + c]. Sorted, a key
+  // that occurs >= m times (once per table it collides in) is a pair; rows come out in order.
   std::atomic<int64_t> emitted{0};
+  const uint64_t j_mask = (uint64_t{1} << jbits) - 1;
   parallel_for(C, threads_, [&](int64_t c) {
     const int64_t lo = base[c];
     int64_t k_ = 0;
     for (int64_t t = 0; t < L; ++t) k_ += count[t * C + c];
     const size_t k = static_cast<size_t>(k_);
     const int64_t rows = out.row0[c + 1] - out.row0[c];
-    const uint64_t* sorted = radix_sort_keys(keys + lo, tmp + lo, k, static_cast<uint64_t>(rows) * un);
+    const uint64_t* sorted =
+        radix_sort_keys(keys + lo, tmp + lo, k, static_cast<uint64_t>(rows) << jbits);
     std::vector<int32_t>& lens = out.lens[c];
-    I32Buffer& vals = out.values[c];
     lens.assign(static_cast<size_t>(rows), 0);
-    int64_t kept = 0;
+    I32Buffer& vals = out.values[c];
+    int32_t* o = vals.extend(k);  // k >= pairs kept
     for (size_t p = 0; p < k;) {
       size_t q = p + 1;
       while (q < k && sorted[q] == sorted[p]) ++q;
       if (static_cast<int64_t>(q - p) >= m) {
-        ++lens[sorted[p] / un];
-        vals.push_back(static_cast<int32_t>(sorted[p] % un));
-        ++kept;
+        ++lens[sorted[p] >> jbits];
+        *o++ = static_cast<int32_t>(sorted[p] & j_mask);
       }
       p = q;
     }
+    vals.truncate(static_cast<size_t>(o - vals.data()));
+    const int64_t kept = static_cast<int64_t>(vals.size());
     if (kept > 0 && emitted.fetch_add(kept) + kept > max_pairs)
       throw OutputTooLarge(too_many_pairs(static_cast<double>(max_pairs), m, max_pairs, "more than"));
   });

@@ -6,6 +6,10 @@
 #include <algorithm>
 #include <string>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "lsh_tables.hpp"
 #include "parallel.hpp"
 
@@ -25,6 +29,26 @@ void pack_rows(const T* proj, int64_t r0, int64_t r1, int K, int64_t L, uint64_t
     }
   }
 }
+
+#if defined(__SSE2__)
+// float32, four lanes per compare: _mm_cmpge_ps is an ordered IEEE compare (NaN -> 0,
+// -0.0 >= 0 -> 1), the same predicate as the scalar loop; SSE2 is baseline on x86-64.
+template <>
+void pack_rows<float>(const float* proj, int64_t r0, int64_t r1, int K, int64_t L, uint64_t* out) {
+  const __m128 zero = _mm_setzero_ps();
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* p = proj + r * K * L;
+    for (int64_t l = 0; l < L; ++l, p += K) {
+      uint64_t code = 0;
+      int k = 0;
+      for (; k + 4 <= K; k += 4)
+        code |= static_cast<uint64_t>(_mm_movemask_ps(_mm_cmpge_ps(_mm_loadu_ps(p + k), zero))) << k;
+      for (; k < K; ++k) code |= static_cast<uint64_t>(p[k] >= 0.0f) << k;
+      out[r * L + l] = code;
+    }
+  }
+}
+#endif
 
 template <class T>
 void pack_signs_impl(const T* proj, int64_t n, int64_t n_cols, int K, uint64_t* out,
