@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -65,6 +66,38 @@ class Arena {
   size_t used_ = 0;
   bool owned_ = true;
 };
+
+// std::allocator that asks for huge pages for blocks of 4 MiB and more (index arrays of a
+// large table: codes, members, offsets), for the same reason as Arena.
+template <class T>
+struct HugeAlloc {
+  using value_type = T;
+  HugeAlloc() = default;
+  template <class U>
+  HugeAlloc(const HugeAlloc<U>&) {}
+  T* allocate(size_t n) {
+    const size_t bytes = n * sizeof(T);
+    void* p = nullptr;
+#if defined(__linux__)
+    constexpr size_t kHuge = size_t{1} << 21;
+    if (bytes >= 2 * kHuge) {
+      p = std::aligned_alloc(kHuge, (bytes + kHuge - 1) / kHuge * kHuge);
+      if (p) madvise(p, (bytes + kHuge - 1) / kHuge * kHuge, MADV_HUGEPAGE);
+    }
+#endif
+    if (!p) p = std::malloc(bytes ? bytes : 1);
+    if (!p) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t) { std::free(p); }
+  template <class U>
+  bool operator==(const HugeAlloc<U>&) const { return true; }
+  template <class U>
+  bool operator!=(const HugeAlloc<U>&) const { return false; }
+};
+
+template <class T>
+using HugeVector = std::vector<T, HugeAlloc<T>>;
 
 // Growable int32 array for results: growth without value-initialization (a result is
 // written exactly once), realloc so that large blocks move by remapping instead of copying,

@@ -250,8 +250,7 @@ size_t LSHTables::Table::scratch_bytes(int64_t n) {
   return std::max(radix, direct);
 }
 
-void LSHTables::Table::build(const uint64_t* code, int64_t n, int32_t* pos, int32_t* end,
-                             Arena& scratch) {
+void LSHTables::Table::build(const uint64_t* code, int64_t n, Arena& scratch) {
   codes.clear();
   code_bucket.clear();
   dense.clear();
@@ -293,13 +292,7 @@ void LSHTables::Table::build(const uint64_t* code, int64_t n, int32_t* pos, int3
     for (int32_t b = 0; b < nb; ++b) offsets[b + 1] = offsets[b] + count[b];
     int32_t* cursor = count;  // reuse: cursor[b] = next free slot of bucket b
     for (int32_t b = 0; b < nb; ++b) cursor[b] = static_cast<int32_t>(offsets[b]);
-    for (int64_t r = 0; r < n; ++r) {
-      const int32_t b = bucket[r];
-      const int32_t p = cursor[b]++;
-      members[p] = static_cast<int32_t>(r);
-      pos[r] = p;
-      end[r] = static_cast<int32_t>(offsets[b + 1]);
-    }
+    for (int64_t r = 0; r < n; ++r) members[cursor[bucket[r]]++] = static_cast<int32_t>(r);
     return;
   }
 
@@ -352,15 +345,8 @@ void LSHTables::Table::build(const uint64_t* code, int64_t n, int32_t* pos, int3
   }
   for (int64_t b = 0; b < nruns; ++b) offsets[b + 1] += offsets[b];
   for (int64_t k = 0; k < nruns; ++k) {
-    const int32_t b = run_bucket[k];
-    const int32_t e = static_cast<int32_t>(offsets[b + 1]);
-    int32_t p = static_cast<int32_t>(offsets[b]);
-    for (int64_t q = run_start[k]; q < run_start[k + 1]; ++q, ++p) {
-      const int32_t r = rank(a[q]);
-      members[p] = r;
-      pos[r] = p;
-      end[r] = e;
-    }
+    int32_t* dst = &members[offsets[run_bucket[k]]];
+    for (int64_t q = run_start[k]; q < run_start[k + 1]; ++q) *dst++ = rank(a[q]);
   }
 }
 
@@ -397,8 +383,9 @@ void LSHTables::clear() {
   slot_id_.shrink_to_fit();
   slot_codes_.shrink_to_fit();
   tables_.assign(static_cast<size_t>(L_), Table{});
-  std::vector<int32_t>().swap(pos_);
-  std::vector<int32_t>().swap(end_);
+  HugeVector<int32_t>().swap(pos_);
+  HugeVector<int32_t>().swap(end_);
+  positions_ = false;
 }
 
 void LSHTables::build(const uint64_t* codes, int64_t n) {
@@ -550,13 +537,30 @@ void LSHTables::reindex() {
     }
   });
 
-  pos_.resize(un * static_cast<size_t>(L));
-  end_.resize(un * static_cast<size_t>(L));
   parallel_for_workers(L, threads, [&](int64_t l, int w) {
     Arena scratch(region[w], per_worker);
-    tables_[l].build(code[l], n, pos_.data() + l * un, end_.data() + l * un, scratch);
+    tables_[l].build(code[l], n, scratch);
   });
+  positions_ = false;
   rank_id_ = std::move(ids);
+}
+
+void LSHTables::ensure_positions() {
+  if (positions_) return;
+  const int64_t n = static_cast<int64_t>(rank_id_->size());
+  pos_.resize(static_cast<size_t>(n * L_));
+  end_.resize(static_cast<size_t>(n * L_));
+  parallel_for(L_, n * L_ < (int64_t{1} << 18) ? 1 : threads_, [&](int64_t l) {
+    const Table& T = tables_[l];
+    int32_t* pos = pos_.data() + l * n;
+    int32_t* end = end_.data() + l * n;
+    for (size_t b = 0; b + 1 < T.offsets.size(); ++b)
+      for (int64_t p = T.offsets[b]; p < T.offsets[b + 1]; ++p) {
+        pos[T.members[p]] = static_cast<int32_t>(p);
+        end[T.members[p]] = static_cast<int32_t>(T.offsets[b + 1]);
+      }
+  });
+  positions_ = true;
 }
 
 // Shared by query (codes given) and query_ids (stored items, ranks given).
@@ -564,6 +568,7 @@ RankLists LSHTables::collect(int64_t n, int64_t max_values, const uint64_t* code
                              const int64_t* ranks) {
   const int64_t L = L_;
   const int64_t n_items = static_cast<int64_t>(rank_id_->size());
+  if (ranks) ensure_positions();
   const int64_t nch = n_chunks_for(n, threads_, std::max<int64_t>(16, 8192 / L));
   std::vector<int64_t> row0(static_cast<size_t>(nch + 1));
   for (int64_t c = 0; c <= nch; ++c) row0[c] = c * n / std::max<int64_t>(nch, 1);
@@ -710,6 +715,7 @@ RankLists LSHTables::candidate_pairs(int64_t min_tables, int64_t max_pairs) {
   // table's buckets in order and sort the pair keys, instead of visiting every item's L
   // buckets at random places in memory. Dense buckets (many pairs per item): per-item rows.
   if (work - n <= 32.0 * n) return pairs_by_sorting(m, static_cast<int64_t>(work) - n, max_pairs);
+  ensure_positions();
 
   RankLists out;
   out.rank_id = rank_id_;

@@ -107,15 +107,13 @@ class LSHTables {
     std::vector<int32_t> dense;         // kDense: bucket of code lo + k, or -1
     std::vector<uint64_t> codes;        // kNarrow/kWide: distinct codes ordered by (key, code)
     std::vector<int32_t> code_bucket;   // kNarrow/kWide: bucket number of codes[k]
-    std::vector<int64_t> offsets;       // n_buckets + 1
-    std::vector<int32_t> members;       // ranks
+    HugeVector<int64_t> offsets;        // n_buckets + 1
+    HugeVector<int32_t> members;        // ranks
 
     uint32_t key(uint64_t code) const;  // radix modes: 32-bit sort key
     int64_t find(uint64_t code) const;  // bucket number, or -1
-    // (Re)builds from the codes of ranks 0..n-1. Writes, per rank, its position in members
-    // (pos) and the end of its bucket there (end: also the bucket's identity in this table).
-    void build(const uint64_t* code_of_rank, int64_t n, int32_t* pos, int32_t* end,
-               Arena& scratch);
+    // (Re)builds from the codes of ranks 0..n-1.
+    void build(const uint64_t* code_of_rank, int64_t n, Arena& scratch);
     static size_t scratch_bytes(int64_t n);  // what build takes from scratch
   };
 
@@ -133,7 +131,7 @@ class LSHTables {
 
   // Items in slot order.
   std::vector<int64_t> slot_id_;
-  std::vector<uint64_t> slot_codes_;  // n x L
+  HugeVector<uint64_t> slot_codes_;  // n x L
   FlatMap id_to_slot_;
   bool ids_are_slots_ = true;  // slot_id_[s] == s for every s (after build): no map needed
 
@@ -141,8 +139,11 @@ class LSHTables {
   bool dirty_ = true;
   std::shared_ptr<std::vector<int64_t>> rank_id_;  // ascending ids; shared with results
   // Per table (L x n, table-major): rank i's position in that table's members, and the end
-  // of its bucket there; the j > i sharing i's bucket are members[pos + 1, end).
-  std::vector<int32_t> pos_, end_;
+  // of its bucket there; the j > i sharing i's bucket are members[pos + 1, end). Built on
+  // first use (item queries, dense-bucket pairs): sparse pair enumeration never needs them.
+  HugeVector<int32_t> pos_, end_;
+  bool positions_ = false;
+  void ensure_positions();
   std::vector<Table> tables_;
 };
 
