@@ -361,6 +361,7 @@ LSHTables::LSHTables(int64_t n_tables, int n_threads)
     throw std::invalid_argument("n_threads must be >= 0 (0 = all cores), got " +
                                 std::to_string(n_threads));
   tables_.resize(static_cast<size_t>(L_));
+  codes_.resize(static_cast<size_t>(L_));
 }
 
 int64_t LSHTables::size() {
@@ -370,7 +371,7 @@ int64_t LSHTables::size() {
 
 void LSHTables::reset_items() {
   slot_id_.clear();
-  slot_codes_.clear();
+  for (auto& col : codes_) col.clear();
   id_to_slot_.clear();
   ids_are_slots_ = true;
   dirty_ = true;
@@ -381,7 +382,7 @@ void LSHTables::clear() {
   reset_items();
   // Give the memory back too: a cleared table may live on, empty, for a long time.
   slot_id_.shrink_to_fit();
-  slot_codes_.shrink_to_fit();
+  for (auto& col : codes_) HugeVector<uint64_t>().swap(col);
   tables_.assign(static_cast<size_t>(L_), Table{});
   HugeVector<int32_t>().swap(pos_);
   HugeVector<int32_t>().swap(end_);
@@ -396,7 +397,16 @@ void LSHTables::build(const uint64_t* codes, int64_t n) {
   reset_items();
   slot_id_.resize(static_cast<size_t>(n));
   std::iota(slot_id_.begin(), slot_id_.end(), int64_t{0});
-  slot_codes_.assign(codes, codes + n * L_);
+  // Rows -> one column per table, in one sequential pass (parallel over row blocks): the
+  // tables then read their codes contiguously instead of with a stride of L.
+  const int64_t L = L_;
+  for (auto& col : codes_) col.resize(static_cast<size_t>(n));
+  const int threads = n * L < (int64_t{1} << 18) ? 1 : threads_;
+  const int64_t nch = threads > 1 ? n_chunks_for(n, threads, 16384) : 1;
+  parallel_for(nch, threads, [&](int64_t c) {
+    for (int64_t r = c * n / nch; r < (c + 1) * n / nch; ++r)
+      for (int64_t l = 0; l < L; ++l) codes_[l][r] = codes[r * L + l];
+  });
   ensure_index();  // "build" means index now: it is what callers time, and reads stay cheap
 }
 
@@ -450,14 +460,15 @@ void LSHTables::insert(const int64_t* ids, const uint64_t* codes, int64_t n) {
   const bool keep_identity = ids_are_slots_ && appending;
   if (!keep_identity) materialize_id_map(static_cast<size_t>(n));
   slot_id_.reserve(static_cast<size_t>(cur + n));
-  slot_codes_.reserve(static_cast<size_t>((cur + n) * L_));
+  for (auto& col : codes_) col.reserve(static_cast<size_t>(cur + n));
   bool inserted;
   for (int64_t k = 0; k < n; ++k) {
     if (!keep_identity)
       id_to_slot_.insert_or_get(static_cast<uint64_t>(ids[k]), cur + k, inserted);
     slot_id_.push_back(ids[k]);
   }
-  slot_codes_.insert(slot_codes_.end(), codes, codes + n * L_);
+  for (int64_t l = 0; l < L_; ++l)
+    for (int64_t k = 0; k < n; ++k) codes_[l].push_back(codes[k * L_ + l]);
   dirty_ = true;
 }
 
@@ -480,11 +491,11 @@ void LSHTables::remove(const int64_t* ids, int64_t n) {
     const int64_t last = static_cast<int64_t>(slot_id_.size()) - 1;
     if (s != last) {  // move the last item into the hole: slots stay dense
       slot_id_[s] = slot_id_[last];
-      std::memcpy(&slot_codes_[s * L_], &slot_codes_[last * L_], L_ * sizeof(uint64_t));
+      for (auto& col : codes_) col[s] = col[last];
       id_to_slot_.assign(static_cast<uint64_t>(slot_id_[s]), s);
     }
     slot_id_.pop_back();
-    slot_codes_.resize(slot_codes_.size() - L_);
+    for (auto& col : codes_) col.pop_back();
     id_to_slot_.erase(static_cast<uint64_t>(ids[k]));
   }
   dirty_ = true;
@@ -512,30 +523,30 @@ void LSHTables::reindex() {
   auto ids = std::make_shared<std::vector<int64_t>>(static_cast<size_t>(n));
   for (int64_t r = 0; r < n; ++r) (*ids)[r] = slot_id_[rank_slot.empty() ? r : rank_slot[r]];
 
-  // One arena for the whole re-index (huge pages, see buffer.hpp): a code column per table,
-  // then a scratch region per worker, reused for each table that worker builds.
+  // One arena for the whole re-index (huge pages, see buffer.hpp): rank-ordered code
+  // columns when ranks are not slots, then a scratch region per worker, reused for each
+  // table that worker builds.
   const size_t un = static_cast<size_t>(n);
   // Starting threads costs tens of microseconds (and more on a busy machine): small indexes
   // are built on this thread.
   const int threads = n * L < (int64_t{1} << 18) ? 1 : threads_;
   const int W = n_workers(L, threads);
   const size_t per_worker = Table::scratch_bytes(n) + 64;
-  Arena arena(static_cast<size_t>(L) * Arena::need<uint64_t>(un) + static_cast<size_t>(W) * per_worker);
-  std::vector<uint64_t*> code(static_cast<size_t>(L));
-  for (int64_t l = 0; l < L; ++l) code[l] = arena.take<uint64_t>(un);
+  const bool gather = !rank_slot.empty();
+  Arena arena((gather ? static_cast<size_t>(L) * Arena::need<uint64_t>(un) : 0) +
+              static_cast<size_t>(W) * Arena::need<char>(per_worker));
+  std::vector<const uint64_t*> code(static_cast<size_t>(L));
+  for (int64_t l = 0; l < L; ++l) {
+    if (!gather) {
+      code[l] = codes_[l].data();
+      continue;
+    }
+    uint64_t* col = arena.take<uint64_t>(un);
+    for (int64_t r = 0; r < n; ++r) col[r] = codes_[l][rank_slot[r]];
+    code[l] = col;
+  }
   std::vector<char*> region(static_cast<size_t>(W));
   for (int w = 0; w < W; ++w) region[w] = arena.take<char>(per_worker);
-
-  // Rows (slot order) -> columns (rank order) in one sequential pass over the codes,
-  // rather than one strided pass per table.
-  const int64_t nch = threads > 1 ? n_chunks_for(n, threads, 16384) : 1;
-  parallel_for(nch, threads, [&](int64_t c) {
-    const int64_t r0 = c * n / nch, r1 = (c + 1) * n / nch;
-    for (int64_t r = r0; r < r1; ++r) {
-      const uint64_t* row = &slot_codes_[(rank_slot.empty() ? r : rank_slot[r]) * L];
-      for (int64_t l = 0; l < L; ++l) code[l][r] = row[l];
-    }
-  });
 
   parallel_for_workers(L, threads, [&](int64_t l, int w) {
     Arena scratch(region[w], per_worker);

@@ -6,8 +6,8 @@
 // Python here: the Cython layer (clsh/_clsh.pyx) validates dtypes and shapes and calls
 // these methods with the GIL released.
 //
-// Layout. Items live in a dense "slot" array in insertion order (removal moves the last
-// slot into the hole). Reads run on an index in "rank" space: live items ordered by id,
+// Layout. Items live in dense "slot" arrays in insertion order, one column of codes per
+// table (removal moves the last slot into the hole). Reads run on an index in "rank" space: live items ordered by id,
 // so every ascending list of ranks is also an ascending list of ids. Per table the index
 // holds a code -> bucket lookup and its buckets in CSR form (buckets ordered by smallest
 // member, members ascending), and per item its position and bucket end in each table.
@@ -131,7 +131,7 @@ class LSHTables {
 
   // Items in slot order.
   std::vector<int64_t> slot_id_;
-  HugeVector<uint64_t> slot_codes_;  // n x L
+  std::vector<HugeVector<uint64_t>> codes_;  // per table, the code of each slot
   FlatMap id_to_slot_;
   bool ids_are_slots_ = true;  // slot_id_[s] == s for every s (after build): no map needed
 
