@@ -304,7 +304,7 @@ def main(argv=None):
         fp_rows += bench_fingerprint(args.n, [d], configs, args.threads, args.rounds, datasets)
         del datasets
         gc.collect()
-    command = "python benchmarks/bench_lsh.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    command = ".venv/bin/python benchmarks/bench_lsh.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     text = markdown(fp_rows, grp_rows, args.threads, args.rounds, time.perf_counter() - t0, command.strip())
     print(text)
     args.out.write_text(text)

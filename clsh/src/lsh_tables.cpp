@@ -764,10 +764,10 @@ RankLists LSHTables::candidate_pairs(int64_t min_tables, int64_t max_pairs) {
 
 constexpr int64_t kPartKeys = 16384;  // keys per partition: key + scratch (256 KB) stay in L2
 
-// Table-major candidate pairs. Each (pair, table) collision becomes a key (i - row0) * n + j
-// in the partition of rows holding i; partitions are sorted independently (in parallel) and
-// a key that occurs >= m times is a pair colliding in >= m tables. Output in RankLists form,
-// partition c = chunk c, so rows stay in order.
+// Table-major candidate pairs. Each (pair, table) collision i < j becomes a key
+// (i - first row) << jbits | j in the partition of rows holding i; partitions are sorted
+// independently (in parallel) and a key that occurs >= m times is a pair colliding in >= m
+// tables. Output in RankLists form, partition c = chunk c, so rows stay in order.
 RankLists LSHTables::pairs_by_sorting(int64_t m, int64_t occurrences, int64_t max_pairs) {
   const int64_t n = static_cast<int64_t>(rank_id_->size());
   const int64_t L = L_;
