@@ -170,9 +170,10 @@ def oneshot(seed: int, van_dir: Path, hashed: dict, a) -> dict:
 
     if a.threads:
         torch.set_num_threads(a.threads)
+    dev = torch.device(a.device)
     cfg = OmegaConf.load(van_dir / ".hydra" / "config.yaml")
-    data = build_dataset(cfg.dataset, seed=seed)
-    base = load_model(van_dir / "model.pt")
+    data = build_dataset(cfg.dataset, seed=seed).to(dev)
+    base = load_model(van_dir / "model.pt").to(dev)
     base_acc = evaluate(base, data.x_test, data.y_test)
     out = {"base_acc": base_acc, "base_flops": count_flops(base, data.input_shape),
            "majority": data.majority_acc("test")}
@@ -190,7 +191,9 @@ def oneshot(seed: int, van_dir: Path, hashed: dict, a) -> dict:
 
     # Torch-Pruning at the FLOPs our one-shot reached (= the hashed run's when every site hit its target)
     torch.manual_seed(seed)
-    tpm, f, ratio, t_prune = tp_prune_to_flops(base, data, o["flops"], seed)
+    # Torch-Pruning traces the model with an example input on the CPU; the pruned copy then moves
+    tpm, f, ratio, t_prune = tp_prune_to_flops(copy.deepcopy(base).cpu(), data, o["flops"], seed)
+    tpm = tpm.to(dev)
     recalibrate_bn(tpm, calib_batches(data, a.calib_batches, 128, seed))
     t = {"flops": f, "params": count_params(tpm), "widths": dict(tpm.widths()), "ratio": ratio,
          "acc_prune": evaluate(tpm, data.x_test, data.y_test), "prune_s": t_prune}
@@ -217,6 +220,13 @@ def main() -> None:
     ap.add_argument("--overrides", nargs="*", default=[], help="extra overrides for every training run")
     ap.add_argument("--hashed", nargs="*", default=[], help="extra overrides for the hashed run only")
     ap.add_argument("--skip-oneshot", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: every training run (trainer.device) and the one-shot part")
+    ap.add_argument("--runs", default="vanilla,hashed,magnitude,oneshot",
+                    help="which parts to run for each seed (magnitude and oneshot need hashed and vanilla done); "
+                         "the table is written when all four are")
+    ap.add_argument("--note", default="", help="a sentence for the table's preamble (how the runs were scheduled)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: tabulate the seeds whose runs are all in --out-dir (e.g. seeds run in parallel)")
     ap.add_argument("--out-dir", default=str(ROOT / "outputs" / "bench_resnet"))
     ap.add_argument("--md", default=str(Path(__file__).with_suffix(".md")))
     a = ap.parse_args()
@@ -229,22 +239,55 @@ def main() -> None:
         base.append(f"dataset.subset_test={a.subset_test}")
     if a.threads:
         base.append(f"trainer.num_threads={a.threads}")
+    if a.device != "cpu":
+        base.append(f"trainer.device={a.device}")
     base += a.overrides
     res: dict[str, dict[int, dict]] = {k: {} for k in ("vanilla", "hashed", "magnitude")}
     one: dict[int, dict] = {}
+    if a.report_only:
+        done = [s for s in a.seeds if all((out / f"seed{s}" / k / "metrics.json").exists() for k in res)
+                and (a.skip_oneshot or (out / f"seed{s}" / "oneshot.json").exists())]
+        missing = sorted(set(a.seeds) - set(done))
+        if not done:
+            raise SystemExit(f"--report-only: no seed of {a.seeds} has all its runs under {out}")
+        if missing:
+            print(f"  --report-only: seeds {missing} are incomplete under {out} and left out of the table", flush=True)
+        a.seeds = done
+    parts = ("vanilla", "hashed", "magnitude", "oneshot")
+    want = set(parts) if a.report_only else set(a.runs.split(","))
+    if not want <= set(parts):
+        raise SystemExit(f"--runs: unknown part(s) {sorted(want - set(parts))}; choose from {','.join(parts)}")
+
+    def need(sd: Path, name: str) -> dict:
+        """A run this part builds on, done earlier (another --runs call) or now."""
+        if not (sd / name / "metrics.json").exists():
+            raise SystemExit(f"{sd / name} has no metrics.json: run --runs {name} for this seed first")
+        return json.loads((sd / name / "metrics.json").read_text())
+
     for seed in a.seeds:
         sd = out / f"seed{seed}"
-        res["vanilla"][seed] = run(base + ["hashing=none", f"seed={seed}"], sd / "vanilla")
-        res["hashed"][seed] = h = run(base + a.hashed + [f"seed={seed}"], sd / "hashed")
-        if h["rehashes"] == 0:
-            print("  warning: the hashed run never rehashed (fewer epochs than the preset's schedule?); "
-                  "pass --overrides schedule.unit=step schedule.start=N schedule.every=N", flush=True)
-        res["magnitude"][seed] = run(base + ["hashing=magnitude", f"hashing.width_plan={sd / 'hashed'}",
-                                             "hashing.target_ratio=null", *DROP_HASH_KNOBS, f"seed={seed}"],
-                                     sd / "magnitude")
-        if not a.skip_oneshot:
-            one[seed] = oneshot(seed, sd / "vanilla", h, a)
-            (sd / "oneshot.json").write_text(json.dumps(one[seed], indent=2))
+        if "vanilla" in want:
+            res["vanilla"][seed] = run(base + ["hashing=none", f"seed={seed}"], sd / "vanilla")
+        if "hashed" in want:
+            res["hashed"][seed] = h = run(base + a.hashed + [f"seed={seed}"], sd / "hashed")
+            if h["rehashes"] == 0:
+                print("  warning: the hashed run never rehashed (fewer epochs than the preset's schedule?); "
+                      "pass --overrides schedule.unit=step schedule.start=N schedule.every=N", flush=True)
+        if "magnitude" in want:
+            need(sd, "hashed")
+            res["magnitude"][seed] = run(base + ["hashing=magnitude", f"hashing.width_plan={sd / 'hashed'}",
+                                                 "hashing.target_ratio=null", *DROP_HASH_KNOBS, f"seed={seed}"],
+                                         sd / "magnitude")
+        if "oneshot" in want and not a.skip_oneshot:
+            if (sd / "oneshot.json").exists():  # reused like the runs: delete it to redo the one-shot part
+                one[seed] = json.loads((sd / "oneshot.json").read_text())
+            else:
+                need(sd, "vanilla")
+                one[seed] = oneshot(seed, sd / "vanilla", need(sd, "hashed"), a)
+                (sd / "oneshot.json").write_text(json.dumps(one[seed], indent=2))
+    if want != set(parts):
+        print(f"--runs {a.runs}: done under {out}; the table needs every part (or --report-only)", flush=True)
+        return
     lines = report(a, res, one, setting(out / f"seed{a.seeds[0]}" / "hashed"))
     Path(a.md).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -270,7 +313,13 @@ def report(a, res, one, knobs: str) -> list[str]:
 
     van, hsh, mag = res["vanilla"], res["hashed"], res["magnitude"]
     seeds = sorted(van)
+    import torch
+
     cmd = ".venv/bin/python benchmarks/bench_resnet.py" + "".join(f" {shlex.quote(x)}" for x in sys.argv[1:])
+    if a.device.startswith("cuda") and torch.cuda.is_available():
+        machine = f"GPU: {torch.cuda.get_device_name()} (torch {torch.__version__})"
+    else:
+        machine = f"CPU, torch {torch.__version__}"
     data = (f"Fashion-MNIST ({a.subset_train or 60000} train / {a.subset_test or 10000} test, 28x28), "
             f"ResNet-20, {a.epochs} epochs, seeds {seeds}")
     lines = [
@@ -278,12 +327,13 @@ def report(a, res, one, knobs: str) -> list[str]:
         "",
         f"Command: `{cmd}`",
         "",
-        f"{data}; `{PRESET}`: {knobs}. Magnitude: L1 pruning of whole channels at the same sites, steps and "
+        f"{machine}. {data}; `{PRESET}`: {knobs}. Magnitude: L1 pruning of whole channels at the same sites, steps and "
         "widths (`hashing.width_plan=<hashed run>`). Runs of a seed one after the other on one machine. "
         "Reductions and speedups are per-seed ratios against the vanilla run of the same seed; wall = whole "
         "process (data, training, evaluation, hashing); hash = time in the compressor plus BN recalibration.",
         "",
         *([f"Extra overrides for every run: `{' '.join(a.overrides)}`.", ""] if a.overrides else []),
+        *([a.note, ""] if a.note else []),
         "## Compression while training",
         "",
         "| method | test acc % | Δ vs vanilla pp | majority % | FLOPs/sample | params | FLOPs ↓ | params ↓ | wall s | speedup | hash s |",
