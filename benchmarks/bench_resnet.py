@@ -328,7 +328,8 @@ def report(a, res, one, knobs: str) -> list[str]:
         f"Command: `{cmd}`",
         "",
         f"{machine}. {data}; `{PRESET}`: {knobs}. Magnitude: L1 pruning of whole channels at the same sites, steps and "
-        "widths (`hashing.width_plan=<hashed run>`). Runs of a seed one after the other on one machine. "
+        "widths (`hashing.width_plan=<hashed run>`). "
+        + ("" if a.report_only else "Runs of a seed one after the other on one machine. ") +
         "Reductions and speedups are per-seed ratios against the vanilla run of the same seed; wall = whole "
         "process (data, training, evaluation, hashing); hash = time in the compressor plus BN recalibration.",
         "",
