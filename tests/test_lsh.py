@@ -1,6 +1,7 @@
 """hashexp.lsh: SimHash statistics, bit packing, the MIPS transform, the CuPy kernel, bad input."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -276,7 +277,9 @@ def test_cupy_kernel_matches_torch_packing(K):
     proj = torch.randn(1000, 5 * K, generator=g)
     proj[0, :3] = torch.tensor([0.0, -0.0, float("nan")])
     proj = proj.cuda()
-    got = lsh_cuda.pack_signs(proj, K)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # no deprecated CuPy stream API
+        got = lsh_cuda.pack_signs(proj, K)
     assert got.is_cuda and got.dtype == torch.int64 and got.shape == (1000, 5)
     assert torch.equal(got, _pack_bits_torch(proj >= 0, K))
     assert torch.equal(got.cpu(), pack_bits((proj >= 0).cpu(), K))

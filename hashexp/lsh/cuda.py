@@ -75,7 +75,11 @@ def pack_signs(proj: torch.Tensor, K: int) -> torch.Tensor:
     blocks = min((n * L + _THREADS - 1) // _THREADS, 65535)
     with cupy.cuda.Device(proj.device.index):
         # Run on torch's current stream so the kernel is ordered after the matmul that made proj.
-        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(proj.device).cuda_stream)
+        ts = torch.cuda.current_stream(proj.device)
+        if hasattr(cupy.cuda.Stream, "from_external") and hasattr(ts, "__cuda_stream__"):
+            stream = cupy.cuda.Stream.from_external(ts)  # CuPy >= 14 (ExternalStream is deprecated there)
+        else:
+            stream = cupy.cuda.ExternalStream(ts.cuda_stream)
         with stream:
             _kernel()((blocks,), (_THREADS,),
                       (cupy.asarray(proj), cupy.asarray(out), cupy.int64(n), cupy.int32(K), cupy.int32(L)))
