@@ -40,47 +40,15 @@ import json
 import math
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-PY = sys.executable
+from _common import ROOT, fmt, run  # noqa: E402  (benchmarks/ is the script's dir)
+
 PRESET = "experiment=resnet20_fmnist"
 # the SimHash-only knobs the preset sets, dropped for the magnitude baseline
 DROP_HASH_KNOBS = ["~hashing.threshold", "~hashing.bits", "~hashing.tables"]
-
-
-def run(overrides: list[str], run_dir: Path) -> dict:
-    """One `python -m hashexp` run into ``run_dir`` (reused when its metrics.json exists)."""
-    if (run_dir / "metrics.json").exists():
-        return json.loads((run_dir / "metrics.json").read_text())
-    cmd = [PY, "-m", "hashexp", *overrides, f"hydra.run.dir={run_dir}", "trainer.progress=log",
-           "trainer.checkpoint=false"]
-    print("+", " ".join(shlex.quote(c) for c in cmd[2:]), flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"run failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    m = json.loads((run_dir / "metrics.json").read_text())
-    print(f"  test_acc {m['test_acc']:.4f} flops {m['flops']:,} widths {m['widths']} wall {m['wall_time_s']:.1f}s "
-          f"(process {time.perf_counter() - t0:.1f}s)", flush=True)
-    return m
-
-
-def mean_std(xs):
-    xs = [float(x) for x in xs]
-    if len(xs) == 1:
-        return xs[0], 0.0
-    return statistics.mean(xs), statistics.stdev(xs)
-
-
-def fmt(xs, pct=False, digits=2):
-    m, s = mean_std(xs)
-    if pct:
-        return f"{100 * m:.2f} ± {100 * s:.2f}"
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
 # ----------------------------------------------------------------------------------- one-shot

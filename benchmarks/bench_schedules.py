@@ -271,13 +271,12 @@ def render(rows, pr, args, p, names, cmd_line, elapsed) -> str:
                  f"×{d['site_rehashes'] / max(best['site_rehashes'], 1e-9):.2f} ({d['site_rehashes']:.1f} in "
                  f"{d['rehashes']:.1f} steps) -> drift goal (Δ ≥ -0.3 pp, FLOPs ≤, site rehashes ≤ ½): "
                  f"**{'met' if ok else 'not met'}**")
-    diffs = [(S[(n, "learnable")]["acc"] - S[(n, "simhash")]["acc"]) * 100 for n in names
-             if (n, "learnable") in S and (n, "simhash") in S]
+    both = [n for n in names if (n, "learnable") in S and (n, "simhash") in S]
+    diffs = {n: (S[(n, "learnable")]["acc"] - S[(n, "simhash")]["acc"]) * 100 for n in both}
     if diffs:
-        L.append(f"- learnable − simhash final accuracy per contender (pp): "
-                 + ", ".join(f"{n} {d:+.2f}" for n, d in zip([n for n in names if (n, 'learnable') in S
-                                                              and (n, 'simhash') in S], diffs))
-                 + f" -> no worse on average: **{'met' if statistics.mean(diffs) >= 0 else 'not met'}**")
+        L.append("- learnable − simhash final accuracy per contender (pp): "
+                 + ", ".join(f"{n} {d:+.2f}" for n, d in diffs.items())
+                 + f" -> no worse on average: **{'met' if statistics.mean(diffs.values()) >= 0 else 'not met'}**")
     if pr:
         L += ["", "## Collision precision / recall at equal K, L (real sites, seed 0)", "",
               "The network of the first contender trained (Adam, batch 256, no rehash) for `step` steps; per site, "

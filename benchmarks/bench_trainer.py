@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hashexp.data import BatchIterator  # noqa: E402
 from hashexp.data.fashion_mnist import load_fashion_mnist  # noqa: E402
 from hashexp.models import build_model  # noqa: E402
 from hashexp.train import Trainer  # noqa: E402

@@ -18,6 +18,18 @@ TINY = ["dataset=synthetic", "dataset.n_samples=1200", "model.widths=[32,32]", "
         "trainer.batch_size=64", "trainer.progress=log", "trainer.log_every=5"]
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op torch thread for the test: in-process problems here are tiny, and the suite's
+    workers share 2 cores, where more threads only oversubscribe them."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def compose(overrides: list[str] | None = None):
     from hydra import compose as hcompose
     from hydra import initialize_config_dir

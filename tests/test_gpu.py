@@ -119,7 +119,7 @@ def test_mlp_schedules_and_learnable_hash_on_cuda(tmp_path, hashing, schedule):
 
 def test_one_shot_compress_on_cuda_matches_cpu_widths(tmp_path):
     """compress_model on the GPU picks the same groups as on the CPU (hashing runs on CPU copies)."""
-    from test_resnet_train import SHAPE, _model, write_images
+    from test_resnet_train import _model, write_images
 
     from hashexp.compress import compress_model
     from hashexp.data.npz import load_npz
@@ -137,4 +137,3 @@ def test_one_shot_compress_on_cuda_matches_cpu_widths(tmp_path):
     assert reports["cuda"]["after"]["widths"] == reports["cpu"]["after"]["widths"]
     assert reports["cuda"]["after"]["flops"] == reports["cpu"]["after"]["flops"] < 0.5 * reports["cpu"]["before"]["flops"]
     assert abs(reports["cuda"]["after"]["test_acc"] - reports["cpu"]["after"]["test_acc"]) <= 0.02
-    assert SHAPE == data.input_shape

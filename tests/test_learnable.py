@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import TINY, read_metrics, run_app, run_dirs
+from conftest import read_metrics, run_app, run_dirs
 from hashexp.errors import ConfigError
 from hashexp.lsh import SimHash
 from hashexp.lsh.learnable import LearnableSimHash, collision_pr, mine_pairs
@@ -20,13 +20,7 @@ from hashexp.train import ActivationStats
 K, L, THRESHOLD = 10, 4, 0.8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These problems are tiny: one intra-op thread is faster, and far faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: one intra-op thread
 
 
 def planted_clusters(n_clusters=20, members=10, dim=64, seed=0):

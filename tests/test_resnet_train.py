@@ -50,15 +50,6 @@ def write_images(path: Path, n_train: int = 512, n_test: int = 256, seed: int = 
     return path
 
 
-@pytest.fixture
-def one_thread():
-    """In-process tests share 2 cores with other workers: one intra-op thread is much faster there."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     return write_images(tmp_path_factory.mktemp("data") / "images.npz")

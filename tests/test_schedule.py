@@ -23,13 +23,7 @@ MLP = {"_target_": "hashexp.models.mlp.MLP"}
 SPE = 15  # steps per epoch: 960 training samples / batch 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These problems are tiny: one intra-op thread is faster, and far faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: one intra-op thread
 
 
 def fake_run(schedule, steps: int, steps_per_epoch: int, names=("fc1", "fc2")) -> dict[str, list]:
