@@ -1,9 +1,15 @@
 """One-shot compression of a trained model: ``python -m hashexp.compress RUN_DIR --keep 0.5``.
 
 Loads a run's model.pt (and, from its .hydra/config.yaml, the dataset it was trained on),
-collects activation statistics on a few training batches, merges (or prunes) every site to the
-requested share of its neurons or to a cosine threshold, optionally fine-tunes, evaluates, and
-writes the compressed model.pt and a JSON report.
+collects activation statistics on a few training batches, draws the calibration set, merges (or
+prunes) every site to the requested share of its neurons (or within an error budget), optionally
+fine-tunes, evaluates, and writes the compressed model.pt and a JSON report.
+
+The default is the best method measured in benchmarks/bench_oneshot.md: ``simhash`` with
+least-squares compensation (LSH on calibration activations proposes, measured error orders the
+removals, the consumers are refit). ``neuron_merging`` is Kim et al. 2020 (data-free),
+``magnitude`` and ``random`` the classic baselines; ``--compensation lsq`` refits their
+consumers too.
 
 Python::
 
@@ -29,25 +35,37 @@ from hashexp.errors import ConfigError, HashexpError
 from hashexp.metrics import count_flops, count_params
 from hashexp.train import ActivationStats
 
-METHODS = ("simhash", "mips", "magnitude", "random")
+METHODS = ("simhash", "mips", "neuron_merging", "magnitude", "random")
 
 
-def make_compressor(method: str, keep: float | None, threshold: float | None, seed: int = 0, **hash_kw):
-    """A compressor for one-shot use: ``keep`` is the share of each site kept, ``threshold`` a cosine."""
-    from hashexp.merge.compressor import HashCompressor, MagnitudePruner, RandomMerger
+def make_compressor(method: str, keep: float | None, threshold: float | None = None, seed: int = 0,
+                    compensation: str | None = None, max_error: float | None = None, **hash_kw):
+    """A compressor for one-shot use: ``keep`` is the share of each site kept.
+
+    ``simhash``/``mips``: ``keep`` and/or ``max_error`` (relative error budget per site) decide,
+    ``threshold`` is the optional cosine pre-filter (``compensation=lsq``) or the member cosine
+    (``weights``). Baselines need ``keep``; ``compensation`` None is each method's own default
+    (lsq for simhash, the weight rule for the baselines).
+    """
+    from hashexp.merge.compressor import HashCompressor, MagnitudePruner, NeuronMerging, RandomMerger
 
     if method not in METHODS:
         raise ConfigError(f"method={method!r}; choose one of {', '.join(METHODS)}")
-    if keep is None and threshold is None:
-        raise ConfigError("give --keep (share of neurons kept) or --threshold (cosine), or both")
+    comp = {} if compensation is None else {"compensation": compensation}
     if method in ("simhash", "mips"):
-        # without a threshold the target decides: every LSH candidate may merge, most similar first
-        return HashCompressor(threshold=-1.0 if threshold is None else threshold, target_ratio=keep, seed=seed,
-                              transform="mips" if method == "mips" else "auto", min_width=1, **hash_kw)
+        if keep is None and threshold is None and max_error is None:
+            raise ConfigError("give --keep (share of neurons kept), --max-error or --threshold")
+        if comp.get("compensation", "lsq") != "lsq" and threshold is None:
+            threshold = -1.0  # data-free without a threshold: the target decides, most similar first
+        return HashCompressor(threshold=threshold, target_ratio=keep, seed=seed, max_error=max_error,
+                              transform="mips" if method == "mips" else "auto", min_width=1, **comp, **hash_kw)
     if keep is None:
         raise ConfigError(f"method={method} needs --keep")
+    if method == "neuron_merging":
+        return NeuronMerging(target_ratio=keep, seed=seed, min_width=1,
+                             **({} if threshold is None else {"threshold": threshold}), **comp)
     cls = MagnitudePruner if method == "magnitude" else RandomMerger
-    return cls(target_ratio=keep, seed=seed, min_width=1)
+    return cls(target_ratio=keep, seed=seed, min_width=1, **comp)
 
 
 @torch.no_grad()
@@ -59,9 +77,20 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 40
 
 def compress_model(model: nn.Module, data: DataBundle, method: str = "simhash", keep: float | None = 0.5,
                    threshold: float | None = None, calib_batches: int = 20, batch_size: int = 256,
-                   finetune_epochs: float = 0.0, lr: float = 1e-3, seed: int = 0, **hash_kw) -> tuple[nn.Module, dict]:
-    """Compress ``model`` in place in one shot; returns it with a report of widths, FLOPs, accuracy."""
-    comp = make_compressor(method, keep, threshold, seed=seed, **hash_kw)
+                   finetune_epochs: float = 0.0, lr: float = 1e-3, seed: int = 0, compensation: str | None = None,
+                   max_error: float | None = None, calib_samples: int | None = None,
+                   **hash_kw) -> tuple[nn.Module, dict]:
+    """Compress ``model`` in place in one shot; returns it with a report of widths, FLOPs, accuracy.
+
+    ``calib_samples`` training samples (seeded by ``seed``; None: 1024 or the whole split) are
+    the calibration set of the least-squares compensation and of the measured errors.
+    """
+    from hashexp.merge.calibration import DEFAULT_SAMPLES, calibration_index
+
+    comp = make_compressor(method, keep, threshold, seed=seed, compensation=compensation, max_error=max_error,
+                           **hash_kw)
+    n_train = len(data.x_train)
+    calib = data.x_train[calibration_index(n_train, calib_samples or min(DEFAULT_SAMPLES, n_train), seed)]
     gen = torch.Generator().manual_seed(seed)
     before = {"widths": dict(model.widths()), "flops": count_flops(model, data.input_shape),
               "params": count_params(model), "test_acc": evaluate(model, data.x_test, data.y_test)}
@@ -78,7 +107,7 @@ def compress_model(model: nn.Module, data: DataBundle, method: str = "simhash", 
     for m, mom in zip(bn, momenta):
         m.momentum = mom
     t0 = time.perf_counter()
-    reports = comp.compress(model, None, stats, None, 0)
+    reports = comp.compress(model, None, stats, None, 0, calib=calib)
     hash_time = time.perf_counter() - t0
     stats.remove()
     if bn:
@@ -102,6 +131,7 @@ def compress_model(model: nn.Module, data: DataBundle, method: str = "simhash", 
                     break
     report = {
         "method": method, "keep": keep, "threshold": threshold, "finetune_epochs": finetune_epochs,
+        "compensation": comp.compensation, "max_error": max_error,
         "before": before,
         "after": {"widths": dict(model.widths()), "flops": count_flops(model, data.input_shape),
                   "params": count_params(model), "test_acc_no_finetune": after_merge_acc,
@@ -132,7 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run", help="a finished run dir (with model.pt and .hydra/) or a model.pt")
     p.add_argument("--method", default="simhash", choices=METHODS)
     p.add_argument("--keep", type=float, default=None, help="share of each site's neurons kept, e.g. 0.3")
-    p.add_argument("--threshold", type=float, default=None, help="cosine a member needs to its representative")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="cosine pre-filter of candidate pairs (lsq), member cosine (weights), or neuron_merging's t")
+    p.add_argument("--compensation", default=None, choices=("lsq", "weights", "none"),
+                   help="how consumers absorb the merge (default: lsq for simhash, the weight rule for baselines)")
+    p.add_argument("--max-error", type=float, default=None,
+                   help="simhash: per-site budget on the consumers' relative pre-activation error")
+    p.add_argument("--calib-samples", type=int, default=None, help="calibration samples (default 1024)")
     p.add_argument("--finetune-epochs", type=float, default=0.0)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--calib-batches", type=int, default=20)
@@ -149,9 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         ds_cfg = cfg.dataset if a.dataset is None else _dataset_cfg(a.dataset)
         data = build_dataset(ds_cfg, seed=a.seed)
         model, report = compress_model(model, data, a.method, a.keep, a.threshold, a.calib_batches,
-                                       finetune_epochs=a.finetune_epochs, lr=a.lr, seed=a.seed)
+                                       finetune_epochs=a.finetune_epochs, lr=a.lr, seed=a.seed,
+                                       compensation=a.compensation, max_error=a.max_error,
+                                       calib_samples=a.calib_samples)
         out = a.out or os.path.join(a.run if os.path.isdir(a.run) else os.path.dirname(a.run),
-                                    f"compressed_{a.method}_{a.keep if a.keep is not None else a.threshold}")
+                                    f"compressed_{a.method}_{a.keep if a.keep is not None else a.max_error}")
         os.makedirs(out, exist_ok=True)
         from hashexp.app import write_json_atomic
         from hashexp.models import save_model

@@ -252,7 +252,7 @@ class DriftSchedule(Schedule):
     name = "drift"
 
     def __init__(self, check_every: int | None = None, flip_threshold: float | None = 0.15,
-                 partner_threshold: float | None = 0.05, min_interval: int = 100, threshold: float = 0.7,
+                 partner_threshold: float | None = 0.05, min_interval: int = 100, threshold: float | None = 0.7,
                  bits: int = 64, sample: int = 128, start: int = 0, stop: int | None = None,
                  max_rehashes: int | None = None, unit: str = "step", every: int | None = None,
                  sites: list[str] | None = None, seed: int = 0, name: str = "drift") -> None:
@@ -265,6 +265,8 @@ class DriftSchedule(Schedule):
         for k, v in (("flip_threshold", flip_threshold), ("partner_threshold", partner_threshold)):
             if v is not None and not (0.0 <= float(v) <= 1.0):
                 raise ConfigError(f"schedule.{k} must be a fraction in [0, 1] or null, got {v}")
+        if threshold is None:  # hashing.threshold is null (no pre-filter): partners at the data-free default
+            threshold = 0.7
         if not (-1.0 <= float(threshold) <= 1.0):
             raise ConfigError(f"schedule.threshold must be a cosine in [-1, 1], got {threshold}")
         if not (1 <= int(bits) <= 64):

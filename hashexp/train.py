@@ -243,6 +243,14 @@ class Trainer:
         window = activation_window if activation_window is not None else getattr(compressor, "window", 50)
         self.sites = model.merge_sites()
         self.stats = ActivationStats(self.sites, window=window, enabled=compressor is not None)
+        # the calibration set: fixed training samples (seeded, identical on every rank and resume)
+        self.calib_index = None
+        if compressor is not None and hasattr(compressor, "calib_samples"):
+            from hashexp.merge.calibration import DEFAULT_SAMPLES, calibration_index
+
+            n_train = len(self.data.x_train)
+            n_calib = compressor.calib_samples or min(DEFAULT_SAMPLES, n_train)
+            self.calib_index = calibration_index(n_train, n_calib, self.seed)
         self.timer = Stopwatch()
         self.step = 0
         self.epoch = 0
@@ -271,6 +279,7 @@ class Trainer:
     def history_columns(self) -> list[str]:
         cols = ["kind", "step", "epoch", "loss", "step_time_s", "lr", "params", "rehash", "hash_time_s"]
         cols += [f"width/{s.name}" for s in self.sites]
+        cols += [f"error/{s.name}" for s in self.sites]
         cols += [f"wnorm/{n}" for n in self.layer_names] + [f"gnorm/{n}" for n in self.layer_names]
         cols += ["train_loss", "train_acc", "test_loss", "test_acc", "flops"]
         if self.schedule is not None and hasattr(self.schedule, "history_columns"):
@@ -309,8 +318,11 @@ class Trainer:
             overrides = self.schedule.site_overrides() if hasattr(self.schedule, "site_overrides") else None
             if self.dist is not None:  # every rank merges the same network: rank 0's BN statistics
                 self.dist.sync_buffers(self.model)
+            calib = None
+            if self.calib_index is not None:
+                calib = self.data.x_train[self.calib_index.to(self.data.x_train.device)]
             reports = self.compressor.compress(self.model, names, self.stats, self.optimizer, self.step,
-                                               dist=self.dist, overrides=overrides)
+                                               dist=self.dist, overrides=overrides, calib=calib)
             after = dict(self.model.widths())
             for r in reports:
                 self.stats.reset(r["site"])
@@ -325,7 +337,8 @@ class Trainer:
             dt = time.perf_counter() - t0
         self.rehashes += 1
         event = {"step": self.step, "epoch": self.epoch, "before": before, "after": after, "time_s": dt,
-                 "sites": [r["site"] for r in reports], "reports": reports}
+                 "sites": [r["site"] for r in reports], "reports": reports,
+                 "error": {r["site"]: r["error"] for r in reports if "error" in r}}
         self.rehash_log.append(event)
         return event
 
@@ -358,6 +371,7 @@ class Trainer:
             "stats": stats if stats is not None else [self.stats.state_dict()],
             "world_size": self.dist.world_size if self.dist is not None else 1,
             "rehash_log": _plain(self.rehash_log), "widths_before": self.widths_before,
+            "calib_index": self.calib_index,
             "times": dict(self.timer.totals),
             "rng": rng,
         }
@@ -430,6 +444,8 @@ class Trainer:
         self._pending_losses = [float(v) for v in ck.get("pending_losses", [])]
         self._history_rows = ck.get("history_rows")
         self.rehash_log = ck["rehash_log"]
+        if ck.get("calib_index") is not None and self.calib_index is not None:
+            self.calib_index = ck["calib_index"]
         self.widths_before = ck["widths_before"]
         self.timer.totals.update(ck["times"])
         rng = ck["rng"]
@@ -618,6 +634,8 @@ class Trainer:
                                "rehash": int(event is not None),
                                "hash_time_s": event["time_s"] if event is not None else 0.0}
         row.update({f"width/{k}": v for k, v in self.model.widths().items()})
+        if event is not None:
+            row.update({f"error/{k}": v for k, v in event.get("error", {}).items()})
         row.update(self._layer_norms())
         return row
 
@@ -633,6 +651,8 @@ class Trainer:
                                "flops": count_flops(self.model, self.data.input_shape),
                                "lr": self.optimizer.param_groups[0]["lr"], **self.epoch_metrics}
         row.update({f"width/{k}": v for k, v in self.model.widths().items()})
+        if event is not None:
+            row.update({f"error/{k}": v for k, v in event.get("error", {}).items()})
         return row
 
     def summary(self) -> dict[str, Any]:

@@ -27,7 +27,7 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 # 1217 train samples, global batch 64: 19 full batches (32 per rank) and a last batch of one sample.
 DDP_RUN = ["dataset=synthetic", "dataset.n_samples=1600", "dataset.subset_train=1217", "model.widths=[32,32]",
            "trainer.epochs=3", "trainer.batch_size=64", "trainer.progress=log", "trainer.log_every=5",
-           "hashing=simhash", "hashing.threshold=0.2", "hashing.target_ratio=0.8", "schedule.unit=step",
+           "hashing=simhash", "hashing.max_error=0.5", "hashing.target_ratio=0.8", "schedule.unit=step",
            "schedule.every=15", "schedule.start=5", "seed=3"]
 
 

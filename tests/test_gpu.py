@@ -82,7 +82,7 @@ def test_resnet20_preset_trains_and_rehashes_on_cuda(tmp_path):
         "experiment=resnet20_fmnist", "dataset=npz", f"dataset.path={images}", "trainer.device=cuda",
         "dataset.augment={crop_padding:2,hflip:false}", "trainer.epochs=3", "trainer.batch_size=64",
         "trainer.log_every=2", "trainer.progress=log", "trainer.bn_recalib_batches=4", "trainer.optimizer.lr=0.05",
-        "schedule.unit=step", "schedule.start=6", "schedule.every=4", "schedule.max_rehashes=3", "hashing.threshold=0.0",
+        "schedule.unit=step", "schedule.start=6", "schedule.every=4", "schedule.max_rehashes=3", "hashing.max_error=0.5",
     ])
     (rd,) = run_dirs(tmp_path)
     m = read_metrics(rd)
@@ -102,7 +102,7 @@ def test_resnet20_preset_trains_and_rehashes_on_cuda(tmp_path):
 def test_mlp_schedules_and_learnable_hash_on_cuda(tmp_path, hashing, schedule):
     """Issue-5 strategies on the GPU: the learnable hash trains and merges; drift checks log and fire."""
     run_app(tmp_path, TINY + ["trainer.device=cuda", "trainer.epochs=2", f"hashing={hashing}", f"schedule={schedule}",
-                              "schedule.unit=step", "schedule.start=5", "schedule.every=10", "hashing.threshold=0.3",
+                              "schedule.unit=step", "schedule.start=5", "schedule.every=10", "hashing.max_error=0.5",
                               "hashing.target_ratio=0.7", "schedule.max_rehashes=2"]
             + (["hashing.updates=10"] if hashing == "learnable" else
                ["schedule.check_every=5", "schedule.min_interval=5", "schedule.flip_threshold=0.0"]))

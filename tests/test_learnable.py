@@ -93,7 +93,8 @@ def test_compressor_keeps_hash_per_site_recreates_on_fanin_change_and_checkpoint
     with torch.no_grad():  # planted near-copies so there are positives to learn from
         m.layers[0].weight[20:30] = 1.5 * m.layers[0].weight[:10] + 0.01 * torch.randn(10, 12)
         m.layers[0].bias[20:30] = 1.5 * m.layers[0].bias[:10]
-    comp = LearnableHashCompressor(threshold=0.95, bits=6, tables=8, min_width=1, seed=0, updates=20, lr=0.01)
+    comp = LearnableHashCompressor(threshold=0.95, bits=6, tables=8, min_width=1, seed=0, updates=20, lr=0.01,
+                                   compensation="weights")
     stats = ActivationStats(m.merge_sites(), window=10)
     m(torch.randn(64, 12))
     comp.compress(m, ["fc2"], stats, None, step=0)
@@ -122,7 +123,8 @@ def test_compressor_keeps_hash_per_site_recreates_on_fanin_change_and_checkpoint
 def test_activation_positives_fall_back_to_cosine_without_batches():
     torch.manual_seed(0)
     m = build_model({"_target_": "hashexp.models.mlp.MLP", "widths": [16]}, (6,), 3)
-    comp = LearnableHashCompressor(positives="activation", threshold=0.5, bits=4, tables=4, updates=2, seed=0)
+    comp = LearnableHashCompressor(positives="activation", threshold=0.5, bits=4, tables=4, updates=2, seed=0,
+                                   compensation="weights")
     stats = ActivationStats(m.merge_sites(), window=10)
     comp.compress(m, None, stats, None, step=0)
     assert comp.train_log[-1]["similarity"] == "cosine"
@@ -136,7 +138,7 @@ def test_learnable_runs_end_to_end_in_the_app(tmp_path):
     run_app(tmp_path, ["dataset=synthetic", "dataset.n_samples=1200", "model.widths=[32,32]", "trainer.epochs=2",
                        "trainer.batch_size=64", "trainer.progress=log", "hashing=learnable", "schedule.unit=step", "schedule.every=10",
                        "schedule.start=5", "hashing.target_ratio=0.7", "hashing.updates=10",
-                       "hashing.threshold=0.3"])  # loose enough that a 32-wide layer of 20-d data has partners
+                       "hashing.threshold=0.3", "hashing.compensation=weights"])  # loose enough that a 32-wide layer of 20-d data has partners
     (run,) = run_dirs(tmp_path)
     m = read_metrics(run)
     assert m["status"] == "ok" and m["hashing"] == "learnable" and m["rehashes"] >= 2

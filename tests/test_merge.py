@@ -41,7 +41,7 @@ def planted_mlp(act="relu", noise=0.0, seed=0, widths=(40, 30), n_in=12):
 
 
 def hashed(**kw):
-    base = dict(threshold=0.9999, bits=8, tables=16, min_width=1, seed=0)
+    base = dict(threshold=0.9999, bits=8, tables=16, min_width=1, seed=0, compensation="weights")
     base.update(kw)
     return HashCompressor(**base)
 
@@ -204,7 +204,7 @@ def test_width_plan_makes_baselines_follow_a_hashed_run(tmp_path):
 
 
 def test_training_with_rehash_shrinks_and_logs(tmp_path):
-    run_app(tmp_path, TINY + ["model.widths=[64,64]", "trainer.epochs=3", "hashing=simhash", "hashing.threshold=0.3",
+    run_app(tmp_path, TINY + ["model.widths=[64,64]", "trainer.epochs=3", "hashing=simhash", "hashing.max_error=0.3",
                               "hashing.target_ratio=0.6", "schedule.unit=step", "schedule.every=10", "schedule.start=5",
                               "schedule.max_rehashes=2", "trainer.log_every=4"])
     (rd,) = run_dirs(tmp_path)
@@ -222,6 +222,12 @@ def test_training_with_rehash_shrinks_and_logs(tmp_path):
     widths = [int(r["width/fc1"]) for r in rows if r["kind"] == "step"]
     assert widths[0] == 64 and widths[-1] == m["widths"]["fc1"]
     assert all(a >= b for a, b in zip(widths, widths[1:]))  # only ever shrinks
+    # the measured error of every site at every rehash: in metrics.json and history.csv, within budget
+    errs = [e["error"] for e in m["rehash_events"]]
+    assert all(set(e) == {"fc1", "fc2"} and all(0 <= v <= 0.3 for v in e.values()) for e in errs), errs
+    assert any(v > 0 for e in errs for v in e.values())
+    step_rows = [r for r in rehash_rows if r["kind"] == "step"]
+    assert [float(r["error/fc1"]) for r in step_rows] == pytest.approx([e["fc1"] for e in errs], rel=1e-4)
 
 
 def test_baselines_accept_shared_hash_knobs_but_not_unknown_ones():

@@ -81,9 +81,9 @@ def test_resnet20_trains_and_rehashes_via_app(tmp_path, images):
         "trainer.epochs=3", "trainer.batch_size=64", "trainer.log_every=2", "trainer.progress=log",
         "trainer.bn_recalib_batches=4", "trainer.optimizer.lr=0.05",
         "schedule.unit=step", "schedule.start=6", "schedule.every=4", "schedule.max_rehashes=3",
-        # a network a few steps from its random init has no near-duplicate channels yet: let the
-        # per-rehash target decide (the cosine check still runs, the most similar pairs go first)
-        "hashing.threshold=0.0",
+        # a few steps from its random init: let the per-rehash target decide (a loose error budget;
+        # the cheapest channels by measured error still go first)
+        "hashing.max_error=0.5",
     ])
     (rd,) = run_dirs(tmp_path)
     m = read_metrics(rd)

@@ -26,14 +26,15 @@ ROOT = Path(__file__).resolve().parents[1]
 # 1280 train samples in batches of 16: 80 steps per epoch, 6 epochs; rehash every 40 steps.
 KILL_RUN = ["dataset=synthetic", "dataset.n_samples=1600", "model.widths=[48,48]", "trainer.epochs=6",
             "trainer.batch_size=16", "trainer.progress=log", "trainer.log_every=10", "trainer.num_threads=1",
-            "hashing=simhash", "hashing.threshold=0.3", "hashing.target_ratio=0.85", "hashing.window=30",
+            "hashing=simhash", "hashing.max_error=0.5", "hashing.target_ratio=0.85", "hashing.window=30",
             "schedule.unit=step", "schedule.every=40", "schedule.start=20", "schedule.max_rehashes=6", "seed=1"]
 
 # in-process runs: 1024 train samples, batch 32 (32 steps per epoch), a checkpoint every 11 steps
 MID_RUN = ["dataset=synthetic", "dataset.n_samples=1280", "model.widths=[48,48]", "trainer.epochs=4",
            "trainer.batch_size=32", "trainer.progress=none", "trainer.log_every=3", "trainer.num_threads=1",
            "hashing=simhash",
-           "hashing.threshold=0.3", "hashing.target_ratio=0.8", "hashing.window=20", "schedule.unit=step",
+           "hashing.max_error=0.5", "hashing.representative=mean", "hashing.target_ratio=0.8", "hashing.window=20",
+           "schedule.unit=step",
            "schedule.every=25", "schedule.start=10", "++trainer.checkpoint_every_steps=11", "seed=2"]
 
 SAME = ["test_acc", "train_acc", "test_loss", "train_loss", "widths", "widths_before", "rehashes", "steps",

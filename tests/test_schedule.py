@@ -96,7 +96,7 @@ def test_per_layer_overrides_reach_the_compressor(tmp_path):
     sched = PerLayerSchedule(unit="step", every=10, start=5, sites={
         "fc1": {"threshold": -1.0, "target_ratio": 0.5, "max_rehashes": 2},
         "fc2": {"start": 8, "every": 15, "threshold": 0.999, "target_ratio": 0.5}})
-    comp = HashCompressor(threshold=0.5, bits=4, tables=16, min_width=1, seed=0)
+    comp = HashCompressor(threshold=0.5, bits=4, tables=16, min_width=1, seed=0, compensation="weights")
     tr = tiny_trainer(tmp_path, comp, sched, epochs=3)
     tr.fit()
     assert steps_of(tr) == {"fc1": [5, 15], "fc2": [8, 23, 38]}

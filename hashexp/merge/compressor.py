@@ -1,15 +1,28 @@
 """Compressors: decide a grouping per site, then hand it to the surgery.
 
-``HashCompressor`` is the method: neuron vectors [w; b] -> SimHash fingerprints (or the MIPS
-transform for activations that are not positively homogeneous) -> clsh candidate pairs ->
-exact cosine check -> greedy agglomeration, most similar pairs first -> every member verified
-against its group's representative -> activation-weighted merge. LSH only proposes; the
-exact cosine decides.
+``HashCompressor`` is the method. With ``compensation=lsq`` (the default) LSH proposes, data
+decides and least squares absorbs (hashexp/merge/calibration.py):
 
-The baselines share the schedule, the target widths and the surgery:
-``MagnitudePruner`` (structured L1 pruning of whole neurons, Li et al. 2017) and
-``RandomMerger`` (random groups, merged like the hashed ones). A ``width_plan`` (a hashed run's
-metrics.json) makes a baseline hit exactly the widths that run reached at each rehash.
+1. candidates: SimHash of each neuron's centred calibration activations (``activations``:
+   neurons that fire together), of its weights [w; b] (``weights``), or all pairs (``exact``,
+   the ablation that shows what hashing changed); an optional cosine pre-filter (``threshold``);
+2. every neuron in a candidate pair may go; they go cheapest first by the measured error of the
+   consumers' pre-activation after a least-squares refit (structured OBS costs on the
+   calibration set), until the site's error budget ``max_error`` or its target width is reached;
+3. representatives: ``keep`` leaves each survivor unchanged, ``mean`` replaces it by the
+   activation-weighted mean of its group (each removed neuron joins its most correlated
+   survivor);
+4. the consumers are refit by ridge least squares on the calibration set, in forward order.
+
+With ``compensation=weights`` it is the data-free rule of the first version: SimHash of
+[w; b] -> clsh candidate pairs -> exact cosine -> greedy agglomeration, most similar first ->
+every member verified against its representative -> activation-weighted merge with the s_i c_i
+/ s_r consumer scaling; ``none`` drops the folded members' columns.
+
+The baselines share the schedule, the target widths, the compensation and the surgery:
+``MagnitudePruner`` (structured L1 pruning of whole neurons, Li et al. 2017), ``RandomMerger``
+(random groups) and ``NeuronMerging`` (Kim et al., NeurIPS 2020). A ``width_plan`` (a hashed
+run's metrics.json) makes a baseline hit exactly the widths that run reached at each rehash.
 """
 
 from __future__ import annotations
@@ -24,10 +37,19 @@ import numpy as np
 import torch
 
 from hashexp.errors import ConfigError, DataError
+from hashexp.merge import calibration as cal
 from hashexp.merge.sites import MergeSite
-from hashexp.merge.surgery import MergePlan, apply_plan, merge_plan, prune_plan
+from hashexp.merge.surgery import (MergePlan, apply_consumers, apply_producers, merge_plan, prune_plan,
+                                   refit_consumer)
 
 _PAIR_CHUNK = 1 << 18
+COMPENSATIONS = ("lsq", "weights", "none")
+CANDIDATES = ("activations", "weights", "exact")
+REPRESENTATIVES = ("keep", "mean")
+#: member-to-representative cosine of the data-free path when hashing.threshold is null
+WEIGHTS_THRESHOLD = 0.7
+#: calibration rows used as a neuron's activation signature for hashing
+_MAX_SIGNATURE = 2048
 
 
 class Compressor:
@@ -42,17 +64,32 @@ class Compressor:
         sites: restrict compression to these site names (None: all).
         seed: seeds every random choice (hash projections, random groups).
         window: batches of activation statistics kept for representatives.
+        compensation: how consumers absorb a merge: ``lsq`` (ridge least squares on the
+            calibration set), ``weights`` (the data-free s_i c_i / s_r rule) or ``none``.
+        calib_samples: training samples in the calibration set, drawn by the trainer with the run
+            seed (None: 1024, or the whole split if smaller).
+        ridge: ridge of the least-squares fits, relative to the mean feature energy.
     """
 
     name = "base"
 
     def __init__(self, target_ratio: float | None = None, target_width: int | Mapping[str, int] | None = None,
                  min_width: int | Mapping[str, int] = 1, width_plan: str | None = None,
-                 sites: list[str] | None = None, seed: int = 0, window: int = 50, name: str | None = None) -> None:
+                 sites: list[str] | None = None, seed: int = 0, window: int = 50, name: str | None = None,
+                 compensation: str = "lsq", calib_samples: int | None = None, ridge: float = 1e-3) -> None:
         if target_ratio is not None and not (0.0 < float(target_ratio) <= 1.0):
             raise ConfigError(f"hashing.target_ratio must be in (0, 1], got {target_ratio}")
         if window < 0:
             raise ConfigError(f"hashing.window must be >= 0, got {window}")
+        if compensation not in COMPENSATIONS:
+            raise ConfigError(f"hashing.compensation={compensation!r}; choose {', '.join(COMPENSATIONS)}")
+        if calib_samples is not None and int(calib_samples) < 1:
+            raise ConfigError(f"hashing.calib_samples must be >= 1 or null, got {calib_samples}")
+        if not (0.0 < float(ridge) < 1.0):
+            raise ConfigError(f"hashing.ridge must be in (0, 1), got {ridge}")
+        self.compensation = compensation
+        self.calib_samples = None if calib_samples is None else int(calib_samples)
+        self.ridge = float(ridge)
         self.target_ratio = None if target_ratio is None else float(target_ratio)
         self.target_width = dict(target_width) if isinstance(target_width, Mapping) else target_width
         self.min_width = dict(min_width) if isinstance(min_width, Mapping) else int(min_width)
@@ -95,12 +132,22 @@ class Compressor:
 
     # -------------------------------------------------------------- main entry
     def compress(self, model, names: list[str] | None, stats, optimizer, step: int, dist=None,
-                 overrides: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
+                 overrides: Mapping[str, Mapping[str, Any]] | None = None,
+                 calib: torch.Tensor | None = None) -> list[dict[str, Any]]:
         """Compress the named sites of ``model`` in place; returns one report per site.
 
         ``overrides`` maps a site name to attribute values used for that site only (e.g. a
-        per-layer schedule's ``{"fc2": {"threshold": 0.9, "target_ratio": 0.7}}``).
+        per-layer schedule's ``{"fc2": {"threshold": 0.9, "target_ratio": 0.7}}``). ``calib``
+        holds the calibration inputs (the trainer's fixed samples); ``compensation=lsq`` needs
+        them, and with them every report carries the measured relative error of the site's
+        consumers (``error``). Sites go in forward order, each measured through the network
+        with the earlier sites already merged. Under DDP rank 0 decides and refits; the other
+        ranks apply its plan and its least-squares maps, so every rank holds the same network.
         """
+        if self.compensation == "lsq" and calib is None:
+            raise ConfigError(f"hashing={self.name} with compensation=lsq needs calibration inputs (calib=...); "
+                              "the trainer and hashexp.compress pass them, or choose hashing.compensation=weights")
+        main = dist is None or dist.is_main
         reports = []
         for idx, site in enumerate(model.merge_sites()):
             if names is not None and site.name not in names:
@@ -111,18 +158,65 @@ class Compressor:
             if dist is not None and mass is not None:
                 mass = dist.all_reduce_sum(mass)
             before = site.width
+            seed = self.seed * 1009 + idx
+            cap = cal.capture_site(model, site, calib, seed) if calib is not None and main else None
             with self._overridden((overrides or {}).get(site.name)):
-                plan = self.plan_site(site, idx, mass) if (dist is None or dist.is_main) else None
+                plan = self.plan_site(site, idx, mass, cap) if main else None
             if dist is not None:
                 plan = dist.broadcast_plan(plan, site)
+            error = 0.0
             if plan is not None and plan.new_width < before:
-                apply_plan(site, plan, optimizer)
-            reports.append({"site": site.name, "before": before, "after": site.width, "step": step})
+                apply_producers(site, plan, optimizer)
+                if self.compensation == "lsq":
+                    maps = self._refit(model, site, plan, cap, calib, seed, optimizer) if main else None
+                    if dist is not None:
+                        maps = dist.broadcast_object(maps)
+                        if not main:
+                            for cons, (t, c) in zip(site.consumers, maps["maps"]):
+                                refit_consumer(cons.module, t.to(cons.module.weight.device),
+                                               c.to(cons.module.weight.device), optimizer)
+                    error = maps["error"]
+                else:
+                    apply_consumers(site, plan, optimizer)
+                    if cap is not None:
+                        error = _site_error(cap, cal.capture_site(model, site, calib, seed))
+                    if dist is not None:
+                        error = dist.broadcast_object(error)
+            rep = {"site": site.name, "before": before, "after": site.width, "step": step,
+                   "error": round(float(error), 6)}
+            reports.append(rep)
         self.calls += 1
         return reports
 
-    def plan_site(self, site: MergeSite, index: int, mass: torch.Tensor | None) -> MergePlan | None:
+    def _refit(self, model, site: MergeSite, plan: MergePlan, cap: cal.SiteCapture, calib: torch.Tensor,
+               seed: int, optimizer) -> dict[str, Any]:
+        """Refit the site's consumers in forward order; returns their maps and the measured error.
+
+        The ridge shrinks toward the plan's weight-rule map (column i -> group labels_i with m_i).
+        """
+        maps: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(site.consumers)
+        keep = plan.labels >= 0
+        prior = torch.zeros(plan.new_width, len(plan.labels), dtype=torch.float64)
+        cols = keep.nonzero().flatten().cpu()
+        prior[plan.labels[keep].cpu(), cols] = plan.m[keep].double().cpu()
+
+        def refit(k: int, module, rows: torch.Tensor) -> None:
+            t, c = cal.lsq_map(cap.inputs[k].to(rows.device), rows, self.ridge, prior)
+            refit_consumer(module, t.to(rows.device), c.to(rows.device), optimizer)
+            maps[k] = (t.cpu(), c.cpu())
+
+        after = cal.capture_site(model, site, calib, seed, before_consumer=refit)
+        return {"maps": maps, "error": _site_error(cap, after)}
+
+    def plan_site(self, site: MergeSite, index: int, mass: torch.Tensor | None,
+                  capture: cal.SiteCapture | None = None) -> MergePlan | None:
         raise NotImplementedError
+
+    def _finish(self, plan: MergePlan | None) -> MergePlan | None:
+        """``compensation=none``: consumer columns of a group are summed unscaled (m = 1)."""
+        if plan is not None and self.compensation == "none":
+            plan.m = (plan.labels >= 0).to(plan.m.dtype)
+        return plan
 
     @contextmanager
     def _overridden(self, values: Mapping[str, Any] | None):
@@ -157,27 +251,41 @@ class Compressor:
 
 
 class HashCompressor(Compressor):
-    """LSH-proposed, cosine-verified, activation-weighted merging (the hashed network).
+    """The hashed network: LSH proposes, data (or, data-free, the cosine) decides.
 
     Args:
-        threshold: minimum cosine of every member to its group's representative, in [-1, 1].
+        candidates: what LSH hashes to propose pairs: ``activations`` (each neuron's centred
+            calibration activations), ``weights`` ([w; b], norms folded in) or ``exact`` (all
+            pairs, no hashing). ``compensation=weights/none`` always hash weights.
+        representative: ``keep`` (survivors stay unchanged, the consumers absorb the rest) or
+            ``mean`` (activation-weighted mean of the group); None: keep with ``lsq``, mean otherwise.
+        max_error: per-site, per-rehash budget on the relative error of the consumers'
+            pre-activation on the calibration set (``compensation=lsq``; None: only the target
+            width or ``min_width`` stops merging).
+        threshold: cosine pre-filter. With ``lsq``: a candidate pair must reach it (None: every
+            candidate counts). With ``weights``/``none``: the least cosine of every member to its
+            group's representative (None: 0.7), the data-free verification.
         bits, tables: K bits per table, L tables of SimHash.
         min_tables: a pair is a candidate when it collides in at least this many tables.
-        transform: ``auto`` (SimHash for ReLU-like sites, MIPS otherwise), ``simhash`` or ``mips``.
-        max_group_size: largest group (0: unlimited).
-        max_rounds: rounds of pairwise merging per rehash (each at most halves the width).
+        transform: ``auto`` (SimHash for ReLU-like sites, MIPS otherwise), ``simhash`` or ``mips``
+            (weight candidates only).
+        max_group_size: largest group (0: unlimited; data-free path).
+        max_rounds: rounds of pairwise merging per rehash (data-free path).
         max_pairs: refuse to verify more candidate pairs than this (raise bits instead).
+        block_frac: share of the width removed per step of the error-ordered removal.
         other arguments: see :class:`Compressor`.
     """
 
     name = "simhash"
 
-    def __init__(self, threshold: float = 0.9, bits: int = 8, tables: int = 8, min_tables: int = 1,
+    def __init__(self, threshold: float | None = None, bits: int = 8, tables: int = 8, min_tables: int = 1,
                  transform: str = "auto", max_group_size: int = 0, max_pairs: int = 20_000_000,
-                 max_rounds: int = 8, n_threads: int = 0, **kw) -> None:
+                 max_rounds: int = 8, n_threads: int = 0, candidates: str = "activations",
+                 representative: str | None = None, max_error: float | None = None, block_frac: float = 0.01,
+                 **kw) -> None:
         super().__init__(**kw)
-        if not (-1.0 <= float(threshold) <= 1.0):
-            raise ConfigError(f"hashing.threshold must be a cosine in [-1, 1], got {threshold}")
+        if threshold is not None and not (-1.0 <= float(threshold) <= 1.0):
+            raise ConfigError(f"hashing.threshold must be a cosine in [-1, 1] or null, got {threshold}")
         if transform not in ("auto", "simhash", "mips"):
             raise ConfigError(f"hashing.transform={transform!r}; choose auto, simhash or mips")
         if not (1 <= int(bits) <= 64):
@@ -186,7 +294,17 @@ class HashCompressor(Compressor):
             raise ConfigError(f"hashing.tables must be >= 1 and 1 <= min_tables <= tables, got {tables}, {min_tables}")
         if max_group_size < 0:
             raise ConfigError(f"hashing.max_group_size must be >= 0 (0: unlimited), got {max_group_size}")
-        self.threshold = float(threshold)
+        if candidates not in CANDIDATES:
+            raise ConfigError(f"hashing.candidates={candidates!r}; choose {', '.join(CANDIDATES)}")
+        if representative is None:  # survivors stay with least squares; the data-free rule takes the mean
+            representative = "keep" if self.compensation == "lsq" else "mean"
+        if representative not in REPRESENTATIVES:
+            raise ConfigError(f"hashing.representative={representative!r}; choose {', '.join(REPRESENTATIVES)}")
+        if max_error is not None and not (0.0 < float(max_error) <= 1.0):
+            raise ConfigError(f"hashing.max_error must be a relative error in (0, 1] or null, got {max_error}")
+        if not (0.0 < float(block_frac) <= 0.5):
+            raise ConfigError(f"hashing.block_frac must be in (0, 0.5], got {block_frac}")
+        self.threshold = None if threshold is None else float(threshold)
         self.bits, self.tables, self.min_tables = int(bits), int(tables), int(min_tables)
         self.transform = transform
         self.max_group_size = int(max_group_size)
@@ -195,6 +313,10 @@ class HashCompressor(Compressor):
             raise ConfigError(f"hashing.max_rounds must be >= 1, got {max_rounds}")
         self.max_rounds = int(max_rounds)
         self.n_threads = int(n_threads)
+        self.candidates = candidates
+        self.representative = representative
+        self.max_error = None if max_error is None else float(max_error)
+        self.block_frac = float(block_frac)
         self.last_stats: dict[str, dict[str, Any]] = {}
 
     def hash_vectors(self, site: MergeSite) -> torch.Tensor:
@@ -221,7 +343,68 @@ class HashCompressor(Compressor):
         t.build(codes)
         return t.candidate_pairs(self.min_tables)
 
-    def plan_site(self, site: MergeSite, index: int, mass: torch.Tensor | None) -> MergePlan | None:
+    def plan_site(self, site: MergeSite, index: int, mass: torch.Tensor | None,
+                  capture: cal.SiteCapture | None = None) -> MergePlan | None:
+        if self.compensation == "lsq":
+            return self._plan_by_error(site, index, mass, capture)
+        if self.representative == "keep" and not site.homogeneous:
+            raise ConfigError(f"site {site.name} ({site.activation}): representative=keep with compensation="
+                              f"{self.compensation} folds members by a positive scale, which needs a ReLU-like "
+                              "activation; use compensation=lsq or representative=mean")
+        return self._finish(self._plan_by_cosine(site, index, mass))
+
+    def _plan_by_error(self, site: MergeSite, index: int, mass: torch.Tensor | None,
+                       cap: cal.SiteCapture) -> MergePlan | None:
+        """Remove candidate neurons cheapest-first by measured error, within budget and target."""
+        width = site.width
+        target = self.target(site)
+        floor = max(self._min_width(site), target if target is not None else 0)
+        if width <= floor:
+            return None
+        eligible = self.eligible(site, index, cap)
+        order = cal.obs_removal_order(cap, eligible, floor, self.ridge, self.max_error, self.block_frac)
+        nb = len(order.blocks)
+        if self.max_error is not None:
+            while nb > 0 and order.rel_error(nb) > self.max_error:
+                nb -= 1
+        removed = order.removed(nb)
+        self.last_stats[site.name] = {"candidates": int(eligible.sum()), "removed": int(len(removed)),
+                                      "estimated_error": order.rel_error(nb)}
+        if len(removed) == 0:
+            return None
+        keep = torch.ones(width, dtype=torch.bool)
+        keep[removed] = False
+        dev = site.producers[0].module.weight.device
+        if self.representative == "keep":
+            return prune_plan(site, keep.to(dev))
+        labels = _nearest_survivor(cap, keep)
+        return merge_plan(site, labels.to(dev), None if mass is None else mass.to(dev))
+
+    def eligible(self, site: MergeSite, index: int, cap: cal.SiteCapture) -> torch.Tensor:
+        """(width,) bool: neurons in at least one candidate pair (that passes the pre-filter)."""
+        width = site.width
+        if self.candidates == "exact" and self.threshold is None:
+            return torch.ones(width, dtype=torch.bool)
+        if self.candidates == "activations":
+            x = cap.inputs[0]
+            if x.shape[0] > _MAX_SIGNATURE:  # rows are samples (or sampled positions): a fixed subset
+                x = x[torch.linspace(0, x.shape[0] - 1, _MAX_SIGNATURE).long()]
+            v = (x - x.mean(0)).T.contiguous().float()
+        else:
+            v = self.hash_vectors(site).cpu().float()
+        u = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        if self.candidates == "exact":
+            pairs = _exact_pairs(u, self.threshold)
+        else:
+            pairs = self.candidate_pairs(site, index, u)
+            if self.threshold is not None and len(pairs):
+                pairs = pairs[_pair_cosines(u, pairs) >= self.threshold]
+        out = torch.zeros(width, dtype=torch.bool)
+        if len(pairs):
+            out[torch.as_tensor(pairs, dtype=torch.long).flatten()] = True
+        return out
+
+    def _plan_by_cosine(self, site: MergeSite, index: int, mass: torch.Tensor | None) -> MergePlan | None:
         """Group the site's neurons in rounds of greedy pairwise merging, most similar first.
 
         Each round hashes the current group representatives, verifies the candidate pairs by
@@ -242,7 +425,7 @@ class HashCompressor(Compressor):
         u = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
         a = mass.detach().float().cpu() if mass is not None else torch.ones(width)
         a = a.clamp_min(0) + a.abs().max().clamp_min(1.0) * 1e-6
-        t = self.threshold
+        t = WEIGHTS_THRESHOLD if self.threshold is None else self.threshold
         # Two equally weighted members with cosine c sit at cosine sqrt((1 + c) / 2) from their
         # representative, so a pair can only pass verification if c >= 2 t^2 - 1.
         pair_floor = 2 * t * t - 1 if t > 0 else -1.0
@@ -280,7 +463,45 @@ class HashCompressor(Compressor):
         if stats["groups"] >= width:
             return None
         dev = site.producers[0].module.weight.device
-        return merge_plan(site, labels.to(dev), None if mass is None else mass.to(dev))
+        return merge_plan(site, labels.to(dev), None if mass is None else mass.to(dev), self.representative)
+
+
+def _nearest_survivor(cap: cal.SiteCapture, keep: torch.Tensor) -> torch.Tensor:
+    """Group labels: each survivor its own group, each removed neuron in its most correlated survivor's."""
+    g = cal.centred_gram(cap.inputs[0])
+    d = g.diagonal().clamp_min(1e-30).sqrt()
+    corr = g / d[:, None] / d[None, :]
+    kept = keep.nonzero().flatten()
+    labels = torch.full((len(keep),), -1, dtype=torch.long)
+    labels[kept] = torch.arange(len(kept))
+    gone = (~keep).nonzero().flatten()
+    if len(gone):
+        labels[gone] = corr[gone][:, kept].argmax(1)
+    return labels
+
+
+def _exact_pairs(u: torch.Tensor, threshold: float, block: int = 1024) -> np.ndarray:
+    """All pairs i < j with cosine >= ``threshold`` (rows of ``u`` unit), from a blocked Gram."""
+    n = u.shape[0]
+    out = []
+    for i0 in range(0, n, block):
+        g = u[i0:i0 + block] @ u.T
+        i, j = (g >= threshold).nonzero(as_tuple=True)
+        i = i + i0
+        sel = i < j
+        out.append(torch.stack([i[sel], j[sel]], 1))
+    return torch.cat(out).numpy() if out else np.zeros((0, 2), dtype=np.int64)
+
+
+def _site_error(old: cal.SiteCapture, new: cal.SiteCapture) -> float:
+    """Relative pre-activation error over all consumers of a site (centred, energy-weighted)."""
+    num = den = 0.0
+    for yo, yn in zip(old.outputs, new.outputs):
+        yo, yn = yo.double(), yn.double()
+        d = yn - yo
+        num += float(((d - d.mean(0)) ** 2).sum())
+        den += float(((yo - yo.mean(0)) ** 2).sum())
+    return (num / max(den, 1e-30)) ** 0.5
 
 
 def _pair_cosines(u: torch.Tensor, pairs: np.ndarray) -> np.ndarray:
@@ -345,26 +566,38 @@ def verify_groups(u: torch.Tensor, labels: torch.Tensor, mass: torch.Tensor, thr
 #: knobs of the hashed compressor that baselines accept and ignore, so one preset can switch
 #: between hashing=simhash and hashing=magnitude/random with a single override
 HASH_ONLY_KNOBS = frozenset({"threshold", "bits", "tables", "min_tables", "transform", "max_group_size", "max_pairs",
-                             "max_rounds", "n_threads"})
+                             "max_rounds", "n_threads", "candidates", "representative", "max_error", "block_frac"})
 
 
 class _Baseline(Compressor):
-    def __init__(self, **kw) -> None:
-        ignored = {k: kw.pop(k) for k in list(kw) if k in HASH_ONLY_KNOBS}
-        super().__init__(**kw)
+    """Target-driven baselines; their classic form compensates by the weight rule."""
+
+    own_knobs: frozenset = frozenset()
+
+    def __init__(self, compensation: str = "weights", **kw) -> None:
+        ignored = {k: kw.pop(k) for k in list(kw) if k in HASH_ONLY_KNOBS and k not in self.own_knobs}
+        super().__init__(compensation=compensation, **kw)
         self.ignored_knobs = ignored
+
+    def _target_or_fail(self, site: MergeSite) -> int | None:
+        target = self.target(site)
+        if target is None:
+            raise ConfigError(f"hashing={self.name} needs hashing.target_ratio, hashing.target_width or hashing.width_plan")
+        return None if target >= site.width else target
 
 
 class MagnitudePruner(_Baseline):
-    """Structured L1-norm pruning of whole neurons (Li et al., ICLR 2017), same targets."""
+    """Structured L1-norm pruning of whole neurons (Li et al., ICLR 2017), same targets.
+
+    With ``compensation=lsq`` the survivors' consumers are refit on the calibration set, which
+    separates *which* neurons go from *how* the survivors compensate.
+    """
 
     name = "magnitude"
 
-    def plan_site(self, site: MergeSite, index: int, mass) -> MergePlan | None:
-        target = self.target(site)
+    def plan_site(self, site: MergeSite, index: int, mass, capture=None) -> MergePlan | None:
+        target = self._target_or_fail(site)
         if target is None:
-            raise ConfigError("hashing=magnitude needs hashing.target_ratio, hashing.target_width or hashing.width_plan")
-        if target >= site.width:
             return None
         score = site.neuron_vectors().abs().sum(1)
         keep = torch.topk(score, target).indices
@@ -376,18 +609,82 @@ class RandomMerger(_Baseline):
 
     name = "random"
 
-    def plan_site(self, site: MergeSite, index: int, mass) -> MergePlan | None:
-        target = self.target(site)
+    def plan_site(self, site: MergeSite, index: int, mass, capture=None) -> MergePlan | None:
+        target = self._target_or_fail(site)
         if target is None:
-            raise ConfigError("hashing=random needs hashing.target_ratio, hashing.target_width or hashing.width_plan")
-        width = site.width
-        if target >= width:
             return None
+        width = site.width
         perm = torch.randperm(width, generator=self._generator(index))
         labels = torch.empty(width, dtype=torch.long)
         labels[perm] = torch.arange(width) % target
         dev = site.producers[0].module.weight.device
-        return merge_plan(site, labels.to(dev), None if mass is None else mass.to(dev))
+        return self._finish(merge_plan(site, labels.to(dev), None if mass is None else mass.to(dev)))
+
+
+class NeuronMerging(_Baseline):
+    """Neuron Merging (Kim et al., NeurIPS 2020): prune by L1, fold each pruned neuron into a survivor.
+
+    Data-free. The survivors are the ``target`` neurons with the largest L1 norm of [w; b]
+    (BN folded in for conv+BN sites). Each pruned neuron j goes to the survivor i whose
+    direction is most cosine-similar; when that cosine reaches ``threshold`` its consumer
+    column is added to i's, scaled by the norm ratio |p_j| / |p_i| (exact when p_j is a positive
+    multiple of p_i and the activation is ReLU-like), otherwise it is dropped.
+
+    Args:
+        threshold: the cosine a pruned neuron needs to its survivor to be merged (the paper
+            tunes it per architecture).
+        other arguments: see :class:`Compressor`.
+    """
+
+    name = "neuron_merging"
+    own_knobs = frozenset({"threshold"})
+
+    def __init__(self, threshold: float | None = 0.45, **kw) -> None:
+        super().__init__(**kw)
+        if threshold is None or not (-1.0 <= float(threshold) <= 1.0):
+            raise ConfigError(f"hashing.threshold must be a cosine in [-1, 1] for neuron_merging, got {threshold}")
+        self.threshold = float(threshold)
+
+    def plan_site(self, site: MergeSite, index: int, mass, capture=None) -> MergePlan | None:
+        if self.compensation == "weights" and not site.homogeneous:
+            raise ConfigError(f"site {site.name} ({site.activation}): neuron_merging folds neurons by a positive "
+                              "scale, which needs a ReLU-like activation; use hashing.compensation=lsq")
+        target = self._target_or_fail(site)
+        if target is None:
+            return None
+        p = site.neuron_vectors()
+        labels, m, survivor = neuron_merging_coefficients(p, target, self.threshold)
+        one = survivor.to(p.device, p.dtype)
+        return self._finish(MergePlan(labels=labels.to(p.device), r=one, m=m.to(p.device), a=one, new_width=target))
+
+
+def neuron_merging_coefficients(p: torch.Tensor, keep: int, threshold: float
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Labels, consumer coefficients and survivor mask of Neuron Merging for neuron vectors ``p`` (width, D).
+
+    Survivors: the ``keep`` largest L1 norms, labelled 0..keep-1 in index order with m = 1.
+    Pruned neuron j: label of its most cosine-similar survivor i and m_j = |p_j| / |p_i| when the
+    cosine is >= ``threshold``; label -1 (dropped) otherwise.
+    """
+    width = p.shape[0]
+    keep_idx = torch.topk(p.abs().sum(1), keep).indices.sort().values
+    labels = torch.full((width,), -1, dtype=torch.long)
+    labels[keep_idx] = torch.arange(keep)
+    m = torch.zeros(width, dtype=p.dtype)
+    m[keep_idx] = 1.0
+    norm = p.norm(dim=1).clamp_min(1e-12)
+    u = p / norm[:, None]
+    gone = (labels < 0).nonzero().flatten()
+    if len(gone):
+        cos = u[gone] @ u[keep_idx].T
+        best, arg = cos.max(1)
+        ok = best >= threshold
+        partner = keep_idx[arg]
+        labels[gone[ok]] = arg[ok]
+        m[gone[ok]] = norm[gone[ok]] / norm[partner[ok]]
+    survivor = torch.zeros(width, dtype=torch.bool)
+    survivor[keep_idx] = True
+    return labels, m, survivor
 
 
 def _load_width_plan(path: str) -> list[dict[str, int]]:

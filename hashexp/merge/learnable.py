@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from hashexp.errors import ConfigError
-from hashexp.merge.compressor import HashCompressor
+from hashexp.merge.compressor import WEIGHTS_THRESHOLD, HashCompressor
 from hashexp.merge.sites import MergeSite
 
 
@@ -80,10 +80,11 @@ class LearnableHashCompressor(HashCompressor):
 
     # ---------------------------------------------------------------- plumbing
     def compress(self, model, names, stats, optimizer, step: int, dist=None,
-                 overrides: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
+                 overrides: Mapping[str, Mapping[str, Any]] | None = None, calib=None) -> list[dict[str, Any]]:
         self._stats = stats  # activation positives read the per-batch sums
         try:
-            return super().compress(model, names, stats, optimizer, step, dist=dist, overrides=overrides)
+            return super().compress(model, names, stats, optimizer, step, dist=dist, overrides=overrides,
+                                    calib=calib)
         finally:
             self._stats = None
 
@@ -137,7 +138,8 @@ class LearnableHashCompressor(HashCompressor):
         from hashexp.lsh.learnable import random_pairs, top_pairs
 
         sim, kind = self.similarity(site, x)
-        pt = pair_threshold(self.threshold) if self.pos_threshold is None else self.pos_threshold
+        t = self.threshold if self.threshold is not None else WEIGHTS_THRESHOLD
+        pt = pair_threshold(t) if self.pos_threshold is None else self.pos_threshold
         pos = top_pairs(sim, pt, self.max_pos)
         if self.neg_threshold is not None:
             nt = self.neg_threshold

@@ -53,8 +53,14 @@ class MergePlan:
     new_width: int
 
 
-def merge_plan(site: MergeSite, labels: torch.Tensor, act_mass: torch.Tensor | None = None) -> MergePlan:
-    """Coefficients that merge each group of ``labels`` into its activation-weighted representative."""
+def merge_plan(site: MergeSite, labels: torch.Tensor, act_mass: torch.Tensor | None = None,
+               representative: str = "mean") -> MergePlan:
+    """Coefficients that merge each group of ``labels`` into its representative.
+
+    ``mean``: the activation-weighted mean direction (below). ``keep``: the member with the
+    largest activation mass stays unchanged and the others fold into it with s_i c_i / s_r
+    (ReLU-like sites only).
+    """
     p = site.neuron_vectors()
     width = p.shape[0]
     labels = torch.as_tensor(labels, dtype=torch.long, device=p.device)
@@ -64,6 +70,23 @@ def merge_plan(site: MergeSite, labels: torch.Tensor, act_mass: torch.Tensor | N
     a = _mass(act_mass, width, p.device)
     a_sum = torch.zeros(n_groups, device=p.device, dtype=p.dtype).index_add_(0, labels, a)
     a_norm = a / a_sum[labels]
+    if representative == "keep":
+        if not site.homogeneous:
+            raise ValueError(f"site {site.name}: representative=keep needs a ReLU-like activation")
+        s = p.norm(dim=1).clamp_min(_EPS)
+        u = p / s[:, None]
+        best = torch.full((n_groups,), -1.0, device=p.device, dtype=a.dtype).scatter_reduce(
+            0, labels, a, reduce="amax")
+        idx = torch.arange(width, device=p.device)
+        rep = torch.full((n_groups,), width, device=p.device, dtype=torch.long).scatter_reduce(
+            0, labels[a >= best[labels]], idx[a >= best[labels]], reduce="amin")  # lowest index on ties
+        is_rep = torch.zeros(width, dtype=torch.bool, device=p.device)
+        is_rep[rep] = True
+        r = is_rep.to(p.dtype)
+        c = (u * u[rep][labels]).sum(1).clamp_min(0.0)
+        m = s * c / s[rep][labels]
+        a_rep = is_rep.to(p.dtype)
+        return MergePlan(labels=labels, r=r, m=m, a=a_rep, new_width=n_groups)
     if site.homogeneous:
         s = p.norm(dim=1).clamp_min(_EPS)
         u = p / s[:, None]
@@ -153,7 +176,13 @@ class _StateMapper:
 
 def apply_plan(site: MergeSite, plan: MergePlan, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Rewrite every tensor of ``site`` (and the optimizer state of each) according to ``plan``."""
-    labels, r, m, a, n = plan.labels, plan.r, plan.m, plan.a, plan.new_width
+    apply_producers(site, plan, optimizer)
+    apply_consumers(site, plan, optimizer)
+
+
+def apply_producers(site: MergeSite, plan: MergePlan, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Producers (and their norms) become the group representatives ``sum r_i p_i``."""
+    labels, r, a, n = plan.labels, plan.r, plan.a, plan.new_width
     remap = _StateMapper(optimizer)
     with torch.no_grad():
         for prod in site.producers:
@@ -189,10 +218,53 @@ def apply_plan(site: MergeSite, plan: MergePlan, optimizer: torch.optim.Optimize
                     remap(bn, "bias", beta_r, labels, a, 0, n)
                 bn.num_features = n
             _set_out(mod, n)
+
+
+def apply_consumers(site: MergeSite, plan: MergePlan, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Consumers take the weight rule: new column g = ``sum_{labels==g} m_i V[:, i]``."""
+    labels, m, n = plan.labels, plan.m, plan.new_width
+    remap = _StateMapper(optimizer)
+    with torch.no_grad():
         for cons in site.consumers:
             mod = cons.module
             remap(mod, "weight", _combine(mod.weight.data, labels, m, 1, n), labels, m, 1, n)
             _set_in(mod, n)
+
+
+def _dense_map(t: torch.Tensor, tmap: torch.Tensor) -> torch.Tensor:
+    """out[:, g, ...] = sum_i t[:, i, ...] tmap[g, i]: a (k, n) map applied on dim 1."""
+    return torch.einsum("oi...,gi->og...", t, tmap.to(t.dtype))
+
+
+def refit_consumer(module: nn.Module, tmap: torch.Tensor, shift: torch.Tensor | None,
+                   optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Least-squares refit of one consumer: input features x_old = x_new @ tmap + shift.
+
+    The weight becomes W tmap^T (every kernel position alike) and the bias b + W shift (summed
+    over kernel positions; a consumer without bias leaves the constant to the BatchNorm after
+    it). Optimizer moments follow the same map (second moments with squared coefficients).
+    """
+    n_new = int(tmap.shape[0])
+    with torch.no_grad():
+        old = module.weight
+        w = old.data
+        new_w = _dense_map(w.double(), tmap.double()).to(w.dtype)
+        param = nn.Parameter(new_w.contiguous(), requires_grad=old.requires_grad)
+        setattr(module, "weight", param)
+        if optimizer is not None:
+            for group in optimizer.param_groups:
+                group["params"] = [param if q is old else q for q in group["params"]]
+            st = optimizer.state.pop(old, None)
+            if st is not None:
+                for key, val in list(st.items()):
+                    if torch.is_tensor(val) and val.shape == old.shape and val.dim() > 0:
+                        tm = tmap * tmap if "sq" in key else tmap
+                        st[key] = _dense_map(val.double(), tm.double()).to(val.dtype)
+                optimizer.state[param] = st
+        if shift is not None and getattr(module, "bias", None) is not None:
+            wsum = w.double().flatten(2).sum(2) if w.dim() > 2 else w.double()
+            module.bias.data.add_((wsum @ shift.double().to(w.device)).to(module.bias.dtype))
+        _set_in(module, n_new)
 
 
 def _set_out(mod: nn.Module, n: int) -> None:

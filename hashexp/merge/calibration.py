@@ -1,0 +1,284 @@
+"""Calibration: what a site's neurons compute, measured on a fixed set of training samples.
+
+Weight cosine is a cliff: trained neurons are seldom near-duplicates in weight space, yet many
+are redundant in what they compute. So the merge decisions of ``compensation=lsq`` are made on
+data:
+
+- a fixed calibration set (:func:`calibration_index`): ``calib_samples`` training samples drawn
+  with the run seed, the same on every DDP rank and across resume;
+- :func:`capture_site`: one forward pass through the *current* network (upstream sites already
+  merged) that records, for each consumer of the site, its input rows (the site's features:
+  post-activation outputs; for convs the channel vectors at sampled spatial positions) and its
+  output rows (the consumer's pre-activation). The pass stops as soon as every consumer of the
+  site has run, so early sites cost a fraction of a forward;
+- :func:`obs_removal_order`: which neurons to remove, in order of increasing error. Removing
+  input feature j of a linear consumer Y = X W^T and refitting the other columns by least
+  squares costs |W_j|^2 / [G^-1]_jj (G = X^T X; the structured Optimal Brain Surgeon step,
+  Hassibi & Stork 1993), and the costs of successive removals add up to exactly the refit's
+  output error. Blocks of the cheapest neurons are removed at once with the exact block update;
+- :func:`lsq_map`: the refit itself. After the producers are merged, the old features are
+  regressed on the new ones with an intercept (ridge, so dead or duplicate neurons never make
+  it singular): X_old ~ X_new T + c. The consumer's weight becomes W T^T and its bias b + W c,
+  which reproduces its pre-activation in the least-squares sense. A conv is linear in its input
+  channels, so the same channel map applies at every kernel position;
+- :func:`relative_error`: the consumer's measured pre-activation error after the merge,
+  |dY - mean(dY)| / |Y - mean(Y)| (constant shifts are left to the bias or to the BatchNorm
+  that follows and is recalibrated).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from hashexp.errors import ConfigError
+from hashexp.merge.sites import MergeSite
+
+#: calibration samples when hashing.calib_samples is null (or the whole split if smaller)
+DEFAULT_SAMPLES = 1024
+#: rows of conv features kept per consumer (sampled spatial positions over all samples)
+MAX_CONV_ROWS = 8192
+
+
+def calibration_index(n_train: int, samples: int, seed: int) -> torch.Tensor:
+    """Indices of the calibration samples: the first ``samples`` of a seeded permutation.
+
+    Depends only on (n_train, samples, seed), so every DDP rank and every resume draws the same.
+    """
+    samples = int(samples)
+    if samples < 1:
+        raise ConfigError(f"hashing.calib_samples must be >= 1, got {samples}")
+    if samples > n_train:
+        raise ConfigError(f"hashing.calib_samples={samples} exceeds the {n_train} training samples; "
+                          f"choose at most {n_train}")
+    gen = torch.Generator().manual_seed((int(seed) * 2_654_435_761 + 97) % (2**63))
+    return torch.randperm(n_train, generator=gen)[:samples].sort().values
+
+
+@dataclass
+class SiteCapture:
+    """What one calibration pass saw at a site's consumers (one entry per consumer).
+
+    Attributes:
+        inputs: (rows, width) float32 input features of each consumer.
+        outputs: (rows, out) float32 pre-activations of each consumer.
+        weights: (out * kernel, width) float64 weight matrix of each consumer (kernel positions
+            as extra outputs), cloned at capture time.
+    """
+
+    inputs: list[torch.Tensor] = field(default_factory=list)
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    weights: list[torch.Tensor] = field(default_factory=list)
+
+
+class _Stop(Exception):
+    """Raised by a hook once every consumer of the site has run: the rest of the forward is skipped."""
+
+
+def _rows(t: torch.Tensor, gen: torch.Generator, cap: int) -> torch.Tensor:
+    """(N, C, *spatial) -> (rows, C): all rows for Linear inputs, sampled positions for convs."""
+    if t.dim() == 2:
+        return t.detach().float()
+    flat = t.detach().movedim(1, -1).reshape(-1, t.shape[1]).float()
+    if flat.shape[0] <= cap:
+        return flat
+    idx = torch.randint(0, flat.shape[0], (cap,), generator=gen).to(flat.device)
+    return flat.index_select(0, idx)
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """(out * kernel, in) float64 view of a Linear or conv weight: one row per output and tap."""
+    w = module.weight.detach().double()
+    if w.dim() == 2:
+        return w
+    return w.transpose(0, 1).reshape(w.shape[1], -1).T.contiguous()
+
+
+def capture_site(model: nn.Module, site: MergeSite, x: torch.Tensor, seed: int = 0,
+                 before_consumer: Callable[[int, nn.Module, torch.Tensor], None] | None = None) -> SiteCapture:
+    """Run the calibration inputs ``x`` through ``model`` (eval mode, no grad) and record the site.
+
+    ``before_consumer(k, module, input_rows)`` runs inside consumer k's forward pre-hook, in
+    forward order, before the consumer computes: it may rewrite the consumer (the least-squares
+    refit), and the rest of the pass then sees the refitted consumer. Conv rows are sampled at
+    the same positions in every pass with the same ``seed`` and shapes.
+    """
+    cap = SiteCapture()
+    cons = [c.module for c in site.consumers]
+    k_of = {id(m): k for k, m in enumerate(cons)}
+    n = len(cons)
+    cap.inputs, cap.outputs, cap.weights = [None] * n, [None] * n, [None] * n  # type: ignore[list-item]
+    seen: set[int] = set()
+    gens = {}
+
+    def gen_for(k: int, which: int) -> torch.Generator:
+        key = (k, which)
+        if key not in gens:
+            gens[key] = torch.Generator().manual_seed(int(seed) * 7919 + 31 * k + which)
+        return gens[key]
+
+    def pre(module, inputs):
+        k = k_of[id(module)]
+        rows = _rows(inputs[0], gen_for(k, 0), MAX_CONV_ROWS)
+        if before_consumer is not None:
+            before_consumer(k, module, rows)
+        cap.inputs[k] = rows.cpu()  # decisions are made on the CPU; only the refit runs on the device
+        cap.weights[k] = weight_matrix(module).cpu()
+
+    def post(module, inputs, output):
+        k = k_of[id(module)]
+        cap.outputs[k] = _rows(output, gen_for(k, 1), MAX_CONV_ROWS).cpu()
+        seen.add(k)
+        if len(seen) == n:
+            raise _Stop
+
+    handles = []
+    for m in cons:
+        handles.append(m.register_forward_pre_hook(pre))
+        handles.append(m.register_forward_hook(post))
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+        for m, tr in modes:
+            m.training = tr
+    missing = [site.consumers[k].module.__class__.__name__ for k in range(n) if cap.outputs[k] is None]
+    if missing:
+        raise RuntimeError(f"site {site.name}: consumers {missing} did not run in the forward pass")
+    return cap
+
+
+def _ridge(g: torch.Tensor, ridge: float) -> torch.Tensor:
+    """G + diag(ridge * G_jj + 1e-10 * mean G_jj): ridge on standardised features, so the fit does
+    not depend on each neuron's scale, and a dead neuron (G_jj = 0) stays free to remove (its
+    cost is 1e-12 of an average one) without making G singular."""
+    d = g.diagonal()
+    lam = float(ridge) * d + 1e-12 * float(d.mean().clamp_min(1e-30))
+    return g + torch.diag(lam)
+
+
+def centred_gram(x: torch.Tensor) -> torch.Tensor:
+    xc = x.double() - x.double().mean(0)
+    return xc.T @ xc
+
+
+def lsq_map(x_old: torch.Tensor, x_new: torch.Tensor, ridge: float = 1e-3,
+            prior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ridge least squares with intercept: x_old ~ x_new @ T + c; returns T (k, n) and c (n,), float64.
+
+    The ridge pulls T toward ``prior`` (k, n) instead of toward zero: the plan's own weight-rule
+    map, so a survivor that is unchanged (``representative=keep``) keeps exactly its column
+    (T = I there) and only the removed neurons are regressed on the survivors.
+    """
+    xo, xn = x_old.double(), x_new.double()
+    mo, mn = xo.mean(0), xn.mean(0)
+    xoc, xnc = xo - mo, xn - mn
+    g = xnc.T @ xnc
+    gr = _ridge(g, ridge)
+    rhs = xnc.T @ xoc
+    if prior is not None:
+        rhs = rhs + (gr - g).diagonal()[:, None] * prior.double().to(rhs.device)
+    t = torch.linalg.solve(gr, rhs)
+    return t, mo - mn @ t
+
+
+def relative_error(y_old: torch.Tensor, y_new: torch.Tensor) -> float:
+    """|dY - mean(dY)| / |Y_old - mean(Y_old)| over rows (outputs as columns)."""
+    yo, yn = y_old.double(), y_new.double()
+    d = yn - yo
+    num = (d - d.mean(0)).norm()
+    den = (yo - yo.mean(0)).norm().clamp_min(1e-30)
+    return float(num / den)
+
+
+@dataclass
+class RemovalOrder:
+    """Greedy removal sequence of one site (blocks of neurons, cheapest first).
+
+    Attributes:
+        blocks: the neuron indices removed at each step, in order.
+        cost: cumulative output error (squared, summed over consumers) after each block.
+        energy: the consumers' total centred output energy (squared), the error's denominator.
+    """
+
+    blocks: list[torch.Tensor]
+    cost: list[float]
+    energy: float
+
+    def rel_error(self, n_blocks: int) -> float:
+        if n_blocks == 0:
+            return 0.0
+        return math.sqrt(max(self.cost[n_blocks - 1], 0.0) / max(self.energy, 1e-30))
+
+    def removed(self, n_blocks: int) -> torch.Tensor:
+        if n_blocks == 0:
+            return torch.zeros(0, dtype=torch.long)
+        return torch.cat(self.blocks[:n_blocks])
+
+
+def obs_removal_order(cap: SiteCapture, eligible: torch.Tensor, floor: int, ridge: float = 1e-3,
+                      max_error: float | None = None, block_frac: float = 0.01) -> RemovalOrder:
+    """Remove eligible neurons cheapest-first, blocks of ``block_frac`` of the width, down to ``floor``.
+
+    The order does not depend on ``max_error``: the budget only says where to stop computing
+    (the first block whose cumulative error passes it is still recorded), so a larger budget
+    always keeps a prefix at least as long, i.e. never a wider site. Each consumer keeps its own
+    inverse Gram H = (X^T X + ridge)^-1 and its own compensated weights; a block B costs
+    sum_consumers tr(W_B H_BB^-1 W_B^T) and updates W <- W - W_B H_BB^-1 H_B., H <- H - H_.B H_BB^-1 H_B.
+    """
+    width = int(cap.inputs[0].shape[1])
+    hs, ws = [], []
+    energy = 0.0
+    for x, w in zip(cap.inputs, cap.weights):
+        g = centred_gram(x)
+        energy += float(((w @ g) * w).sum())
+        hs.append(torch.linalg.inv(_ridge(g, ridge)))
+        ws.append(w.clone())
+    alive = torch.ones(width, dtype=torch.bool)
+    allowed = eligible.clone().bool()
+    blocks: list[torch.Tensor] = []
+    costs: list[float] = []
+    total = 0.0
+    budget = None if max_error is None else float(max_error) ** 2 * energy
+    while True:
+        n_alive = int(alive.sum())
+        room = n_alive - int(floor)
+        cand = alive & allowed
+        n_cand = int(cand.sum())
+        if room <= 0 or n_cand == 0:
+            break
+        score = torch.zeros(width, dtype=torch.float64)
+        for h, w in zip(hs, ws):
+            score += (w * w).sum(0) / h.diagonal().clamp_min(1e-300)
+        score[~cand] = float("inf")
+        b = max(1, min(room, n_cand, int(block_frac * n_alive)))
+        blk = torch.topk(score, b, largest=False).indices.sort().values
+        step = 0.0
+        for i, (h, w) in enumerate(zip(hs, ws)):
+            hbb_inv = torch.linalg.inv(h[blk][:, blk])
+            wb = w[:, blk]
+            step += float(((wb @ hbb_inv) * wb).sum())
+            hb = h[blk, :]
+            w -= (wb @ hbb_inv) @ hb
+            h -= h[:, blk] @ hbb_inv @ hb
+            w[:, blk] = 0.0
+            h[blk, :] = 0.0
+            h[:, blk] = 0.0
+            h[blk, blk] = 1.0
+        total += max(step, 0.0)
+        alive[blk] = False
+        blocks.append(blk)
+        costs.append(total)
+        if budget is not None and total > budget:
+            break
+    return RemovalOrder(blocks=blocks, cost=costs, energy=energy)
