@@ -62,3 +62,98 @@ class Stopwatch:
 
     def get(self, name: str) -> float:
         return self.totals.get(name, 0.0)
+
+
+# ---------------------------------------------------------------------------- measured latency
+
+
+def _latency_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, optimizer) -> None:
+    if optimizer is None:  # forward only, as at inference
+        with torch.no_grad():
+            model(x)
+        return
+    out = model(x)
+    loss = torch.nn.functional.cross_entropy(out, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def _latency_setup(model: nn.Module, input_shape, batch_size: int, mode: str, seed: int):
+    import copy
+
+    if mode not in ("forward", "train"):
+        raise ValueError(f"measure_latency: mode must be forward or train, got {mode!r}")
+    if int(batch_size) < 1:
+        raise ValueError(f"measure_latency: batch_size must be >= 1, got {batch_size}")
+    p = next(model.parameters())
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((int(batch_size), *input_shape), generator=g).to(device=p.device, dtype=p.dtype)
+    if mode == "forward":
+        m = model
+        m_was_training = m.training
+        m.eval()
+        return m, x, None, None, m_was_training
+    m = copy.deepcopy(model)  # a training step changes the weights: never the caller's
+    m.train()
+    with torch.no_grad():
+        n_out = m(x[:1]).shape[1]
+    y = torch.randint(0, n_out, (int(batch_size),), generator=g).to(p.device)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    return m, x, y, opt, None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def compare_latency(models: dict[str, nn.Module], input_shape, batch_size: int = 256, mode: str = "forward",
+                    repeats: int = 20, warmup: int = 3, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Measured time of one forward pass (``mode="forward"``, eval mode, no grad) or one training
+    step (``"train"``: forward, cross-entropy, backward, Adam step, on a copy of the model) of
+    each model, side by side: the models take turns, one call each per round, so that a busy
+    machine slows them alike.
+
+    Args:
+        models: name -> model (all take inputs of per-sample shape ``input_shape``).
+        batch_size: samples per call.
+        repeats: timed rounds (after ``warmup`` untimed ones).
+
+    Returns:
+        name -> ``{"median_ms", "min_ms", "p90_ms", "batch_size", "per_sample_us"}``.
+    """
+    import statistics
+
+    setups = {k: _latency_setup(m, input_shape, batch_size, mode, seed) for k, m in models.items()}
+    times: dict[str, list[float]] = {k: [] for k in models}
+    try:
+        for r in range(int(warmup) + int(repeats)):
+            for k, (m, x, y, opt, _) in setups.items():
+                dev = x.device
+                _sync(dev)
+                t0 = time.perf_counter()
+                _latency_step(m, x, y, opt)
+                _sync(dev)
+                if r >= warmup:
+                    times[k].append(time.perf_counter() - t0)
+    finally:
+        for m, _, _, _, was_training in setups.values():
+            if was_training is not None:
+                m.train(was_training)
+    out = {}
+    for k, ts in times.items():
+        ts = sorted(ts)
+        med = statistics.median(ts)
+        out[k] = {"median_ms": 1e3 * med, "min_ms": 1e3 * ts[0], "p90_ms": 1e3 * ts[int(0.9 * (len(ts) - 1))],
+                  "batch_size": int(batch_size), "per_sample_us": 1e6 * med / int(batch_size)}
+    return out
+
+
+def measure_latency(model: nn.Module, input_shape, batch_size: int = 256, mode: str = "forward",
+                    repeats: int = 20, warmup: int = 3, seed: int = 0) -> dict[str, float]:
+    """Measured latency of one model: :func:`compare_latency` with a single contender.
+
+    Speed claims compare models measured side by side; use :func:`compare_latency` for that.
+    """
+    return compare_latency({"model": model}, input_shape, batch_size, mode, repeats, warmup, seed)["model"]

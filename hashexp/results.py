@@ -3,6 +3,7 @@
     python -m hashexp.results                         # everything under $HASHEXP_OUTPUTS or outputs/
     python -m hashexp.results outputs --sweep latest  # only the newest multirun
     python -m hashexp.results outputs/multirun/2026-11-28 --since 2026-11-28 --out /tmp/tables --no-plots
+    python -m hashexp.results outputs --latency 256     # + measured forward latency of each model.pt
 
 A run dir is any directory holding .hydra/, metrics.json or status.json. Each finished run
 (metrics.json) is paired with the vanilla run (hashing=none) of the same dataset, model, initial
@@ -63,13 +64,14 @@ VANILLA = "none"
 RUN_FIELDS = [
     "run_dir", "sweep_dir", "date", "status", "superseded", "error", "dataset", "model", "method", "hashing",
     "schedule", "tag", "variant", "seed", "epochs", "steps", "test_acc", "train_acc", "majority_acc", "acc_delta",
-    "flops", "params", "flops_reduction", "params_reduction", "wall_speedup", "train_speedup", "wall_time_s",
-    "train_time_s", "hash_time_s", "eval_time_s", "rehashes", "peak_rss_mb", "world_size", "widths",
+    "flops", "params", "flops_reduction", "params_reduction", "latency_ms", "latency_speedup", "wall_speedup",
+    "train_speedup", "wall_time_s", "train_time_s", "hash_time_s", "eval_time_s", "rehashes", "peak_rss_mb",
+    "world_size", "widths",
     "widths_before", "vanilla_dir", "groups", "overrides", "command",
 ]
 _AGG = ["test_acc", "train_acc", "majority_acc", "acc_delta", "flops", "params", "flops_reduction",
-        "params_reduction", "wall_speedup", "train_speedup", "wall_time_s", "train_time_s", "hash_time_s",
-        "rehashes", "peak_rss_mb"]
+        "params_reduction", "latency_ms", "latency_speedup", "wall_speedup", "train_speedup", "wall_time_s",
+        "train_time_s", "hash_time_s", "rehashes", "peak_rss_mb"]
 
 
 # ---------------------------------------------------------------------------- discovery
@@ -283,7 +285,8 @@ def latest_sweep(paths: Iterable[str]) -> str | None:
 
 
 def collect_runs(paths: Sequence[str], sweep: str | None = None, since: str | None = None,
-                 until: str | None = None) -> list[dict[str, Any]]:
+                 until: str | None = None, latency_batch: int | None = None,
+                 latency_repeats: int = 20) -> list[dict[str, Any]]:
     """All runs under ``paths`` (ok, failed and unfinished), finished ones paired with vanilla.
 
     Args:
@@ -292,11 +295,15 @@ def collect_runs(paths: Sequence[str], sweep: str | None = None, since: str | No
             vanilla twins are still looked up in all of ``paths``.
         since, until: keep runs started on or after / on or before this date (YYYY-MM-DD), taken
             from the run dir's name, else its mtime.
+        latency_batch: measure every finished run's forward latency (``latency_ms``) at this batch
+            size from its model.pt, all models side by side in this process (see
+            :func:`measure_latencies`); None: only where metrics.json already has ``latency_ms``.
+        latency_repeats: timed rounds for that measurement.
     Returns:
         one dict per run, with metrics.json's keys plus run_dir, sweep_dir, date, status, error,
         overrides, command, config (the flattened .hydra/config.yaml), method, variant and, where
         a vanilla twin exists, vanilla_dir, flops_reduction, params_reduction, wall_speedup,
-        train_speedup and acc_delta.
+        train_speedup, acc_delta and (with latencies) latency_speedup.
     """
     paths = list(paths)
     if sweep == "latest":
@@ -309,6 +316,8 @@ def collect_runs(paths: Sequence[str], sweep: str | None = None, since: str | No
         sweep = os.path.abspath(sweep)
         paths = paths + [sweep]
     runs = [load_run(d) for d in find_run_dirs(paths)]
+    if latency_batch is not None:
+        measure_latencies(runs, int(latency_batch), repeats=latency_repeats)
     _pair(runs)
     _label(runs)
     lo, hi = _parse_date(since), _parse_date(until, end=True)
@@ -323,6 +332,35 @@ def collect_runs(paths: Sequence[str], sweep: str | None = None, since: str | No
         keep.append(r)
     _mark_superseded(keep)
     return keep
+
+
+def measure_latencies(runs: list[dict], batch_size: int = 256, repeats: int = 20) -> None:
+    """Set ``latency_ms`` (median forward time of one batch of ``batch_size``, eval mode, no
+    autograd) and ``latency_batch`` on every finished run that has a model.pt and no
+    ``latency_ms`` of its own, measuring all of their models side by side in this process
+    (:func:`hashexp.metrics.compare_latency`: the models take turns, so a busy machine slows
+    them alike). Runs without a model.pt keep ``latency_ms`` unset."""
+    import torch
+
+    from hashexp.metrics import compare_latency
+    from hashexp.models import load_model
+
+    by_shape: dict[tuple, dict[str, Any]] = defaultdict(dict)
+    for r in runs:
+        path = os.path.join(r["run_dir"], "model.pt")
+        if r["status"] != "ok" or r.get("latency_ms") is not None or not os.path.isfile(path):
+            continue
+        try:
+            shape = tuple(torch.load(path, map_location="cpu", weights_only=True)["input_shape"])
+            by_shape[shape][r["run_dir"]] = load_model(path)
+        except Exception as e:  # a damaged model.pt is listed, not fatal
+            r["error"] = (r.get("error") or "") + f" latency not measured: {type(e).__name__}: {e}"
+    byd = {r["run_dir"]: r for r in runs}
+    for shape, models in by_shape.items():
+        res = compare_latency(models, shape, batch_size, "forward", repeats=repeats)
+        for d, m in res.items():
+            byd[d]["latency_ms"] = m["median_ms"]
+            byd[d]["latency_batch"] = int(batch_size)
 
 
 # ---------------------------------------------------------------------------- pairing
@@ -401,6 +439,7 @@ def _pair(runs: list[dict]) -> None:
         r["params_reduction"] = _ratio(v.get("params"), r.get("params"))
         r["wall_speedup"] = _ratio(v.get("wall_time_s"), r.get("wall_time_s"))
         r["train_speedup"] = _ratio(v.get("train_time_s"), r.get("train_time_s"))
+        r["latency_speedup"] = _ratio(v.get("latency_ms"), r.get("latency_ms"))
         try:
             r["acc_delta"] = float(r["test_acc"]) - float(v["test_acc"])
         except (KeyError, TypeError, ValueError):
@@ -499,7 +538,8 @@ def summarize(runs: Sequence[dict]) -> list[dict[str, Any]]:
 
     Each row has dataset, model, method, tag, variant, n (runs), seeds, n_paired (runs with a
     vanilla twin), <metric>_mean and <metric>_std for test_acc, train_acc, majority_acc,
-    acc_delta, flops, params, flops_reduction, params_reduction, wall_speedup, train_speedup,
+    acc_delta, flops, params, flops_reduction, params_reduction, latency_ms, latency_speedup,
+    wall_speedup, train_speedup,
     wall_time_s, train_time_s, hash_time_s, rehashes, peak_rss_mb; widths (final, mean per
     site), widths_before and command (reruns the row as one multirun).
     """
@@ -579,8 +619,10 @@ def markdown_table(rows: Sequence[dict]) -> str:
     has_tag = any(r.get("tag") for r in rows)
     has_var = any(r.get("variant") for r in rows)
     head = ["dataset", "model", "method"] + (["tag"] if has_tag else []) + (["variant"] if has_var else [])
-    head += ["seeds", "test acc", "majority", "Δacc vs vanilla", "FLOPs", "FLOPs ↓", "params ↓",
-             "wall speedup", "train speedup", "hash s", "final widths"]
+    has_lat = any(r.get("latency_ms_mean") is not None for r in rows)
+    head += ["seeds", "test acc", "majority", "Δacc vs vanilla", "FLOPs", "FLOPs ↓"]
+    head += ["latency ms", "latency ↓"] if has_lat else []
+    head += ["params ↓", "wall speedup", "train speedup", "hash s", "final widths"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         cells = [r["dataset"], r["model"], f"**{r['method']}**" if r["method"] == VANILLA else r["method"]]
@@ -595,6 +637,11 @@ def markdown_table(rows: Sequence[dict]) -> str:
             _pm(r["acc_delta_mean"], r["acc_delta_std"], "{:+.4f}"),
             _si(r["flops_mean"]),
             _pm(r["flops_reduction_mean"], r["flops_reduction_std"], "{:.2f}", "×"),
+        ]
+        if has_lat:
+            cells += [_pm(r.get("latency_ms_mean"), r.get("latency_ms_std"), "{:.3g}"),
+                      _pm(r.get("latency_speedup_mean"), r.get("latency_speedup_std"), "{:.2f}", "×")]
+        cells += [
             _pm(r["params_reduction_mean"], r["params_reduction_std"], "{:.2f}", "×"),
             _pm(r["wall_speedup_mean"], r["wall_speedup_std"], "{:.2f}", "×"),
             _pm(r["train_speedup_mean"], r["train_speedup_std"], "{:.2f}", "×"),
@@ -623,11 +670,14 @@ def report_markdown(runs: Sequence[dict], rows: Sequence[dict], plots: Sequence[
     ok = [r for r in runs if r["status"] == "ok"]
     n_bad = sum(1 for r in runs if r["status"] != "ok")
     n_sup = sum(1 for r in ok if r.get("superseded"))
+    lat = sorted({r["latency_batch"] for r in ok if r.get("latency_batch")})
     parts = ["# hashexp results", "",
              f"{len(ok)} finished runs ({n_sup} superseded by a newer run of the same group and seed), "
              f"{n_bad} failed or unfinished. Mean ± std over seeds. FLOPs are forward FLOPs per sample of "
              "the final network; ↓ = vanilla / run, speedup = vanilla time / run time, both against the "
-             "vanilla run (hashing=none) of the same dataset, model, initial widths, epochs and seed.", "",
+             "vanilla run (hashing=none) of the same dataset, model, initial widths, epochs and seed." + (
+                 f" Latency: measured forward time of the final model.pt at batch {lat[0]} (median; all models "
+                 "side by side in one process; latency ↓ = vanilla / run)." if lat else ""), "",
              markdown_table(rows), "## Failed / unfinished", "", problems_section(runs)]
     cmds = [(i, r) for i, r in enumerate(rows, 1) if r.get("command")]
     if cmds:
@@ -952,6 +1002,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--until", help="only runs started on or before YYYY-MM-DD")
     p.add_argument("--out", help="where results.md/.csv, runs.csv and plots go (default: <first path>/results)")
     p.add_argument("--no-plots", action="store_true", help="tables only")
+    p.add_argument("--latency", type=int, nargs="?", const=256, metavar="BATCH",
+                   help="measure each run's forward latency from its model.pt at this batch size (default 256), "
+                        "all models side by side, and add latency columns")
     a = p.parse_args(argv)
     default_root = os.environ.get("HASHEXP_OUTPUTS", "outputs")
     paths = a.paths or [default_root]
@@ -963,7 +1016,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"(e.g. python -m hashexp.results outputs)", file=sys.stderr)
             return 2
     try:
-        runs = collect_runs(paths, sweep=a.sweep, since=a.since, until=a.until)
+        if a.latency is not None and a.latency < 1:
+            raise ValueError(f"--latency must be a batch size >= 1, got {a.latency}")
+        runs = collect_runs(paths, sweep=a.sweep, since=a.since, until=a.until, latency_batch=a.latency)
     except (FileNotFoundError, ValueError) as e:
         print(f"hashexp.results: error: {e}", file=sys.stderr)
         return 2
