@@ -42,6 +42,9 @@ from hashexp.merge.sites import MergeSite
 DEFAULT_SAMPLES = 1024
 #: rows of conv features kept per consumer (sampled spatial positions over all samples)
 MAX_CONV_ROWS = 8192
+#: calibration samples a site with conv consumers runs: their spatial positions already give far
+#: more rows than MAX_CONV_ROWS, and a conv forward is the expensive part of a rehash
+CONV_SAMPLES = 256
 
 
 def calibration_index(n_train: int, samples: int, seed: int) -> torch.Tensor:
@@ -109,6 +112,8 @@ def capture_site(model: nn.Module, site: MergeSite, x: torch.Tensor, seed: int =
     """
     cap = SiteCapture()
     cons = [c.module for c in site.consumers]
+    if any(isinstance(m, nn.modules.conv._ConvNd) for m in cons):
+        x = x[:CONV_SAMPLES]
     k_of = {id(m): k for k, m in enumerate(cons)}
     n = len(cons)
     cap.inputs, cap.outputs, cap.weights = [None] * n, [None] * n, [None] * n  # type: ignore[list-item]

@@ -149,7 +149,10 @@ class Compressor:
                               "the trainer and hashexp.compress pass them, or choose hashing.compensation=weights")
         main = dist is None or dist.is_main
         reports = []
-        for idx, site in enumerate(model.merge_sites()):
+        sites = model.merge_sites()
+        # the norm after each layer (a consumer of one site is often a producer of another)
+        norm_of = {id(p.module): p.norm for s in sites for p in s.producers if p.norm is not None}
+        for idx, site in enumerate(sites):
             if names is not None and site.name not in names:
                 continue
             if self.sites is not None and site.name not in self.sites:
@@ -168,13 +171,14 @@ class Compressor:
             if plan is not None and plan.new_width < before:
                 apply_producers(site, plan, optimizer)
                 if self.compensation == "lsq":
-                    maps = self._refit(model, site, plan, cap, calib, seed, optimizer) if main else None
+                    maps = self._refit(model, site, plan, cap, calib, seed, optimizer, norm_of) if main else None
                     if dist is not None:
                         maps = dist.broadcast_object(maps)
                         if not main:
                             for cons, (t, c) in zip(site.consumers, maps["maps"]):
                                 refit_consumer(cons.module, t.to(cons.module.weight.device),
-                                               c.to(cons.module.weight.device), optimizer)
+                                               c.to(cons.module.weight.device), optimizer,
+                                               norm_of.get(id(cons.module)))
                     error = maps["error"]
                 else:
                     apply_consumers(site, plan, optimizer)
@@ -189,7 +193,7 @@ class Compressor:
         return reports
 
     def _refit(self, model, site: MergeSite, plan: MergePlan, cap: cal.SiteCapture, calib: torch.Tensor,
-               seed: int, optimizer) -> dict[str, Any]:
+               seed: int, optimizer, norm_of: Mapping[int, Any]) -> dict[str, Any]:
         """Refit the site's consumers in forward order; returns their maps and the measured error.
 
         The ridge shrinks toward the plan's weight-rule map (column i -> group labels_i with m_i).
@@ -202,7 +206,7 @@ class Compressor:
 
         def refit(k: int, module, rows: torch.Tensor) -> None:
             t, c = cal.lsq_map(cap.inputs[k].to(rows.device), rows, self.ridge, prior)
-            refit_consumer(module, t.to(rows.device), c.to(rows.device), optimizer)
+            refit_consumer(module, t.to(rows.device), c.to(rows.device), optimizer, norm_of.get(id(module)))
             maps[k] = (t.cpu(), c.cpu())
 
         after = cal.capture_site(model, site, calib, seed, before_consumer=refit)

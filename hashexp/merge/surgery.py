@@ -237,12 +237,15 @@ def _dense_map(t: torch.Tensor, tmap: torch.Tensor) -> torch.Tensor:
 
 
 def refit_consumer(module: nn.Module, tmap: torch.Tensor, shift: torch.Tensor | None,
-                   optimizer: torch.optim.Optimizer | None = None) -> None:
+                   optimizer: torch.optim.Optimizer | None = None,
+                   norm: nn.modules.batchnorm._BatchNorm | None = None) -> None:
     """Least-squares refit of one consumer: input features x_old = x_new @ tmap + shift.
 
     The weight becomes W tmap^T (every kernel position alike) and the bias b + W shift (summed
-    over kernel positions; a consumer without bias leaves the constant to the BatchNorm after
-    it). Optimizer moments follow the same map (second moments with squared coefficients).
+    over kernel positions). A consumer without bias hands the constant W shift to the BatchNorm
+    that follows it (``norm``): its running mean moves by -W shift, so eval outputs are unchanged
+    (train-mode batch statistics absorb it anyway). Optimizer moments follow the same map
+    (second moments with squared coefficients).
     """
     n_new = int(tmap.shape[0])
     with torch.no_grad():
@@ -261,9 +264,13 @@ def refit_consumer(module: nn.Module, tmap: torch.Tensor, shift: torch.Tensor | 
                         tm = tmap * tmap if "sq" in key else tmap
                         st[key] = _dense_map(val.double(), tm.double()).to(val.dtype)
                 optimizer.state[param] = st
-        if shift is not None and getattr(module, "bias", None) is not None:
+        if shift is not None:
             wsum = w.double().flatten(2).sum(2) if w.dim() > 2 else w.double()
-            module.bias.data.add_((wsum @ shift.double().to(w.device)).to(module.bias.dtype))
+            delta = wsum @ shift.double().to(w.device)
+            if getattr(module, "bias", None) is not None:
+                module.bias.data.add_(delta.to(module.bias.dtype))
+            elif norm is not None and norm.running_mean is not None:
+                norm.running_mean.sub_(delta.to(norm.running_mean.dtype))
         _set_in(module, n_new)
 
 
