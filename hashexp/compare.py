@@ -3,8 +3,10 @@
     python -m hashexp.compare [extra overrides...]
 
 Runs ``python -m hashexp -m experiment=quick_compare hashing=none,simhash`` into
-outputs/multirun/compare_<time>/ and prints FLOPs, parameters, accuracy (next to the
-majority-class accuracy) and wall-clock speedup of each method against vanilla.
+outputs/multirun/compare_<time>/, then the honest third contender: the same network trained from
+scratch at the hashed run's final widths (``hashing=none model.widths=[...]``). Prints FLOPs,
+parameters, accuracy (next to the majority-class accuracy) and wall-clock speedup of each
+against vanilla.
 """
 
 from __future__ import annotations
@@ -27,6 +29,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hashexp.compare: the multirun exited with status {rc}; partial results below", file=sys.stderr)
     from hashexp.results import collect_runs, markdown_table, summarize
 
+    hashed = [r for r in collect_runs([sweep_dir]) if r.get("hashing") == "simhash" and r.get("status") == "ok"]
+    if hashed:
+        widths = ",".join(str(w) for w in hashed[0]["widths"].values())
+        small = [sys.executable, "-m", "hashexp", "experiment=quick_compare", "hashing=none", *extra,
+                 f"model.widths=[{widths}]", f"hydra.run.dir={os.path.join(sweep_dir, 'small_from_scratch')}"]
+        print("+", " ".join(small), flush=True)
+        rc = subprocess.call(small) or rc
     runs = collect_runs([sweep_dir])
     print()
     print(markdown_table(summarize(runs)))

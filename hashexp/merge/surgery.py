@@ -1,6 +1,6 @@
 """Surgery: replace a site's neurons by group representatives, in the model and its optimizer.
 
-Merge math (DESIGN.md). Neuron i of a site has the parameter vector p_i = [w_i; b_i] (norms
+Merge math (docs/DESIGN.md). Neuron i of a site has the parameter vector p_i = [w_i; b_i] (norms
 folded in), scale s_i = |p_i| and direction u_i = p_i / s_i. With activation mass a_i:
 
 - positively homogeneous activations (ReLU): the representative of group G is
