@@ -16,7 +16,7 @@ from hashexp.data.synthetic import load_synthetic
 from hashexp.errors import ConfigError
 from hashexp.merge.compressor import HashCompressor
 from hashexp.models import build_model
-from hashexp.schedule import DriftSchedule, FixedSchedule, PerLayerSchedule
+from hashexp.schedule import DriftSchedule, FixedSchedule, GradualSchedule, PerLayerSchedule
 from hashexp.train import Trainer
 
 MLP = {"_target_": "hashexp.models.mlp.MLP"}
@@ -266,3 +266,25 @@ def test_per_layer_and_drift_run_in_the_app(tmp_path):
     assert [r["step"] for r in drift[:4]] == ["5", "5", "10", "10"]
     assert {r["drift/site"] for r in drift} == {"fc1", "fc2"}
     assert all(0.0 <= float(r["drift/bit_flip"]) <= 1.0 and 0.0 <= float(r["drift/partner_frac"]) <= 1.0 for r in drift)
+
+
+# ------------------------------------------------------------------------------ gradual
+def test_gradual_targets_are_reached_at_the_scheduled_steps(tmp_path):
+    """Cubic ramp 32 -> 8 over steps 5..45 every 10: targets 32, 22, 15, 10, 8 (hand-computed)."""
+    from hashexp.merge.compressor import MagnitudePruner
+
+    sched = GradualSchedule(start=5, end=45, every=10, final_ratio=0.25)
+    # w(t) = 8 + 24 (1 - p)^3, p = (t - 5) / 40: t=5 -> 32, 15 -> 8 + 24 * 0.421875 = 18.125 -> 18,
+    # 25 -> 8 + 24 * 0.125 = 11, 35 -> 8 + 24 * 0.015625 = 8.375 -> 8, 45 -> 8
+    tr = tiny_trainer(tmp_path, MagnitudePruner(target_ratio=None, min_width=1), sched, epochs=3)
+    tr.fit()
+    assert steps_of(tr)["fc1"] == [5, 15, 25, 35, 45]
+    assert [e["after"]["fc1"] for e in tr.rehash_log] == [32, 18, 11, 8, 8]
+    assert [e["after"]["fc2"] for e in tr.rehash_log] == [32, 18, 11, 8, 8]
+    lin = GradualSchedule(start=0, end=100, every=50, final_width={"fc1": 10}, shape="linear")
+    lin.initial = {"fc1": 50}
+    assert [lin.target("fc1", t) for t in (0, 50, 100, 150)] == [50, 30, 10, 10]
+    with pytest.raises(ConfigError, match="0 <= start < end"):
+        GradualSchedule(start=10, end=10)
+    with pytest.raises(ConfigError, match="shape='quadratic'"):
+        GradualSchedule(shape="quadratic")
