@@ -11,8 +11,8 @@ import torch
 
 from hashexp.errors import ConfigError
 from hashexp.lsh import SimHash
-from hashexp.lsh.params import (bit_agreement, choose_bits_tables, collision_probability,
-                                expected_background_pairs, tables_for_recall)
+from hashexp.lsh.params import (bit_agreement, choose_bits_tables, collision_probability, crossover_width,
+                                exact_cost, expected_background_pairs, lsh_cost, tables_for_recall)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -117,3 +117,17 @@ def test_chosen_parameters_reach_the_recall_on_pairs_at_the_threshold():
     p = collision_probability(0.9, K, L)
     assert p >= 0.95
     assert recall >= p - 4 * math.sqrt(p * (1 - p) / 2000)
+
+
+def test_crossover_width_values_and_its_defining_property():
+    assert exact_cost(1000, 256) == 499500 * 256
+    cases = {(0.9, 256): 883, (0.7, 256): 14817, (0.9, 1024): 572, (0.5, 256): 757076}
+    for (t, d), expected in cases.items():
+        n = crossover_width(t, dim=d)
+        assert n == expected
+        for m, wins in ((n, True), (n - 1, False)):  # LSH is modelled cheaper at n, not at n - 1
+            k, _ = choose_bits_tables(t, m, dim=d)
+            assert (lsh_cost(t, m, k, dim=d) < exact_cost(m, d)) is wins
+    # a looser threshold needs more tables, so exact stays cheaper up to far larger sites
+    assert crossover_width(0.95) < crossover_width(0.9) < crossover_width(0.8) < crossover_width(0.7)
+    assert crossover_width(0.3, max_width=1 << 12) == 1 << 12  # never below the cap: the cap

@@ -29,6 +29,11 @@ The rule (:func:`choose_bits_tables`) has two steps:
    dimension (memory-bound, where the matmul is compute-bound). The modelled cost times
    ~0.06 ns per multiply-add came within 15% of the measured wall time at 1e5 and 1e6.
 
+:func:`crossover_width` compares that cost with the exact alternative, a blocked Gram matrix of
+all N(N-1)/2 pairs (``EXACT_COST`` per pair and dimension: it runs at matmul speed), and
+returns the width above which LSH is modelled to be cheaper: 883 neurons at cosine 0.9 and
+14,817 at 0.7 (d = 256). Measured side by side (bench_crossover.md): ~330 and ~18,000.
+
 At cosine 0.9, recall 0.95 and d = 256 this gives K x L = 11 x 15 at 1e3 neurons, 14 x 25 at
 1e4, 18 x 48 at 1e5 and 21 x 77 at 1e6 (see the tests). The rule assumes one shared bucket
 suffices (``min_tables = 1``) and unrelated neurons at cosine ``background_cos``; a layer
@@ -46,6 +51,8 @@ from hashexp.errors import ConfigError
 # candidate pair, each in multiply-adds of the fingerprint matmul; see the module docstring.
 TABLE_COST = 2500.0
 VERIFY_COST = 40.0
+# Cost of one dimension of one pair of the exact blocked Gram matrix, in the same units.
+EXACT_COST = 1.0
 
 
 def bit_agreement(cos: float) -> float:
@@ -119,3 +126,39 @@ def choose_bits_tables(threshold: float, width: int, recall: float = 0.95, dim: 
     best = min(range(1, int(max_bits) + 1),
                key=lambda k: (lsh_cost(threshold, width, k, recall, dim, background_cos), k))
     return best, tables_for_recall(threshold, best, recall)
+
+
+def exact_cost(width: int, dim: int = 256) -> float:
+    """Modelled cost of the exact alternative: every pair's cosine by a blocked Gram matrix."""
+    n = float(width)
+    return n * (n - 1) / 2 * dim * EXACT_COST
+
+
+def crossover_width(threshold: float, dim: int = 256, recall: float = 0.95, background_cos: float = 0.0,
+                    max_width: int = 1 << 40) -> int:
+    """Smallest width N at which LSH with :func:`choose_bits_tables`' K and L is modelled to be
+    cheaper than the exact all-pairs Gram matrix (:func:`exact_cost`): use exact below it.
+
+    The modelled cost ratio LSH / exact falls with N (LSH grows ~N^1+rho, exact N^2); the
+    width is found by doubling, then bisection. Returns ``max_width`` if LSH never wins below it.
+    """
+
+    def lsh_wins(n: int) -> bool:
+        k, _ = choose_bits_tables(threshold, n, recall, dim, background_cos)
+        return lsh_cost(threshold, n, k, recall, dim, background_cos) < exact_cost(n, dim)
+
+    hi = 2
+    while not lsh_wins(hi):
+        if hi >= max_width:
+            return int(max_width)
+        hi *= 2
+    lo = max(2, hi // 2)
+    if lsh_wins(lo):
+        return lo
+    while hi - lo > 1:  # lsh_wins(hi) and not lsh_wins(lo)
+        mid = (lo + hi) // 2
+        if lsh_wins(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
