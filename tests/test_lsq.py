@@ -292,3 +292,33 @@ def test_a_constant_channel_goes_into_the_next_batchnorm_of_a_bias_free_conv():
     err_lsq, err_plain = rel_err(m(x).detach(), y0), rel_err(pruned(x).detach(), y0)
     # measured: consumer error 0.25 (all of it at the borders), network output 0.015 vs 0.215 pruned
     assert reps[0]["error"] < 0.3 and err_lsq < 0.3 * err_plain, (reps, err_lsq, err_plain)
+
+
+def test_neuron_merging_folds_a_rescaled_conv_bn_channel_exactly():
+    """Conv+BN sites: the BN-folded filter of channel 5 is 0.1x channel 2's, so it has the smallest
+    L1 norm, is pruned, and folds into channel 2 with m = 0.1: the eval output is unchanged."""
+    torch.manual_seed(0)
+    m = build_model({"_target_": "hashexp.models.resnet.ResNet20"}, (3, 12, 12), 10)
+    m.eval()
+    conv, bn = m.layer1[0].conv1, m.layer1[0].bn1
+    with torch.no_grad():
+        conv.weight[5] = conv.weight[2]
+        bn.running_mean[5], bn.running_var[5] = bn.running_mean[2], bn.running_var[2]
+        bn.weight[5], bn.bias[5] = 0.1 * bn.weight[2], 0.1 * bn.bias[2]
+    x = torch.randn(32, 3, 12, 12)
+    y0 = m(x).detach()
+    NeuronMerging(target_width=15, threshold=0.99).compress(m, ["layer1.0.inner"], None, None, step=0)
+    assert m.widths()["layer1.0.inner"] == 15
+    assert rel_err(m(x).detach(), y0) < 1e-5
+
+
+def test_learnable_hash_proposes_candidates_for_lsq():
+    from hashexp.merge.learnable import LearnableHashCompressor
+
+    m = planted_mlp("relu")
+    x = torch.randn(512, 12)
+    y0 = m(x).detach()
+    comp = LearnableHashCompressor(bits=4, tables=8, min_width=1, seed=0, updates=5, max_error=1e-4, ridge=1e-8)
+    reps = comp.compress(m, None, None, None, step=0, calib=x)
+    assert m.widths() == {"fc1": 35, "fc2": 27} and all(r["error"] < 1e-4 for r in reps)
+    assert rel_err(m(x).detach(), y0) < 1e-4
