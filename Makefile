@@ -51,6 +51,7 @@ run: install data
 	$(PY) -m hashexp.compare
 
 results-table: install
+	@mkdir -p outputs
 	$(PY) -m hashexp.results outputs
 
 bench-deps: install

@@ -226,7 +226,10 @@ class Trainer:
         self.model = model.to(self.device)
         self.data = data.to(self.device)
         self.make_optimizer = optimizer
-        self.optimizer = optimizer(self.model.parameters())
+        try:
+            self.optimizer = optimizer(self.model.parameters())
+        except (TypeError, ValueError) as e:  # e.g. trainer.optimizer.lr=abc
+            raise ConfigError(f"trainer.optimizer: {e}; check its values (lr, momentum, weight_decay, ...)") from None
         self._lr_factory = lr_schedule
         self.lr_schedule = lr_schedule(self.optimizer) if lr_schedule is not None else None
         self.epochs, self.batch_size, self.eval_batch_size = int(epochs), int(batch_size), int(eval_batch_size)
@@ -418,6 +421,17 @@ class Trainer:
         if not isinstance(ck, dict) or ck.get("format") != "hashexp.checkpoint/1":
             raise DataError(f"{path} is not a hashexp checkpoint")
         spec = ck["model"]
+        mine = getattr(self.model, "_hashexp_spec", None)
+        if mine is not None:
+            ck_cfg = (spec["target"], spec["kwargs"], list(spec["input_shape"]), int(spec["num_classes"]))
+            my_cfg = (mine["target"], mine["kwargs"], list(mine["input_shape"]), int(mine["num_classes"]))
+            if ck_cfg != my_cfg:
+                raise ConfigError(f"trainer.resume={path}: the checkpoint holds {spec['target'].rsplit('.', 1)[-1]}"
+                                  f"({spec['kwargs']}) for inputs {list(spec['input_shape'])} and "
+                                  f"{spec['num_classes']} classes, but this run builds "
+                                  f"{mine['target'].rsplit('.', 1)[-1]}({mine['kwargs']}) for inputs "
+                                  f"{list(mine['input_shape'])} and {mine['num_classes']} classes; resume with the "
+                                  "checkpoint's model and dataset settings")
         model = build_model({"_target_": spec["target"], **spec["kwargs"]}, spec["input_shape"], spec["num_classes"],
                             site_widths=spec["widths"])
         model.load_state_dict(spec["state_dict"])

@@ -188,3 +188,19 @@ def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("hashexp: error: checkpoint") and "unreadable" in lines[0], res.stderr
     assert json.loads((run / "status.json").read_text())["status"] == "failed"
     assert not (run / "metrics.json").exists()
+
+
+def test_resume_refuses_another_model_or_input_size_and_bad_optimizer_values_are_one_error(tmp_path):
+    from hashexp.app import train_run
+    from hashexp.errors import ConfigError
+
+    train_run(compose([*MID_RUN, "trainer.epochs=1"]), str(tmp_path / "a"))
+    ck = tmp_path / "a"
+    with pytest.raises(ConfigError, match=r"the checkpoint holds MLP\(.*'widths': \[48, 48\].*this run builds "
+                                          r"MLP\(.*'widths': \[64, 64\]"):
+        train_run(compose([*MID_RUN, "model.widths=[64,64]", f"trainer.resume={ck}"]), str(tmp_path / "b"))
+    with pytest.raises(ConfigError, match=r"for inputs \[20\] .* for inputs \[16\]"):
+        train_run(compose([*MID_RUN, "dataset.n_features=16", f"trainer.resume={ck}"]), str(tmp_path / "c"))
+    assert not (tmp_path / "b" / "metrics.json").exists() and (ck / "metrics.json").exists()
+    with pytest.raises(ConfigError, match="trainer.optimizer: .*check its values"):
+        train_run(compose([*MID_RUN, "trainer.optimizer.lr=abc"]), str(tmp_path / "d"))
