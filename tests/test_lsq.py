@@ -322,3 +322,14 @@ def test_learnable_hash_proposes_candidates_for_lsq():
     reps = comp.compress(m, None, None, None, step=0, calib=x)
     assert m.widths() == {"fc1": 35, "fc2": 27} and all(r["error"] < 1e-4 for r in reps)
     assert rel_err(m(x).detach(), y0) < 1e-4
+
+
+def test_the_default_budget_is_the_models():
+    from conftest import compose
+
+    assert compose(["hashing=simhash"]).hashing.max_error == 0.02
+    assert compose(["model=resnet20", "hashing=simhash"]).hashing.max_error == 0.1
+    assert compose(["model=resnet20", "hashing=simhash", "hashing.max_error=0.3"]).hashing.max_error == 0.3
+    assert compose(["model=resnet18", "hashing=learnable"]).hashing.max_error == 0.1
+    m = build_model(compose(["model=resnet20"]).model, (3, 12, 12), 10)
+    assert "merge_budget" not in m._hashexp_spec["kwargs"]

@@ -23,6 +23,7 @@ def build_model(cfg: DictConfig | Mapping, input_shape, num_classes: int,
     """Instantiate ``cfg._target_`` with the dataset's input shape and class count."""
     kwargs = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     target = kwargs.pop("_target_", None)
+    kwargs.pop("merge_budget", None)  # read by the hashing config (hashing.max_error), not the model
     if target is None:
         raise ConfigError("model config has no _target_; pick one with model=mlp or model=resnet20")
     try:
