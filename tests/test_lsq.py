@@ -333,3 +333,26 @@ def test_the_default_budget_is_the_models():
     assert compose(["model=resnet18", "hashing=learnable"]).hashing.max_error == 0.1
     m = build_model(compose(["model=resnet20"]).model, (3, 12, 12), 10)
     assert "merge_budget" not in m._hashexp_spec["kwargs"]
+
+
+def test_round_to_gives_multiples_never_more_than_n_minus_1_above_the_budget_width():
+    import copy
+
+    base, data = _trained_mlp(widths=(64, 50))
+    calib = data.x_train[:512]
+    for budget in (0.05, 0.2):
+        free, rounded = copy.deepcopy(base), copy.deepcopy(base)
+        lsq(candidates="exact", max_error=budget, ridge=1e-3).compress(free, None, None, None, step=0, calib=calib)
+        reps = lsq(candidates="exact", max_error=budget, ridge=1e-3, round_to=8).compress(
+            rounded, None, None, None, step=0, calib=calib)
+        for k in ("fc1", "fc2"):
+            w, f = rounded.widths()[k], free.widths()[k]
+            assert w % 8 == 0 or w == base.widths()[k], (k, w)
+            assert f <= w <= f + 7, (k, f, w)
+        assert all(r["error"] <= budget + 1e-6 for r in reps)
+    # targets round up as well: 0.3 of 50 is 15 -> 16
+    m = copy.deepcopy(base)
+    MagnitudePruner(target_ratio=0.3, round_to=8).compress(m, None, None, None, step=0)
+    assert m.widths() == {"fc1": 24, "fc2": 16}
+    with pytest.raises(ConfigError, match="round_to must be an integer >= 1"):
+        MagnitudePruner(target_ratio=0.3, round_to=0)

@@ -64,6 +64,8 @@ class Compressor:
         sites: restrict compression to these site names (None: all).
         seed: seeds every random choice (hash projections, random groups).
         window: batches of activation statistics kept for representatives.
+        round_to: a site that changes ends at a multiple of this width (1: any width); the error
+            budget and targets are rounded up, never down, so it costs at most round_to - 1 neurons.
         compensation: how consumers absorb a merge: ``lsq`` (ridge least squares on the
             calibration set), ``weights`` (the data-free s_i c_i / s_r rule) or ``none``.
         calib_samples: training samples in the calibration set, drawn by the trainer with the run
@@ -76,7 +78,8 @@ class Compressor:
     def __init__(self, target_ratio: float | None = None, target_width: int | Mapping[str, int] | None = None,
                  min_width: int | Mapping[str, int] = 1, width_plan: str | None = None,
                  sites: list[str] | None = None, seed: int = 0, window: int = 50, name: str | None = None,
-                 compensation: str = "lsq", calib_samples: int | None = None, ridge: float = 1e-3) -> None:
+                 compensation: str = "lsq", calib_samples: int | None = None, ridge: float = 1e-3,
+                 round_to: int = 1) -> None:
         if target_ratio is not None and not (0.0 < float(target_ratio) <= 1.0):
             raise ConfigError(f"hashing.target_ratio must be in (0, 1], got {target_ratio}")
         if window < 0:
@@ -87,6 +90,9 @@ class Compressor:
             raise ConfigError(f"hashing.calib_samples must be >= 1 or null, got {calib_samples}")
         if not (0.0 < float(ridge) < 1.0):
             raise ConfigError(f"hashing.ridge must be in (0, 1), got {ridge}")
+        if int(round_to) < 1:
+            raise ConfigError(f"hashing.round_to must be an integer >= 1, got {round_to}")
+        self.round_to = int(round_to)
         self.compensation = compensation
         self.calib_samples = None if calib_samples is None else int(calib_samples)
         self.ridge = float(ridge)
@@ -128,7 +134,12 @@ class Compressor:
         if t > width and self.plan is None:
             raise ConfigError(f"target width {t} for site {site.name} is above its current width {width}; "
                               f"choose a target <= {width}")
-        return max(min(t, width), self._min_width(site))
+        return self._round(max(min(t, width), self._min_width(site)), width)
+
+    def _round(self, new: int, width: int) -> int:
+        """``new`` rounded up to a multiple of ``round_to`` (hardware-friendly widths), at most ``width``."""
+        n = self.round_to
+        return new if n <= 1 else min(width, -(-new // n) * n)
 
     # -------------------------------------------------------------- main entry
     def compress(self, model, names: list[str] | None, stats, optimizer, step: int, dist=None,
@@ -372,6 +383,8 @@ class HashCompressor(Compressor):
             while nb > 0 and order.rel_error(nb) > self.max_error:
                 nb -= 1
         removed = order.removed(nb)
+        if self.round_to > 1:  # keep a prefix of the order: a subset of a block never costs more
+            removed = removed[:width - self._round(width - len(removed), width)]
         self.last_stats[site.name] = {"candidates": int(eligible.sum()), "removed": int(len(removed)),
                                       "estimated_error": order.rel_error(nb)}
         if len(removed) == 0:
