@@ -356,3 +356,17 @@ def test_round_to_gives_multiples_never_more_than_n_minus_1_above_the_budget_wid
     assert m.widths() == {"fc1": 24, "fc2": 16}
     with pytest.raises(ConfigError, match="round_to must be an integer >= 1"):
         MagnitudePruner(target_ratio=0.3, round_to=0)
+
+
+def test_candidates_auto_lists_all_pairs_below_the_crossover_and_hashes_above():
+    m = planted_mlp("relu")
+    x = torch.randn(512, 12)
+    comp = lsq(candidates="auto", auto_width=35, max_error=1e-4)
+    comp.compress(m, ["fc1"], None, None, step=0, calib=x)  # 40 neurons: at or above 35 -> hash
+    assert comp.last_candidates == "activations"
+    comp.compress(m, ["fc2"], None, None, step=0, calib=x)  # 30 neurons: below -> all pairs
+    assert comp.last_candidates == "exact"
+    assert m.widths() == {"fc1": 35, "fc2": 27}
+    from hashexp.lsh.params import crossover_width
+
+    assert HashCompressor(candidates="auto").crossover(256) == crossover_width(0.9, dim=256)

@@ -44,7 +44,7 @@ from hashexp.merge.surgery import (MergePlan, apply_consumers, apply_producers, 
 
 _PAIR_CHUNK = 1 << 18
 COMPENSATIONS = ("lsq", "weights", "none")
-CANDIDATES = ("activations", "weights", "exact")
+CANDIDATES = ("activations", "weights", "exact", "auto")
 REPRESENTATIVES = ("keep", "mean")
 #: member-to-representative cosine of the data-free path when hashing.threshold is null
 WEIGHTS_THRESHOLD = 0.7
@@ -271,7 +271,10 @@ class HashCompressor(Compressor):
     Args:
         candidates: what LSH hashes to propose pairs: ``activations`` (each neuron's centred
             calibration activations), ``weights`` ([w; b], norms folded in) or ``exact`` (all
-            pairs, no hashing). ``compensation=weights/none`` always hash weights.
+            pairs, no hashing), or ``auto``: exact below ``auto_width`` neurons, activations above.
+            ``compensation=weights/none`` always hash weights.
+        auto_width: the width from which ``candidates=auto`` hashes (None: the crossover that
+            hashexp.lsh.params models for the pre-filter cosine, 0.9 without one).
         representative: ``keep`` (survivors stay unchanged, the consumers absorb the rest) or
             ``mean`` (activation-weighted mean of the group); None: keep with ``lsq``, mean otherwise.
         max_error: per-site, per-rehash budget on the relative error of the consumers'
@@ -297,7 +300,7 @@ class HashCompressor(Compressor):
                  transform: str = "auto", max_group_size: int = 0, max_pairs: int = 20_000_000,
                  max_rounds: int = 8, n_threads: int = 0, candidates: str = "activations",
                  representative: str | None = None, max_error: float | None = None, block_frac: float = 0.01,
-                 **kw) -> None:
+                 auto_width: int | None = None, **kw) -> None:
         super().__init__(**kw)
         if threshold is not None and not (-1.0 <= float(threshold) <= 1.0):
             raise ConfigError(f"hashing.threshold must be a cosine in [-1, 1] or null, got {threshold}")
@@ -332,6 +335,9 @@ class HashCompressor(Compressor):
         self.representative = representative
         self.max_error = None if max_error is None else float(max_error)
         self.block_frac = float(block_frac)
+        if auto_width is not None and int(auto_width) < 1:
+            raise ConfigError(f"hashing.auto_width must be >= 1 or null, got {auto_width}")
+        self.auto_width = None if auto_width is None else int(auto_width)
         self.last_stats: dict[str, dict[str, Any]] = {}
 
     def hash_vectors(self, site: MergeSite) -> torch.Tensor:
@@ -400,9 +406,14 @@ class HashCompressor(Compressor):
     def eligible(self, site: MergeSite, index: int, cap: cal.SiteCapture) -> torch.Tensor:
         """(width,) bool: neurons in at least one candidate pair (that passes the pre-filter)."""
         width = site.width
-        if self.candidates == "exact" and self.threshold is None:
+        candidates = self.candidates
+        if candidates == "auto":
+            candidates = "exact" if width < self.crossover(min(cap.inputs[0].shape[0], _MAX_SIGNATURE)) \
+                else "activations"
+        self.last_candidates = candidates
+        if candidates == "exact" and self.threshold is None:
             return torch.ones(width, dtype=torch.bool)
-        if self.candidates == "activations":
+        if candidates == "activations":
             x = cap.inputs[0]
             if x.shape[0] > _MAX_SIGNATURE:  # rows are samples (or sampled positions): a fixed subset
                 x = x[torch.linspace(0, x.shape[0] - 1, _MAX_SIGNATURE).long()]
@@ -410,7 +421,7 @@ class HashCompressor(Compressor):
         else:
             v = self.hash_vectors(site).cpu().float()
         u = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        if self.candidates == "exact":
+        if candidates == "exact":
             pairs = _exact_pairs(u, self.threshold)
         else:
             pairs = self.candidate_pairs(site, index, u)
@@ -420,6 +431,14 @@ class HashCompressor(Compressor):
         if len(pairs):
             out[torch.as_tensor(pairs, dtype=torch.long).flatten()] = True
         return out
+
+    def crossover(self, dim: int) -> int:
+        """Width from which ``candidates=auto`` hashes instead of listing all pairs."""
+        if self.auto_width is not None:
+            return self.auto_width
+        from hashexp.lsh.params import crossover_width
+
+        return crossover_width(0.9 if self.threshold is None else self.threshold, dim=dim)
 
     def _plan_by_cosine(self, site: MergeSite, index: int, mass: torch.Tensor | None) -> MergePlan | None:
         """Group the site's neurons in rounds of greedy pairwise merging, most similar first.
@@ -583,7 +602,8 @@ def verify_groups(u: torch.Tensor, labels: torch.Tensor, mass: torch.Tensor, thr
 #: knobs of the hashed compressor that baselines accept and ignore, so one preset can switch
 #: between hashing=simhash and hashing=magnitude/random with a single override
 HASH_ONLY_KNOBS = frozenset({"threshold", "bits", "tables", "min_tables", "transform", "max_group_size", "max_pairs",
-                             "max_rounds", "n_threads", "candidates", "representative", "max_error", "block_frac"})
+                             "max_rounds", "n_threads", "candidates", "representative", "max_error", "block_frac",
+                             "auto_width"})
 
 
 class _Baseline(Compressor):
