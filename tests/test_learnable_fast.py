@@ -89,3 +89,31 @@ def test_recall_on_planted_clusters_equals_the_recall_before_the_speed_up(seed):
     before_p, before_r = BEFORE[seed]
     assert r1 >= before_r - 0.002, (seed, r1, before_r)
     assert p1 >= before_p - 0.005, (seed, p1, before_p)
+
+
+def test_fit_runs_on_the_requested_threads_and_restores_them():
+    x = planted(n_clusters=16, n_random=64, dim=32)
+    u = x / x.norm(dim=1, keepdim=True)
+    pos, neg = mine_pairs(u @ u.T, 0.75, 0.5, 200, 400, generator=torch.Generator().manual_seed(0))
+    seen = []
+    h = LearnableSimHash(32, 10, 4, seed=0)
+    orig = h._fit
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return orig(*a, **k)
+
+    h._fit = spy
+    torch.set_num_threads(2)  # the one_thread fixture restores the suite's count afterwards
+    n = torch.get_num_threads()
+    assert n == 2
+    h.fit(x, pos, neg, updates=2)
+    h.fit(x, pos, neg, updates=2, threads=None)
+    assert seen == [1, n] and torch.get_num_threads() == n
+    ref = LearnableSimHash(32, 10, 4, seed=0)
+    ref.fit(x, pos, neg, updates=2, threads=None)
+    h2 = LearnableSimHash(32, 10, 4, seed=0)
+    h2.fit(x, pos, neg, updates=2)
+    torch.testing.assert_close(h2.projections, ref.projections)  # threads change speed, not the result
+    with pytest.raises(ValueError, match="threads"):
+        h.fit(x, pos, neg, threads=0)
