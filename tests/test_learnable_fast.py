@@ -117,3 +117,20 @@ def test_fit_runs_on_the_requested_threads_and_restores_them():
     torch.testing.assert_close(h2.projections, ref.projections)  # threads change speed, not the result
     with pytest.raises(ValueError, match="threads"):
         h.fit(x, pos, neg, threads=0)
+
+
+def test_top_pairs_fast_path_keeps_the_most_similar_pairs():
+    """At 1024 rows the cut is first raised to a sampled quantile; the result must be the k
+    most similar pairs above the threshold, as a full scan finds them."""
+    from hashexp.lsh.learnable import top_pairs
+
+    x = planted(n_clusters=64, n_random=768, dim=64, seed=3)
+    u = x / x.norm(dim=1, keepdim=True)
+    sim = u @ u.T
+    for thr, k in [(-0.5, 500), (0.3, 2000), (0.95, 50)]:
+        p = top_pairs(sim, thr, k)
+        upper = sim[torch.triu(torch.ones_like(sim, dtype=torch.bool), 1)]
+        passing = upper[upper >= thr]
+        expected = torch.topk(passing, min(k, len(passing))).values
+        assert (p[:, 0] < p[:, 1]).all() and len(p) == len(expected)
+        torch.testing.assert_close(sim[p[:, 0], p[:, 1]].sort(descending=True).values, expected)
