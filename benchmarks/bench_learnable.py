@@ -8,7 +8,7 @@ Command (writes benchmarks/bench_learnable.md; about 5 minutes):
 of its own): autograd through exp(sum(log)) per table, float32, 40 Adam steps at lr 0.02, and
 the mining similarity as a float32 ``u @ u.T``. "After" is the current module: product-form
 collisions with a hand-written gradient, bf16 matmuls and Gram where the CPU has bf16 dot
-products, 10 steps at lr 0.12. Both train the same hash (same seed) on the same pairs:
+products (its top candidates ranked by exact cosine), 10 steps at lr 0.12. Both train the same hash (same seed) on the same pairs:
 positives = the 2048 most similar pairs above the compressor's pair floor, negatives = 4096
 random pairs less similar than every positive (what ``LearnableHashCompressor.train_hasher``
 mines).
@@ -78,11 +78,16 @@ def trained_layers(steps: int = 100, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def mine(mod, x, pos_threshold, gram):
-    """What train_hasher does: similarity, top positives, random negatives below them."""
+    """What train_hasher does: similarity, top positives, random negatives below them (after:
+    the bf16 Gram's top 4096 candidates ranked by exact cosine)."""
     u = x.float() / x.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
     sim = gram(u)
-    pos = mod.top_pairs(sim, pos_threshold, 2048)
-    nt = float(sim[pos[:, 0], pos[:, 1]].min())
+    if hasattr(mod, "rescore_pairs"):
+        pos, vals = mod.rescore_pairs(u, mod.top_pairs(sim, pos_threshold - 0.01, 4096), pos_threshold, 2048)
+        nt = float(vals.min())
+    else:
+        pos = mod.top_pairs(sim, pos_threshold, 2048)
+        nt = float(sim[pos[:, 0], pos[:, 1]].min())
     neg = mod.random_pairs(sim, nt, 4096, generator=torch.Generator().manual_seed(0))
     return pos, neg, nt
 

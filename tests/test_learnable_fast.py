@@ -134,3 +134,18 @@ def test_top_pairs_fast_path_keeps_the_most_similar_pairs():
         expected = torch.topk(passing, min(k, len(passing))).values
         assert (p[:, 0] < p[:, 1]).all() and len(p) == len(expected)
         torch.testing.assert_close(sim[p[:, 0], p[:, 1]].sort(descending=True).values, expected)
+
+
+def test_bf16_mining_with_exact_rescoring_finds_the_exact_positives():
+    """train_hasher's positives: the bf16 Gram's top 2k candidates (0.01 below the threshold),
+    ranked by exact cosine, are the exact top k."""
+    from hashexp.lsh.learnable import rescore_pairs, top_pairs
+
+    x = planted(dim=512, seed=1)
+    u = x / x.norm(dim=1, keepdim=True)
+    exact = top_pairs(u @ u.T, 0.5, 1000)
+    pos, vals = rescore_pairs(u, top_pairs(gram(u), 0.49, 2000), 0.5, 1000)
+    assert len(pos) == len(exact) == 1000
+    assert set(map(tuple, pos.tolist())) == set(map(tuple, exact.tolist()))
+    torch.testing.assert_close(vals, (u[pos[:, 0]] * u[pos[:, 1]]).sum(1))
+    assert bool((vals[:-1] >= vals[1:]).all()) and float(vals.min()) >= 0.5

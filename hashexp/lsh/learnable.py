@@ -278,6 +278,19 @@ def _top_of(sim: torch.Tensor, idx: torch.Tensor, k: int, n: int) -> torch.Tenso
     return torch.stack([idx // n, idx % n], dim=1)
 
 
+def rescore_pairs(u: torch.Tensor, pairs: torch.Tensor, threshold: float, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` pairs of ``pairs`` with the highest exact cosine of unit rows ``u`` that reach
+    ``threshold``, and those cosines (most similar first): ranks candidates that an approximate
+    (bf16, :func:`gram`) similarity proposed, e.g. its top 2k above ``threshold - 0.01``."""
+    if len(pairs) == 0:
+        return pairs.reshape(0, 2), torch.zeros(0)
+    exact = (u[pairs[:, 0]].float() * u[pairs[:, 1]].float()).sum(1)
+    keep = exact >= threshold
+    pairs, exact = pairs[keep], exact[keep]
+    order = torch.argsort(-exact, stable=True)[: int(k)]
+    return pairs[order], exact[order]
+
+
 def random_pairs(sim: torch.Tensor, below: float, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Up to ``k`` random pairs i < j with ``sim < below`` (drawn, then filtered: no n^2 list)."""
     n = sim.shape[0]

@@ -135,16 +135,21 @@ class LearnableHashCompressor(HashCompressor):
         return gram(u), "cosine"  # bf16 where that is faster: |error| < 0.005, fine for mining
 
     def train_hasher(self, site: MergeSite, index: int, h, x: torch.Tensor) -> dict[str, Any]:
-        from hashexp.lsh.learnable import random_pairs, top_pairs
+        from hashexp.lsh.learnable import random_pairs, rescore_pairs, top_pairs
 
         sim, kind = self.similarity(site, x)
         t = self.threshold if self.threshold is not None else WEIGHTS_THRESHOLD
         pt = pair_threshold(t) if self.pos_threshold is None else self.pos_threshold
-        pos = top_pairs(sim, pt, self.max_pos)
+        if kind == "cosine":  # the Gram may be bf16 (|error| < 0.005): exact cosines rank its top candidates
+            u = x.float() / x.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
+            pos, pos_sim = rescore_pairs(u, top_pairs(sim, pt - 0.01, 2 * self.max_pos), pt, self.max_pos)
+        else:
+            pos = top_pairs(sim, pt, self.max_pos)
+            pos_sim = sim[pos[:, 0], pos[:, 1]]
         if self.neg_threshold is not None:
             nt = self.neg_threshold
         else:  # anything less alike than every positive: the hash should rank the top pairs first
-            nt = float(sim[pos[:, 0], pos[:, 1]].min()) if len(pos) else -2.0
+            nt = float(pos_sim.min()) if len(pos) else -2.0
         neg = random_pairs(sim, nt, self.max_neg, generator=self._generator(index))
         rec = {"site": site.name, "call": self.calls, "positives": int(len(pos)), "negatives": int(len(neg)),
                "similarity": kind}
