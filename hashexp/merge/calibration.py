@@ -240,6 +240,9 @@ def obs_removal_order(cap: SiteCapture, eligible: torch.Tensor, floor: int, ridg
     always keeps a prefix at least as long, i.e. never a wider site. Each consumer keeps its own
     inverse Gram H = (X^T X + ridge)^-1 and its own compensated weights; a block B costs
     sum_consumers tr(W_B H_BB^-1 W_B^T) and updates W <- W - W_B H_BB^-1 H_B., H <- H - H_.B H_BB^-1 H_B.
+    H is inverted in float64; the rank-b updates, which dominate (width^2 per removed neuron),
+    run in float32 on the surviving rows and columns only (the arrays are compacted as the site
+    shrinks).
     """
     width = int(cap.inputs[0].shape[1])
     hs, ws = [], []
@@ -247,42 +250,40 @@ def obs_removal_order(cap: SiteCapture, eligible: torch.Tensor, floor: int, ridg
     for x, w in zip(cap.inputs, cap.weights):
         g = centred_gram(x)
         energy += float(((w @ g) * w).sum())
-        hs.append(torch.linalg.inv(_ridge(g, ridge)))
-        ws.append(w.clone())
-    alive = torch.ones(width, dtype=torch.bool)
+        hs.append(torch.linalg.inv(_ridge(g, ridge)).float())
+        ws.append(w.float().clone())
+    idx = torch.arange(width)  # original index of each surviving row/column
     allowed = eligible.clone().bool()
     blocks: list[torch.Tensor] = []
     costs: list[float] = []
     total = 0.0
     budget = None if max_error is None else float(max_error) ** 2 * energy
     while True:
-        n_alive = int(alive.sum())
+        n_alive = len(idx)
         room = n_alive - int(floor)
-        cand = alive & allowed
+        cand = allowed[idx]
         n_cand = int(cand.sum())
         if room <= 0 or n_cand == 0:
             break
-        score = torch.zeros(width, dtype=torch.float64)
+        score = torch.zeros(n_alive, dtype=torch.float64)
         for h, w in zip(hs, ws):
-            score += (w * w).sum(0) / h.diagonal().clamp_min(1e-300)
+            score += ((w * w).sum(0) / h.diagonal().clamp_min(1e-30)).double()
         score[~cand] = float("inf")
         b = max(1, min(room, n_cand, int(block_frac * n_alive)))
         blk = torch.topk(score, b, largest=False).indices.sort().values
+        keep = torch.ones(n_alive, dtype=torch.bool)
+        keep[blk] = False
         step = 0.0
         for i, (h, w) in enumerate(zip(hs, ws)):
-            hbb_inv = torch.linalg.inv(h[blk][:, blk])
-            wb = w[:, blk]
+            hbb_inv = torch.linalg.inv(h[blk][:, blk].double())
+            wb = w[:, blk].double()
             step += float(((wb @ hbb_inv) * wb).sum())
-            hb = h[blk, :]
-            w -= (wb @ hbb_inv) @ hb
-            h -= h[:, blk] @ hbb_inv @ hb
-            w[:, blk] = 0.0
-            h[blk, :] = 0.0
-            h[:, blk] = 0.0
-            h[blk, blk] = 1.0
+            c = (hbb_inv.float() @ h[blk][:, keep])  # (b, kept)
+            hs[i] = h[keep][:, keep] - h[keep][:, blk] @ c
+            ws[i] = w[:, keep] - w[:, blk] @ c
         total += max(step, 0.0)
-        alive[blk] = False
-        blocks.append(blk)
+        blocks.append(idx[blk])
+        idx = idx[keep]
         costs.append(total)
         if budget is not None and total > budget:
             break
