@@ -48,7 +48,6 @@ from _common import ROOT, fmt, run  # noqa: E402  (benchmarks/ is the script's d
 
 PRESET = "experiment=resnet20_fmnist"
 # the SimHash-only knobs the preset sets, dropped for the magnitude baseline
-DROP_HASH_KNOBS = ["~hashing.threshold", "~hashing.bits", "~hashing.tables"]
 
 
 # ----------------------------------------------------------------------------------- one-shot
@@ -244,7 +243,7 @@ def main() -> None:
         if "magnitude" in want:
             need(sd, "hashed")
             res["magnitude"][seed] = run(base + ["hashing=magnitude", f"hashing.width_plan={sd / 'hashed'}",
-                                                 "hashing.target_ratio=null", *DROP_HASH_KNOBS, f"seed={seed}"],
+                                                 "hashing.target_ratio=null", f"seed={seed}"],
                                          sd / "magnitude")
         if "oneshot" in want and not a.skip_oneshot:
             if (sd / "oneshot.json").exists():  # reused like the runs: delete it to redo the one-shot part

@@ -66,11 +66,11 @@ def test_preset_composes_with_its_command():
     assert cfg.hashing.name == "simhash" and cfg.hashing.min_width >= 4
     assert cfg.schedule.max_rehashes >= 1
     assert isinstance(build_compressor(cfg.hashing, 0), HashCompressor)
-    # the baselines the preset's comment names compose and build (simhash-only knobs removed)
+    # the baselines the preset's comment names compose and build (they accept and ignore the hash knobs)
     assert build_compressor(compose(["experiment=resnet20_fmnist", "hashing=none"]).hashing, 0) is None
-    c = compose(["experiment=resnet20_fmnist", "hashing=magnitude", "hashing.width_plan=null",
-                 "~hashing.threshold", "~hashing.bits", "~hashing.tables"])
-    assert isinstance(build_compressor(c.hashing, 0), MagnitudePruner) and c.model.name == "resnet20"
+    c = compose(["experiment=resnet20_fmnist", "hashing=magnitude", "hashing.width_plan=null"])
+    mp = build_compressor(c.hashing, 0)
+    assert isinstance(mp, MagnitudePruner) and c.model.name == "resnet20" and mp.ignored_knobs == {"bits": 4, "tables": 16}
 
 
 def test_resnet20_trains_and_rehashes_via_app(tmp_path, images):
