@@ -44,3 +44,28 @@ def fmt(xs, pct: bool = False, digits: int = 2) -> str:
     if pct:
         return f"{100 * m:.2f} ± {100 * s:.2f}"
     return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def trained_mlp_layers(widths: tuple[int, int] = (2048, 2048), steps: int = 100, seed: int = 0) -> dict:
+    """[w; b] rows (torch tensors) of both hidden layers of an MLP 784-w1-w2-10 after ``steps`` Adam
+    steps on Fashion-MNIST (batch 256, lr 1e-3): real trained layers for the LSH benchmarks."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from hashexp.data import build_dataset
+
+    data = build_dataset(OmegaConf.load(ROOT / "conf" / "dataset" / "fashion_mnist.yaml"), seed=seed)
+    xtr, ytr = data.x_train.reshape(len(data.x_train), -1).float(), data.y_train.long()
+    torch.manual_seed(seed)
+    w1, w2 = widths
+    net = torch.nn.Sequential(torch.nn.Linear(784, w1), torch.nn.ReLU(), torch.nn.Linear(w1, w2),
+                              torch.nn.ReLU(), torch.nn.Linear(w2, 10))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(xtr), (256,), generator=g)
+        loss = torch.nn.functional.cross_entropy(net(xtr[idx]), ytr[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {n: torch.cat([m.weight, m.bias[:, None]], 1).detach().contiguous() for n, m in (("fc1", net[0]), ("fc2", net[2]))}

@@ -157,28 +157,9 @@ def planted(n: int, d: int, seed: int, frac: float = 0.1, cluster: int = 4,
 def real_layers(steps: int = 300, seed: int = 0) -> dict[str, torch.Tensor]:
     """[w; b] rows of both hidden layers of an MLP 784-2048-1024-10 after ``steps`` Adam steps
     on Fashion-MNIST (batch 256, lr 1e-3)."""
-    from omegaconf import OmegaConf
+    from _common import trained_mlp_layers
 
-    from hashexp.data import build_dataset
-
-    cfg = OmegaConf.load(HERE.parent / "conf" / "dataset" / "fashion_mnist.yaml")
-    data = build_dataset(cfg, seed=seed)
-    xtr, ytr = data.x_train.reshape(len(data.x_train), -1).float(), data.y_train.long()
-    torch.manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Linear(784, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 1024),
-                              torch.nn.ReLU(), torch.nn.Linear(1024, 10))
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        idx = torch.randint(0, len(xtr), (256,), generator=g)
-        loss = torch.nn.functional.cross_entropy(net(xtr[idx]), ytr[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    out = {}
-    for name, lin in (("fc1", net[0]), ("fc2", net[2])):
-        out[name] = torch.cat([lin.weight, lin.bias[:, None]], 1).detach().contiguous()
-    return out
+    return trained_mlp_layers((2048, 1024), steps, seed)
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:

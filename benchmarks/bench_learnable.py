@@ -57,24 +57,9 @@ def load_before():
 
 
 def trained_layers(steps: int = 100, seed: int = 0) -> dict[str, torch.Tensor]:
-    from omegaconf import OmegaConf
+    from _common import trained_mlp_layers
 
-    from hashexp.data import build_dataset
-
-    data = build_dataset(OmegaConf.load(ROOT / "conf" / "dataset" / "fashion_mnist.yaml"), seed=seed)
-    xtr, ytr = data.x_train.reshape(len(data.x_train), -1).float(), data.y_train.long()
-    torch.manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Linear(784, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 2048),
-                              torch.nn.ReLU(), torch.nn.Linear(2048, 10))
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        idx = torch.randint(0, len(xtr), (256,), generator=g)
-        loss = torch.nn.functional.cross_entropy(net(xtr[idx]), ytr[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return {n: torch.cat([m.weight, m.bias[:, None]], 1).detach().contiguous() for n, m in (("fc1", net[0]), ("fc2", net[2]))}
+    return trained_mlp_layers((2048, 2048), steps, seed)
 
 
 def mine(mod, x, pos_threshold, gram):
