@@ -20,7 +20,6 @@ Python::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

@@ -195,8 +195,7 @@ def apply_producers(site: MergeSite, plan: MergePlan, optimizer: torch.optim.Opt
             else:
                 c, _ = norm_affine(bn)
                 c = c.to(w.dtype)
-                wf, bf = prod.folded()
-                wf_r = _combine(wf, labels, r, 0, n)
+                _, bf = prod.folded()
                 bf_r = _combine(bf, labels, r, 0, n)
                 c_r = _combine(c.abs().clamp_min(_EPS), labels, a, 0, n)
                 # raw weights with a positive scale c_r: W_r = Wf_r / c_r  (linear in the W_i)
