@@ -20,6 +20,7 @@ FLOPs; fmnist2000 within 1 pp with no site at min_width; resnet20 within 1 pp at
 from __future__ import annotations
 
 import argparse
+import csv
 import statistics
 from pathlib import Path
 
@@ -35,6 +36,15 @@ TITLES = {
     "fmnist2000": "Fashion-MNIST, 2000 training samples, MLP 256-256, 10 epochs",
     "resnet20": "Fashion-MNIST 3000/1000, ResNet-20, 3 epochs (Adam)",
 }
+
+
+def final_norms(run_dir: Path) -> tuple[float, float]:
+    """Sum over layers of the weight norm and of the gradient norm in the last step row of history.csv."""
+    rows = [r for r in csv.DictReader((run_dir / "history.csv").open()) if r["kind"] == "step"]
+    last = rows[-1]
+    w = sum(float(v) for k, v in last.items() if k.startswith("wnorm/") and v)
+    g = sum(float(v) for k, v in last.items() if k.startswith("gnorm/") and v)
+    return w, g
 
 
 def main() -> None:
@@ -57,7 +67,8 @@ def main() -> None:
              "per rehash), least squares refits the consumers); vanilla is "
              "`hashing=none`; small is the same network trained from scratch at the hashed run's final widths. "
              f"Seeds {a.seeds} (resnet20: {a.resnet_seeds or a.seeds}). Wall-time ratios are per seed, vanilla over hashed, runs one after the other on "
-             "a shared 2-core machine (noisy).", ""]
+             "a shared 2-core machine (noisy). The regularization columns: train minus test accuracy, and the "
+             "sums over layers of the weight and gradient norms in the last logged step (history.csv).", ""]
     for name in a.settings:
         over = SETTINGS[name]
         res: dict[str, dict[int, dict]] = {"vanilla": {}, "hashed": {}, "small": {}}
@@ -74,7 +85,7 @@ def main() -> None:
         mins = {k: 8 for k in hsh[seeds[0]]["widths"]}
         lines += [f"## {TITLES[name]}", "",
                   "| run | test acc % | Δ vs vanilla pp | FLOPs/sample | FLOPs ↓ | final widths (per seed) | "
-                  "wall ratio |", "|---|---:|---:|---:|---:|---|---:|"]
+                  "wall ratio | train − test pp | Σ‖W‖ | Σ‖∇W‖ |", "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
         for kind in ("vanilla", "hashed", "small"):
             if not res[kind]:
                 continue
@@ -86,8 +97,11 @@ def main() -> None:
             wall = [van[s]["wall_time_s"] / r[s]["wall_time_s"] for s in seeds]
             widths = "; ".join("-".join(str(v) for v in r[s]["widths"].values()) for s in seeds) \
                 if len(r[seeds[0]]["widths"]) <= 3 else f"{sum(r[seeds[0]]['widths'].values())} channels (seed {seeds[0]})"
+            gap = [100 * (r[s]["train_acc"] - r[s]["test_acc"]) for s in seeds]
+            norms = [final_norms(out / name / f"seed{s}" / kind) for s in seeds]
             lines.append(f"| {kind} | {fmt(acc, pct=True)} | {fmt([100 * x for x in d])} | "
-                         f"{statistics.mean(fl) / 1e6:.3f} M | {fmt(red)}x | {widths} | {fmt(wall)} |")
+                         f"{statistics.mean(fl) / 1e6:.3f} M | {fmt(red)}x | {widths} | {fmt(wall)} | {fmt(gap)} | "
+                         f"{fmt([n[0] for n in norms], digits=1)} | {fmt([n[1] for n in norms])} |")
         at_min = [s for s in seeds for k, v in hsh[s]["widths"].items() if v <= mins[k]]
         errs = [max(e["error"].values()) for s in seeds for e in hsh[s]["rehash_events"] if e.get("error")]
         hash_share = [hsh[s]["hash_time_s"] / hsh[s]["wall_time_s"] for s in seeds]
