@@ -164,7 +164,7 @@ def capture_site(model: nn.Module, site: MergeSite, x: torch.Tensor, seed: int =
 
 
 def _ridge(g: torch.Tensor, ridge: float) -> torch.Tensor:
-    """G + diag(ridge * G_jj + 1e-10 * mean G_jj): ridge on standardised features, so the fit does
+    """G + diag(ridge * G_jj + 1e-12 * mean G_jj): ridge on standardised features, so the fit does
     not depend on each neuron's scale, and a dead neuron (G_jj = 0) stays free to remove (its
     cost is 1e-12 of an average one) without making G singular."""
     d = g.diagonal()
