@@ -303,7 +303,11 @@ class DriftSchedule(Schedule):
       than the dense BLAS product it saves.)
 
     The site is rehashed when ``bit_flip >= flip_threshold`` or ``partner_frac >=
-    partner_threshold``, at least ``min_interval`` steps after its previous rehash (MONGOOSE,
+    partner_threshold``, or — the stability trigger, ``stable_threshold`` — once its codes
+    have moved (``bit_flip >= stable_min_drift`` since the reference) and then stopped flipping
+    (the flip fraction grew by at most ``stable_threshold`` since the previous check): trained
+    neurons that settled, which frozen or untrained weights never do. All at least
+    ``min_interval`` steps after the site's previous rehash (MONGOOSE,
     ICLR 2021, rebuilds its LSH tables on a similar drift test). Each measurement is a
     history.csv row of kind ``drift`` (``drift/metric_s``: that site's measurement seconds).
     The metric's own cost, re-referencing after rehashes included, is ``metric_time_s`` over
@@ -314,6 +318,9 @@ class DriftSchedule(Schedule):
             ``schedule.every`` compose; ``check_every`` wins when both are given).
         flip_threshold: bit-flip fraction in [0, 1] that triggers a rehash (null: never).
         partner_threshold: partner fraction in [0, 1] that triggers a rehash (null: never).
+        stable_threshold: growth of the flip fraction between two checks at or below which a
+            site that has drifted counts as settled and is rehashed (null: never).
+        stable_min_drift: flip fraction since the reference a site needs before it can settle.
         min_interval: least steps between two rehashes of one site.
         threshold: two neurons are partners at cosine >= this (default: ``hashing.threshold``).
         bits: hyperplanes per site for the bit-flip codes (1..64, one packed word per neuron).
@@ -329,6 +336,7 @@ class DriftSchedule(Schedule):
 
     def __init__(self, check_every: int | None = None, flip_threshold: float | None = 0.15,
                  partner_threshold: float | None = 0.05, min_interval: int = 100, threshold: float | None = 0.7,
+                 stable_threshold: float | None = None, stable_min_drift: float = 0.05,
                  bits: int = 64, sample: int = 128, start: int = 0, stop: int | None = None,
                  max_rehashes: int | None = None, unit: str = "step", every: int | None = None,
                  sites: list[str] | None = None, seed: int = 0, name: str = "drift") -> None:
@@ -338,7 +346,8 @@ class DriftSchedule(Schedule):
         ce = check_every if check_every is not None else every
         if ce is None or int(ce) < 1:
             raise ConfigError(f"schedule.check_every must be an integer >= 1, got {ce!r}")
-        for k, v in (("flip_threshold", flip_threshold), ("partner_threshold", partner_threshold)):
+        for k, v in (("flip_threshold", flip_threshold), ("partner_threshold", partner_threshold),
+                     ("stable_threshold", stable_threshold), ("stable_min_drift", stable_min_drift)):
             if v is not None and not (0.0 <= float(v) <= 1.0):
                 raise ConfigError(f"schedule.{k} must be a fraction in [0, 1] or null, got {v}")
         if threshold is None:  # hashing.threshold is null (no pre-filter): partners at the data-free default
@@ -355,6 +364,8 @@ class DriftSchedule(Schedule):
         self.check_every = int(ce)
         self.flip_threshold = None if flip_threshold is None else float(flip_threshold)
         self.partner_threshold = None if partner_threshold is None else float(partner_threshold)
+        self.stable_threshold = None if stable_threshold is None else float(stable_threshold)
+        self.stable_min_drift = float(stable_min_drift)
         self.min_interval, self.threshold = int(min_interval), float(threshold)
         self.bits, self.sample, self.seed = int(bits), int(sample), int(seed)
         self.start, self.stop, self.max_rehashes = int(start), stop, max_rehashes
@@ -447,8 +458,12 @@ class DriftSchedule(Schedule):
             dt = time.perf_counter() - t0
             last = self.last_rehash.get(n)
             ready = last is None or step - last >= self.min_interval
+            prev = self.last.get(n, {}).get("bit_flip")
+            settled = (self.stable_threshold is not None and prev is not None and flip >= self.stable_min_drift
+                       and flip - prev <= self.stable_threshold)
             fire = ready and ((self.flip_threshold is not None and flip >= self.flip_threshold)
-                              or (self.partner_threshold is not None and partner >= self.partner_threshold))
+                              or (self.partner_threshold is not None and partner >= self.partner_threshold)
+                              or settled)
             if fire:
                 out.append(n)
             self.last[n] = {"bit_flip": flip, "partner_frac": partner}
@@ -476,6 +491,7 @@ class DriftSchedule(Schedule):
             x = site.neuron_vectors().detach().cpu()
             if site.name in done or ref is None or ref["width"] != x.shape[0] or ref["dim"] != x.shape[1]:
                 self._reference(site, index, x)
+                self.last.pop(site.name, None)  # flips count from the new reference
         self.metric_time_s += time.perf_counter() - t0
 
     def history_columns(self, sites) -> list[str]:
@@ -486,7 +502,8 @@ class DriftSchedule(Schedule):
                     "codes": torch.from_numpy(r["codes"].view(np.int64).copy()),
                     "dim": r["dim"], "width": r["width"]} for n, r in self.refs.items()}
         return {**super().state_dict(), "last_rehash": dict(self.last_rehash), "versions": dict(self.versions),
-                "refs": refs, "metric_time_s": self.metric_time_s, "metric_calls": self.metric_calls}
+                "refs": refs, "metric_time_s": self.metric_time_s, "metric_calls": self.metric_calls,
+                "last": {n: dict(v) for n, v in self.last.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from hashexp.lsh import SimHash
@@ -495,6 +512,7 @@ class DriftSchedule(Schedule):
         self.last_rehash = {k: int(v) for k, v in state["last_rehash"].items()}
         self.versions = {k: int(v) for k, v in state["versions"].items()}
         self.metric_time_s, self.metric_calls = float(state["metric_time_s"]), int(state["metric_calls"])
+        self.last = {n: {k: float(x) for k, x in v.items()} for n, v in state.get("last", {}).items()}
         self.refs = {}
         for n, r in state["refs"].items():
             h = SimHash(int(r["dim"]), self.bits, 1, seed=0)

@@ -288,3 +288,34 @@ def test_gradual_targets_are_reached_at_the_scheduled_steps(tmp_path):
         GradualSchedule(start=10, end=10)
     with pytest.raises(ConfigError, match="shape='quadratic'"):
         GradualSchedule(shape="quadratic")
+
+
+def test_stability_trigger_fires_on_converging_neurons_not_on_frozen_random_weights():
+    """Neurons that move toward targets for 6 steps and then stop: the trigger fires at the first
+    check after they stop (step 7); a frozen random layer never drifts, so it never fires."""
+    torch.manual_seed(0)
+    moving = build_model({**MLP, "widths": [32]}, (10,), 3)
+    frozen = build_model({**MLP, "widths": [32]}, (10,), 3)
+    w0, b0 = moving.layers[0].weight.detach().clone(), moving.layers[0].bias.detach().clone()
+    target_w, target_b = torch.randn_like(w0), torch.randn_like(b0)
+    fired: dict[str, list[int]] = {"moving": [], "frozen": []}
+    for name, model in (("moving", moving), ("frozen", frozen)):
+        d = DriftSchedule(check_every=1, flip_threshold=None, partner_threshold=None, stable_threshold=0.0,
+                          stable_min_drift=0.05, min_interval=0)
+        for step in range(1, 13):
+            if name == "moving":
+                a = min(step, 6) / 6
+                with torch.no_grad():
+                    model.layers[0].weight.copy_((1 - a) * w0 + a * target_w)
+                    model.layers[0].bias.copy_((1 - a) * b0 + a * target_b)
+            ctx = {"step": step, "epoch": 0, "epoch_end": False, "sites": model.merge_sites(), "model": model}
+            if d.decide(ctx):
+                d.notify(ctx, {"step": step, "sites": ["fc1"]})
+                fired[name].append(step)
+    assert fired == {"moving": [7], "frozen": []}
+    # its state (the previous check's flips) survives a checkpoint
+    e = DriftSchedule(check_every=1, stable_threshold=0.0)
+    e.load_state_dict(d.state_dict())
+    assert e.last == d.last
+    with pytest.raises(ConfigError, match="stable_threshold"):
+        DriftSchedule(check_every=1, stable_threshold=1.5)
