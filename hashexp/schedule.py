@@ -37,8 +37,11 @@ class Schedule:
         raise NotImplementedError
 
     def notify(self, ctx: dict[str, Any], event: dict[str, Any]) -> None:
+        """Count the rehash this schedule decided (a pulled proposal counts; its later merge does not)."""
+        if event.get("merge_only"):
+            return
         self.count += 1
-        for s in event.get("sites", []):
+        for s in list(event.get("sites", [])) + list(event.get("proposed", [])):
             self.per_site[s] = self.per_site.get(s, 0) + 1
 
     def history_columns(self, sites) -> list[str]:
@@ -480,7 +483,7 @@ class DriftSchedule(Schedule):
     def notify(self, ctx: dict[str, Any], event: dict[str, Any]) -> None:
         super().notify(ctx, event)
         t0 = time.perf_counter()
-        done = set(event.get("sites", []))
+        done = set(event.get("sites", [])) | set(event.get("proposed", []))
         for index, site in enumerate(ctx["sites"]):
             if site.name in done:
                 self.last_rehash[site.name] = int(event.get("step", ctx["step"]))

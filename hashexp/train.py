@@ -34,6 +34,7 @@ from torch import nn
 
 from hashexp.data import BatchIterator, DataBundle
 from hashexp.errors import ConfigError, DataError
+from hashexp.merge.pull import Pull
 from hashexp.merge.sites import MergeSite
 from hashexp.metrics import Stopwatch, count_flops, count_params
 
@@ -254,6 +255,9 @@ class Trainer:
             n_train = len(self.data.x_train)
             n_calib = compressor.calib_samples or min(DEFAULT_SAMPLES, n_train)
             self.calib_index = calibration_index(n_train, n_calib, self.seed)
+        # centripetal pull (hashing.pull.steps > 0): rehashes propose, merges follow `steps` later
+        pull_cfg = getattr(compressor, "pull", None)
+        self.pull = Pull(pull_cfg) if pull_cfg is not None and pull_cfg.enabled else None
         self.timer = Stopwatch()
         self.step = 0
         self.epoch = 0
@@ -283,6 +287,8 @@ class Trainer:
         cols = ["kind", "step", "epoch", "loss", "step_time_s", "lr", "params", "rehash", "hash_time_s"]
         cols += [f"width/{s.name}" for s in self.sites]
         cols += [f"error/{s.name}" for s in self.sites]
+        if self.pull is not None:
+            cols += [f"pull/{s.name}" for s in self.sites]
         cols += [f"wnorm/{n}" for n in self.layer_names] + [f"gnorm/{n}" for n in self.layer_names]
         cols += ["train_loss", "train_acc", "test_loss", "test_acc", "flops"]
         if self.schedule is not None and hasattr(self.schedule, "history_columns"):
@@ -313,8 +319,13 @@ class Trainer:
         return loss_sum / n, correct / n
 
     # ------------------------------------------------------------------ compression
-    def _rehash(self, names: list[str]) -> dict:
-        """Run the compressor on ``names``; rebuild whatever holds the old parameters."""
+    def _rehash(self, names: list[str], final: bool = False) -> dict:
+        """Run the compressor on ``names``; rebuild whatever holds the old parameters.
+
+        With the pull on, pulls that are due (or all of them at the last step, ``final``) merge
+        first, then ``names`` not under pull are proposed; a proposal made at the last step merges
+        at once (there is no step left to pull).
+        """
         with self.timer("hash"):
             t0 = time.perf_counter()
             before = dict(self.model.widths())
@@ -324,8 +335,33 @@ class Trainer:
             calib = None
             if self.calib_index is not None:
                 calib = self.data.x_train[self.calib_index.to(self.data.x_train.device)]
-            reports = self.compressor.compress(self.model, names, self.stats, self.optimizer, self.step,
-                                               dist=self.dist, overrides=overrides, calib=calib)
+            extra: dict[str, Any] = {}
+            if self.pull is None or (final and not self.pull.active):
+                reports = self.compressor.compress(self.model, names, self.stats, self.optimizer, self.step,
+                                                   dist=self.dist, overrides=overrides, calib=calib)
+            else:
+                reports = []
+                extra["merge_only"] = not names
+                due = self.pull.due(self.step, final=final)
+                if due:
+                    sites = {s.name: s for s in self.model.merge_sites()}
+                    extra["pull_distance"] = {n: self.pull.distance(sites[n]) for n in due}
+                    fixed = {n: self.pull.pop(n) for n in due}
+                    reports = self.compressor.compress(self.model, due, self.stats, self.optimizer, self.step,
+                                                       dist=self.dist, overrides=overrides, calib=calib, fixed=fixed)
+                fresh = [n for n in names if not self.pull.busy(n)]
+                if fresh and final:
+                    reports += self.compressor.compress(self.model, fresh, self.stats, self.optimizer, self.step,
+                                                        dist=self.dist, overrides=overrides, calib=calib)
+                elif fresh:
+                    proposals = self.compressor.propose(self.model, fresh, self.stats, self.step, dist=self.dist,
+                                                        overrides=overrides, calib=calib)
+                    sites = {s.name: s for s in self.model.merge_sites()}
+                    for n, p in proposals.items():
+                        self.pull.start(n, p["groups"], p["keep"], self.step)
+                        self.pull.share_state(sites[n], self.optimizer)
+                    extra["proposed"] = sorted(proposals)
+                    extra["proposed_width"] = {n: int(p["keep"].sum()) for n, p in proposals.items()}
             after = dict(self.model.widths())
             for r in reports:
                 self.stats.reset(r["site"])
@@ -341,7 +377,7 @@ class Trainer:
         self.rehashes += 1
         event = {"step": self.step, "epoch": self.epoch, "before": before, "after": after, "time_s": dt,
                  "sites": [r["site"] for r in reports], "reports": reports,
-                 "error": {r["site"]: r["error"] for r in reports if "error" in r}}
+                 "error": {r["site"]: r["error"] for r in reports if "error" in r}, **extra}
         self.rehash_log.append(event)
         return event
 
@@ -375,6 +411,7 @@ class Trainer:
             "world_size": self.dist.world_size if self.dist is not None else 1,
             "rehash_log": _plain(self.rehash_log), "widths_before": self.widths_before,
             "calib_index": self.calib_index,
+            "pull": self.pull.state_dict() if self.pull is not None else None,
             "times": dict(self.timer.totals),
             "rng": rng,
         }
@@ -460,6 +497,8 @@ class Trainer:
         self.rehash_log = ck["rehash_log"]
         if ck.get("calib_index") is not None and self.calib_index is not None:
             self.calib_index = ck["calib_index"]
+        if self.pull is not None:
+            self.pull.load_state_dict(ck.get("pull") or {})
         self.widths_before = ck["widths_before"]
         self.timer.totals.update(ck["times"])
         rng = ck["rng"]
@@ -553,7 +592,11 @@ class Trainer:
                                                      "lower trainer.optimizer.lr or check the data")
                         self.optimizer.zero_grad(set_to_none=True)
                         loss.backward()
+                        if self.pull is not None and self.pull.active:
+                            self.pull.average_grads(self.model.merge_sites())
                         self.optimizer.step()
+                        if self.pull is not None and self.pull.active:
+                            self.pull.contract(self.model.merge_sites())
                     self.step += 1
                     self.batch_in_epoch = i + 1
                     step_times.append(time.perf_counter() - t0)
@@ -564,8 +607,9 @@ class Trainer:
                     event = None
                     if self.compressor is not None and self.schedule is not None:
                         names = self.schedule.decide(self._ctx(epoch_end=False), hist=hist)
-                        if names:
-                            event = self._rehash(names)
+                        last = self.epoch + 1 == self.epochs and i + 1 == n_batches
+                        if names or (self.pull is not None and self.pull.due(self.step, final=last)):
+                            event = self._rehash(names, final=last)
                             self.schedule.notify(self._ctx(epoch_end=False), event)
                             net = self._train_module()
                     if self.step % self.log_every == 0 or event is not None:
@@ -589,7 +633,7 @@ class Trainer:
                 if self.compressor is not None and self.schedule is not None:
                     names = self.schedule.decide(self._ctx(epoch_end=True), hist=hist)
                     if names:
-                        event = self._rehash(names)
+                        event = self._rehash(names, final=self.epoch == self.epochs)
                         self.schedule.notify(self._ctx(epoch_end=True), event)
                 with self.timer("eval"):
                     row = self._epoch_row(event)
@@ -650,6 +694,13 @@ class Trainer:
         row.update({f"width/{k}": v for k, v in self.model.widths().items()})
         if event is not None:
             row.update({f"error/{k}": v for k, v in event.get("error", {}).items()})
+        if self.pull is not None:  # member-to-representative distance of the sites under pull
+            for site in self.model.merge_sites():
+                d = self.pull.distance(site)
+                if d is None and event is not None:
+                    d = event.get("pull_distance", {}).get(site.name)
+                if d is not None:
+                    row[f"pull/{site.name}"] = d
         row.update(self._layer_norms())
         return row
 

@@ -147,3 +147,45 @@ def test_torchrun_two_ranks_match_single_process(tmp_path):
     assert ck["world_size"] == 2 and len(ck["stats"]) == 2
     assert ck["stats"][0]["fc1"].shape[1] == m_ddp["widths"]["fc1"]
     assert not torch.equal(ck["stats"][0]["fc1"], ck["stats"][1]["fc1"])
+
+
+PULL_DDP_RUN = ["dataset=synthetic", "dataset.n_samples=1600", "dataset.subset_train=1217", "model.widths=[32,32]",
+                "trainer.epochs=2", "trainer.batch_size=64", "trainer.progress=log", "trainer.log_every=2",
+                "hashing=simhash", "hashing.max_error=null", "hashing.pull.steps=6", "hashing.pull.strength=0.3",
+                "schedule=gradual", "schedule.start=4", "schedule.end=28", "schedule.every=8",
+                "schedule.final_ratio=0.5", "seed=5"]
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to the interpreter")
+def test_torchrun_two_ranks_pull_the_same_groups_and_merge_like_one_process(tmp_path):
+    env = _env(tmp_path)
+    ddp = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "--monitor-interval=0.2",
+                          "-m", "hashexp", *PULL_DDP_RUN, f"hydra.run.dir={tmp_path / 'ddp'}"],
+                         cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=240)
+    assert ddp.returncode == 0, (ddp.stdout + ddp.stderr)[-4000:]
+    single = subprocess.run([sys.executable, "-m", "hashexp", *PULL_DDP_RUN, f"hydra.run.dir={tmp_path / 'single'}"],
+                            cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=240)
+    assert single.returncode == 0, single.stderr[-3000:]
+    m_ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    m_one = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    assert m_ddp["world_size"] == 2
+
+    def events(m):
+        return [(e["step"], e["after"], e.get("proposed"), e.get("proposed_width")) for e in m["rehash_events"]]
+
+    # the same proposals (12 -> 20 -> 28 ramp points) and merges 6 steps later, as in one process
+    assert events(m_ddp) == events(m_one)
+    merged = [e for e in m_ddp["rehash_events"] if e["sites"]]
+    assert [e["step"] for e in merged] == [18, 26, 34] and m_ddp["widths"] == {"fc1": 16, "fc2": 16}
+    for a, b in zip(merged, [e for e in m_one["rehash_events"] if e["sites"]]):
+        for site in ("fc1", "fc2"):
+            assert a["pull_distance"][site] == pytest.approx(b["pull_distance"][site], rel=1e-3, abs=1e-6)
+    # both ranks hold one network: rank 0's checkpoint evaluates like the single process
+    assert m_ddp["test_acc"] == pytest.approx(m_one["test_acc"], abs=2e-3)
+    # the history's distance column matches step by step
+    h_ddp, h_one = _history(tmp_path / "ddp" / "history.csv"), _history(tmp_path / "single" / "history.csv")
+    d_ddp = [(r["step"], r["pull/fc1"]) for r in h_ddp if r["kind"] == "step" and r["pull/fc1"]]
+    d_one = [(r["step"], r["pull/fc1"]) for r in h_one if r["kind"] == "step" and r["pull/fc1"]]
+    assert [s for s, _ in d_ddp] == [s for s, _ in d_one] and len(d_ddp) > 5
+    for (_, a), (_, b) in zip(d_ddp, d_one):
+        assert float(a) == pytest.approx(float(b), rel=1e-3, abs=1e-6)

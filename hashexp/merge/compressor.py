@@ -38,6 +38,7 @@ import torch
 
 from hashexp.errors import ConfigError, DataError
 from hashexp.merge import calibration as cal
+from hashexp.merge.pull import PullConfig
 from hashexp.merge.sites import MergeSite
 from hashexp.merge.surgery import (MergePlan, apply_consumers, apply_producers, merge_plan, prune_plan,
                                    refit_consumer)
@@ -71,6 +72,9 @@ class Compressor:
         calib_samples: training samples in the calibration set, drawn by the trainer with the run
             seed (None: 1024, or the whole split if smaller).
         ridge: ridge of the least-squares fits, relative to the mean feature energy.
+        pull: centripetal pull (:mod:`hashexp.merge.pull`): ``{steps, strength, average_grads,
+            max_error}``; with ``steps > 0`` a rehash proposes (:meth:`propose`) and the trainer
+            merges the pulled groups ``steps`` later (``compress(..., fixed=...)``).
     """
 
     name = "base"
@@ -79,7 +83,7 @@ class Compressor:
                  min_width: int | Mapping[str, int] = 1, width_plan: str | None = None,
                  sites: list[str] | None = None, seed: int = 0, window: int = 50, name: str | None = None,
                  compensation: str = "lsq", calib_samples: int | None = None, ridge: float = 1e-3,
-                 round_to: int = 1) -> None:
+                 round_to: int = 1, pull: Mapping[str, Any] | None = None) -> None:
         if target_ratio is not None and not (0.0 < float(target_ratio) <= 1.0):
             raise ConfigError(f"hashing.target_ratio must be in (0, 1], got {target_ratio}")
         if window < 0:
@@ -93,6 +97,7 @@ class Compressor:
         if int(round_to) < 1:
             raise ConfigError(f"hashing.round_to must be an integer >= 1, got {round_to}")
         self.round_to = int(round_to)
+        self.pull = PullConfig.parse(pull)
         self.compensation = compensation
         self.calib_samples = None if calib_samples is None else int(calib_samples)
         self.ridge = float(ridge)
@@ -144,7 +149,8 @@ class Compressor:
     # -------------------------------------------------------------- main entry
     def compress(self, model, names: list[str] | None, stats, optimizer, step: int, dist=None,
                  overrides: Mapping[str, Mapping[str, Any]] | None = None,
-                 calib: torch.Tensor | None = None) -> list[dict[str, Any]]:
+                 calib: torch.Tensor | None = None,
+                 fixed: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> list[dict[str, Any]]:
         """Compress the named sites of ``model`` in place; returns one report per site.
 
         ``overrides`` maps a site name to attribute values used for that site only (e.g. a
@@ -154,6 +160,9 @@ class Compressor:
         consumers (``error``). Sites go in forward order, each measured through the network
         with the earlier sites already merged. Under DDP rank 0 decides and refits; the other
         ranks apply its plan and its least-squares maps, so every rank holds the same network.
+        ``fixed`` maps a site name to a pulled proposal (``{"groups", "keep"}``, see
+        :meth:`propose`): that site merges exactly those groups into their survivors instead of
+        planning anew.
         """
         if self.compensation == "lsq" and calib is None:
             raise ConfigError(f"hashing={self.name} with compensation=lsq needs calibration inputs (calib=...); "
@@ -174,10 +183,13 @@ class Compressor:
             before = site.width
             seed = self.seed * 1009 + idx
             cap = cal.capture_site(model, site, calib, seed) if calib is not None and main else None
-            with self._overridden((overrides or {}).get(site.name)):
-                plan = self.plan_site(site, idx, mass, cap) if main else None
-            if dist is not None:
-                plan = dist.broadcast_plan(plan, site)
+            if fixed is not None and site.name in fixed:
+                plan = fixed_plan(site, fixed[site.name]["groups"], fixed[site.name]["keep"])
+            else:
+                with self._overridden((overrides or {}).get(site.name)):
+                    plan = self.plan_site(site, idx, mass, cap) if main else None
+                if dist is not None:
+                    plan = dist.broadcast_plan(plan, site)
             error = 0.0
             if plan is not None and plan.new_width < before:
                 apply_producers(site, plan, optimizer)
@@ -202,6 +214,37 @@ class Compressor:
             reports.append(rep)
         self.calls += 1
         return reports
+
+    def propose(self, model, names: list[str] | None, stats, step: int, dist=None,
+                overrides: Mapping[str, Mapping[str, Any]] | None = None,
+                calib: torch.Tensor | None = None) -> dict[str, dict[str, torch.Tensor]]:
+        """Plan the named sites without merging: ``{site: {"groups", "keep"}}`` for the pull.
+
+        Each site is planned as :meth:`compress` would (with ``pull.max_error`` as the budget
+        when set); each neuron the plan removes joins the group of its most correlated survivor
+        on the calibration set (``groups``: (width,) group index, ``keep``: (width,) survivors,
+        one per group). Sites with nothing to merge are left out. Under DDP rank 0 plans and
+        broadcasts.
+        """
+        main = dist is None or dist.is_main
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        if main:
+            for idx, site in enumerate(model.merge_sites()):
+                if (names is not None and site.name not in names) or (self.sites is not None and site.name not in self.sites):
+                    continue
+                mass = stats.mass(site.name) if stats is not None else None
+                cap = cal.capture_site(model, site, calib, self.seed * 1009 + idx) if calib is not None else None
+                knobs = dict((overrides or {}).get(site.name) or {})
+                if self.pull.max_error is not None and hasattr(self, "max_error"):
+                    knobs["max_error"] = self.pull.max_error
+                with self._overridden(knobs):
+                    plan = self.plan_site(site, idx, mass, cap)
+                if plan is None or plan.new_width >= site.width:
+                    continue
+                out[site.name] = proposal_groups(plan, cap)
+        if dist is not None:
+            out = dist.broadcast_object(out)
+        return out
 
     def _refit(self, model, site: MergeSite, plan: MergePlan, cap: cal.SiteCapture, calib: torch.Tensor,
                seed: int, optimizer, norm_of: Mapping[int, Any]) -> dict[str, Any]:
@@ -500,6 +543,42 @@ class HashCompressor(Compressor):
             return None
         dev = site.producers[0].module.weight.device
         return merge_plan(site, labels.to(dev), None if mass is None else mass.to(dev), self.representative)
+
+
+def proposal_groups(plan: MergePlan, cap: cal.SiteCapture | None) -> dict[str, torch.Tensor]:
+    """A plan as pull groups: ``groups`` (width,) in [0, new_width), ``keep`` one survivor per group.
+
+    A pruning plan (dropped neurons labelled -1) sends each dropped neuron to its most correlated
+    survivor on the calibration set; a merge plan keeps its groups, with the lowest index of each
+    group as its survivor.
+    """
+    labels = plan.labels.cpu()
+    if (labels < 0).any():
+        if cap is None:
+            raise ConfigError("a pruning plan needs calibration activations to form pull groups")
+        keep = labels >= 0
+        return {"groups": _nearest_survivor(cap, keep), "keep": keep}
+    width = len(labels)
+    first = torch.full((plan.new_width,), width, dtype=torch.long).scatter_reduce(
+        0, labels, torch.arange(width), reduce="amin")
+    keep = torch.zeros(width, dtype=torch.bool)
+    keep[first] = True
+    return {"groups": labels.clone(), "keep": keep}
+
+
+def fixed_plan(site: MergeSite, groups: torch.Tensor, keep: torch.Tensor) -> MergePlan:
+    """Merge each group into its survivor: the survivor's producer rows stay, the group's consumer
+    columns add up (exact when the pull made the members equal); lsq then refits the consumers."""
+    dev = site.producers[0].module.weight.device
+    groups = torch.as_tensor(groups, dtype=torch.long, device=dev)
+    keep = torch.as_tensor(keep, dtype=torch.bool, device=dev)
+    if groups.shape != (site.width,) or keep.shape != (site.width,):
+        raise ValueError(f"site {site.name}: pull groups have shape {tuple(groups.shape)}, the site has width {site.width}")
+    n = int(groups.max()) + 1
+    if int(torch.bincount(groups[keep], minlength=n).min()) != 1 or int(keep.sum()) != n:
+        raise ValueError(f"site {site.name}: every pull group needs exactly one survivor")
+    r = keep.float()
+    return MergePlan(labels=groups, r=r, m=torch.ones_like(r), a=r.clone(), new_width=n)
 
 
 def _nearest_survivor(cap: cal.SiteCapture, keep: torch.Tensor) -> torch.Tensor:
