@@ -105,6 +105,11 @@ def make_run(run_dir: Path, hashing: str, seed: int, acc: float, flops: int, par
 
 @pytest.fixture
 def outputs(tmp_path) -> Path:
+    return build_outputs(tmp_path)
+
+
+def build_outputs(tmp_path: Path) -> Path:
+    """The outputs tree of the tests: two multiruns, single runs, a failed and an unfinished job."""
     out = tmp_path / "outputs"
     sweep_a = sweep_dir(out / "multirun" / D0 / "10-00-00_sweep_a", D0)
     j = 0
