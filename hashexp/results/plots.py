@@ -233,13 +233,11 @@ def _columns(hist: dict[tuple, list], prefix: str) -> list[str]:
 def _per_column(ax, hs: list, cols: list[str], color, label: str | None, lw: float, kinds: tuple[str, ...],
                 squared: bool = False, **kw) -> None:
     """One line per column (line style per column) when there are few, else their total."""
-    if len(cols) <= _MAX_LINES:
-        for j, col in enumerate(cols):
-            x, y = _mean_curve(hs, col, kinds)
-            ax.plot(x, y, color=color, ls=_LINESTYLES[j % 4], lw=lw, label=label if j == 0 else None, **kw)
-    else:
-        x, y = _total_curve(hs, cols, squared=squared)
-        ax.plot(x, y, color=color, label=label, lw=lw, **kw)
+    curves = [_mean_curve(hs, col, kinds) for col in cols] if len(cols) <= _MAX_LINES else \
+        [_total_curve(hs, cols, squared=squared)]
+    for j, (x, y) in enumerate(curves):
+        ax.plot(x, y, color=color, ls=_LINESTYLES[j % 4], lw=lw, label=label if j == 0 else None,
+                marker="o" if len(x) <= 10 else None, ms=3, **kw)  # a few logged steps stay visible
 
 
 def _style_legend(ax, cols: list[str], prefix: str) -> None:
