@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shlex
 import statistics
 import subprocess
@@ -12,12 +11,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
+sys.path.insert(0, str(ROOT))  # hashexp from this checkout
+
+from hashexp.results import read_history, read_metrics  # noqa: E402  (re-exported for the scripts)
+
+__all__ = ["PY", "ROOT", "fmt", "mean_std", "read_history", "read_metrics", "run", "trained_mlp_layers"]
 
 
 def run(overrides: list[str], run_dir: Path) -> dict:
     """One `python -m hashexp` run into ``run_dir``; reused when its metrics.json exists (a rerun resumes)."""
     if (run_dir / "metrics.json").exists():
-        return json.loads((run_dir / "metrics.json").read_text())
+        return read_metrics(run_dir)
     cmd = [PY, "-m", "hashexp", *overrides, f"hydra.run.dir={run_dir}", "trainer.progress=log",
            "trainer.checkpoint=false"]
     print("+", " ".join(shlex.quote(c) for c in cmd[2:]), flush=True)
@@ -25,7 +29,7 @@ def run(overrides: list[str], run_dir: Path) -> dict:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"run failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    m = json.loads((run_dir / "metrics.json").read_text())
+    m = read_metrics(run_dir)
     print(f"  test_acc {m['test_acc']:.4f} flops {m['flops']:,} widths {m['widths']} wall {m['wall_time_s']:.1f}s "
           f"(process {time.perf_counter() - t0:.1f}s)", flush=True)
     return m

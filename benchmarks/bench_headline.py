@@ -20,11 +20,10 @@ FLOPs; fmnist2000 within 1 pp with no site at min_width; resnet20 within 1 pp at
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 from pathlib import Path
 
-from _common import ROOT, fmt, run  # noqa: E402  (benchmarks/ is the script's dir)
+from _common import ROOT, fmt, read_history, run  # noqa: E402  (benchmarks/ is the script's dir)
 
 SETTINGS = {
     "fmnist": ["model=mlp"],
@@ -40,10 +39,9 @@ TITLES = {
 
 def final_norms(run_dir: Path) -> tuple[float, float]:
     """Sum over layers of the weight norm and of the gradient norm in the last step row of history.csv."""
-    rows = [r for r in csv.DictReader((run_dir / "history.csv").open()) if r["kind"] == "step"]
-    last = rows[-1]
-    w = sum(float(v) for k, v in last.items() if k.startswith("wnorm/") and v)
-    g = sum(float(v) for k, v in last.items() if k.startswith("gnorm/") and v)
+    last = [r for r in read_history(run_dir) if r["kind"] == "step"][-1]
+    w = sum(v for k, v in last.items() if k.startswith("wnorm/"))
+    g = sum(v for k, v in last.items() if k.startswith("gnorm/"))
     return w, g
 
 

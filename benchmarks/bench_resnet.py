@@ -44,7 +44,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import ROOT, fmt, run  # noqa: E402  (benchmarks/ is the script's dir)
+from _common import ROOT, fmt, read_metrics, run  # noqa: E402  (benchmarks/ is the script's dir)
 
 PRESET = "experiment=resnet20_fmnist"
 # the SimHash-only knobs the preset sets, dropped for the magnitude baseline
@@ -229,7 +229,7 @@ def main() -> None:
         """A run this part builds on, done earlier (another --runs call) or now."""
         if not (sd / name / "metrics.json").exists():
             raise SystemExit(f"{sd / name} has no metrics.json: run --runs {name} for this seed first")
-        return json.loads((sd / name / "metrics.json").read_text())
+        return read_metrics(sd / name)
 
     for seed in a.seeds:
         sd = out / f"seed{seed}"

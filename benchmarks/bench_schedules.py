@@ -29,7 +29,6 @@ precision than SimHash and no worse final accuracy.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import json
 import math
@@ -43,6 +42,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from hashexp.results import read_history, read_metrics  # noqa: E402
 
 FULL = {
     "seeds": [0, 1, 2],
@@ -103,7 +104,7 @@ def collect(out: Path, names: list[str]) -> list[dict]:
                 status = json.loads((run / "status.json").read_text()) if (run / "status.json").exists() else {}
                 rows.append({"contender": name, "status": "failed", "error": status.get("error", "?"), "run": str(run)})
                 continue
-            m = json.loads(mpath.read_text())
+            m = read_metrics(run)
             m["contender"], m["run"] = name, str(run)
             # rehash events are steps with any rehash; site rehashes count each layer rehashed
             m["site_rehashes"] = sum(len(e.get("sites") or []) for e in m.get("rehash_events", []))
@@ -114,15 +115,10 @@ def collect(out: Path, names: list[str]) -> list[dict]:
 
 def drift_cost(run: Path, m: dict) -> dict:
     """Drift metric seconds (history.csv drift rows) relative to the training time around them."""
-    hist = run / "history.csv"
-    if not hist.exists():
+    drift = [r for r in read_history(run) if r["kind"] == "drift" and "drift/metric_s" in r]
+    if not drift:  # not a drift schedule (or no history.csv)
         return {}
-    with open(hist, newline="") as f:
-        rd = csv.DictReader(f)
-        if "drift/metric_s" not in (rd.fieldnames or []):
-            return {}
-        drift = [r for r in rd if r["kind"] == "drift"]
-    metric = sum(float(r["drift/metric_s"]) for r in drift)
+    metric = sum(r["drift/metric_s"] for r in drift)
     checks = len({r["step"] for r in drift})
     train = m["train_time_s"] - m["hash_time_s"] - metric
     return {"drift_metric_s": metric, "drift_checks": checks,

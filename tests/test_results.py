@@ -57,7 +57,8 @@ def history(path: Path, widths: tuple[int, int], final: tuple[int, int], step_ti
                      "wnorm/layers.2": 1.0, "gnorm/layers.0": 0.1, "gnorm/layers.1": 0.1, "gnorm/layers.2": 0.1})
         if step in (20, 40):
             rows.append({"kind": "epoch", "step": step, "epoch": step // 20, "width/fc1": final[0],
-                         "width/fc2": final[1], "train_loss": 0.3, "train_acc": 0.9, "test_loss": 0.3,
+                         "width/fc2": final[1], "train_loss": 0.3, "train_acc": 0.9 + 0.02 * step / 20 + 0.01 * seed,
+                         "test_loss": 0.3,
                          "test_acc": 0.9, "flops": 100, "params": 100, "rehash": int(widths != final)})
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
@@ -105,6 +106,11 @@ def make_run(run_dir: Path, hashing: str, seed: int, acc: float, flops: int, par
 
 @pytest.fixture
 def outputs(tmp_path) -> Path:
+    return build_outputs(tmp_path)
+
+
+def build_outputs(tmp_path: Path) -> Path:
+    """The outputs tree of the tests: two multiruns, single runs, a failed and an unfinished job."""
     out = tmp_path / "outputs"
     sweep_a = sweep_dir(out / "multirun" / D0 / "10-00-00_sweep_a", D0)
     j = 0
@@ -272,13 +278,14 @@ def test_cli_writes_tables_csvs_and_plots(outputs, tmp_path, capsys):
     assert float(one["wall_speedup"]) == pytest.approx(3.0) and one["vanilla_dir"].endswith("1_synthetic_mlp_none_s1")
     assert json.loads(one["widths"]) == {"fc1": 64, "fc2": 64} and one["command"].startswith("python -m hashexp ")
     pngs = sorted(out.glob("*.png"))
-    assert [p.name for p in pngs] == ["acc_flops_synthetic_mlp.png", "curves_synthetic_mlp.png"]
+    assert [p.name for p in pngs] == ["acc_flops_synthetic_mlp.png", "curves_synthetic_mlp.png",
+                                      "regularization_synthetic_mlp.png"]
     for p in pngs:
         assert p.stat().st_size > 10_000 and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({p.name})" in md
 
 
-def test_make_plots_one_figure_pair_per_dataset_model(outputs, tmp_path):
+def test_make_plots_one_figure_set_per_dataset_model(outputs, tmp_path):
     runs = R.collect_runs([str(outputs)])
     # a second model: its own pair of figures
     extra = outputs / "runs" / D2 / "14-00-00-000000_synthetic_resnet20_none_s0"
@@ -288,8 +295,8 @@ def test_make_plots_one_figure_pair_per_dataset_model(outputs, tmp_path):
     (extra / "metrics.json").write_text(json.dumps(m))
     runs = R.collect_runs([str(outputs)])
     paths = R.make_plots(runs, str(tmp_path / "plots"))
-    assert sorted(Path(p).name for p in paths) == ["acc_flops_synthetic_mlp.png", "acc_flops_synthetic_resnet20.png",
-                                                    "curves_synthetic_mlp.png", "curves_synthetic_resnet20.png"]
+    assert sorted(Path(p).name for p in paths) == [f"{kind}_synthetic_{m}.png" for kind in ("acc_flops", "curves",
+                                                   "regularization") for m in ("mlp", "resnet20")]
     assert all(Path(p).stat().st_size > 10_000 for p in paths)
 
 
@@ -316,3 +323,72 @@ def test_cli_no_plots_and_errors(outputs, tmp_path, capsys):
     broken = next(r for r in runs if r["run_dir"] == str(bad.parent))
     assert broken["status"] == "failed" and "metrics.json unreadable" in broken["error"]
     assert R.summarize(runs)
+
+
+def _legend_labels(legend) -> list[str]:
+    return [t.get_text() for t in legend.get_texts()]
+
+
+def test_acc_flops_plot_is_pp_change_vs_flops_reduction(outputs):
+    from matplotlib.colors import to_rgb
+
+    runs = R.collect_runs([str(outputs)])
+    rows = R.summarize(runs)
+    figs = R.plot_figures(runs)
+    ax = figs["acc_flops_synthetic_mlp.png"].axes[0]
+    assert ax.get_xscale() == "log"
+    labels = _legend_labels(ax.get_legend())
+    assert sorted(labels) == ["magnitude", "mips", "simhash", "vanilla", "vanilla [scratch]"]  # one entry each
+    curves = {c.get_label(): c for c in ax.containers}
+    for method in ("simhash", "magnitude", "mips"):
+        line = curves[method].lines[0]
+        paired = [r for r in rows if r["method"] == method and r["n_paired"]]  # the twinless simhash run is left out
+        assert list(line.get_xdata()) == pytest.approx([r["flops_reduction_mean"] for r in paired])
+        assert list(line.get_ydata()) == pytest.approx([100 * r["acc_delta_mean"] for r in paired])
+    # the small network from scratch: its two widths are one curve, from 1x to 10x fewer FLOPs
+    scratch = curves["vanilla [scratch]"].lines[0]
+    assert list(scratch.get_xdata()) == pytest.approx([1.0, 10.0]) and list(scratch.get_ydata()) == pytest.approx([0, -5])
+    assert list(curves["vanilla"].lines[0].get_ydata()) == [0.0]
+    # the majority class is named, not drawn: the y range is the pp spread of the methods
+    assert "majority class 70.00%" in ax.get_title() and "vanilla test accuracy 92.00%" in ax.get_title()
+    lo, hi = ax.get_ylim()
+    assert -15 < lo < -5 and 0 < hi < 5
+    assert to_rgb(curves["simhash"].lines[0].get_color()) == to_rgb("tab:blue")
+
+
+def test_regularization_plot_gap_and_norms_hashed_vs_vanilla(outputs):
+    from matplotlib.colors import to_rgb
+
+    figs = R.plot_figures(R.collect_runs([str(outputs)]))
+    fig = figs["regularization_synthetic_mlp.png"]
+    ax_gap, ax_w, ax_g = fig.axes
+    assert _legend_labels(fig.legends[0]) == ["vanilla", "vanilla [scratch]", "magnitude", "mips", "simhash"]
+    by = {line.get_label(): line for line in ax_gap.lines}
+    # train_acc - test_acc of the fixture's epoch rows: 2 pp per epoch + 1 pp per seed; seeds 0-2
+    assert list(by["simhash"].get_xdata()) == [20.0, 40.0]
+    assert list(by["simhash"].get_ydata()) == pytest.approx([3.0, 5.0])
+    assert list(by["mips"].get_ydata()) == pytest.approx([2.5, 4.5])  # seeds 0-1
+    assert "gap" in ax_gap.get_title() and ax_w.get_title() == "weight norm per layer"
+    assert ax_g.get_title() == "gradient norm per layer"
+    # one line per layer (3) for each of the 7 groups; wnorm/layers.0 = 5 + step / 10
+    assert len(ax_w.lines) == 21 and len(ax_g.lines) == 21
+    first = next(line for line in ax_w.lines if line.get_label() == "simhash")
+    assert list(first.get_ydata()) == pytest.approx([6.0, 7.0, 8.0, 9.0])
+    assert all(list(line.get_ydata()) == pytest.approx([0.1] * 4) for line in ax_g.lines)
+    # each method in one colour in all figures
+    acc = {c.get_label(): c.lines[0].get_color() for c in figs["acc_flops_synthetic_mlp.png"].axes[0].containers}
+    loss = {line.get_label(): line.get_color() for line in figs["curves_synthetic_mlp.png"].axes[0].lines}
+    for method in ("vanilla", "simhash", "magnitude", "mips"):
+        assert to_rgb(acc[method]) == to_rgb(by[method].get_color()) == to_rgb(loss[method])
+
+
+def test_cli_without_runs_says_make_run_first(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HASHEXP_OUTPUTS", str(tmp_path / "outputs"))
+    assert R.main([]) == 1  # no outputs dir yet
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "make run" in err
+    (tmp_path / "outputs").mkdir()
+    assert R.main([]) == 1  # an empty one
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "no run directories" in err and "make run" in err
