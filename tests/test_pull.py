@@ -220,3 +220,15 @@ def test_resume_mid_pull_ends_identical_to_an_uninterrupted_run(tmp_path, monkey
                        for r in csv.DictReader(p.open())]
     assert strip(tmp_path / "full" / "history.csv") == strip(tmp_path / "resumed" / "history.csv")
     json.dumps(out)  # plain JSON
+
+
+def test_a_pulled_run_is_a_width_plan_of_its_proposals(tmp_path):
+    from hashexp.app import train_run
+
+    m = train_run(compose(PULL_RUN), str(tmp_path / "run"))
+    plan_run = [*PULL_RUN[:8], "hashing=magnitude", "hashing.target_ratio=null", f"hashing.width_plan={tmp_path / 'run'}",
+                "schedule=gradual", "schedule.start=10", "schedule.end=70", "schedule.every=20", "seed=4"]
+    b = train_run(compose(plan_run), str(tmp_path / "magnitude"))
+    proposals = [e["proposed_width"] for e in m["rehash_events"] if "proposed" in e]
+    assert [e["after"] for e in b["rehash_events"]][1:] == proposals[1:]  # the first proposal is empty (full width)
+    assert b["widths"] == m["widths"]

@@ -804,7 +804,9 @@ def neuron_merging_coefficients(p: torch.Tensor, keep: int, threshold: float
 
 
 def _load_width_plan(path: str) -> list[dict[str, int]]:
-    """Widths after each rehash of a finished run, from its metrics.json (or its run dir)."""
+    """Widths after each rehash of a finished run, from its metrics.json (or its run dir); for a run
+    with the centripetal pull, the widths each rehash proposed (so a baseline reaches them at the
+    same decisions, without the pull's delay)."""
     if os.path.isdir(path):
         path = os.path.join(path, "metrics.json")
     if not os.path.isfile(path):
@@ -812,6 +814,10 @@ def _load_width_plan(path: str) -> list[dict[str, int]]:
     try:
         with open(path) as f:
             m = json.load(f)
-        return [{k: int(v) for k, v in e["after"].items()} for e in m["rehash_events"]]
+        events = m["rehash_events"]
+        if any("proposed" in e for e in events):
+            # a pulled run: its k-th decision proposed these widths (merged `pull.steps` later)
+            return [{k: int(v) for k, v in e["proposed_width"].items()} for e in events if "proposed" in e]
+        return [{k: int(v) for k, v in e["after"].items()} for e in events]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise DataError(f"hashing.width_plan={path}: not a hashexp metrics.json with rehash_events ({e})") from None
