@@ -228,12 +228,6 @@ class Dist:
         return MergePlan(labels=labels.to(dev), r=coef[0].clone(), m=coef[1].clone(), a=coef[2].clone(),
                          new_width=new_width)
 
-    def barrier(self) -> None:
-        if self.backend == "nccl":
-            tdist.barrier(device_ids=[self.local_rank])
-        else:
-            tdist.barrier()
-
     def close(self) -> None:
         """Tear down the process group (idempotent)."""
         self._ddp = None
