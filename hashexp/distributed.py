@@ -204,7 +204,7 @@ class Dist:
         """
         from hashexp.merge.surgery import MergePlan
 
-        dev = site.producers[0].module.weight.device
+        dev = site.device
         header = torch.zeros(4, dtype=torch.long, device=self.comm_device)
         if self.is_main and plan is not None:
             dtype_code = _FLOAT_DTYPES.index(plan.r.dtype) if plan.r.dtype in _FLOAT_DTYPES else 1

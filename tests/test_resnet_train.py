@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from conftest import CONF, compose, read_metrics, run_app, run_dirs
 from hashexp.app import build_compressor
-from hashexp.compress import compress_model, evaluate
+from hashexp.compress import compress_model
+from hashexp.metrics import accuracy
 from hashexp.data import BatchIterator
 from hashexp.data.npz import load_npz
 from hashexp.merge.compressor import HashCompressor, MagnitudePruner
@@ -186,7 +187,7 @@ def test_one_shot_compress_resnet20_keep_half(images, one_thread):
     with torch.no_grad():
         out = model(data.x_test[:32])
     assert out.shape == (32, 10) and torch.isfinite(out).all()
-    acc = evaluate(model, data.x_test, data.y_test)
+    acc = accuracy(model, data.x_test, data.y_test)
     assert acc == pytest.approx(rep["after"]["test_acc"], abs=0.02)
     assert rep["majority_acc"] == pytest.approx(data.majority_acc("test"))
     # the merged model trains on (shapes consistent everywhere)

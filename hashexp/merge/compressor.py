@@ -41,6 +41,8 @@ from hashexp.merge import calibration as cal
 from hashexp.merge.sites import MergeSite
 from hashexp.merge.surgery import (MergePlan, apply_consumers, apply_producers, merge_plan, prune_plan,
                                    refit_consumer)
+from hashexp.utils.checks import check_at_least, check_cosine, check_fraction
+from hashexp.utils.seeding import P1000003, P1009, P7919, derive_seed
 
 _PAIR_CHUNK = 1 << 18
 COMPENSATIONS = ("lsq", "weights", "none")
@@ -80,14 +82,13 @@ class Compressor:
                  sites: list[str] | None = None, seed: int = 0, window: int = 50, name: str | None = None,
                  compensation: str = "lsq", calib_samples: int | None = None, ridge: float = 1e-3,
                  round_to: int = 1) -> None:
-        if target_ratio is not None and not (0.0 < float(target_ratio) <= 1.0):
-            raise ConfigError(f"hashing.target_ratio must be in (0, 1], got {target_ratio}")
+        if target_ratio is not None:
+            check_fraction("hashing.target_ratio", target_ratio)
         if window < 0:
             raise ConfigError(f"hashing.window must be >= 0, got {window}")
         if compensation not in COMPENSATIONS:
             raise ConfigError(f"hashing.compensation={compensation!r}; choose {', '.join(COMPENSATIONS)}")
-        if calib_samples is not None and int(calib_samples) < 1:
-            raise ConfigError(f"hashing.calib_samples must be >= 1 or null, got {calib_samples}")
+        check_at_least("hashing.calib_samples", calib_samples, 1, nullable=True)
         if not (0.0 < float(ridge) < 1.0):
             raise ConfigError(f"hashing.ridge must be in (0, 1), got {ridge}")
         if int(round_to) < 1:
@@ -172,7 +173,7 @@ class Compressor:
             if dist is not None and mass is not None:
                 mass = dist.all_reduce_sum(mass)
             before = site.width
-            seed = self.seed * 1009 + idx
+            seed = derive_seed(self.seed, idx, scale=P1009, weights=(1,))
             cap = cal.capture_site(model, site, calib, seed) if calib is not None and main else None
             with self._overridden((overrides or {}).get(site.name)):
                 plan = self.plan_site(site, idx, mass, cap) if main else None
@@ -245,10 +246,10 @@ class Compressor:
         saved = {k: getattr(self, k) for k in values}
         try:
             for k, v in values.items():
-                if k == "threshold" and v is not None and not (-1.0 <= float(v) <= 1.0):
-                    raise ConfigError(f"threshold must be a cosine in [-1, 1], got {v}")
-                if k == "target_ratio" and v is not None and not (0.0 < float(v) <= 1.0):
-                    raise ConfigError(f"target_ratio must be in (0, 1], got {v}")
+                if k == "threshold" and v is not None:
+                    check_cosine("threshold", v)
+                if k == "target_ratio" and v is not None:
+                    check_fraction("target_ratio", v)
                 setattr(self, k, v)
             yield
         finally:
@@ -262,7 +263,8 @@ class Compressor:
         self.calls = int(state["calls"])
 
     def _generator(self, index: int) -> torch.Generator:
-        return torch.Generator().manual_seed((self.seed * 1_000_003 + self.calls * 1009 + index) % (2**63))
+        return torch.Generator().manual_seed(derive_seed(self.seed, self.calls, index, scale=P1000003,
+                                                         weights=(P1009, 1), modulus=2**63))
 
 
 class HashCompressor(Compressor):
@@ -302,8 +304,7 @@ class HashCompressor(Compressor):
                  representative: str | None = None, max_error: float | None = None, block_frac: float = 0.01,
                  auto_width: int | None = None, **kw) -> None:
         super().__init__(**kw)
-        if threshold is not None and not (-1.0 <= float(threshold) <= 1.0):
-            raise ConfigError(f"hashing.threshold must be a cosine in [-1, 1] or null, got {threshold}")
+        check_cosine("hashing.threshold", threshold, nullable=True)
         if transform not in ("auto", "simhash", "mips"):
             raise ConfigError(f"hashing.transform={transform!r}; choose auto, simhash or mips")
         if not (1 <= int(bits) <= 64):
@@ -335,9 +336,7 @@ class HashCompressor(Compressor):
         self.representative = representative
         self.max_error = None if max_error is None else float(max_error)
         self.block_frac = float(block_frac)
-        if auto_width is not None and int(auto_width) < 1:
-            raise ConfigError(f"hashing.auto_width must be >= 1 or null, got {auto_width}")
-        self.auto_width = None if auto_width is None else int(auto_width)
+        self.auto_width = check_at_least("hashing.auto_width", auto_width, 1, nullable=True)
         self.last_stats: dict[str, dict[str, Any]] = {}
 
     def hash_vectors(self, site: MergeSite) -> torch.Tensor:
@@ -397,7 +396,7 @@ class HashCompressor(Compressor):
             return None
         keep = torch.ones(width, dtype=torch.bool)
         keep[removed] = False
-        dev = site.producers[0].module.weight.device
+        dev = site.device
         if self.representative == "keep":
             return prune_plan(site, keep.to(dev))
         labels = _nearest_survivor(cap, keep)
@@ -474,7 +473,7 @@ class HashCompressor(Compressor):
             rep = torch.zeros(g, u.shape[1]).index_add_(0, labels, a[:, None] * u)
             rep = rep / rep.norm(dim=1, keepdim=True).clamp_min(1e-12)
             size = torch.bincount(labels, minlength=g)
-            pairs = self.candidate_pairs(site, index + 7919 * rnd, rep)
+            pairs = self.candidate_pairs(site, derive_seed(index, rnd, weights=(P7919,)), rep)
             if len(pairs) > self.max_pairs:
                 raise ConfigError(f"site {site.name}: {len(pairs)} candidate pairs exceed hashing.max_pairs="
                                   f"{self.max_pairs}; raise hashing.bits or hashing.min_tables")
@@ -498,7 +497,7 @@ class HashCompressor(Compressor):
         self.last_stats[site.name] = stats
         if stats["groups"] >= width:
             return None
-        dev = site.producers[0].module.weight.device
+        dev = site.device
         return merge_plan(site, labels.to(dev), None if mass is None else mass.to(dev), self.representative)
 
 
@@ -654,7 +653,7 @@ class RandomMerger(_Baseline):
         perm = torch.randperm(width, generator=self._generator(index))
         labels = torch.empty(width, dtype=torch.long)
         labels[perm] = torch.arange(width) % target
-        dev = site.producers[0].module.weight.device
+        dev = site.device
         return self._finish(merge_plan(site, labels.to(dev), None if mass is None else mass.to(dev)))
 
 
@@ -678,8 +677,7 @@ class NeuronMerging(_Baseline):
 
     def __init__(self, threshold: float | None = 0.45, **kw) -> None:
         super().__init__(**kw)
-        if threshold is None or not (-1.0 <= float(threshold) <= 1.0):
-            raise ConfigError(f"hashing.threshold must be a cosine in [-1, 1] for neuron_merging, got {threshold}")
+        check_cosine("hashing.threshold", threshold, note=" for neuron_merging")
         self.threshold = float(threshold)
 
     def plan_site(self, site: MergeSite, index: int, mass, capture=None) -> MergePlan | None:

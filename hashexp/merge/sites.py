@@ -86,6 +86,11 @@ class MergeSite:
         return out_width(self.producers[0].module)
 
     @property
+    def device(self) -> torch.device:
+        """Where the site's tensors live (its first producer's weight)."""
+        return self.producers[0].module.weight.device
+
+    @property
     def homogeneous(self) -> bool:
         """True when positive rescalings of a neuron merge exactly (ReLU-like activations)."""
         return self.activation in POSITIVELY_HOMOGENEOUS
