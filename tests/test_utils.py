@@ -69,6 +69,8 @@ def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
             f.write("half")
             raise RuntimeError("killed")
     assert json.loads(p.read_text()) == {"a": 1, "b": [1, 2]}  # untouched
-    assert not os.path.exists(str(p) + ".tmp")
+    assert os.path.exists(str(p) + ".tmp")  # what a kill leaves; the next write replaces it
+    write_json_atomic(p, [])
+    assert json.loads(p.read_text()) == [] and not os.path.exists(str(p) + ".tmp")
     torch_save_atomic({"w": torch.ones(3)}, tmp_path / "x.pt")
     assert torch.equal(torch.load(tmp_path / "x.pt", weights_only=True)["w"], torch.ones(3))

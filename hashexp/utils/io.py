@@ -22,21 +22,15 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kw: Any) -> It
     """Open ``path + ".tmp"`` for writing; on a clean exit fsync it and rename it over ``path``.
 
     ``mode`` is "w" (text, ``open_kw`` e.g. ``newline=""``) or "wb". On an exception the
-    target is untouched and the temp file removed.
+    target is untouched (the temp file stays, as after a kill; the next write replaces it).
     """
     path = os.fspath(path)
     tmp = path + ".tmp"
-    try:
-        with open(tmp, mode, **open_kw) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    fsync_dir(os.path.dirname(path) or ".")
+    with open(tmp, mode, **open_kw) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+    _commit(tmp, path)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -46,9 +40,18 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 
 
 def torch_save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` into a temp file, then rename (model.pt, checkpoint.pt)."""
-    with atomic_write(path, "wb") as f:
-        torch.save(obj, f)
+    """``torch.save`` into ``path + ".tmp"``, fsync, rename (model.pt, checkpoint.pt)."""
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    _commit(tmp, path)
+
+
+def _commit(tmp: str, path: str) -> None:
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
