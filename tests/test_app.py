@@ -57,6 +57,7 @@ def test_required_groups_present():
     assert {"csv", "wandb"} <= set(options("logger"))
 
 
+@pytest.mark.slow
 def test_end_to_end_run_writes_run_dir(tmp_path):
     run_app(tmp_path, TINY)
     (rd,) = run_dirs(tmp_path)
@@ -86,6 +87,7 @@ def test_end_to_end_run_writes_run_dir(tmp_path):
     assert model(torch.zeros(3, 20)).shape == (3, 2)
 
 
+@pytest.mark.slow
 def test_runs_from_any_working_directory(tmp_path):
     elsewhere = tmp_path / "somewhere" / "deep"
     elsewhere.mkdir(parents=True)
@@ -95,6 +97,7 @@ def test_runs_from_any_working_directory(tmp_path):
     assert m["seed"] == 3 and m["widths"] == {"fc1": 16, "fc2": 8}
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     run_app(a, TINY + ["seed=5"])
@@ -107,6 +110,7 @@ def test_same_seed_same_metrics(tmp_path):
     assert read_metrics(run_dirs(c)[0])["train_loss"] != ma["train_loss"]
 
 
+@pytest.mark.slow
 def test_multirun_over_seeds(tmp_path):
     run_app(tmp_path, TINY + ["seed=0,1"], multirun=True)
     dirs = run_dirs(tmp_path)
@@ -114,6 +118,7 @@ def test_multirun_over_seeds(tmp_path):
     assert sorted(read_metrics(d)["seed"] for d in dirs) == [0, 1]
 
 
+@pytest.mark.slow
 def test_unknown_group_option_is_one_clear_error(tmp_path):
     proc = run_app(tmp_path, TINY + ["model=transformer"], check=False)
     assert proc.returncode != 0
@@ -121,6 +126,7 @@ def test_unknown_group_option_is_one_clear_error(tmp_path):
     assert "Available options in 'model'" in proc.stderr
 
 
+@pytest.mark.slow
 def test_bad_value_is_one_clear_error(tmp_path):
     proc = run_app(tmp_path, TINY + ["model.activation=swishy"], check=False)
     assert proc.returncode == 2
@@ -128,6 +134,7 @@ def test_bad_value_is_one_clear_error(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_malformed_npz_is_one_clear_error(tmp_path):
     bad = tmp_path / "bad.npz"
     import numpy as np
@@ -142,6 +149,7 @@ def test_malformed_npz_is_one_clear_error(tmp_path):
     assert list((tmp_path / "outputs").rglob("status.json"))
 
 
+@pytest.mark.slow
 def test_missing_dataset_is_one_clear_error(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

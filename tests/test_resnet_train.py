@@ -74,6 +74,7 @@ def test_preset_composes_with_its_command():
     assert isinstance(mp, MagnitudePruner) and c.model.name == "resnet20" and mp.ignored_knobs == {"bits": 4, "tables": 16}
 
 
+@pytest.mark.slow
 def test_resnet20_trains_and_rehashes_via_app(tmp_path, images):
     """Three short epochs with three step rehashes: channels and FLOPs go down, training goes on."""
     run_app(tmp_path, [
@@ -145,6 +146,7 @@ def _flops_at(widths) -> int:
     return count_flops(_model(widths), SHAPE)
 
 
+@pytest.mark.slow
 def test_one_shot_compress_resnet20_keep_half(images, one_thread):
     """compress_model at keep=0.5 on a briefly trained ResNet-20: FLOPs drop ~4x, the model still works."""
     torch.manual_seed(0)

@@ -78,6 +78,7 @@ def _checkpoint_epoch(path: Path) -> int:
         return -1
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     env = _env(tmp_path)
     full, killed = tmp_path / "full", tmp_path / "killed"
@@ -171,6 +172,7 @@ def test_kill_during_mid_epoch_checkpoint_write_resumes_exactly_into_a_new_dir(t
     assert lossy["train_loss"] != ref["train_loss"]
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
     from hashexp.app import train_run
     from hashexp.errors import DataError

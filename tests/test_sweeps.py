@@ -240,6 +240,7 @@ def test_matched_baselines_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(script)], check=True)
 
 
+@pytest.mark.slow
 def test_multirun_with_a_failing_job(tmp_path):
     """2 jobs: npz data that exists and a path that does not. The bad job writes status.json, the
     multirun carries on, and the table lists it as failed next to the tabulated good run."""
