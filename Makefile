@@ -13,7 +13,8 @@ CLSH_SOURCES := $(wildcard clsh/*.pyx clsh/*.pxd clsh/src/*.cpp clsh/src/*.hpp c
 .PHONY: install data test test-fast run results-table bench bench-deps clean help
 
 help:
-	@echo "make test           set up .venv, install hashexp[dev] (builds clsh), fetch data, run the test suite"
+	@echo "make test           set up .venv, install hashexp[dev,search] (builds clsh), fetch data, run the whole test suite"
+	@echo "make test-fast      the suite without the end-to-end runs (pytest -m \"not slow\")"
 	@echo "make run            set up, get Fashion-MNIST, compare vanilla vs hashed MLP and print the table"
 	@echo "make results-table  tables and plots from everything under outputs/"
 	@echo "make bench          run the benchmarks in benchmarks/ (writes their markdown)"
@@ -25,7 +26,7 @@ $(PY):
 $(STAMP): pyproject.toml $(CLSH_SOURCES) | $(PY)
 	$(BIN)/pip install --upgrade-strategy only-if-needed $(TORCH_SPEC)
 	$(BIN)/pip install "setuptools>=69" wheel "Cython>=3.0" "numpy>=1.24"
-	$(BIN)/pip install --no-build-isolation -e ".[dev]"
+	$(BIN)/pip install --no-build-isolation -e ".[dev,search]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -45,7 +46,7 @@ test: install data
 	$(PY) -m pytest -q -n 2 tests
 
 test-fast: install
-	$(PY) -m pytest -q -x tests
+	$(PY) -m pytest -q -x -n 2 -m "not slow" tests
 
 run: install data
 	$(PY) -m hashexp.compare

@@ -66,6 +66,7 @@ import torch
 import clsh
 from hashexp.lsh import SimHash
 from hashexp.lsh.params import choose_bits_tables, collision_probability, crossover_width, expected_background_pairs
+from hashexp.utils.seeding import P1009, derive_seed
 
 HERE = Path(__file__).resolve().parent
 THRESHOLD = 0.9
@@ -245,7 +246,7 @@ def lsh_pairs(u: torch.Tensor, t: float, K: int, L: int, seed: int = 0) -> tuple
     for gi, l0 in enumerate(range(0, L, per)):
         lg = min(per, L - l0)
         t0 = time.perf_counter()
-        h = SimHash(u.shape[1], K, lg, seed=seed * 1009 + gi)
+        h = SimHash(u.shape[1], K, lg, seed=derive_seed(seed, gi, scale=P1009, weights=(1,)))
         codes = np.empty((n, lg), dtype=np.uint64)
         for s in range(0, n, FP_CHUNK):
             codes[s:s + FP_CHUNK] = h.fingerprint(u[s:s + FP_CHUNK])

@@ -129,7 +129,8 @@ def oneshot(seed: int, van_dir: Path, hashed: dict, a) -> dict:
     import torch
     from omegaconf import OmegaConf
 
-    from hashexp.compress import compress_model, evaluate
+    from hashexp.compress import compress_model
+    from hashexp.metrics import accuracy
     from hashexp.data import build_dataset
     from hashexp.merge.recalibrate import recalibrate_bn
     from hashexp.metrics import count_flops, count_params
@@ -141,7 +142,7 @@ def oneshot(seed: int, van_dir: Path, hashed: dict, a) -> dict:
     cfg = OmegaConf.load(van_dir / ".hydra" / "config.yaml")
     data = build_dataset(cfg.dataset, seed=seed).to(dev)
     base = load_model(van_dir / "model.pt").to(dev)
-    base_acc = evaluate(base, data.x_test, data.y_test)
+    base_acc = accuracy(base, data.x_test, data.y_test)
     out = {"base_acc": base_acc, "base_flops": count_flops(base, data.input_shape),
            "majority": data.majority_acc("test")}
 
@@ -153,7 +154,7 @@ def oneshot(seed: int, van_dir: Path, hashed: dict, a) -> dict:
     o = {"flops": rep["after"]["flops"], "params": rep["after"]["params"], "widths": rep["after"]["widths"],
          "acc_prune": rep["after"]["test_acc"], "prune_s": rep["hash_time_s"]}
     o["ft_s"] = finetune(ours, data, a.finetune_epochs, a.finetune_lr, 128, seed)
-    o["acc_ft"] = evaluate(ours, data.x_test, data.y_test)
+    o["acc_ft"] = accuracy(ours, data.x_test, data.y_test)
     out["ours"] = o
 
     # Torch-Pruning at the FLOPs our one-shot reached (= the hashed run's when every site hit its target)
@@ -163,9 +164,9 @@ def oneshot(seed: int, van_dir: Path, hashed: dict, a) -> dict:
     tpm = tpm.to(dev)
     recalibrate_bn(tpm, calib_batches(data, a.calib_batches, 128, seed))
     t = {"flops": f, "params": count_params(tpm), "widths": dict(tpm.widths()), "ratio": ratio,
-         "acc_prune": evaluate(tpm, data.x_test, data.y_test), "prune_s": t_prune}
+         "acc_prune": accuracy(tpm, data.x_test, data.y_test), "prune_s": t_prune}
     t["ft_s"] = finetune(tpm, data, a.finetune_epochs, a.finetune_lr, 128, seed)
-    t["acc_ft"] = evaluate(tpm, data.x_test, data.y_test)
+    t["acc_ft"] = accuracy(tpm, data.x_test, data.y_test)
     out["tp"] = t
     print(f"  one-shot seed {seed}: base {base_acc:.4f}; ours flops {o['flops']:,} acc {o['acc_prune']:.4f} -> "
           f"{o['acc_ft']:.4f}; torch-pruning ratio {ratio:.3f} flops {f:,} acc {t['acc_prune']:.4f} -> "

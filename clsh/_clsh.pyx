@@ -43,11 +43,7 @@ cdef extern from "lsh_tables.hpp" namespace "clsh" nogil:
         int n_threads()
         int64_t size()
         void build(const uint64_t* codes, int64_t n) except +translate_error
-        void insert(const int64_t* ids, const uint64_t* codes, int64_t n) except +translate_error
-        void remove(const int64_t* ids, int64_t n) except +translate_error
         void clear() except +translate_error
-        RankLists query(const uint64_t* codes, int64_t n, int64_t max_values) except +translate_error
-        RankLists query_ids(const int64_t* ids, int64_t n, int64_t max_values) except +translate_error
         RankLists buckets(int64_t table) except +translate_error
         RankLists candidate_pairs(int64_t min_tables, int64_t max_pairs) except +translate_error
         Stats stats() except +translate_error
@@ -100,21 +96,6 @@ def _codes(x, int64_t n_tables, str what):
     return a.view(np.uint64)  # int64 codes: same bits
 
 
-def _ids(x, str what):
-    a = _as_array(x, what)
-    if a.dtype.kind not in "iu":
-        raise ValueError(f"{what}: ids must be an integer array, got dtype {a.dtype}")
-    if a.ndim != 1:
-        raise ValueError(f"{what}: ids must be 1-D, got shape {a.shape}")
-    if not a.flags.c_contiguous:
-        raise ValueError(f"{what}: ids must be C-contiguous; pass np.ascontiguousarray(ids)")
-    if a.dtype != np.int64:
-        if a.dtype == np.uint64 and a.size and a.max() > np.iinfo(np.int64).max:
-            raise ValueError(f"{what}: id {a.max()} does not fit in int64")
-        a = a.astype(np.int64)
-    return a
-
-
 # ------------------------------------------------------------------ results
 
 cdef inline int64_t* _ptr(a):
@@ -152,18 +133,15 @@ cdef class LSHTables:
         n_tables: number of tables L (columns of every codes array), 1..65536.
         n_threads: worker threads, 0 = all cores.
 
-    Items are int64 ids >= 0 (``build`` numbers them 0..N-1), at most 2**31 - 1 of them.
+    ``build`` numbers the items 0..N-1, at most 2**31 - 1 of them.
 
     Memory: a bucket of size s yields s*(s-1)/2 pairs, so if nearly all codes are equal
-    the output is ~N^2/2 pairs (5e9 at N = 1e5). ``candidate_pairs`` and ``query`` raise
+    the output is ~N^2/2 pairs (5e9 at N = 1e5). ``candidate_pairs`` raises
     MemoryError, naming the count, when a result would exceed about a quarter of physical
     memory (or ``max_pairs``), before doing the work when a lower bound already does.
     ``stats()["pairs_per_table"]`` gives the exact per-table counts up front; raise K
     (bits per table) or ``min_tables`` when they are too large. Counts are 64-bit: nothing
     overflows.
-
-    Mutations (``insert``/``remove``) are O(batch); the first read after them re-indexes
-    all tables in O(N*L) (parallel over tables), so batch mutations together.
     """
 
     cdef CppLSHTables* _t
@@ -203,56 +181,9 @@ cdef class LSHTables:
         with nogil:
             self._t.build(p, n)
 
-    def insert(self, ids, codes):
-        """Add items; ``ids`` (n,) must be >= 0 and not stored. All-or-nothing on error."""
-        i = _ids(ids, "insert")
-        a = _codes(codes, self._t.n_tables(), "insert")
-        if i.shape[0] != a.shape[0]:
-            raise ValueError(f"insert: {i.shape[0]} ids but {a.shape[0]} rows of codes")
-        cdef const uint64_t[:, ::1] c = a
-        cdef int64_t n = a.shape[0]
-        cdef const uint64_t* p = &c[0, 0] if n > 0 else NULL
-        cdef int64_t* q = _ptr(i)
-        with nogil:
-            self._t.insert(q, p, n)
-
-    def remove(self, ids):
-        """Remove stored items by id; unknown or repeated ids raise ValueError and remove nothing."""
-        i = _ids(ids, "remove")
-        cdef int64_t* q = _ptr(i)
-        cdef int64_t n = i.shape[0]
-        with nogil:
-            self._t.remove(q, n)
-
     def clear(self):
         """Remove all items."""
         self._t.clear()
-
-    def query(self, codes):
-        """Candidates of each query row: union over tables of its buckets' ids, sorted, deduplicated.
-
-        Returns ``(offsets, ids)`` in CSR form: row r's candidates are ``ids[offsets[r]:offsets[r+1]]``.
-        """
-        a = _codes(codes, self._t.n_tables(), "query")
-        cdef const uint64_t[:, ::1] c = a
-        cdef int64_t n = a.shape[0]
-        cdef const uint64_t* p = &c[0, 0] if n > 0 else NULL
-        cdef int64_t limit = default_output_limit()
-        cdef RankLists res
-        with nogil:
-            res = self._t.query(p, n, limit)
-        return _csr_to_numpy(res, self._t.n_threads())
-
-    def query_ids(self, ids):
-        """Like :meth:`query` for stored items, each excluding itself. Unknown ids raise ValueError."""
-        i = _ids(ids, "query_ids")
-        cdef int64_t* q = _ptr(i)
-        cdef int64_t n = i.shape[0]
-        cdef int64_t limit = default_output_limit()
-        cdef RankLists res
-        with nogil:
-            res = self._t.query_ids(q, n, limit)
-        return _csr_to_numpy(res, self._t.n_threads())
 
     def buckets(self, table):
         """Non-empty buckets of one table as CSR ``(offsets, members)``.

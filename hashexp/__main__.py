@@ -20,7 +20,9 @@ log = logging.getLogger("hashexp")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def main(cfg: DictConfig) -> float | tuple[float, ...] | None:
+    """One run. Returns test_acc, or with ``objective: [key, ...]`` (a search preset) those
+    metrics.json values as a tuple: what a Hydra sweeper (Optuna, multi-objective) optimizes."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -39,7 +41,7 @@ def main(cfg: DictConfig) -> float | None:
                 raise ConfigError("a Hydra multirun (-m) under torchrun is not supported; launch one torchrun per run")
             run_dir = dist.broadcast_object(run_dir)  # rank 0's run dir: checkpoints, resume=auto
         metrics = train_run(cfg, run_dir, dist=dist)
-        return float(metrics["test_acc"])
+        return objective_values(metrics, cfg.get("objective"))
     except HashexpError as e:
         record_failure(run_dir, e)
         if multirun:  # the other jobs go on; the table lists this one as failed
@@ -56,6 +58,19 @@ def main(cfg: DictConfig) -> float | None:
     finally:
         if dist is not None:
             dist.close()
+
+
+def objective_values(metrics: dict, objective) -> float | tuple[float, ...]:
+    """What the task returns to the sweeper: test_acc, or the ``objective`` keys' values as a tuple."""
+    if objective is None:
+        return float(metrics["test_acc"])
+    from hashexp.errors import ConfigError
+
+    keys = [objective] if isinstance(objective, str) else list(objective)
+    missing = [k for k in keys if not isinstance(metrics.get(k), (int, float))]
+    if missing:
+        raise ConfigError(f"objective: {missing} are not numeric keys of metrics.json (e.g. test_acc, flops, params)")
+    return tuple(float(metrics[k]) for k in keys)
 
 
 def _rank_setup() -> str | None:

@@ -7,16 +7,12 @@ metrics.json, so tables list it as failed and a multirun carries on with the oth
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import random
 import time
 import traceback
 from typing import Any
 
-import numpy as np
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -24,31 +20,10 @@ from hashexp.data import build_dataset
 from hashexp.errors import ConfigError, HashexpError
 from hashexp.metrics import peak_rss_mb
 from hashexp.models import build_model, save_model
+from hashexp.utils.io import write_json_atomic
+from hashexp.utils.seeding import seed_everything
 
 log = logging.getLogger("hashexp")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _json_default(o):
-    if torch.is_tensor(o):
-        return o.tolist()
-    if isinstance(o, np.generic):
-        return o.item()
-    return str(o)
 
 
 def build_compressor(cfg_hashing: DictConfig, seed: int):

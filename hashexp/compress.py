@@ -31,7 +31,7 @@ from torch import nn
 
 from hashexp.data import BatchIterator, DataBundle
 from hashexp.errors import ConfigError, HashexpError
-from hashexp.metrics import count_flops, count_params
+from hashexp.metrics import accuracy, count_flops, count_params
 from hashexp.train import ActivationStats
 
 METHODS = ("simhash", "mips", "neuron_merging", "magnitude", "random")
@@ -67,13 +67,6 @@ def make_compressor(method: str, keep: float | None, threshold: float | None = N
     return cls(target_ratio=keep, seed=seed, min_width=1, **comp)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 4096) -> float:
-    model.eval()
-    correct = sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum()) for i in range(0, len(x), batch))
-    return correct / max(len(x), 1)
-
-
 def compress_model(model: nn.Module, data: DataBundle, method: str = "simhash", keep: float | None = 0.5,
                    threshold: float | None = None, calib_batches: int = 20, batch_size: int = 256,
                    finetune_epochs: float = 0.0, lr: float = 1e-3, seed: int = 0, compensation: str | None = None,
@@ -92,7 +85,7 @@ def compress_model(model: nn.Module, data: DataBundle, method: str = "simhash", 
     calib = data.x_train[calibration_index(n_train, calib_samples or min(DEFAULT_SAMPLES, n_train), seed)]
     gen = torch.Generator().manual_seed(seed)
     before = {"widths": dict(model.widths()), "flops": count_flops(model, data.input_shape),
-              "params": count_params(model), "test_acc": evaluate(model, data.x_test, data.y_test)}
+              "params": count_params(model), "test_acc": accuracy(model, data.x_test, data.y_test)}
     stats = ActivationStats(model.merge_sites(), window=0)
     model.train()
     it = BatchIterator(data.x_train, data.y_train, batch_size, shuffle=True, generator=gen)
@@ -114,7 +107,7 @@ def compress_model(model: nn.Module, data: DataBundle, method: str = "simhash", 
 
         it = BatchIterator(data.x_train, data.y_train, batch_size, shuffle=True, generator=gen)
         recalibrate_bn(model, (xb for _, (xb, _) in zip(range(calib_batches), it)))
-    after_merge_acc = evaluate(model, data.x_test, data.y_test)
+    after_merge_acc = accuracy(model, data.x_test, data.y_test)
     if finetune_epochs > 0:
         opt = torch.optim.Adam(model.parameters(), lr=lr)
         steps = int(finetune_epochs * len(BatchIterator(data.x_train, data.y_train, batch_size)))
@@ -134,7 +127,7 @@ def compress_model(model: nn.Module, data: DataBundle, method: str = "simhash", 
         "before": before,
         "after": {"widths": dict(model.widths()), "flops": count_flops(model, data.input_shape),
                   "params": count_params(model), "test_acc_no_finetune": after_merge_acc,
-                  "test_acc": evaluate(model, data.x_test, data.y_test)},
+                  "test_acc": accuracy(model, data.x_test, data.y_test)},
         "hash_time_s": hash_time, "sites": reports, "majority_acc": data.majority_acc("test"),
     }
     return model, report
@@ -190,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         out = a.out or os.path.join(a.run if os.path.isdir(a.run) else os.path.dirname(a.run),
                                     f"compressed_{a.method}_{a.keep if a.keep is not None else a.max_error}")
         os.makedirs(out, exist_ok=True)
-        from hashexp.app import write_json_atomic
+        from hashexp.utils.io import write_json_atomic
         from hashexp.models import save_model
 
         save_model(model, os.path.join(out, "model.pt"))

@@ -204,7 +204,7 @@ class Dist:
         """
         from hashexp.merge.surgery import MergePlan
 
-        dev = site.producers[0].module.weight.device
+        dev = site.device
         header = torch.zeros(4, dtype=torch.long, device=self.comm_device)
         if self.is_main and plan is not None:
             dtype_code = _FLOAT_DTYPES.index(plan.r.dtype) if plan.r.dtype in _FLOAT_DTYPES else 1
@@ -227,12 +227,6 @@ class Dist:
         coef = coef.to(dev)
         return MergePlan(labels=labels.to(dev), r=coef[0].clone(), m=coef[1].clone(), a=coef[2].clone(),
                          new_width=new_width)
-
-    def barrier(self) -> None:
-        if self.backend == "nccl":
-            tdist.barrier(device_ids=[self.local_rank])
-        else:
-            tdist.barrier()
 
     def close(self) -> None:
         """Tear down the process group (idempotent)."""

@@ -2,7 +2,7 @@
 
 The run dir always gets history.csv, metrics.json and model.pt; a logger adds a remote view.
 ``CsvLogger`` adds nothing (the local files are the record). ``WandbLogger`` logs the resolved
-config, every history row, the final summary and any plots; offline by default.
+config, every history row and the final summary; offline by default.
 """
 
 from __future__ import annotations
@@ -23,15 +23,12 @@ class CsvLogger:
     def log_summary(self, metrics: dict[str, Any]) -> None:
         pass
 
-    def log_images(self, paths: list[str]) -> None:
-        pass
-
     def finish(self) -> None:
         pass
 
 
 class WandbLogger(CsvLogger):
-    """Weights & Biases run: config, history, summary, plots. ``finish()`` after each job."""
+    """Weights & Biases run: config, history, summary. ``finish()`` after each job."""
 
     def __init__(self, run_dir: str = ".", run_config: dict | None = None, project: str = "hashexp",
                  entity: str | None = None, mode: str = "offline", group: str | None = None,
@@ -44,7 +41,6 @@ class WandbLogger(CsvLogger):
         mode = os.environ.get("WANDB_MODE", mode)
         if mode not in ("offline", "online", "disabled"):
             raise ConfigError(f"logger.mode={mode!r}; choose offline, online or disabled")
-        self.wandb = wandb
         self.run = wandb.init(project=project, entity=entity, mode=mode, group=group, tags=list(tags or []),
                               dir=dir or run_dir, config=run_config, name=os.path.basename(os.path.normpath(run_dir)),
                               reinit="finish_previous")
@@ -58,9 +54,6 @@ class WandbLogger(CsvLogger):
         for k, v in (metrics.get("widths") or {}).items():
             flat[f"final_width/{k}"] = v
         self.run.summary.update(flat)
-
-    def log_images(self, paths: list[str]) -> None:
-        self.run.log({os.path.splitext(os.path.basename(p))[0]: self.wandb.Image(p) for p in paths})
 
     def finish(self) -> None:
         self.run.finish()

@@ -1,4 +1,4 @@
-"""FLOPs, parameters, timers and memory: the numbers every results table is made of.
+"""FLOPs, parameters, accuracy, timers and memory: the numbers every results table is made of.
 
 FLOPs are forward FLOPs per sample as counted by ``torch.utils.flop_counter.FlopCounterMode``
 (a multiply-add counts 2, as in the analytic 2 * in * out of a Linear layer).
@@ -11,6 +11,7 @@ import time
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -27,6 +28,28 @@ def count_flops(model: nn.Module, input_shape, batch: int = 2) -> int:
     finally:
         model.train(was_training)
     return int(fc.get_total_flops() // batch)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 4096) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``model`` on ``(x, y)`` in batches of ``batch_size``.
+
+    Puts the model in eval mode and leaves it there (callers that keep training call ``train()``).
+    """
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for i in range(0, len(x), batch_size):
+        out = model(x[i:i + batch_size])
+        yb = y[i:i + batch_size]
+        loss_sum += float(F.cross_entropy(out, yb, reduction="sum"))
+        correct += int((out.argmax(1) == yb).sum())
+    n = max(len(x), 1)
+    return loss_sum / n, correct / n
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 4096) -> float:
+    """Test accuracy alone: ``evaluate(...)[1]``."""
+    return evaluate(model, x, y, batch_size)[1]
 
 
 def count_params(model: nn.Module) -> int:

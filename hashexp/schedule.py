@@ -22,6 +22,8 @@ import numpy as np
 import torch
 
 from hashexp.errors import ConfigError
+from hashexp.utils.checks import check_at_least, check_cosine, check_fraction
+from hashexp.utils.seeding import P1000003, P104729, P7919, derive_seed
 
 
 class Schedule:
@@ -172,12 +174,9 @@ class PerLayerSchedule(Schedule):
             p[k] = int(p[k])
         if p["max_rehashes"] is not None and int(p["max_rehashes"]) < 0:
             raise ConfigError(f"{key}.max_rehashes must be >= 0 or null, got {p['max_rehashes']}")
-        if p["threshold"] is not None and not (-1.0 <= float(p["threshold"]) <= 1.0):
-            raise ConfigError(f"{key}.threshold must be a cosine in [-1, 1] or null, got {p['threshold']}")
-        if p["target_ratio"] is not None and not (0.0 < float(p["target_ratio"]) <= 1.0):
-            raise ConfigError(f"{key}.target_ratio must be in (0, 1] or null, got {p['target_ratio']}")
-        if p["target_width"] is not None and int(p["target_width"]) < 1:
-            raise ConfigError(f"{key}.target_width must be >= 1 or null, got {p['target_width']}")
+        check_cosine(f"{key}.threshold", p["threshold"], nullable=True)
+        check_fraction(f"{key}.target_ratio", p["target_ratio"], nullable=True)
+        check_at_least(f"{key}.target_width", p["target_width"], 1, nullable=True)
         p["enabled"] = bool(p["enabled"])
         return p
 
@@ -245,8 +244,7 @@ class GradualSchedule(Schedule):
         if int(every) < 1 or int(start) < 0 or int(end) <= int(start):
             raise ConfigError(f"schedule=gradual needs every >= 1 and 0 <= start < end; got every={every}, "
                               f"start={start}, end={end}")
-        if not (0.0 < float(final_ratio) <= 1.0):
-            raise ConfigError(f"schedule.final_ratio must be in (0, 1], got {final_ratio}")
+        check_fraction("schedule.final_ratio", final_ratio)
         if shape not in ("cubic", "linear"):
             raise ConfigError(f"schedule.shape={shape!r}; choose cubic or linear")
         self.start, self.end, self.every = int(start), int(end), int(every)
@@ -355,8 +353,7 @@ class DriftSchedule(Schedule):
                 raise ConfigError(f"schedule.{k} must be a fraction in [0, 1] or null, got {v}")
         if threshold is None:  # hashing.threshold is null (no pre-filter): partners at the data-free default
             threshold = 0.7
-        if not (-1.0 <= float(threshold) <= 1.0):
-            raise ConfigError(f"schedule.threshold must be a cosine in [-1, 1], got {threshold}")
+        check_cosine("schedule.threshold", threshold)
         if not (1 <= int(bits) <= 64):
             raise ConfigError(f"schedule.bits must be in 1..64, got {bits}")
         if int(sample) < 1 or int(min_interval) < 0 or int(start) < 0:
@@ -396,7 +393,7 @@ class DriftSchedule(Schedule):
             x = site.neuron_vectors().detach().cpu()
         v = self.versions.get(site.name, 0)
         self.versions[site.name] = v + 1
-        seed = (self.seed * 1_000_003 + index * 7919 + v * 104_729) % (2**62)
+        seed = derive_seed(self.seed, index, v, scale=P1000003, weights=(P7919, P104729), modulus=2**62)
         h = SimHash(x.shape[1], self.bits, 1, seed=seed)
         ref = {"hasher": h, "codes": h.fingerprint(x)[:, 0].copy(), "dim": int(x.shape[1]), "width": int(x.shape[0])}
         self.refs[site.name] = ref
@@ -409,7 +406,8 @@ class DriftSchedule(Schedule):
         if n <= self.sample:
             idx = torch.arange(n)
         else:
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + step * 31 + index) % (2**62))
+            g = torch.Generator().manual_seed(derive_seed(self.seed, step, index, scale=P1000003, weights=(31, 1),
+                                                         modulus=2**62))
             idx = torch.randperm(n, generator=g)[: self.sample]
         norms = x.norm(dim=1).clamp_min(1e-12)
         cos = (x[idx] @ x.T) / (norms[idx][:, None] * norms[None, :])

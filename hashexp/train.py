@@ -36,7 +36,9 @@ from hashexp.data import BatchIterator, DataBundle
 from hashexp.errors import ConfigError, DataError
 from hashexp.merge.pull import Pull
 from hashexp.merge.sites import MergeSite
-from hashexp.metrics import Stopwatch, count_flops, count_params
+from hashexp.metrics import Stopwatch, count_flops, count_params, evaluate
+from hashexp.utils.io import atomic_write, torch_save_atomic
+from hashexp.utils.seeding import P7919, derive_seed
 
 log = logging.getLogger("hashexp")
 
@@ -138,12 +140,10 @@ class History:
             rows = rows[:keep_rows]
         else:
             rows = [r for r in rows if r.get("step") and int(float(r["step"])) <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", newline="") as f:
+        with atomic_write(self.path, newline="") as f:
             w = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
-        os.replace(tmp, self.path)
         self.rows = len(rows)
 
     def write(self, row: dict[str, Any]) -> None:
@@ -306,17 +306,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-        """(mean loss, accuracy) over a split, in eval mode, batched."""
-        self.model.eval()
-        loss_sum, correct = 0.0, 0
-        for i in range(0, len(x), self.eval_batch_size):
-            out = self.model(x[i:i + self.eval_batch_size])
-            yb = y[i:i + self.eval_batch_size]
-            loss_sum += float(F.cross_entropy(out, yb, reduction="sum"))
-            correct += int((out.argmax(1) == yb).sum())
+        """(mean loss, accuracy) over a split, in eval mode, batched (hashexp.metrics.evaluate)."""
+        result = evaluate(self.model, x, y, self.eval_batch_size)
         self.model.train()
-        n = max(len(x), 1)
-        return loss_sum / n, correct / n
+        return result
 
     # ------------------------------------------------------------------ compression
     def _rehash(self, names: list[str], final: bool = False) -> dict:
@@ -369,8 +362,8 @@ class Trainer:
             if self.bn_recalib_batches > 0 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
                 from hashexp.merge.recalibrate import recalibrate_bn
 
-                it = BatchIterator(self.data.x_train, self.data.y_train, self.batch_size, shuffle=True,
-                                   generator=torch.Generator().manual_seed(self.seed + 7919 * (self.rehashes + 1)))
+                gen = torch.Generator().manual_seed(derive_seed(self.seed, self.rehashes + 1, weights=(P7919,)))
+                it = BatchIterator(self.data.x_train, self.data.y_train, self.batch_size, shuffle=True, generator=gen)
                 batches = (xb for _, (xb, _) in zip(range(self.bn_recalib_batches), it))
                 recalibrate_bn(self.model, batches)
             dt = time.perf_counter() - t0
@@ -432,13 +425,7 @@ class Trainer:
             if self._hist is not None:
                 self._hist.flush()
                 self._history_rows = self._hist.rows
-            path = os.path.join(self.run_dir, "checkpoint.pt")
-            tmp = path + ".tmp"
-            torch.save(self.checkpoint_state(stats), tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            _fsync_dir(self.run_dir)
+            torch_save_atomic(self.checkpoint_state(stats), os.path.join(self.run_dir, "checkpoint.pt"))
 
     @staticmethod
     def checkpoint_path(path: str) -> str:
@@ -774,17 +761,3 @@ def _set_numpy_rng_state(st: dict[str, Any]) -> None:
 
 def _as_tuple(obj):
     return tuple(_as_tuple(v) for v in obj) if isinstance(obj, (list, tuple)) else obj
-
-
-def _fsync_dir(path: str) -> None:
-    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

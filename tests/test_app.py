@@ -20,11 +20,19 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
+def _has_optuna_sweeper() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None
+
+
 @pytest.mark.parametrize("group", GROUPS)
 def test_every_option_of_every_group_composes(group):
     opts = options(group)
     assert opts, f"conf/{group} has no options"
     for opt in opts:
+        if opt.startswith("search_") and not _has_optuna_sweeper():
+            continue  # needs the search extra (make test installs it)
         cfg = compose([f"{group}={opt}"])
         if group == "experiment":  # presets are global packages: they set keys of the other groups
             assert cfg.tag and cfg.dataset.name and cfg.model.name
@@ -49,6 +57,7 @@ def test_required_groups_present():
     assert {"csv", "wandb"} <= set(options("logger"))
 
 
+@pytest.mark.slow
 def test_end_to_end_run_writes_run_dir(tmp_path):
     run_app(tmp_path, TINY)
     (rd,) = run_dirs(tmp_path)
@@ -78,6 +87,7 @@ def test_end_to_end_run_writes_run_dir(tmp_path):
     assert model(torch.zeros(3, 20)).shape == (3, 2)
 
 
+@pytest.mark.slow
 def test_runs_from_any_working_directory(tmp_path):
     elsewhere = tmp_path / "somewhere" / "deep"
     elsewhere.mkdir(parents=True)
@@ -87,6 +97,7 @@ def test_runs_from_any_working_directory(tmp_path):
     assert m["seed"] == 3 and m["widths"] == {"fc1": 16, "fc2": 8}
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     run_app(a, TINY + ["seed=5"])
@@ -99,6 +110,7 @@ def test_same_seed_same_metrics(tmp_path):
     assert read_metrics(run_dirs(c)[0])["train_loss"] != ma["train_loss"]
 
 
+@pytest.mark.slow
 def test_multirun_over_seeds(tmp_path):
     run_app(tmp_path, TINY + ["seed=0,1"], multirun=True)
     dirs = run_dirs(tmp_path)
@@ -106,6 +118,7 @@ def test_multirun_over_seeds(tmp_path):
     assert sorted(read_metrics(d)["seed"] for d in dirs) == [0, 1]
 
 
+@pytest.mark.slow
 def test_unknown_group_option_is_one_clear_error(tmp_path):
     proc = run_app(tmp_path, TINY + ["model=transformer"], check=False)
     assert proc.returncode != 0
@@ -113,6 +126,7 @@ def test_unknown_group_option_is_one_clear_error(tmp_path):
     assert "Available options in 'model'" in proc.stderr
 
 
+@pytest.mark.slow
 def test_bad_value_is_one_clear_error(tmp_path):
     proc = run_app(tmp_path, TINY + ["model.activation=swishy"], check=False)
     assert proc.returncode == 2
@@ -120,6 +134,7 @@ def test_bad_value_is_one_clear_error(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_malformed_npz_is_one_clear_error(tmp_path):
     bad = tmp_path / "bad.npz"
     import numpy as np
@@ -134,6 +149,7 @@ def test_malformed_npz_is_one_clear_error(tmp_path):
     assert list((tmp_path / "outputs").rglob("status.json"))
 
 
+@pytest.mark.slow
 def test_missing_dataset_is_one_clear_error(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from hashexp.compare import main
 
 
+@pytest.mark.slow
 def test_compare_adds_a_small_from_scratch_run_at_the_hashed_widths(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HASHEXP_OUTPUTS", str(tmp_path / "outputs"))
     monkeypatch.chdir(tmp_path)

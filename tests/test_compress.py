@@ -16,6 +16,7 @@ from hashexp.errors import ConfigError
 from hashexp.models import build_model, load_model
 
 
+@pytest.mark.slow
 def test_cli_compresses_a_finished_run_to_a_share_of_neurons(tmp_path):
     run_app(tmp_path, TINY + ["model.widths=[40,20]", "trainer.epochs=2"])
     (rd,) = run_dirs(tmp_path)

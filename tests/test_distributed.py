@@ -100,6 +100,7 @@ def _history(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to the interpreter")
 def test_torchrun_two_ranks_match_single_process(tmp_path):
     env = _env(tmp_path)

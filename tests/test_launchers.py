@@ -25,6 +25,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
                 OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 
+@pytest.mark.slow
 def test_submitit_local_multirun_runs_both_jobs(tmp_path):
     cmd = [sys.executable, "-m", "hashexp", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
            *TINY, "seed=0,1"]

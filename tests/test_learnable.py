@@ -134,6 +134,7 @@ def test_activation_positives_fall_back_to_cosine_without_batches():
     assert comp.train_log[-1]["similarity"] == "activation"
 
 
+@pytest.mark.slow
 def test_learnable_runs_end_to_end_in_the_app(tmp_path):
     run_app(tmp_path, ["dataset=synthetic", "dataset.n_samples=1200", "model.widths=[32,32]", "trainer.epochs=2",
                        "trainer.batch_size=64", "trainer.progress=log", "hashing=learnable", "schedule.unit=step", "schedule.every=10",

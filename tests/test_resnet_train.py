@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from conftest import CONF, compose, read_metrics, run_app, run_dirs
 from hashexp.app import build_compressor
-from hashexp.compress import compress_model, evaluate
+from hashexp.compress import compress_model
+from hashexp.metrics import accuracy
 from hashexp.data import BatchIterator
 from hashexp.data.npz import load_npz
 from hashexp.merge.compressor import HashCompressor, MagnitudePruner
@@ -73,6 +74,7 @@ def test_preset_composes_with_its_command():
     assert isinstance(mp, MagnitudePruner) and c.model.name == "resnet20" and mp.ignored_knobs == {"bits": 4, "tables": 16}
 
 
+@pytest.mark.slow
 def test_resnet20_trains_and_rehashes_via_app(tmp_path, images):
     """Three short epochs with three step rehashes: channels and FLOPs go down, training goes on."""
     run_app(tmp_path, [
@@ -144,6 +146,7 @@ def _flops_at(widths) -> int:
     return count_flops(_model(widths), SHAPE)
 
 
+@pytest.mark.slow
 def test_one_shot_compress_resnet20_keep_half(images, one_thread):
     """compress_model at keep=0.5 on a briefly trained ResNet-20: FLOPs drop ~4x, the model still works."""
     torch.manual_seed(0)
@@ -186,7 +189,7 @@ def test_one_shot_compress_resnet20_keep_half(images, one_thread):
     with torch.no_grad():
         out = model(data.x_test[:32])
     assert out.shape == (32, 10) and torch.isfinite(out).all()
-    acc = evaluate(model, data.x_test, data.y_test)
+    acc = accuracy(model, data.x_test, data.y_test)
     assert acc == pytest.approx(rep["after"]["test_acc"], abs=0.02)
     assert rep["majority_acc"] == pytest.approx(data.majority_acc("test"))
     # the merged model trains on (shapes consistent everywhere)

@@ -78,6 +78,7 @@ def _checkpoint_epoch(path: Path) -> int:
         return -1
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     env = _env(tmp_path)
     full, killed = tmp_path / "full", tmp_path / "killed"
@@ -171,6 +172,7 @@ def test_kill_during_mid_epoch_checkpoint_write_resumes_exactly_into_a_new_dir(t
     assert lossy["train_loss"] != ref["train_loss"]
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
     from hashexp.app import train_run
     from hashexp.errors import DataError
@@ -204,3 +206,59 @@ def test_resume_refuses_another_model_or_input_size_and_bad_optimizer_values_are
     assert not (tmp_path / "b" / "metrics.json").exists() and (ck / "metrics.json").exists()
     with pytest.raises(ConfigError, match="trainer.optimizer: .*check its values"):
         train_run(compose([*MID_RUN, "trainer.optimizer.lr=abc"]), str(tmp_path / "d"))
+
+
+def _trainer(overrides: list[str], run_dir: Path):
+    """A Trainer built as hashexp.app.train_run builds it, without fitting."""
+    from hashexp.app import _instantiate, build_compressor
+    from hashexp.data import build_dataset
+    from hashexp.models import build_model
+    from hashexp.utils.seeding import seed_everything
+
+    cfg = compose(overrides)
+    seed = int(cfg.seed)
+    seed_everything(seed)
+    data = build_dataset(cfg.dataset, seed=seed)
+    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    compressor = build_compressor(cfg.hashing, seed)
+    schedule = _instantiate(cfg.schedule, "schedule")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return _instantiate(cfg.trainer, "trainer")(model=model, data=data, compressor=compressor, schedule=schedule,
+                                                 logger=None, run_dir=str(run_dir), seed=seed, dist=None)
+
+
+def test_checkpoint_round_trip_in_process(tmp_path):
+    """save_checkpoint, then load_checkpoint into a fresh Trainer: same weights (at the merged
+    widths), optimizer state, step, schedule and compressor state, and every RNG stream."""
+    import random
+
+    import numpy as np
+
+    run = [*MID_RUN, "trainer.epochs=1"]
+    a = _trainer(run, tmp_path / "a")
+    a.fit()
+    assert a.rehashes >= 1 and a.model.widths() != {"fc1": 48, "fc2": 48}  # merged: widths must travel
+    a.save_checkpoint()
+    rng = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy(), a.gen.get_state(),
+           a.aug_gen.get_state())
+
+    b = _trainer(run, tmp_path / "b")  # consumes the global RNGs again (model init)
+    assert b.model.widths() == {"fc1": 48, "fc2": 48}
+    b.load_checkpoint(str(tmp_path / "a"))
+
+    assert b.model.widths() == a.model.widths()
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    oa, ob = a.optimizer.state_dict(), b.optimizer.state_dict()
+    assert oa["param_groups"] == ob["param_groups"] and oa["state"].keys() == ob["state"].keys()
+    for i in oa["state"]:
+        for k, v in oa["state"][i].items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(ob["state"][i][k])), (i, k)
+    assert (b.step, b.epoch, b.rehashes, b.batch_in_epoch) == (a.step, a.epoch, a.rehashes, a.batch_in_epoch)
+    assert b.schedule.state_dict() == a.schedule.state_dict()
+    assert json.dumps(b.compressor.state_dict(), sort_keys=True, default=str) == \
+        json.dumps(a.compressor.state_dict(), sort_keys=True, default=str)
+    assert b.rehash_log == a.rehash_log and b.widths_before == a.widths_before
+    assert torch.equal(torch.get_rng_state(), rng[0]) and random.getstate() == rng[1]
+    assert np.array_equal(np.random.get_state()[1], rng[2])
+    assert torch.equal(b.gen.get_state(), rng[3]) and torch.equal(b.aug_gen.get_state(), rng[4])

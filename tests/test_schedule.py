@@ -252,6 +252,7 @@ def test_drift_bad_config_is_one_clear_error():
         d.decide({"step": 5, "epoch": 0, "epoch_end": False, "sites": m.merge_sites(), "model": m})
 
 
+@pytest.mark.slow
 def test_per_layer_and_drift_run_in_the_app(tmp_path):
     from conftest import TINY, read_metrics, run_app, run_dirs
 

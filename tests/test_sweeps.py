@@ -189,6 +189,27 @@ def test_wandb_sweep_and_its_hydra_twin_configure_the_same_runs(path, compose):
         assert not diff, f"{path.name} {swept}: differs from experiment={exp} in {diff}"
 
 
+@pytest.mark.parametrize("path", WANDB_FILES, ids=lambda p: p.stem)
+def test_wandb_sweep_grid_equals_its_hydra_preset_params(path, compose):
+    """One source of truth: the W&B file sweeps exactly the keys and values (in order) of its
+    Hydra preset's hydra.sweeper.params, so its grid is the preset's multirun, run for run."""
+    spec = yaml.safe_load(path.read_text())
+    exp = spec["parameters"]["experiment"]["value"]
+    axes_h = hydra_axes(dict(compose([f"experiment={exp}"]).hydra.sweeper.params))
+    swept_w = {k: p["values"] for k, p in spec["parameters"].items() if "values" in p}
+    # each W&B value as the agent passes it, parsed back by Hydra's override grammar
+    axes_w = []
+    for k, xs in swept_w.items():
+        vals = []
+        for x in xs:
+            ((key, [v]),) = hydra_axes(dict([wandb_args({k: x})[0].split("=", 1)]))
+            assert key == k
+            vals.append(v)
+        axes_w.append((k, vals))
+    assert dict(axes_w) == dict(axes_h), f"{path.name} and experiment={exp} sweep different grids"
+    assert {tuple(p) for p in grid(axes_w)} == {tuple(p) for p in grid(axes_h)}
+
+
 @pytest.mark.parametrize("name", PRESETS)
 def test_hydra_sweep_preset_every_job_composes(name, compose):
     text = (CONF / "experiment" / f"{name}.yaml").read_text().splitlines()
@@ -219,6 +240,7 @@ def test_matched_baselines_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(script)], check=True)
 
 
+@pytest.mark.slow
 def test_multirun_with_a_failing_job(tmp_path):
     """2 jobs: npz data that exists and a path that does not. The bad job writes status.json, the
     multirun carries on, and the table lists it as failed next to the tabulated good run."""

@@ -71,6 +71,7 @@ def read_offline_run(run_dir: Path) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_wandb_offline_multirun_writes_and_finishes_each_run(tmp_path):
     env = dict(os.environ, HASHEXP_OUTPUTS=str(tmp_path / "outputs"), WANDB_MODE="offline", WANDB_SILENT="true",
                WANDB_DIR=str(tmp_path / "wandb"), WANDB_CACHE_DIR=str(tmp_path / "wandb_cache"),

@@ -19,6 +19,17 @@ namespace clsh {
 
 namespace {
 
+// murmur3's 64-bit finalizer: a bijection with full avalanche, so wide codes that differ
+// only in their high bits still spread over the 32-bit sort keys.
+inline uint64_t mix64(uint64_t x) {
+  x ^= x >> 33;
+  x *= 0xff51afd7ed558ccdULL;
+  x ^= x >> 33;
+  x *= 0xc4ceb9fe1a85ec53ULL;
+  x ^= x >> 33;
+  return x;
+}
+
 std::string num(double x) {
   std::ostringstream s;
   s.precision(3);
@@ -229,19 +240,6 @@ uint32_t LSHTables::Table::key(uint64_t code) const {
   return mode == kWide ? static_cast<uint32_t>(mix64(code) >> 32) : static_cast<uint32_t>(code);
 }
 
-int64_t LSHTables::Table::find(uint64_t code) const {
-  if (mode == kDense) {
-    if (code < lo || code - lo >= dense.size()) return -1;
-    return dense[code - lo];
-  }
-  const uint32_t kq = key(code);
-  auto it = std::lower_bound(codes.begin(), codes.end(), code, [&](uint64_t c, uint64_t q) {
-    const uint32_t kc = key(c);
-    return kc < kq || (kc == kq && c < q);
-  });
-  return (it != codes.end() && *it == code) ? code_bucket[it - codes.begin()] : -1;
-}
-
 size_t LSHTables::Table::scratch_bytes(int64_t n) {
   const size_t m = static_cast<size_t>(n) + 1;
   const size_t radix = 2 * Arena::need<uint64_t>(m) + Arena::need<int64_t>(m) +
@@ -251,12 +249,9 @@ size_t LSHTables::Table::scratch_bytes(int64_t n) {
 }
 
 void LSHTables::Table::build(const uint64_t* code, int64_t n, Arena& scratch) {
-  codes.clear();
-  code_bucket.clear();
   dense.clear();
   if (n == 0) {
     mode = kDense;
-    lo = 0;
     offsets.assign(1, 0);
     members.clear();
     return;
@@ -273,7 +268,6 @@ void LSHTables::Table::build(const uint64_t* code, int64_t n, Arena& scratch) {
     // Direct addressing. Visiting ranks in ascending order numbers buckets by their
     // smallest member, and the counting-sort placement keeps members ascending.
     mode = kDense;
-    lo = mn;
     dense.assign(static_cast<size_t>(mx - mn + 1), -1);
     int32_t* bucket = scratch.take<int32_t>(static_cast<size_t>(n));
     int32_t* count = scratch.take<int32_t>(static_cast<size_t>(n));
@@ -335,14 +329,8 @@ void LSHTables::Table::build(const uint64_t* code, int64_t n, Arena& scratch) {
   for (int64_t r = 0; r < n; ++r)
     if (run_of_first[r] >= 0) run_bucket[run_of_first[r]] = next++;
 
-  codes.resize(static_cast<size_t>(nruns));
-  code_bucket.resize(static_cast<size_t>(nruns));
   offsets.assign(static_cast<size_t>(nruns + 1), 0);
-  for (int64_t k = 0; k < nruns; ++k) {
-    codes[k] = code[rank(a[run_start[k]])];
-    code_bucket[k] = run_bucket[k];
-    offsets[run_bucket[k] + 1] = run_start[k + 1] - run_start[k];
-  }
+  for (int64_t k = 0; k < nruns; ++k) offsets[run_bucket[k] + 1] = run_start[k + 1] - run_start[k];
   for (int64_t b = 0; b < nruns; ++b) offsets[b + 1] += offsets[b];
   for (int64_t k = 0; k < nruns; ++k) {
     int32_t* dst = &members[offsets[run_bucket[k]]];
@@ -372,8 +360,6 @@ int64_t LSHTables::size() {
 void LSHTables::reset_items() {
   slot_id_.clear();
   for (auto& col : codes_) col.clear();
-  id_to_slot_.clear();
-  ids_are_slots_ = true;
   dirty_ = true;
 }
 
@@ -410,97 +396,6 @@ void LSHTables::build(const uint64_t* codes, int64_t n) {
   ensure_index();  // "build" means index now: it is what callers time, and reads stay cheap
 }
 
-int64_t LSHTables::slot_of(int64_t id) const {
-  if (ids_are_slots_) return (id >= 0 && id < static_cast<int64_t>(slot_id_.size())) ? id : -1;
-  return id < 0 ? -1 : id_to_slot_.find(static_cast<uint64_t>(id));
-}
-
-void LSHTables::materialize_id_map(size_t extra) {
-  if (!ids_are_slots_) {
-    id_to_slot_.reserve(slot_id_.size() + extra);
-    return;
-  }
-  FlatMap m;
-  m.reserve(slot_id_.size() + extra);
-  bool inserted;
-  for (size_t s = 0; s < slot_id_.size(); ++s)
-    m.insert_or_get(static_cast<uint64_t>(slot_id_[s]), static_cast<int64_t>(s), inserted);
-  id_to_slot_ = std::move(m);
-  ids_are_slots_ = false;
-}
-
-void LSHTables::insert(const int64_t* ids, const uint64_t* codes, int64_t n) {
-  if (n < 0) throw std::invalid_argument("insert: negative count");
-  std::lock_guard<std::mutex> lock(mutex_);
-  const int64_t cur = static_cast<int64_t>(slot_id_.size());
-  if (n > kMaxItems - cur)
-    throw std::invalid_argument("insert: the tables would hold more than " +
-                                std::to_string(kMaxItems) + " items");
-  // Validate everything before touching the tables, so a bad batch changes nothing.
-  bool appending = true;  // ids cur, cur+1, ...: slot == id still holds, no map needed
-  for (int64_t k = 0; k < n; ++k) {
-    if (ids[k] < 0)
-      throw std::invalid_argument("insert: id " + std::to_string(ids[k]) +
-                                  " is negative; ids must be >= 0");
-    if (slot_of(ids[k]) >= 0)
-      throw std::invalid_argument("insert: id " + std::to_string(ids[k]) +
-                                  " is already stored; remove it first");
-    appending = appending && ids[k] == cur + k;
-  }
-  if (!appending) {
-    std::vector<int64_t> sorted(ids, ids + n);
-    std::sort(sorted.begin(), sorted.end());
-    auto dup = std::adjacent_find(sorted.begin(), sorted.end());
-    if (dup != sorted.end())
-      throw std::invalid_argument("insert: id " + std::to_string(*dup) +
-                                  " appears more than once in the batch");
-  }
-  if (n == 0) return;
-  // Reserve first: after this nothing can throw, so the update is all-or-nothing.
-  const bool keep_identity = ids_are_slots_ && appending;
-  if (!keep_identity) materialize_id_map(static_cast<size_t>(n));
-  slot_id_.reserve(static_cast<size_t>(cur + n));
-  for (auto& col : codes_) col.reserve(static_cast<size_t>(cur + n));
-  bool inserted;
-  for (int64_t k = 0; k < n; ++k) {
-    if (!keep_identity)
-      id_to_slot_.insert_or_get(static_cast<uint64_t>(ids[k]), cur + k, inserted);
-    slot_id_.push_back(ids[k]);
-  }
-  for (int64_t l = 0; l < L_; ++l)
-    for (int64_t k = 0; k < n; ++k) codes_[l].push_back(codes[k * L_ + l]);
-  dirty_ = true;
-}
-
-void LSHTables::remove(const int64_t* ids, int64_t n) {
-  if (n < 0) throw std::invalid_argument("remove: negative count");
-  std::lock_guard<std::mutex> lock(mutex_);
-  for (int64_t k = 0; k < n; ++k)
-    if (slot_of(ids[k]) < 0)
-      throw std::invalid_argument("remove: id " + std::to_string(ids[k]) + " is not stored");
-  std::vector<int64_t> sorted(ids, ids + n);
-  std::sort(sorted.begin(), sorted.end());
-  auto dup = std::adjacent_find(sorted.begin(), sorted.end());
-  if (dup != sorted.end())
-    throw std::invalid_argument("remove: id " + std::to_string(*dup) +
-                                " appears more than once in the batch");
-  if (n == 0) return;
-  materialize_id_map(0);
-  for (int64_t k = 0; k < n; ++k) {
-    const int64_t s = id_to_slot_.find(static_cast<uint64_t>(ids[k]));
-    const int64_t last = static_cast<int64_t>(slot_id_.size()) - 1;
-    if (s != last) {  // move the last item into the hole: slots stay dense
-      slot_id_[s] = slot_id_[last];
-      for (auto& col : codes_) col[s] = col[last];
-      id_to_slot_.assign(static_cast<uint64_t>(slot_id_[s]), s);
-    }
-    slot_id_.pop_back();
-    for (auto& col : codes_) col.pop_back();
-    id_to_slot_.erase(static_cast<uint64_t>(ids[k]));
-  }
-  dirty_ = true;
-}
-
 void LSHTables::ensure_index() {
   if (!dirty_) return;
   reindex();
@@ -511,46 +406,22 @@ void LSHTables::reindex() {
   const int64_t n = static_cast<int64_t>(slot_id_.size());
   const int64_t L = L_;
 
-  // Rank = position in ascending id order. Usually ids already ascend in slot order
-  // (after build or appends) and then rank == slot.
-  std::vector<int64_t> rank_slot;
-  if (!std::is_sorted(slot_id_.begin(), slot_id_.end())) {
-    rank_slot.resize(static_cast<size_t>(n));
-    std::iota(rank_slot.begin(), rank_slot.end(), int64_t{0});
-    std::sort(rank_slot.begin(), rank_slot.end(),
-              [&](int64_t a, int64_t b) { return slot_id_[a] < slot_id_[b]; });
-  }
-  auto ids = std::make_shared<std::vector<int64_t>>(static_cast<size_t>(n));
-  for (int64_t r = 0; r < n; ++r) (*ids)[r] = slot_id_[rank_slot.empty() ? r : rank_slot[r]];
+  // build numbers items 0..n-1 in slot order, so rank == slot == id.
+  auto ids = std::make_shared<std::vector<int64_t>>(slot_id_);
 
-  // One arena for the whole re-index (huge pages, see buffer.hpp): rank-ordered code
-  // columns when ranks are not slots, then a scratch region per worker, reused for each
-  // table that worker builds.
-  const size_t un = static_cast<size_t>(n);
-  // Starting threads costs tens of microseconds (and more on a busy machine): small indexes
-  // are built on this thread.
+  // One arena for the whole re-index (huge pages, see buffer.hpp): a scratch region per
+  // worker, reused for each table that worker builds. Starting threads costs tens of
+  // microseconds (and more on a busy machine): small indexes are built on this thread.
   const int threads = n * L < (int64_t{1} << 18) ? 1 : threads_;
   const int W = n_workers(L, threads);
   const size_t per_worker = Table::scratch_bytes(n) + 64;
-  const bool gather = !rank_slot.empty();
-  Arena arena((gather ? static_cast<size_t>(L) * Arena::need<uint64_t>(un) : 0) +
-              static_cast<size_t>(W) * Arena::need<char>(per_worker));
-  std::vector<const uint64_t*> code(static_cast<size_t>(L));
-  for (int64_t l = 0; l < L; ++l) {
-    if (!gather) {
-      code[l] = codes_[l].data();
-      continue;
-    }
-    uint64_t* col = arena.take<uint64_t>(un);
-    for (int64_t r = 0; r < n; ++r) col[r] = codes_[l][rank_slot[r]];
-    code[l] = col;
-  }
+  Arena arena(static_cast<size_t>(W) * Arena::need<char>(per_worker));
   std::vector<char*> region(static_cast<size_t>(W));
   for (int w = 0; w < W; ++w) region[w] = arena.take<char>(per_worker);
 
   parallel_for_workers(L, threads, [&](int64_t l, int w) {
     Arena scratch(region[w], per_worker);
-    tables_[l].build(code[l], n, scratch);
+    tables_[l].build(codes_[l].data(), n, scratch);
   });
   positions_ = false;
   rank_id_ = std::move(ids);
@@ -572,98 +443,6 @@ void LSHTables::ensure_positions() {
       }
   });
   positions_ = true;
-}
-
-// Shared by query (codes given) and query_ids (stored items, ranks given).
-RankLists LSHTables::collect(int64_t n, int64_t max_values, const uint64_t* codes,
-                             const int64_t* ranks) {
-  const int64_t L = L_;
-  const int64_t n_items = static_cast<int64_t>(rank_id_->size());
-  if (ranks) ensure_positions();
-  const int64_t nch = n_chunks_for(n, threads_, std::max<int64_t>(16, 8192 / L));
-  std::vector<int64_t> row0(static_cast<size_t>(nch + 1));
-  for (int64_t c = 0; c <= nch; ++c) row0[c] = c * n / std::max<int64_t>(nch, 1);
-
-  // Pass 1: each query's bucket in each table, members[lo, hi); hi = -1 when it has none
-  // (never equal to an end_ entry, which is >= 1). The largest of a row's buckets is a
-  // lower bound on its result, so an impossible request fails before any work.
-  std::vector<int32_t> lo(static_cast<size_t>(n * L)), hi(static_cast<size_t>(n * L));
-  std::vector<double> lower(static_cast<size_t>(nch), 0.0);
-  parallel_for(nch, threads_, [&](int64_t c) {
-    for (int64_t q = row0[c]; q < row0[c + 1]; ++q) {
-      int64_t biggest = 0;
-      for (int64_t l = 0; l < L; ++l) {
-        const Table& T = tables_[l];
-        int32_t& ql = lo[q * L + l];
-        int32_t& qh = hi[q * L + l];
-        if (ranks) {
-          // Bucket start: the last offset <= the item's position.
-          const int64_t p = pos_[l * n_items + ranks[q]];
-          ql = static_cast<int32_t>(*(std::upper_bound(T.offsets.begin(), T.offsets.end(), p) - 1));
-          qh = end_[l * n_items + ranks[q]];
-        } else {
-          const int64_t b = T.find(codes[q * L + l]);
-          ql = b < 0 ? 0 : static_cast<int32_t>(T.offsets[b]);
-          qh = b < 0 ? -1 : static_cast<int32_t>(T.offsets[b + 1]);
-        }
-        biggest = std::max<int64_t>(biggest, qh - ql - (ranks ? 1 : 0));
-      }
-      lower[c] += static_cast<double>(biggest);
-    }
-  });
-  const double bound = std::accumulate(lower.begin(), lower.end(), 0.0);
-  if (bound > static_cast<double>(max_values))
-    throw OutputTooLarge("query: the result would hold at least " + num(bound) +
-                         " ids (limit " + num(static_cast<double>(max_values)) +
-                         "); buckets are too large: use more bits per table or fewer queries");
-
-  // Pass 2: per row, the union of its buckets over the tables.
-  RankLists out;
-  out.rank_id = rank_id_;
-  out.row0 = row0;
-  out.lens.resize(static_cast<size_t>(nch));
-  out.values.resize(static_cast<size_t>(nch));
-  std::atomic<int64_t> emitted{0};
-  std::vector<RowUnion> rows(static_cast<size_t>(n_workers(nch, threads_)), RowUnion(n_items));
-  parallel_for_workers(nch, threads_, [&](int64_t c, int w) {
-    RowUnion& row = rows[w];
-    for (int64_t q = row0[c]; q < row0[c + 1]; ++q) {
-      row.reset();
-      for (int64_t l = 0; l < L; ++l) {
-        const int32_t* mem = tables_[l].members.data();
-        if (hi[q * L + l] > 0) row.add(mem + lo[q * L + l], mem + hi[q * L + l]);
-      }
-      const int64_t k = row.emit(1, ranks ? static_cast<int32_t>(ranks[q]) : -1, out.values[c]);
-      if (emitted.fetch_add(k) + k > max_values)
-        throw OutputTooLarge("query: the result exceeds " + num(static_cast<double>(max_values)) +
-                             " ids; buckets are too large: use more bits per table");
-      out.lens[c].push_back(static_cast<int32_t>(k));
-    }
-  });
-  return out;
-}
-
-RankLists LSHTables::query(const uint64_t* codes, int64_t n, int64_t max_values) {
-  if (n < 0) throw std::invalid_argument("query: negative count");
-  std::lock_guard<std::mutex> lock(mutex_);
-  ensure_index();
-  return collect(n, max_values, codes, nullptr);
-}
-
-RankLists LSHTables::query_ids(const int64_t* ids, int64_t n, int64_t max_values) {
-  if (n < 0) throw std::invalid_argument("query_ids: negative count");
-  std::lock_guard<std::mutex> lock(mutex_);
-  ensure_index();
-  const std::vector<int64_t>& rid = *rank_id_;
-  std::vector<int64_t> ranks(static_cast<size_t>(n));
-  for (int64_t k = 0; k < n; ++k) {
-    // ids ascend with rank: the rank of an id is its position in rank_id_.
-    auto it = std::lower_bound(rid.begin(), rid.end(), ids[k]);
-    if (it == rid.end() || *it != ids[k])
-      throw std::invalid_argument("query_ids: id " + std::to_string(ids[k]) + " is not stored");
-    ranks[k] = it - rid.begin();
-  }
-  return collect(n, max_values, nullptr, ranks.data());
 }
 
 RankLists LSHTables::buckets(int64_t table) {

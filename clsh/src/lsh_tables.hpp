@@ -6,13 +6,10 @@
 // Python here: the Cython layer (clsh/_clsh.pyx) validates dtypes and shapes and calls
 // these methods with the GIL released.
 //
-// Layout. Items live in dense "slot" arrays in insertion order, one column of codes per
-// table (removal moves the last slot into the hole). Reads run on an index in "rank" space: live items ordered by id,
-// so every ascending list of ranks is also an ascending list of ids. Per table the index
-// holds a code -> bucket lookup and its buckets in CSR form (buckets ordered by smallest
-// member, members ascending), and per item its position and bucket end in each table.
-// The index is rebuilt by the first read after insert/remove, in parallel over tables:
-// mutations are O(batch) and a batch of them costs one O(N L) re-index.
+// Layout. build() stores items 0..N-1, one column of codes per table, and indexes them in
+// parallel over tables: per table its buckets in CSR form (buckets ordered by smallest
+// member, members ascending) and, on first use, per item its position and bucket end in
+// each table. Results are rank lists; ranks are ids (0..N-1).
 #pragma once
 
 #include <cstdint>
@@ -23,7 +20,6 @@
 #include <vector>
 
 #include "buffer.hpp"
-#include "flat_map.hpp"
 
 namespace clsh {
 
@@ -76,16 +72,8 @@ class LSHTables {
 
   // Replaces the contents with items 0..n-1; codes is n x L, row-major. Indexes at once.
   void build(const uint64_t* codes, int64_t n);
-  // Adds items; ids must be >= 0, distinct, and not stored yet. All-or-nothing.
-  void insert(const int64_t* ids, const uint64_t* codes, int64_t n);
-  // Removes stored items; ids must be distinct and stored. All-or-nothing.
-  void remove(const int64_t* ids, int64_t n);
   void clear();
 
-  // Per query row: ascending, deduplicated union over tables of the ids in its buckets.
-  RankLists query(const uint64_t* codes, int64_t n, int64_t max_values);
-  // Same for stored items, each excluding itself.
-  RankLists query_ids(const int64_t* ids, int64_t n, int64_t max_values);
   // Non-empty buckets of one table (rows), ordered by smallest member, members ascending.
   RankLists buckets(int64_t table);
   // Row i holds the j > i colliding with i in >= min_tables tables, ascending: write_pairs
@@ -97,21 +85,17 @@ class LSHTables {
   struct Table {
     // How codes are grouped and looked up, chosen per table and per re-index:
     //  kDense:  codes span a range <= 2n + 1024 (K <= ~17 bits): a direct-address array
-    //           code - lo -> bucket; one pass, no sort, O(1) lookups.
+    //           code - min -> bucket; one pass, no sort.
     //  kNarrow: codes agree above bit 31: radix sort (low 32 bits, rank) in 8-byte words.
     //  kWide:   otherwise: radix sort by a 32-bit hash; a run of equal hash that mixes codes
     //           (probability ~n^2 / 2^33) is split by comparing full codes.
     enum Mode { kDense, kNarrow, kWide };
     Mode mode = kDense;
-    uint64_t lo = 0;                    // kDense: smallest code
-    std::vector<int32_t> dense;         // kDense: bucket of code lo + k, or -1
-    std::vector<uint64_t> codes;        // kNarrow/kWide: distinct codes ordered by (key, code)
-    std::vector<int32_t> code_bucket;   // kNarrow/kWide: bucket number of codes[k]
+    std::vector<int32_t> dense;         // kDense: bucket of code min + k, or -1
     HugeVector<int64_t> offsets;        // n_buckets + 1
     HugeVector<int32_t> members;        // ranks
 
     uint32_t key(uint64_t code) const;  // radix modes: 32-bit sort key
-    int64_t find(uint64_t code) const;  // bucket number, or -1
     // (Re)builds from the codes of ranks 0..n-1.
     void build(const uint64_t* code_of_rank, int64_t n, Arena& scratch);
     static size_t scratch_bytes(int64_t n);  // what build takes from scratch
@@ -120,27 +104,22 @@ class LSHTables {
   RankLists pairs_by_sorting(int64_t m, int64_t occurrences, int64_t max_pairs);
   void ensure_index();  // callers hold mutex_
   void reindex();
-  RankLists collect(int64_t n, int64_t max_values, const uint64_t* codes, const int64_t* ranks);
   void reset_items();
-  int64_t slot_of(int64_t id) const;      // -1 when absent
-  void materialize_id_map(size_t extra);  // leave the slot == id shortcut
 
   std::mutex mutex_;
   int64_t L_;
   int threads_;
 
-  // Items in slot order.
+  // Items 0..n-1.
   std::vector<int64_t> slot_id_;
-  std::vector<HugeVector<uint64_t>> codes_;  // per table, the code of each slot
-  FlatMap id_to_slot_;
-  bool ids_are_slots_ = true;  // slot_id_[s] == s for every s (after build): no map needed
+  std::vector<HugeVector<uint64_t>> codes_;  // per table, the code of each item
 
   // Index in rank space, valid when !dirty_.
   bool dirty_ = true;
   std::shared_ptr<std::vector<int64_t>> rank_id_;  // ascending ids; shared with results
   // Per table (L x n, table-major): rank i's position in that table's members, and the end
   // of its bucket there; the j > i sharing i's bucket are members[pos + 1, end). Built on
-  // first use (item queries, dense-bucket pairs): sparse pair enumeration never needs them.
+  // first use (dense-bucket pairs): sparse pair enumeration never needs them.
   HugeVector<int32_t> pos_, end_;
   bool positions_ = false;
   void ensure_positions();

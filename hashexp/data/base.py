@@ -10,6 +10,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -260,3 +261,39 @@ def image_bundle(
         meta={"source": source, "mean": mean.tolist(), "std": std.tolist(), "seed": seed},
     )
     return bundle.validate()
+
+
+#: what an image source reads: (x_train, y_train, x_test, y_test, source), images (N, C, H, W) of any numeric dtype
+RawImages = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]
+
+_IMAGE_LOADER_ARGS = """
+
+    Args:
+        name: dataset name carried by the bundle.
+        root: {root}
+        subset_train, subset_test: null for all samples, or the size of a seeded random subset.
+        seed: seed of the subsets.
+        augment: {{crop_padding, hflip}} or null; attached to the bundle for the trainer.
+        download: allow torchvision to download when no local copy is found.
+    """
+
+
+def image_loader(default_name: str, read: Callable[[str | None, bool], RawImages], doc: str,
+                 root_doc: str, num_classes: int = 10) -> Callable[..., DataBundle]:
+    """The loader of an image dataset (the ``_target_`` of its conf/dataset yaml): one signature for all.
+
+    ``read(root, download)`` finds and parses the files; the loader subsets, normalizes with the
+    train statistics and wraps them (:func:`image_bundle`).
+    """
+
+    def load(name: str = default_name, root: str | None = None, subset_train: int | None = None,
+             subset_test: int | None = None, seed: int | None = 0, augment: Any = None,
+             download: bool = True) -> DataBundle:
+        x_train, y_train, x_test, y_test, source = read(root, download)
+        return image_bundle(name, x_train, y_train, x_test, y_test, num_classes, subset_train=subset_train,
+                            subset_test=subset_test, seed=seed, augment=augment, source=source)
+
+    load.__name__ = load.__qualname__ = f"load_{default_name}"
+    load.__module__ = read.__module__
+    load.__doc__ = doc + _IMAGE_LOADER_ARGS.format(root=root_doc)
+    return load

@@ -15,7 +15,7 @@ import numpy as np
 
 from hashexp.errors import DataError
 
-from .base import DataBundle, default_cache_dir, image_bundle, one_line
+from .base import RawImages, default_cache_dir, image_loader, one_line
 
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
@@ -108,39 +108,17 @@ def resolve_cifar_dir(root: str | Path | None, download: bool) -> Path:
     )
 
 
-def load_cifar10(
-    name: str = "cifar10",
-    root: str | None = None,
-    subset_train: int | None = None,
-    subset_test: int | None = None,
-    seed: int | None = 0,
-    augment: Any = None,
-    download: bool = True,
-) -> DataBundle:
-    """CIFAR-10 as (N, 3, 32, 32) float32 images normalized per channel with the train mean/std.
-
-    Args:
-        name: dataset name carried by the bundle.
-        root: directory holding cifar-10-batches-py/ (or the batch files themselves); downloads
-            go here too. null: ~/.cache/hashexp.
-        subset_train, subset_test: null for all samples, or the size of a seeded random subset.
-        seed: seed of the subsets.
-        augment: {crop_padding, hflip} or null; attached to the bundle for the trainer.
-        download: allow torchvision to download when the batches are not found.
-    """
+def read_cifar10(root: str | None, download: bool) -> RawImages:
+    """The five train batches (concatenated), the test batch and the directory they came from."""
     directory = resolve_cifar_dir(root, download)
     parts = [read_batch(directory / f) for f in TRAIN_BATCHES]
     x_test, y_test = read_batch(directory / TEST_BATCH)
-    return image_bundle(
-        name,
-        np.concatenate([p[0] for p in parts]),
-        np.concatenate([p[1] for p in parts]),
-        x_test,
-        y_test,
-        10,
-        subset_train=subset_train,
-        subset_test=subset_test,
-        seed=seed,
-        augment=augment,
-        source=str(directory),
-    )
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), x_test, y_test,
+            str(directory))
+
+
+load_cifar10 = image_loader(
+    "cifar10", read_cifar10,
+    "CIFAR-10 as (N, 3, 32, 32) float32 images normalized per channel with the train mean/std.",
+    "directory holding cifar-10-batches-py/ (or the batch files themselves); downloads\n"
+    "            go here too. null: ~/.cache/hashexp.")

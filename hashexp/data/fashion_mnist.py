@@ -9,45 +9,27 @@ Source order: dataset.root if given; else Debian's dataset-fashion-mnist package
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from .base import DataBundle
-from .mnist import load_idx_dataset
+from .base import RawImages, image_loader
+from .mnist import read_idx_dataset
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
 
-def load_fashion_mnist(
-    name: str = "fashion_mnist",
-    root: str | None = None,
-    subset_train: int | None = None,
-    subset_test: int | None = None,
-    seed: int | None = 0,
-    augment: Any = None,
-    download: bool = True,
-) -> DataBundle:
-    """Fashion-MNIST as a DataBundle of (N, 1, 28, 28) images normalized with the train mean/std.
-
-    Args:
-        name: dataset name carried by the bundle.
-        root: directory with the four IDX files (raw or .gz; plain or root/FashionMNIST/raw).
-            If given, it is the only place looked in (downloads go there too).
-        subset_train, subset_test: null for all samples, or the size of a seeded random subset.
-        seed: seed of the subsets.
-        augment: {crop_padding, hflip} or null; attached to the bundle for the trainer.
-        download: allow torchvision to download when no local copy is found.
-    """
-    return load_idx_dataset(
-        name=name,
+def read_fashion_mnist(root: str | None, download: bool) -> RawImages:
+    return read_idx_dataset(
         pretty="Fashion-MNIST",
         tv_class="FashionMNIST",
         root=root,
         download=download,
-        subset_train=subset_train,
-        subset_test=subset_test,
-        seed=seed,
-        augment=augment,
         system_dir=DEBIAN_DIR,
         system_fix=f"run `make data` (apt-get install dataset-fashion-mnist, which fills {DEBIAN_DIR})",
     )
+
+
+load_fashion_mnist = image_loader(
+    "fashion_mnist", read_fashion_mnist,
+    "Fashion-MNIST as a DataBundle of (N, 1, 28, 28) images normalized with the train mean/std.",
+    "directory with the four IDX files (raw or .gz; plain or root/FashionMNIST/raw).\n"
+    "            If given, it is the only place looked in (downloads go there too).")

@@ -8,11 +8,10 @@ dataset.root if given (plain or torchvision's <Class>/raw layout), else a system
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from hashexp.errors import DataError
 
-from .base import DataBundle, default_cache_dir, image_bundle, one_line
+from .base import RawImages, default_cache_dir, image_loader, one_line
 from .idx import IDX_FILES, find_idx_dir, find_idx_file, load_idx_dir
 
 
@@ -85,21 +84,17 @@ def resolve_idx_source(
     raise DataError(f"{pretty} not found (looked in {'; '.join(looked)}; {download_error}). Fix: {fix_text}")
 
 
-def load_idx_dataset(
+def read_idx_dataset(
     *,
-    name: str,
     pretty: str,
     tv_class: str,
     root: str | Path | None,
     download: bool,
-    subset_train: int | None,
-    subset_test: int | None,
-    seed: int | None,
-    augment: Any,
     system_dir: Path | None = None,
     system_fix: str | None = None,
     num_classes: int = 10,
-) -> DataBundle:
+) -> RawImages:
+    """The four IDX arrays of an MNIST-style dataset (labels checked) and the directory they came from."""
     directory = resolve_idx_source(
         pretty=pretty, tv_class=tv_class, root=root, download=download, system_dir=system_dir, system_fix=system_fix
     )
@@ -111,48 +106,14 @@ def load_idx_dataset(
             raise DataError(
                 f"{directory / stem}: labels span [{y.min()}, {y.max()}], expected 0..{num_classes - 1} for {pretty}"
             )
-    return image_bundle(
-        name,
-        arrays["x_train"],
-        arrays["y_train"],
-        arrays["x_test"],
-        arrays["y_test"],
-        num_classes,
-        subset_train=subset_train,
-        subset_test=subset_test,
-        seed=seed,
-        augment=augment,
-        source=str(directory),
-    )
+    return arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], str(directory)
 
 
-def load_mnist(
-    name: str = "mnist",
-    root: str | None = None,
-    subset_train: int | None = None,
-    subset_test: int | None = None,
-    seed: int | None = 0,
-    augment: Any = None,
-    download: bool = True,
-) -> DataBundle:
-    """MNIST from IDX files in `root` (plain or root/MNIST/raw), else torchvision's downloader.
+def read_mnist(root: str | None, download: bool) -> RawImages:
+    return read_idx_dataset(pretty="MNIST", tv_class="MNIST", root=root, download=download)
 
-    Args:
-        name: dataset name carried by the bundle.
-        root: directory with the IDX files; downloads go here too. null: ~/.cache/hashexp.
-        subset_train, subset_test: null for all samples, or the size of a seeded random subset.
-        seed: seed of the subsets.
-        augment: {crop_padding, hflip} or null; attached to the bundle for the trainer.
-        download: allow torchvision to download when the files are not found.
-    """
-    return load_idx_dataset(
-        name=name,
-        pretty="MNIST",
-        tv_class="MNIST",
-        root=root,
-        download=download,
-        subset_train=subset_train,
-        subset_test=subset_test,
-        seed=seed,
-        augment=augment,
-    )
+
+load_mnist = image_loader(
+    "mnist", read_mnist,
+    "MNIST from IDX files in `root` (plain or root/MNIST/raw), else torchvision's downloader.",
+    "directory with the IDX files; downloads go here too. null: ~/.cache/hashexp.")

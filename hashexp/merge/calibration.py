@@ -37,6 +37,7 @@ from torch import nn
 
 from hashexp.errors import ConfigError
 from hashexp.merge.sites import MergeSite
+from hashexp.utils.seeding import P7919, derive_seed
 
 #: calibration samples when hashing.calib_samples is null (or the whole split if smaller)
 DEFAULT_SAMPLES = 1024
@@ -58,7 +59,7 @@ def calibration_index(n_train: int, samples: int, seed: int) -> torch.Tensor:
     if samples > n_train:
         raise ConfigError(f"hashing.calib_samples={samples} exceeds the {n_train} training samples; "
                           f"choose at most {n_train}")
-    gen = torch.Generator().manual_seed((int(seed) * 2_654_435_761 + 97) % (2**63))
+    gen = torch.Generator().manual_seed(derive_seed(seed, scale=2_654_435_761, offset=97, modulus=2**63))
     return torch.randperm(n_train, generator=gen)[:samples].sort().values
 
 
@@ -123,7 +124,7 @@ def capture_site(model: nn.Module, site: MergeSite, x: torch.Tensor, seed: int =
     def gen_for(k: int, which: int) -> torch.Generator:
         key = (k, which)
         if key not in gens:
-            gens[key] = torch.Generator().manual_seed(int(seed) * 7919 + 31 * k + which)
+            gens[key] = torch.Generator().manual_seed(derive_seed(seed, k, which, scale=P7919, weights=(31, 1)))
         return gens[key]
 
     def pre(module, inputs):

@@ -42,6 +42,8 @@ from hashexp.merge.pull import PullConfig
 from hashexp.merge.sites import MergeSite
 from hashexp.merge.surgery import (MergePlan, apply_consumers, apply_producers, merge_plan, prune_plan,
                                    refit_consumer)
+from hashexp.utils.checks import check_at_least, check_cosine, check_fraction
+from hashexp.utils.seeding import P1000003, P1009, P7919, derive_seed
 
 _PAIR_CHUNK = 1 << 18
 COMPENSATIONS = ("lsq", "weights", "none")
@@ -84,14 +86,13 @@ class Compressor:
                  sites: list[str] | None = None, seed: int = 0, window: int = 50, name: str | None = None,
                  compensation: str = "lsq", calib_samples: int | None = None, ridge: float = 1e-3,
                  round_to: int = 1, pull: Mapping[str, Any] | None = None) -> None:
-        if target_ratio is not None and not (0.0 < float(target_ratio) <= 1.0):
-            raise ConfigError(f"hashing.target_ratio must be in (0, 1], got {target_ratio}")
+        if target_ratio is not None:
+            check_fraction("hashing.target_ratio", target_ratio)
         if window < 0:
             raise ConfigError(f"hashing.window must be >= 0, got {window}")
         if compensation not in COMPENSATIONS:
             raise ConfigError(f"hashing.compensation={compensation!r}; choose {', '.join(COMPENSATIONS)}")
-        if calib_samples is not None and int(calib_samples) < 1:
-            raise ConfigError(f"hashing.calib_samples must be >= 1 or null, got {calib_samples}")
+        check_at_least("hashing.calib_samples", calib_samples, 1, nullable=True)
         if not (0.0 < float(ridge) < 1.0):
             raise ConfigError(f"hashing.ridge must be in (0, 1), got {ridge}")
         if int(round_to) < 1:
@@ -181,7 +182,7 @@ class Compressor:
             if dist is not None and mass is not None:
                 mass = dist.all_reduce_sum(mass)
             before = site.width
-            seed = self.seed * 1009 + idx
+            seed = derive_seed(self.seed, idx, scale=P1009, weights=(1,))
             cap = cal.capture_site(model, site, calib, seed) if calib is not None and main else None
             if fixed is not None and site.name in fixed:
                 plan = fixed_plan(site, fixed[site.name]["groups"], fixed[site.name]["keep"])
@@ -233,7 +234,8 @@ class Compressor:
                 if (names is not None and site.name not in names) or (self.sites is not None and site.name not in self.sites):
                     continue
                 mass = stats.mass(site.name) if stats is not None else None
-                cap = cal.capture_site(model, site, calib, self.seed * 1009 + idx) if calib is not None else None
+                cap = cal.capture_site(model, site, calib, derive_seed(self.seed, idx, scale=P1009, weights=(1,))) \
+                    if calib is not None else None
                 knobs = dict((overrides or {}).get(site.name) or {})
                 if self.pull.max_error is not None and hasattr(self, "max_error"):
                     knobs["max_error"] = self.pull.max_error
@@ -288,10 +290,10 @@ class Compressor:
         saved = {k: getattr(self, k) for k in values}
         try:
             for k, v in values.items():
-                if k == "threshold" and v is not None and not (-1.0 <= float(v) <= 1.0):
-                    raise ConfigError(f"threshold must be a cosine in [-1, 1], got {v}")
-                if k == "target_ratio" and v is not None and not (0.0 < float(v) <= 1.0):
-                    raise ConfigError(f"target_ratio must be in (0, 1], got {v}")
+                if k == "threshold" and v is not None:
+                    check_cosine("threshold", v)
+                if k == "target_ratio" and v is not None:
+                    check_fraction("target_ratio", v)
                 setattr(self, k, v)
             yield
         finally:
@@ -305,7 +307,8 @@ class Compressor:
         self.calls = int(state["calls"])
 
     def _generator(self, index: int) -> torch.Generator:
-        return torch.Generator().manual_seed((self.seed * 1_000_003 + self.calls * 1009 + index) % (2**63))
+        return torch.Generator().manual_seed(derive_seed(self.seed, self.calls, index, scale=P1000003,
+                                                         weights=(P1009, 1), modulus=2**63))
 
 
 class HashCompressor(Compressor):
@@ -345,8 +348,7 @@ class HashCompressor(Compressor):
                  representative: str | None = None, max_error: float | None = None, block_frac: float = 0.01,
                  auto_width: int | None = None, **kw) -> None:
         super().__init__(**kw)
-        if threshold is not None and not (-1.0 <= float(threshold) <= 1.0):
-            raise ConfigError(f"hashing.threshold must be a cosine in [-1, 1] or null, got {threshold}")
+        check_cosine("hashing.threshold", threshold, nullable=True)
         if transform not in ("auto", "simhash", "mips"):
             raise ConfigError(f"hashing.transform={transform!r}; choose auto, simhash or mips")
         if not (1 <= int(bits) <= 64):
@@ -378,9 +380,7 @@ class HashCompressor(Compressor):
         self.representative = representative
         self.max_error = None if max_error is None else float(max_error)
         self.block_frac = float(block_frac)
-        if auto_width is not None and int(auto_width) < 1:
-            raise ConfigError(f"hashing.auto_width must be >= 1 or null, got {auto_width}")
-        self.auto_width = None if auto_width is None else int(auto_width)
+        self.auto_width = check_at_least("hashing.auto_width", auto_width, 1, nullable=True)
         self.last_stats: dict[str, dict[str, Any]] = {}
 
     def hash_vectors(self, site: MergeSite) -> torch.Tensor:
@@ -440,7 +440,7 @@ class HashCompressor(Compressor):
             return None
         keep = torch.ones(width, dtype=torch.bool)
         keep[removed] = False
-        dev = site.producers[0].module.weight.device
+        dev = site.device
         if self.representative == "keep":
             return prune_plan(site, keep.to(dev))
         labels = _nearest_survivor(cap, keep)
@@ -517,7 +517,7 @@ class HashCompressor(Compressor):
             rep = torch.zeros(g, u.shape[1]).index_add_(0, labels, a[:, None] * u)
             rep = rep / rep.norm(dim=1, keepdim=True).clamp_min(1e-12)
             size = torch.bincount(labels, minlength=g)
-            pairs = self.candidate_pairs(site, index + 7919 * rnd, rep)
+            pairs = self.candidate_pairs(site, derive_seed(index, rnd, weights=(P7919,)), rep)
             if len(pairs) > self.max_pairs:
                 raise ConfigError(f"site {site.name}: {len(pairs)} candidate pairs exceed hashing.max_pairs="
                                   f"{self.max_pairs}; raise hashing.bits or hashing.min_tables")
@@ -541,7 +541,7 @@ class HashCompressor(Compressor):
         self.last_stats[site.name] = stats
         if stats["groups"] >= width:
             return None
-        dev = site.producers[0].module.weight.device
+        dev = site.device
         return merge_plan(site, labels.to(dev), None if mass is None else mass.to(dev), self.representative)
 
 
@@ -569,7 +569,7 @@ def proposal_groups(plan: MergePlan, cap: cal.SiteCapture | None) -> dict[str, t
 def fixed_plan(site: MergeSite, groups: torch.Tensor, keep: torch.Tensor) -> MergePlan:
     """Merge each group into its survivor: the survivor's producer rows stay, the group's consumer
     columns add up (exact when the pull made the members equal); lsq then refits the consumers."""
-    dev = site.producers[0].module.weight.device
+    dev = site.device
     groups = torch.as_tensor(groups, dtype=torch.long, device=dev)
     keep = torch.as_tensor(keep, dtype=torch.bool, device=dev)
     if groups.shape != (site.width,) or keep.shape != (site.width,):
@@ -733,7 +733,7 @@ class RandomMerger(_Baseline):
         perm = torch.randperm(width, generator=self._generator(index))
         labels = torch.empty(width, dtype=torch.long)
         labels[perm] = torch.arange(width) % target
-        dev = site.producers[0].module.weight.device
+        dev = site.device
         return self._finish(merge_plan(site, labels.to(dev), None if mass is None else mass.to(dev)))
 
 
@@ -757,8 +757,7 @@ class NeuronMerging(_Baseline):
 
     def __init__(self, threshold: float | None = 0.45, **kw) -> None:
         super().__init__(**kw)
-        if threshold is None or not (-1.0 <= float(threshold) <= 1.0):
-            raise ConfigError(f"hashing.threshold must be a cosine in [-1, 1] for neuron_merging, got {threshold}")
+        check_cosine("hashing.threshold", threshold, note=" for neuron_merging")
         self.threshold = float(threshold)
 
     def plan_site(self, site: MergeSite, index: int, mass, capture=None) -> MergePlan | None:

@@ -16,7 +16,7 @@ only say which tensors share a width.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -70,7 +70,6 @@ class MergeSite:
     activation: str = "relu"
     tap: nn.Module | None = None
     min_width: int = 1
-    meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
@@ -85,6 +84,11 @@ class MergeSite:
     @property
     def width(self) -> int:
         return out_width(self.producers[0].module)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the site's tensors live (its first producer's weight)."""
+        return self.producers[0].module.weight.device
 
     @property
     def homogeneous(self) -> bool:

@@ -108,7 +108,7 @@ def merge_plan(site: MergeSite, labels: torch.Tensor, act_mass: torch.Tensor | N
 def prune_plan(site: MergeSite, keep: torch.Tensor) -> MergePlan:
     """Keep the neurons in ``keep`` (indices or a bool mask), drop the rest."""
     width = site.width
-    dev = site.producers[0].module.weight.device
+    dev = site.device
     keep = torch.as_tensor(keep, device=dev)
     if keep.dtype == torch.bool:
         keep = keep.nonzero().flatten()

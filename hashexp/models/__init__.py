@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from hashexp.errors import ConfigError, DataError
+from hashexp.utils.io import torch_save_atomic
 
 
 def build_model(cfg: DictConfig | Mapping, input_shape, num_classes: int,
@@ -46,11 +47,8 @@ def model_payload(model: nn.Module) -> dict[str, Any]:
 
 
 def save_model(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write model.pt atomically (temp file + rename)."""
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    torch.save(model_payload(model), tmp)
-    os.replace(tmp, path)
+    """Write model.pt atomically (temp file, fsync, rename)."""
+    torch_save_atomic(model_payload(model), path)
 
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:

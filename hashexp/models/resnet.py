@@ -208,12 +208,10 @@ class ResNet(nn.Module, HasMergeSites):
             else:
                 consumers.append(Consumer(self.fc))
             sites.append(MergeSite(name=f"stream{k + 1}", producers=producers, consumers=consumers,
-                                   activation="relu", tap=self.stream_acts[k],
-                                   meta={"kind": "stream", "stage": k + 1}))
+                                   activation="relu", tap=self.stream_acts[k]))
             for b, blk in enumerate(blocks):
                 sites.append(MergeSite(name=f"layer{k + 1}.{b}.inner", producers=[Producer(blk.conv1, blk.bn1)],
-                                       consumers=[Consumer(blk.conv2)], activation="relu", tap=blk.act1,
-                                       meta={"kind": "inner", "stage": k + 1, "block": b}))
+                                       consumers=[Consumer(blk.conv2)], activation="relu", tap=blk.act1))
         return sites
 
 
@@ -263,6 +261,3 @@ class ResNet18(ResNet):
         super().__init__(input_shape, num_classes, self.STAGES, site_widths=site_widths, width_mult=width_mult,
                          name=name)
 
-
-#: name -> class, as used in conf/model/<name>.yaml
-RESNETS = {"resnet20": ResNet20, "resnet56": ResNet56, "resnet18": ResNet18}
