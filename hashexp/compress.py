@@ -32,7 +32,7 @@ from torch import nn
 from hashexp.data import BatchIterator, DataBundle
 from hashexp.errors import ConfigError, HashexpError
 from hashexp.metrics import count_flops, count_params
-from hashexp.train import ActivationStats
+from hashexp.merge.stats import ActivationStats
 
 METHODS = ("simhash", "mips", "neuron_merging", "magnitude", "random")
 
