@@ -238,7 +238,13 @@ class PerLayerSchedule(Schedule):
         return RehashDecision(out)
 
     def site_overrides(self) -> dict[str, dict[str, Any]]:
-        """``{site: {threshold/target_ratio/target_width: value}}`` for the compressor (non-null only)."""
+        """``{site: {threshold/target_ratio/target_width: value}}`` for the compressor (non-null only).
+
+        The one place a schedule reaches into the compressor: the trainer passes these to every
+        ``compress``/``propose`` call as ``overrides``, where they replace the ``hashing.*`` knob of
+        that site for that rehash. (They are compressor knobs; they sit in ``schedule.sites`` so
+        that one entry gives a site its clock and its knobs together.)
+        """
         names = set(self._known or []) | set(self.site_cfg)
         out = {}
         for n in sorted(names):
