@@ -29,12 +29,13 @@ the run's, same seed, measured in this one benchmark on a shared machine (noisy)
 from __future__ import annotations
 
 import argparse
-import csv
+import json
 import statistics
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from _common import ROOT, fmt, mean_std, run  # noqa: E402  (benchmarks/ is the script's dir)
+from bench_headline import final_norms  # noqa: E402
 
 BASE = ["experiment=pareto_mlp2048", "trainer.num_threads=1"]
 HASHED = ["hashing=simhash", "hashing.max_error=null"]
@@ -53,20 +54,14 @@ def _dir(method: str) -> str:
     return method.replace("+", "_").replace(", ", "_")
 
 
-def gap_and_norms(run_dir: Path) -> tuple[float, float]:
-    """(sum of per-layer weight norms, sum of gradient norms) in the last step row of history.csv."""
-    rows = [r for r in csv.DictReader((run_dir / "history.csv").open()) if r["kind"] == "step"]
-    last = rows[-1]
-    return (sum(float(v) for k, v in last.items() if k.startswith("wnorm/") and v),
-            sum(float(v) for k, v in last.items() if k.startswith("gnorm/") and v))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.4, 0.2, 0.1])
     ap.add_argument("--methods", nargs="+", default=list(METHODS) + ["small"], choices=list(METHODS) + ["small"])
-    ap.add_argument("--ablation-ratio", type=float, default=0.2, help="the budget of the 'hashed, weights' row")
+    ap.add_argument("--ablation-ratio", type=float, default=0.2,
+                    help="the budget of the 'hashed, weights' and neuron_merging rows (the middle one)")
+    ap.add_argument("--report-only", action="store_true", help="tabulate the finished runs under --out-dir, train nothing")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out-dir", default=str(ROOT / "outputs" / "bench_pareto"))
     ap.add_argument("--md", default=str(Path(__file__).with_suffix(".md")))
@@ -76,6 +71,12 @@ def main() -> None:
 
     def job(ratio, method, seed, over):
         d = out / ("vanilla" if ratio is None else f"r{ratio:g}") / _dir(method) / f"seed{seed}"
+        if a.report_only:
+            if (d / "metrics.json").exists():
+                m = json.loads((d / "metrics.json").read_text())
+                m["_dir"] = d
+                res.setdefault((ratio, method), {})[seed] = m
+            return
         m = run(BASE + over + [f"seed={seed}"] + ([] if ratio is None else [f"schedule.final_ratio={ratio}"]), d)
         m["_dir"] = d
         res.setdefault((ratio, method), {})[seed] = m
@@ -83,10 +84,10 @@ def main() -> None:
     first = [(None, "vanilla", s, ["hashing=none"]) for s in a.seeds]
     for ratio in a.ratios:
         for method in a.methods:
-            if method == "small" or (method == "hashed, weights" and ratio != a.ablation_ratio):
+            if method == "small" or (method in ("hashed, weights", "neuron_merging") and ratio != a.ablation_ratio):
                 continue
             first += [(ratio, method, s, METHODS[method]) for s in a.seeds]
-    # vanilla and the hashed runs first (small needs their widths), interleaved so ratios are side by side
+    # vanilla and the hashed runs first (small needs their widths), then seed by seed
     first.sort(key=lambda j: (j[1] not in ("vanilla", "hashed+pull"), j[2]))
     with ThreadPoolExecutor(a.jobs) as pool:
         list(pool.map(lambda j: job(*j), first))
@@ -95,13 +96,15 @@ def main() -> None:
         for ratio in a.ratios:
             src = res.get((ratio, "hashed+pull")) or res.get((ratio, "hashed"))
             for s in a.seeds:
+                if s not in (src or {}):
+                    continue
                 w = src[s]["widths"]
                 small.append((ratio, "small", s, ["hashing=none", f"model.widths=[{w['fc1']},{w['fc2']}]"]))
         with ThreadPoolExecutor(a.jobs) as pool:
             list(pool.map(lambda j: job(*j), small))
 
     van = res[(None, "vanilla")]
-    seeds = a.seeds
+    seeds = [s for s in a.seeds if s in van]
     lines = ["# The Pareto front: accuracy vs FLOPs on Fashion-MNIST, MLP 784-2048-2048-10", "",
              "Command: `.venv/bin/python benchmarks/bench_pareto.py` "
              f"(seeds {seeds}, budgets final_ratio {a.ratios}, {a.jobs} runs at a time, one thread each). "
@@ -120,20 +123,23 @@ def main() -> None:
             r = res.get((ratio, method))
             if not r or (ratio is None) != (method == "vanilla"):
                 continue
-            acc = [r[s]["test_acc"] for s in seeds]
-            d = [100 * (r[s]["test_acc"] - van[s]["test_acc"]) for s in seeds]
-            red = [van[s]["flops"] / r[s]["flops"] for s in seeds]
-            wall = [van[s]["wall_time_s"] / r[s]["wall_time_s"] for s in seeds]
-            gap = [100 * (r[s]["train_acc"] - r[s]["test_acc"]) for s in seeds]
-            norms = [gap_and_norms(r[s]["_dir"]) for s in seeds]
-            widths = sorted({"-".join(str(v) for v in r[s]["widths"].values()) for s in seeds})
+            ss = [s for s in a.seeds if s in r and s in van]  # --report-only: the finished seeds
+            acc = [r[s]["test_acc"] for s in ss]
+            d = [100 * (r[s]["test_acc"] - van[s]["test_acc"]) for s in ss]
+            red = [van[s]["flops"] / r[s]["flops"] for s in ss]
+            wall = [van[s]["wall_time_s"] / r[s]["wall_time_s"] for s in ss]
+            gap = [100 * (r[s]["train_acc"] - r[s]["test_acc"]) for s in ss]
+            norms = [final_norms(r[s]["_dir"]) for s in ss]
+            widths = sorted({"-".join(str(v) for v in r[s]["widths"].values()) for s in ss})
             budget = "full" if ratio is None else f"{ratio:g}"
+            if ss != a.seeds:
+                method = f"{method} (seeds {ss})"
             lines.append(f"| {budget} | {method} | {fmt(acc, pct=True)} | {fmt(d)} | {fmt(red, digits=1)}x | "
                          f"{', '.join(widths)} | {fmt(wall)} | {fmt(gap)} | {fmt([n[0] for n in norms], digits=1)} | "
                          f"{fmt([n[1] for n in norms])} |")
             if ratio is not None:
                 md, sd = mean_std(d)
-                points.setdefault(method, []).append((statistics.mean(red), md, sd))
+                points.setdefault(method.split(" (seeds")[0], []).append((statistics.mean(red), md, sd))
     lines += ["", f"Vanilla: {fmt([v['test_acc'] for v in van.values()], pct=True)}% "
               f"(majority class {100 * van[seeds[0]]['majority_acc']:.1f}%)."]
     png = Path(a.md).with_suffix(".png")

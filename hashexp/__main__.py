@@ -8,7 +8,6 @@ hashexp/distributed.py). Ranks > 0 get Hydra overrides that keep them out of out
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 

@@ -84,7 +84,7 @@ def train_run(cfg: DictConfig, run_dir: str | None = None, dist=None) -> dict[st
     logger = _instantiate(cfg.logger, "logger", _partial_=True)(run_dir=run_dir, run_config=resolved) if is_main else None
     factory = _instantiate(cfg.trainer, "trainer")
     trainer = factory(model=model, data=data, compressor=compressor, schedule=schedule, logger=logger,
-                      run_dir=run_dir, seed=seed, dist=dist)
+                      run_dir=run_dir, seed=seed, config=resolved, dist=dist)
     summary = trainer.fit()
     metrics = {
         "status": "ok",

@@ -31,8 +31,8 @@ from torch import nn
 
 from hashexp.data import BatchIterator, DataBundle
 from hashexp.errors import ConfigError, HashexpError
+from hashexp.merge.stats import ActivationStats
 from hashexp.metrics import accuracy, count_flops, count_params
-from hashexp.train import ActivationStats
 
 METHODS = ("simhash", "mips", "neuron_merging", "magnitude", "random")
 

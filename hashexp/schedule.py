@@ -1,9 +1,12 @@
 """When to rehash which site.
 
-A schedule is asked after every optimizer step and at every epoch end; it answers with the
-names of the sites to rehash now (an empty list: none). The trainer calls ``notify`` after the
-compressor ran. Schedules are checkpointed with the run, so a resumed run rehashes at the same
-steps as an uninterrupted one.
+A schedule is a policy. It is asked after every optimizer step and at every epoch end
+(``decide(ctx)`` with a :class:`RehashContext`); it answers with a :class:`RehashDecision`: the
+names of the sites to rehash now (none: an empty list) and the history.csv rows it wants logged,
+which the trainer writes. The trainer calls ``notify`` with the :class:`~hashexp.train.RehashEvent`
+after the compressor ran. Measurements a schedule needs live in hashexp/merge/ (the drift
+schedule's: :class:`hashexp.merge.drift.DriftMeter`). Schedules are checkpointed with the run, so a
+resumed run rehashes at the same steps as an uninterrupted one.
 
 * :class:`FixedSchedule`: every site on one clock.
 * :class:`PerLayerSchedule`: each site on its own clock, with its own threshold and target.
@@ -16,14 +19,41 @@ steps as an uninterrupted one.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-import torch
-
 from hashexp.errors import ConfigError
+from hashexp.merge.drift import DriftMeter
 from hashexp.utils.checks import check_at_least, check_cosine, check_fraction
-from hashexp.utils.seeding import P1000003, P104729, P7919, derive_seed
+
+
+@dataclass
+class RehashContext:
+    """What a schedule sees when asked: where training is and the network's sites now.
+
+    ``epoch`` counts finished epochs at an epoch end (``epoch_end``) and the running epoch's
+    index after a step.
+    """
+
+    step: int
+    epoch: int
+    epoch_end: bool
+    sites: list = field(default_factory=list)
+    model: Any = None
+    stats: Any = None
+    rehashes: int = 0
+    steps_per_epoch: int = 0
+
+
+@dataclass
+class RehashDecision:
+    """A schedule's answer: the sites to rehash now and the history.csv rows to log (in order)."""
+
+    sites: list[str] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.sites)
 
 
 class Schedule:
@@ -35,15 +65,18 @@ class Schedule:
         self.count = 0
         self.per_site: dict[str, int] = {}
 
-    def decide(self, ctx: dict[str, Any], hist=None) -> list[str]:  # pragma: no cover - interface
+    def decide(self, ctx: RehashContext) -> RehashDecision:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def notify(self, ctx: dict[str, Any], event: dict[str, Any]) -> None:
-        """Count the rehash this schedule decided (a pulled proposal counts; its later merge does not)."""
-        if event.get("merge_only"):
+    def notify(self, ctx: RehashContext, event) -> None:
+        """Count the rehash this schedule decided (a pulled proposal counts; its later merge does not).
+
+        ``event`` is the trainer's :class:`~hashexp.train.RehashEvent`.
+        """
+        if event.merge_only:
             return
         self.count += 1
-        for s in list(event.get("sites", [])) + list(event.get("proposed", [])):
+        for s in list(event.sites) + list(event.proposed or []):
             self.per_site[s] = self.per_site.get(s, 0) + 1
 
     def history_columns(self, sites) -> list[str]:
@@ -94,23 +127,22 @@ class FixedSchedule(Schedule):
         self.every, self.start, self.stop, self.max_rehashes = int(every), int(start), stop, max_rehashes
         self.sites = list(sites) if sites else None
 
-    def decide(self, ctx: dict[str, Any], hist=None) -> list[str]:
+    def decide(self, ctx: RehashContext) -> RehashDecision:
         if self.max_rehashes is not None and self.count >= self.max_rehashes:
-            return []
+            return RehashDecision()
         if self.unit == "epoch":
-            if not ctx["epoch_end"] or not _due(ctx["epoch"], self.start, self.every, self.stop):
-                return []
-        elif ctx["epoch_end"] or not _due(ctx["step"], self.start, self.every, self.stop):
-            return []
-        names = [s.name for s in ctx["sites"]]
-        return [n for n in names if self.sites is None or n in self.sites]
+            if not ctx.epoch_end or not _due(ctx.epoch, self.start, self.every, self.stop):
+                return RehashDecision()
+        elif ctx.epoch_end or not _due(ctx.step, self.start, self.every, self.stop):
+            return RehashDecision()
+        return RehashDecision([n for n in _site_names(ctx) if self.sites is None or n in self.sites])
 
 
-def _site_names(ctx: dict[str, Any]) -> list[str]:
-    return [s.name for s in ctx["sites"]]
+def _site_names(ctx: RehashContext) -> list[str]:
+    return [s.name for s in ctx.sites]
 
 
-def _check_known(configured, ctx: dict[str, Any], key: str) -> None:
+def _check_known(configured, ctx: RehashContext, key: str) -> None:
     """ConfigError naming the model's sites when ``configured`` names a site the model lacks."""
     names = _site_names(ctx)
     unknown = sorted(set(configured) - set(names))
@@ -184,7 +216,7 @@ class PerLayerSchedule(Schedule):
         """The resolved settings of one site (its own keys over the group's defaults)."""
         return self.site_cfg.get(site, self.defaults)
 
-    def decide(self, ctx: dict[str, Any], hist=None) -> list[str]:
+    def decide(self, ctx: RehashContext) -> RehashDecision:
         names = _site_names(ctx)
         if self._known is None:
             _check_known(self.site_cfg, ctx, "schedule.sites")
@@ -197,14 +229,20 @@ class PerLayerSchedule(Schedule):
             if p["max_rehashes"] is not None and self.per_site.get(n, 0) >= int(p["max_rehashes"]):
                 continue
             if p["unit"] == "epoch":
-                if ctx["epoch_end"] and _due(ctx["epoch"], p["start"], p["every"], p["stop"]):
+                if ctx.epoch_end and _due(ctx.epoch, p["start"], p["every"], p["stop"]):
                     out.append(n)
-            elif not ctx["epoch_end"] and _due(ctx["step"], p["start"], p["every"], p["stop"]):
+            elif not ctx.epoch_end and _due(ctx.step, p["start"], p["every"], p["stop"]):
                 out.append(n)
-        return out
+        return RehashDecision(out)
 
     def site_overrides(self) -> dict[str, dict[str, Any]]:
-        """``{site: {threshold/target_ratio/target_width: value}}`` for the compressor (non-null only)."""
+        """``{site: {threshold/target_ratio/target_width: value}}`` for the compressor (non-null only).
+
+        The one place a schedule reaches into the compressor: the trainer passes these to every
+        ``compress``/``propose`` call as ``overrides``, where they replace the ``hashing.*`` knob of
+        that site for that rehash. (They are compressor knobs; they sit in ``schedule.sites`` so
+        that one entry gives a site its clock and its knobs together.)
+        """
         names = set(self._known or []) | set(self.site_cfg)
         out = {}
         for n in sorted(names):
@@ -263,16 +301,16 @@ class GradualSchedule(Schedule):
         frac = (1.0 - p) ** 3 if self.shape == "cubic" else 1.0 - p
         return int(round(wf + (w0 - wf) * frac))
 
-    def decide(self, ctx: dict[str, Any], hist=None) -> list[str]:
+    def decide(self, ctx: RehashContext) -> RehashDecision:
         if not self.initial:
-            self.initial = {s.name: s.width for s in ctx["sites"]}
+            self.initial = {s.name: s.width for s in ctx.sites}
             if self.sites is not None:
                 _check_known(self.sites, ctx, "schedule.sites")
-        t = ctx["step"]
-        if ctx["epoch_end"] or not _due(t, self.start, self.every, self.end):
-            return []
+        t = ctx.step
+        if ctx.epoch_end or not _due(t, self.start, self.every, self.end):
+            return RehashDecision()
         self.step = t
-        return [n for n in _site_names(ctx) if self.sites is None or n in self.sites]
+        return RehashDecision([n for n in _site_names(ctx) if self.sites is None or n in self.sites])
 
     def site_overrides(self) -> dict[str, dict[str, Any]]:
         return {n: {"target_width": self.target(n, self.step)} for n in self.initial
@@ -291,17 +329,10 @@ class GradualSchedule(Schedule):
 class DriftSchedule(Schedule):
     """Rehash a site when its weights have moved or grown redundant, not on a clock.
 
-    Every ``check_every`` steps, per site, two cheap measurements:
-
-    * bit flips: the fraction of SimHash bits (``bits`` fixed random hyperplanes per site,
-      drawn at the first step, at the site's last rehash, or when its width or fan-in changed)
-      whose sign differs from the codes taken then: an angle-drift estimate, a true Hamming
-      count (popcount of XOR) over packed uint64 codes;
-    * partner fraction: the share of a random sample of ``sample`` neurons whose exact cosine
-      to some other neuron of the site is at least ``threshold`` (a near-duplicate), from one
-      (sample x width) matmul. (Proposing partners by Hamming distance of the codes and
-      checking only those was measured slower on CPU: gathering the candidate rows costs more
-      than the dense BLAS product it saves.)
+    Every ``check_every`` steps, per site, a :class:`hashexp.merge.drift.DriftMeter` measures two
+    cheap numbers: the fraction of the site's SimHash bits that flipped since its reference codes
+    (taken at the first step, at the site's last rehash, or when its width or fan-in changed), and
+    the share of sampled neurons with a near-duplicate partner (cosine >= ``threshold``).
 
     The site is rehashed when ``bit_flip >= flip_threshold`` or ``partner_frac >=
     partner_threshold``, or — the stability trigger, ``stable_threshold`` — once its codes
@@ -310,9 +341,9 @@ class DriftSchedule(Schedule):
     neurons that settled, which frozen or untrained weights never do. All at least
     ``min_interval`` steps after the site's previous rehash (MONGOOSE,
     ICLR 2021, rebuilds its LSH tables on a similar drift test). Each measurement is a
-    history.csv row of kind ``drift`` (``drift/metric_s``: that site's measurement seconds).
-    The metric's own cost, re-referencing after rehashes included, is ``metric_time_s`` over
-    ``metric_calls`` checks (``metric_avg_s``).
+    history.csv row of kind ``drift`` (``drift/metric_s``: that site's measurement seconds), handed
+    to the trainer in the decision. The metric's own cost, re-referencing after rehashes included,
+    is ``metric_time_s`` over ``metric_calls`` checks (``metric_avg_s``).
 
     Args:
         check_every: steps between checks (``every`` is its alias, so presets that set
@@ -366,132 +397,98 @@ class DriftSchedule(Schedule):
         self.partner_threshold = None if partner_threshold is None else float(partner_threshold)
         self.stable_threshold = None if stable_threshold is None else float(stable_threshold)
         self.stable_min_drift = float(stable_min_drift)
-        self.min_interval, self.threshold = int(min_interval), float(threshold)
-        self.bits, self.sample, self.seed = int(bits), int(sample), int(seed)
+        self.min_interval = int(min_interval)
         self.start, self.stop, self.max_rehashes = int(start), stop, max_rehashes
         self.sites = list(sites) if sites else None
+        self.meter = DriftMeter(bits=bits, sample=sample, threshold=threshold, seed=seed)
         self.last_rehash: dict[str, int] = {}
-        self.refs: dict[str, dict[str, Any]] = {}
-        self.versions: dict[str, int] = {}
         self.metric_time_s = 0.0
         self.metric_calls = 0
         self.last: dict[str, dict[str, float]] = {}
         self._checked = False
         self._started = False
 
-    # ------------------------------------------------------------ measurements
+    @property
+    def threshold(self) -> float:
+        """The partner cosine (the meter's)."""
+        return self.meter.threshold
+
     @property
     def metric_avg_s(self) -> float:
         """Mean seconds per check (all sites together)."""
         return self.metric_time_s / max(self.metric_calls, 1)
 
-    def _reference(self, site, index: int, x: torch.Tensor | None = None) -> dict[str, Any]:
-        """Fresh hyperplanes for this site's fan-in and the codes of its neurons now."""
-        from hashexp.lsh import SimHash
-
-        if x is None:
-            x = site.neuron_vectors().detach().cpu()
-        v = self.versions.get(site.name, 0)
-        self.versions[site.name] = v + 1
-        seed = derive_seed(self.seed, index, v, scale=P1000003, weights=(P7919, P104729), modulus=2**62)
-        h = SimHash(x.shape[1], self.bits, 1, seed=seed)
-        ref = {"hasher": h, "codes": h.fingerprint(x)[:, 0].copy(), "dim": int(x.shape[1]), "width": int(x.shape[0])}
-        self.refs[site.name] = ref
-        return ref
-
-    def _partner_frac(self, x: torch.Tensor, index: int, step: int) -> float:
-        n = x.shape[0]
-        if n < 2:
-            return 0.0
-        if n <= self.sample:
-            idx = torch.arange(n)
-        else:
-            g = torch.Generator().manual_seed(derive_seed(self.seed, step, index, scale=P1000003, weights=(31, 1),
-                                                         modulus=2**62))
-            idx = torch.randperm(n, generator=g)[: self.sample]
-        norms = x.norm(dim=1).clamp_min(1e-12)
-        cos = (x[idx] @ x.T) / (norms[idx][:, None] * norms[None, :])
-        cos[torch.arange(len(idx)), idx] = -2.0  # a neuron is not its own partner
-        return float((cos.max(dim=1).values >= self.threshold).float().mean())
-
     def measure(self, site, index: int, step: int) -> tuple[float, float]:
         """(bit-flip fraction since the site's reference codes, estimated partner fraction)."""
-        x = site.neuron_vectors().detach().cpu()
-        ref = self.refs.get(site.name)
-        if ref is None or ref["dim"] != x.shape[1] or ref["width"] != x.shape[0]:
-            self._reference(site, index, x)  # new fan-in or width: drift counts from now
-            flip = 0.0
-        else:
-            codes = ref["hasher"].fingerprint(x)[:, 0]
-            flips = int(np.bitwise_count(np.bitwise_xor(codes, ref["codes"])).sum())
-            flip = flips / float(x.shape[0] * self.bits)
-        return flip, self._partner_frac(x, index, step)
+        return self.meter.measure(site, index, step)
 
-    # ------------------------------------------------------------ schedule
-    def decide(self, ctx: dict[str, Any], hist=None) -> list[str]:
+    def _watched(self, name: str) -> bool:
+        return self.sites is None or name in self.sites
+
+    def decide(self, ctx: RehashContext) -> RehashDecision:
         if not self._checked:
             if self.sites:
                 _check_known(self.sites, ctx, "schedule.sites")
             self._checked = True
-        step = ctx["step"]
+        step = ctx.step
         if not self._started:
             # drift counts from the first step (a run's "rehash 0"), not from the first check
             t0 = time.perf_counter()
-            for index, site in enumerate(ctx["sites"]):
-                if site.name not in self.refs and (self.sites is None or site.name in self.sites):
-                    self._reference(site, index)
+            for index, site in enumerate(ctx.sites):
+                if site.name not in self.meter.refs and self._watched(site.name):
+                    self.meter.reference(site, index)
             self.metric_time_s += time.perf_counter() - t0
             self._started = True
-        if ctx["epoch_end"] or step < self.start or (self.stop is not None and step > self.stop):
-            return []
+        if ctx.epoch_end or step < self.start or (self.stop is not None and step > self.stop):
+            return RehashDecision()
         if (step - self.start) % self.check_every:
-            return []
+            return RehashDecision()
         out, rows = [], []
         t_all = time.perf_counter()
-        for index, site in enumerate(ctx["sites"]):
+        for index, site in enumerate(ctx.sites):
             n = site.name
-            if self.sites is not None and n not in self.sites:
+            if not self._watched(n):
                 continue
             if self.max_rehashes is not None and self.per_site.get(n, 0) >= int(self.max_rehashes):
                 continue
             t0 = time.perf_counter()
-            flip, partner = self.measure(site, index, step)
+            flip, partner = self.meter.measure(site, index, step)
             dt = time.perf_counter() - t0
-            last = self.last_rehash.get(n)
-            ready = last is None or step - last >= self.min_interval
-            prev = self.last.get(n, {}).get("bit_flip")
-            settled = (self.stable_threshold is not None and prev is not None and flip >= self.stable_min_drift
-                       and flip - prev <= self.stable_threshold)
-            fire = ready and ((self.flip_threshold is not None and flip >= self.flip_threshold)
-                              or (self.partner_threshold is not None and partner >= self.partner_threshold)
-                              or settled)
+            fire = self._fires(n, step, flip, partner)
             if fire:
                 out.append(n)
             self.last[n] = {"bit_flip": flip, "partner_frac": partner}
-            rows.append({"kind": "drift", "step": step, "epoch": ctx["epoch"], "drift/site": n,
+            rows.append({"kind": "drift", "step": step, "epoch": ctx.epoch, "drift/site": n,
                          "drift/bit_flip": flip, "drift/partner_frac": partner, "drift/rehashed": int(fire),
                          "drift/metric_s": dt})
         self.metric_time_s += time.perf_counter() - t_all
         self.metric_calls += 1
-        if hist is not None:
-            for r in rows:
-                hist.write(r)
-        return out
+        return RehashDecision(out, rows)
 
-    def notify(self, ctx: dict[str, Any], event: dict[str, Any]) -> None:
+    def _fires(self, name: str, step: int, flip: float, partner: float) -> bool:
+        """The policy: past min_interval, and flips, partners or settling over their thresholds."""
+        last = self.last_rehash.get(name)
+        ready = last is None or step - last >= self.min_interval
+        prev = self.last.get(name, {}).get("bit_flip")
+        settled = (self.stable_threshold is not None and prev is not None and flip >= self.stable_min_drift
+                   and flip - prev <= self.stable_threshold)
+        return ready and ((self.flip_threshold is not None and flip >= self.flip_threshold)
+                          or (self.partner_threshold is not None and partner >= self.partner_threshold)
+                          or settled)
+
+    def notify(self, ctx: RehashContext, event) -> None:
         super().notify(ctx, event)
         t0 = time.perf_counter()
-        done = set(event.get("sites", [])) | set(event.get("proposed", []))
-        for index, site in enumerate(ctx["sites"]):
+        done = set(event.sites) | set(event.proposed or [])
+        for index, site in enumerate(ctx.sites):
             if site.name in done:
-                self.last_rehash[site.name] = int(event.get("step", ctx["step"]))
-            if self.sites is not None and site.name not in self.sites:
+                self.last_rehash[site.name] = int(event.step)
+            if not self._watched(site.name):
                 continue
             # new codes for rehashed sites and for those whose width or fan-in the surgery changed
-            ref = self.refs.get(site.name)
             x = site.neuron_vectors().detach().cpu()
-            if site.name in done or ref is None or ref["width"] != x.shape[0] or ref["dim"] != x.shape[1]:
-                self._reference(site, index, x)
+            if site.name in done or self.meter.stale(site.name, x):
+                self.meter.reference(site, index, x)
                 self.last.pop(site.name, None)  # flips count from the new reference
         self.metric_time_s += time.perf_counter() - t0
 
@@ -499,25 +496,14 @@ class DriftSchedule(Schedule):
         return ["drift/site", "drift/bit_flip", "drift/partner_frac", "drift/rehashed", "drift/metric_s"]
 
     def state_dict(self) -> dict[str, Any]:
-        refs = {n: {"projections": r["hasher"].projections.detach().clone(),
-                    "codes": torch.from_numpy(r["codes"].view(np.int64).copy()),
-                    "dim": r["dim"], "width": r["width"]} for n, r in self.refs.items()}
-        return {**super().state_dict(), "last_rehash": dict(self.last_rehash), "versions": dict(self.versions),
-                "refs": refs, "metric_time_s": self.metric_time_s, "metric_calls": self.metric_calls,
+        meter = self.meter.state_dict()
+        return {**super().state_dict(), "last_rehash": dict(self.last_rehash), "versions": meter["versions"],
+                "refs": meter["refs"], "metric_time_s": self.metric_time_s, "metric_calls": self.metric_calls,
                 "last": {n: dict(v) for n, v in self.last.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        from hashexp.lsh import SimHash
-
         super().load_state_dict(state)
         self.last_rehash = {k: int(v) for k, v in state["last_rehash"].items()}
-        self.versions = {k: int(v) for k, v in state["versions"].items()}
+        self.meter.load_state_dict(state)
         self.metric_time_s, self.metric_calls = float(state["metric_time_s"]), int(state["metric_calls"])
         self.last = {n: {k: float(x) for k, x in v.items()} for n, v in state.get("last", {}).items()}
-        self.refs = {}
-        for n, r in state["refs"].items():
-            h = SimHash(int(r["dim"]), self.bits, 1, seed=0)
-            with torch.no_grad():
-                h.projections.copy_(r["projections"])
-            self.refs[n] = {"hasher": h, "codes": r["codes"].numpy().view(np.uint64).copy(),
-                            "dim": int(r["dim"]), "width": int(r["width"])}

@@ -190,7 +190,7 @@ class Killed(BaseException):
 
 
 def test_resume_mid_pull_ends_identical_to_an_uninterrupted_run(tmp_path, monkeypatch):
-    import hashexp.train as train
+    import hashexp.train.checkpoint as train  # the module that calls torch.save
     from hashexp.app import train_run
 
     ref = train_run(compose(PULL_RUN), str(tmp_path / "full"))

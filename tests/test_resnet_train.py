@@ -63,7 +63,7 @@ def test_preset_composes_with_its_command():
     cfg = compose(["experiment=resnet20_fmnist"])
     assert cfg.model.name == "resnet20" and cfg.dataset.name == "fashion_mnist"
     assert cfg.trainer.name == "sgd" and cfg.trainer.augment is True and cfg.trainer.optimizer.momentum > 0
-    assert 10 <= cfg.trainer.bn_recalib_batches <= 50
+    assert 10 <= cfg.trainer.bn_recalib_batches <= 50 and cfg.hashing.bn_recalib_batches == cfg.trainer.bn_recalib_batches
     assert cfg.hashing.name == "simhash" and cfg.hashing.min_width >= 4
     assert cfg.schedule.max_rehashes >= 1
     assert isinstance(build_compressor(cfg.hashing, 0), HashCompressor)

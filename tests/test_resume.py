@@ -124,8 +124,9 @@ class Killed(BaseException):
 
 
 def test_kill_during_mid_epoch_checkpoint_write_resumes_exactly_into_a_new_dir(tmp_path, monkeypatch):
-    import hashexp.train as train
+    import hashexp.train.checkpoint as checkpoint  # the module that calls torch.save
     from hashexp.app import train_run
+    from hashexp.train import Trainer
 
     ref = train_run(compose(MID_RUN), str(tmp_path / "full"))
 
@@ -142,10 +143,10 @@ def test_kill_during_mid_epoch_checkpoint_write_resumes_exactly_into_a_new_dir(t
                 raise Killed()
         return real_save(obj, f, *a, **kw)
 
-    monkeypatch.setattr(train.torch, "save", dying_save)
+    monkeypatch.setattr(checkpoint.torch, "save", dying_save)
     with pytest.raises(Killed):
         train_run(compose(MID_RUN), str(tmp_path / "killed"))
-    monkeypatch.setattr(train.torch, "save", real_save)
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
 
     killed = tmp_path / "killed"
     assert (killed / "checkpoint.pt.tmp").stat().st_size == 2000  # the torn write
@@ -163,11 +164,18 @@ def test_kill_during_mid_epoch_checkpoint_write_resumes_exactly_into_a_new_dir(t
     # a mid-epoch position means nothing with another batch size: refused, not guessed
     from hashexp.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="same trainer.batch_size"):
+    with pytest.raises(ConfigError, match=r"made with trainer.batch_size=32, this run has trainer.batch_size=16"):
         train_run(compose([*MID_RUN, "trainer.batch_size=16", f"trainer.resume={killed}"]), str(tmp_path / "bs"))
+    # (a checkpoint without a recorded config, from before it was recorded, is refused by its position)
+    old = torch.load(killed / "checkpoint.pt", weights_only=True)
+    old.pop("config")
+    (tmp_path / "old").mkdir()
+    torch.save(old, tmp_path / "old" / "checkpoint.pt")
+    with pytest.raises(ConfigError, match="same trainer.batch_size"):
+        train_run(compose([*MID_RUN, "trainer.batch_size=16", f"trainer.resume={tmp_path / 'old'}"]), str(tmp_path / "bs"))
 
     # the activation statistics in the checkpoint matter: without them the next merge differs
-    monkeypatch.setattr(train.Trainer, "_load_stats", lambda self, saved: None)
+    monkeypatch.setattr(Trainer, "_load_stats", lambda self, saved: None)
     lossy = train_run(compose([*MID_RUN, f"trainer.resume={killed}"]), str(tmp_path / "lossy"))
     assert lossy["train_loss"] != ref["train_loss"]
 
@@ -198,12 +206,27 @@ def test_resume_refuses_another_model_or_input_size_and_bad_optimizer_values_are
 
     train_run(compose([*MID_RUN, "trainer.epochs=1"]), str(tmp_path / "a"))
     ck = tmp_path / "a"
+    # the checkpoint records the run's config: a change of model, data, compressor, schedule, seed,
+    # optimizer or batch size is named, key by key, with both values
+    with pytest.raises(ConfigError, match=r"^trainer.resume=.*checkpoint.pt: the checkpoint was made with "
+                                          r"model.widths=\[48, 48\], this run has model.widths=\[64, 64\]; resume "
+                                          r"with the checkpoint's settings or start a new run$"):
+        train_run(compose([*MID_RUN, "model.widths=[64,64]", f"trainer.resume={ck}"]), str(tmp_path / "b"))
+    with pytest.raises(ConfigError, match=r"made with dataset.n_features=20, hashing.max_error=0.5, seed=2, this run "
+                                          r"has dataset.n_features=16, hashing.max_error=0.3, seed=3;"):
+        train_run(compose([*MID_RUN, "dataset.n_features=16", "hashing.max_error=0.3", "seed=3",
+                           f"trainer.resume={ck}"]), str(tmp_path / "c"))
+    assert not (tmp_path / "b" / "metrics.json").exists() and (ck / "metrics.json").exists()
+    # a checkpoint without a recorded config (older format): the model spec is still compared
+    old = torch.load(ck / "checkpoint.pt", weights_only=True)
+    old.pop("config")
+    (tmp_path / "old").mkdir()
+    torch.save(old, tmp_path / "old" / "checkpoint.pt")
     with pytest.raises(ConfigError, match=r"the checkpoint holds MLP\(.*'widths': \[48, 48\].*this run builds "
                                           r"MLP\(.*'widths': \[64, 64\]"):
-        train_run(compose([*MID_RUN, "model.widths=[64,64]", f"trainer.resume={ck}"]), str(tmp_path / "b"))
+        train_run(compose([*MID_RUN, "model.widths=[64,64]", f"trainer.resume={tmp_path / 'old'}"]), str(tmp_path / "b"))
     with pytest.raises(ConfigError, match=r"for inputs \[20\] .* for inputs \[16\]"):
-        train_run(compose([*MID_RUN, "dataset.n_features=16", f"trainer.resume={ck}"]), str(tmp_path / "c"))
-    assert not (tmp_path / "b" / "metrics.json").exists() and (ck / "metrics.json").exists()
+        train_run(compose([*MID_RUN, "dataset.n_features=16", f"trainer.resume={tmp_path / 'old'}"]), str(tmp_path / "c"))
     with pytest.raises(ConfigError, match="trainer.optimizer: .*check its values"):
         train_run(compose([*MID_RUN, "trainer.optimizer.lr=abc"]), str(tmp_path / "d"))
 
@@ -262,3 +285,17 @@ def test_checkpoint_round_trip_in_process(tmp_path):
     assert torch.equal(torch.get_rng_state(), rng[0]) and random.getstate() == rng[1]
     assert np.array_equal(np.random.get_state()[1], rng[2])
     assert torch.equal(b.gen.get_state(), rng[3]) and torch.equal(b.aug_gen.get_state(), rng[4])
+
+
+def test_resume_with_more_epochs_is_allowed_and_recorded(tmp_path):
+    from hashexp.app import train_run
+
+    train_run(compose([*MID_RUN, "trainer.epochs=1"]), str(tmp_path / "a"))
+    out = train_run(compose([*MID_RUN, "trainer.epochs=2", "trainer.log_every=5", f"trainer.resume={tmp_path / 'a'}"]),
+                    str(tmp_path / "b"))
+    assert out["epochs"] == 2 and out["steps"] == 64
+    assert out["resumed"] == {"from": str(tmp_path / "a" / "checkpoint.pt"),
+                              "changed": {"trainer.epochs": [1, 2], "trainer.log_every": [3, 5],
+                                          "trainer.resume": [None, str(tmp_path / "a")]}}
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["resumed"] == out["resumed"]
+    assert "resumed" not in json.loads((tmp_path / "a" / "metrics.json").read_text())

@@ -16,8 +16,8 @@ from hashexp.data.synthetic import load_synthetic
 from hashexp.errors import ConfigError
 from hashexp.merge.compressor import HashCompressor
 from hashexp.models import build_model
-from hashexp.schedule import DriftSchedule, FixedSchedule, GradualSchedule, PerLayerSchedule
-from hashexp.train import Trainer
+from hashexp.schedule import DriftSchedule, FixedSchedule, GradualSchedule, PerLayerSchedule, RehashContext
+from hashexp.train import RehashEvent, Trainer
 
 MLP = {"_target_": "hashexp.models.mlp.MLP"}
 SPE = 15  # steps per epoch: 960 training samples / batch 64
@@ -32,13 +32,13 @@ def fake_run(schedule, steps: int, steps_per_epoch: int, names=("fc1", "fc2")) -
     got: dict[str, list] = {n: [] for n in names}
     for step in range(1, steps + 1):
         for end in (False, True) if step % steps_per_epoch == 0 else (False,):
-            ctx = {"step": step, "epoch": step // steps_per_epoch if end else (step - 1) // steps_per_epoch,
-                   "epoch_end": end, "sites": sites}
-            due = schedule.decide(ctx)
+            ctx = RehashContext(step=step, epoch=step // steps_per_epoch if end else (step - 1) // steps_per_epoch,
+                                epoch_end=end, sites=sites)
+            due = schedule.decide(ctx).sites
             if due:
-                schedule.notify(ctx, {"step": step, "sites": due})
+                schedule.notify(ctx, RehashEvent(step=step, sites=due))
             for n in due:
-                got[n].append(f"e{ctx['epoch']}" if end else step)
+                got[n].append(f"e{ctx.epoch}" if end else step)
     return got
 
 
@@ -54,8 +54,8 @@ def tiny_trainer(tmp_path, compressor, schedule, epochs=3, widths=(32, 32), seed
 def steps_of(trainer) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     for e in trainer.rehash_log:
-        for s in e["sites"]:
-            out.setdefault(s, []).append(e["step"])
+        for s in e.sites:
+            out.setdefault(s, []).append(e.step)
     return out
 
 
@@ -167,14 +167,14 @@ class Duplicating(DriftSchedule):
         super().__init__(**kw)
         self.at = at
 
-    def decide(self, ctx, hist=None):
-        if ctx["step"] == self.at and not ctx["epoch_end"]:
-            fc = ctx["model"].layers[1]
+    def decide(self, ctx):
+        if ctx.step == self.at and not ctx.epoch_end:
+            fc = ctx.model.layers[1]
             with torch.no_grad():
                 h = fc.weight.shape[0] // 2
                 fc.weight[h:2 * h] = fc.weight[:h] * 1.5
                 fc.bias[h:2 * h] = fc.bias[:h] * 1.5
-        return super().decide(ctx, hist=hist)
+        return super().decide(ctx)
 
 
 def test_drift_leaves_frozen_site_alone_and_catches_duplicates(tmp_path):
@@ -214,21 +214,21 @@ def test_drift_min_interval_start_stop_and_max_rehashes():
     d = DriftSchedule(check_every=2, start=4, stop=40, min_interval=10, max_rehashes=3, partner_threshold=0.5)
     fired = []
     for step in range(1, 60):
-        ctx = {"step": step, "epoch": 0, "epoch_end": False, "sites": m.merge_sites(), "model": m}
+        ctx = RehashContext(step=step, epoch=0, epoch_end=False, sites=m.merge_sites(), model=m)
         if d.decide(ctx):
-            d.notify(ctx, {"step": step, "sites": ["fc1"]})  # (no surgery: the copies stay)
+            d.notify(ctx, RehashEvent(step=step, sites=["fc1"]))  # (no surgery: the copies stay)
             fired.append(step)
     assert fired == [4, 14, 24]
-    assert d.decide({"step": 0, "epoch": 1, "epoch_end": True, "sites": m.merge_sites(), "model": m}) == []
+    assert d.decide(RehashContext(step=0, epoch=1, epoch_end=True, sites=m.merge_sites(), model=m)).sites == []
 
 
 def test_drift_state_round_trips_through_a_weights_only_checkpoint():
     torch.manual_seed(0)
     m = build_model({**MLP, "widths": [24, 24]}, (10,), 3)
     d = DriftSchedule(check_every=1, flip_threshold=0.5)
-    ctx = {"step": 1, "epoch": 0, "epoch_end": False, "sites": m.merge_sites(), "model": m}
+    ctx = RehashContext(step=1, epoch=0, epoch_end=False, sites=m.merge_sites(), model=m)
     d.decide(ctx)
-    d.notify(ctx, {"step": 1, "sites": ["fc2"]})
+    d.notify(ctx, RehashEvent(step=1, sites=["fc2"]))
     buf = io.BytesIO()
     torch.save(d.state_dict(), buf)
     buf.seek(0)
@@ -249,7 +249,7 @@ def test_drift_bad_config_is_one_clear_error():
     d = DriftSchedule(check_every=5, sites=["fc7"])
     m = build_model({**MLP, "widths": [8]}, (4,), 2)
     with pytest.raises(ConfigError, match=r"\['fc7'\].*\['fc1'\]"):
-        d.decide({"step": 5, "epoch": 0, "epoch_end": False, "sites": m.merge_sites(), "model": m})
+        d.decide(RehashContext(step=5, epoch=0, epoch_end=False, sites=m.merge_sites(), model=m))
 
 
 @pytest.mark.slow
@@ -280,8 +280,8 @@ def test_gradual_targets_are_reached_at_the_scheduled_steps(tmp_path):
     tr = tiny_trainer(tmp_path, MagnitudePruner(target_ratio=None, min_width=1), sched, epochs=3)
     tr.fit()
     assert steps_of(tr)["fc1"] == [5, 15, 25, 35, 45]
-    assert [e["after"]["fc1"] for e in tr.rehash_log] == [32, 18, 11, 8, 8]
-    assert [e["after"]["fc2"] for e in tr.rehash_log] == [32, 18, 11, 8, 8]
+    assert [e.after["fc1"] for e in tr.rehash_log] == [32, 18, 11, 8, 8]
+    assert [e.after["fc2"] for e in tr.rehash_log] == [32, 18, 11, 8, 8]
     lin = GradualSchedule(start=0, end=100, every=50, final_width={"fc1": 10}, shape="linear")
     lin.initial = {"fc1": 50}
     assert [lin.target("fc1", t) for t in (0, 50, 100, 150)] == [50, 30, 10, 10]
@@ -309,9 +309,9 @@ def test_stability_trigger_fires_on_converging_neurons_not_on_frozen_random_weig
                 with torch.no_grad():
                     model.layers[0].weight.copy_((1 - a) * w0 + a * target_w)
                     model.layers[0].bias.copy_((1 - a) * b0 + a * target_b)
-            ctx = {"step": step, "epoch": 0, "epoch_end": False, "sites": model.merge_sites(), "model": model}
+            ctx = RehashContext(step=step, epoch=0, epoch_end=False, sites=model.merge_sites(), model=model)
             if d.decide(ctx):
-                d.notify(ctx, {"step": step, "sites": ["fc1"]})
+                d.notify(ctx, RehashEvent(step=step, sites=["fc1"]))
                 fired[name].append(step)
     assert fired == {"moving": [7], "frozen": []}
     # its state (the previous check's flips) survives a checkpoint

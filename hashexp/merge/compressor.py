@@ -77,6 +77,8 @@ class Compressor:
         pull: centripetal pull (:mod:`hashexp.merge.pull`): ``{steps, strength, average_grads,
             max_error}``; with ``steps > 0`` a rehash proposes (:meth:`propose`) and the trainer
             merges the pulled groups ``steps`` later (``compress(..., fixed=...)``).
+        bn_recalib_batches: after each rehash the trainer re-estimates BatchNorm statistics on this
+            many training batches (0: never; None: the trainer's ``bn_recalib_batches``).
     """
 
     name = "base"
@@ -85,7 +87,8 @@ class Compressor:
                  min_width: int | Mapping[str, int] = 1, width_plan: str | None = None,
                  sites: list[str] | None = None, seed: int = 0, window: int = 50, name: str | None = None,
                  compensation: str = "lsq", calib_samples: int | None = None, ridge: float = 1e-3,
-                 round_to: int = 1, pull: Mapping[str, Any] | None = None) -> None:
+                 round_to: int = 1, pull: Mapping[str, Any] | None = None,
+                 bn_recalib_batches: int | None = None) -> None:
         if target_ratio is not None:
             check_fraction("hashing.target_ratio", target_ratio)
         if window < 0:
@@ -97,6 +100,9 @@ class Compressor:
             raise ConfigError(f"hashing.ridge must be in (0, 1), got {ridge}")
         if int(round_to) < 1:
             raise ConfigError(f"hashing.round_to must be an integer >= 1, got {round_to}")
+        if bn_recalib_batches is not None and int(bn_recalib_batches) < 0:
+            raise ConfigError(f"hashing.bn_recalib_batches must be >= 0, got {bn_recalib_batches}")
+        self.bn_recalib_batches = None if bn_recalib_batches is None else int(bn_recalib_batches)
         self.round_to = int(round_to)
         self.pull = PullConfig.parse(pull)
         self.compensation = compensation

@@ -20,7 +20,7 @@ NOISE_KEYS = ("seed", "tag", "logger.", "experiment.", "trainer.progress", "trai
               "trainer.resume", "trainer.log_every", "trainer.eval_batch_size", "dataset.root",
               "dataset.download", "hashing.n_threads")
 # Trainer keys that only act on compressed runs: a vanilla twin may differ in them.
-PAIR_IGNORE = ("trainer.bn_recalib_batches",)
+PAIR_IGNORE = ("trainer.bn_recalib_batches", "hashing.bn_recalib_batches")
 # Model keys that set the initial widths (the small-network-from-scratch baseline varies them).
 WIDTH_KEYS = ("model.widths", "model.width_mult")
 

@@ -1,0 +1,629 @@
+"""The training loop. It knows *that* the network is compressed, not *how*.
+
+Per step: forward, backward, optimizer step; forward hooks on each merge site's tap collect
+activation mass (:class:`hashexp.merge.stats.ActivationStats`); every ``log_every`` steps a
+history.csv row (loss, step time, per-site width, per-layer weight and gradient norm). After every
+step and at every epoch end the schedule decides (:meth:`Trainer._maybe_rehash`); when it names
+sites, the compressor rewrites them (model and optimizer state together) and training simply
+continues on the smaller network. Each epoch ends with an evaluation row and an atomic checkpoint
+(hashexp/train/checkpoint.py; optionally also every ``checkpoint_every_steps`` steps), from which
+a killed run resumes with the same widths, optimizer, LR schedule, rehash schedule, compressor,
+activation statistics, position in the epoch and RNG state, and ends with exactly the metrics of
+an uninterrupted run.
+
+Under torchrun (``dist``, see hashexp/distributed.py) each rank trains on its slice of every
+global batch of ``batch_size``; rank 0 alone writes history.csv and checkpoints.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hashexp.data import BatchIterator, DataBundle
+from hashexp.errors import ConfigError
+from hashexp.merge.pull import Pull
+from hashexp.merge.stats import ActivationStats
+from hashexp.metrics import Stopwatch, count_flops, count_params, evaluate
+from hashexp.schedule import RehashContext
+from hashexp.train import checkpoint as ckpt
+from hashexp.train.history import History
+from hashexp.train.records import RehashEvent
+from hashexp.utils.seeding import P7919, derive_seed
+
+log = logging.getLogger("hashexp")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={device} but CUDA is not available here; use trainer.device=cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"trainer.device={device!r} is not a device; use cpu, cuda or auto") from None
+
+
+class Trainer:
+    """Trains a model with optional compression during training.
+
+    Args:
+        model: an ``nn.Module`` that declares ``merge_sites()``.
+        data: the in-memory dataset.
+        optimizer: factory ``params -> torch.optim.Optimizer`` (a Hydra partial).
+        epochs, batch_size, eval_batch_size: the usual.
+        lr_schedule: factory ``optimizer -> LRScheduler`` stepped once per epoch, or None.
+        compressor: object with ``compress(model, site_names, stats, optimizer, step)``, or None.
+        schedule: a :class:`hashexp.schedule.Schedule`: ``decide(ctx) -> RehashDecision`` names the
+            sites to rehash now (and the history rows to log), ``notify(ctx, event)`` after a rehash.
+        run_dir: where history.csv and checkpoint.pt go.
+        seed: seeds batches, augmentation and the compressor's randomness.
+        checkpoint: write checkpoint.pt atomically at every epoch end.
+        checkpoint_every_steps: also checkpoint every N optimizer steps inside an epoch (None:
+            epoch ends only); a resume then skips the epoch's batches already trained on.
+        resume: a run dir or checkpoint.pt to continue from, or ``auto`` (this run dir's own
+            checkpoint, if any). The resumed run ends with the same metrics as an uninterrupted one.
+        bn_recalib_batches: the older spelling of ``hashing.bn_recalib_batches`` (BatchNorm
+            re-estimated on this many training batches after each rehash), used when the
+            compressor does not set it.
+        config: the composed, resolved run config (a plain dict). Checkpoints record it; a resume
+            refuses a run whose model, data, compressor, schedule, seed, optimizer or batch size
+            differ, and records the other changes (``summary()["resumed"]``).
+        dist: a :class:`hashexp.distributed.Dist` under torchrun, else None. ``batch_size`` is
+            then the global batch, split over the ranks.
+    """
+
+    def __init__(self, model: nn.Module, data: DataBundle, optimizer: Callable, epochs: int = 10,
+                 batch_size: int = 256, eval_batch_size: int = 4096, lr_schedule: Callable | None = None,
+                 compressor=None, schedule=None, logger=None, run_dir: str = ".", seed: int = 0,
+                 log_every: int = 20, device: str = "cpu", num_threads: int | None = None,
+                 progress: str = "auto", augment: bool = True, checkpoint: bool = True,
+                 resume: str | None = None, bn_recalib_batches: int | None = 0, name: str = "",
+                 checkpoint_every_steps: int | None = None, config: dict[str, Any] | None = None,
+                 dist=None) -> None:
+        if epochs < 0:
+            raise ConfigError(f"trainer.epochs must be >= 0, got {epochs}")
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ConfigError(f"trainer.batch_size and eval_batch_size must be >= 1, got {batch_size}, {eval_batch_size}")
+        if log_every < 1:
+            raise ConfigError(f"trainer.log_every must be >= 1, got {log_every}")
+        if checkpoint_every_steps is not None and int(checkpoint_every_steps) < 1:
+            raise ConfigError(f"trainer.checkpoint_every_steps must be >= 1 or null, got {checkpoint_every_steps}")
+        if progress not in ("auto", "bar", "log", "none"):
+            raise ConfigError(f"trainer.progress={progress!r}; choose auto, bar, log or none")
+        if num_threads:
+            torch.set_num_threads(int(num_threads))
+        self.device = resolve_device(device)
+        self.dist = dist
+        if dist is not None:
+            self.device = dist.local_device(self.device)
+        self.model = model.to(self.device)
+        self.data = data.to(self.device)
+        self.make_optimizer = optimizer
+        try:
+            self.optimizer = optimizer(self.model.parameters())
+        except (TypeError, ValueError) as e:  # e.g. trainer.optimizer.lr=abc
+            raise ConfigError(f"trainer.optimizer: {e}; check its values (lr, momentum, weight_decay, ...)") from None
+        self._lr_factory = lr_schedule
+        self.lr_schedule = lr_schedule(self.optimizer) if lr_schedule is not None else None
+        self.epochs, self.batch_size, self.eval_batch_size = int(epochs), int(batch_size), int(eval_batch_size)
+        self.compressor, self.schedule, self.logger = compressor, schedule, logger
+        self.run_dir, self.seed, self.log_every = run_dir, int(seed), int(log_every)
+        self.progress = progress
+        self.checkpoint_enabled = checkpoint
+        self.checkpoint_every_steps = int(checkpoint_every_steps) if checkpoint_every_steps else None
+        self.resume = resume
+        bn = getattr(compressor, "bn_recalib_batches", None)
+        self.bn_recalib_batches = int(bn if bn is not None else bn_recalib_batches or 0)
+        self.config = config
+        self.resumed: dict[str, Any] | None = None  # {from, changed} after a resume
+        self.augment = None
+        if augment and data.is_image and getattr(data, "augment", None) is not None:
+            self.augment = data.augment
+        self.sites = model.merge_sites()
+        self.stats = ActivationStats(self.sites, window=getattr(compressor, "window", 50), enabled=compressor is not None)
+        # the calibration set: fixed training samples (seeded, identical on every rank and resume)
+        self.calib_index = None
+        if compressor is not None and hasattr(compressor, "calib_samples"):
+            from hashexp.merge.calibration import DEFAULT_SAMPLES, calibration_index
+
+            n_train = len(self.data.x_train)
+            n_calib = compressor.calib_samples or min(DEFAULT_SAMPLES, n_train)
+            self.calib_index = calibration_index(n_train, n_calib, self.seed)
+        # centripetal pull (hashing.pull.steps > 0): rehashes propose, merges follow `steps` later
+        pull_cfg = getattr(compressor, "pull", None)
+        self.pull = Pull(pull_cfg) if pull_cfg is not None and pull_cfg.enabled else None
+        self.timer = Stopwatch()
+        self.step = 0
+        self.epoch = 0
+        self.rehashes = 0
+        self.rehash_log: list[RehashEvent] = []
+        self.widths_before = dict(model.widths())
+        self.gen = torch.Generator().manual_seed(self.seed)
+        self.aug_gen = torch.Generator(device=self.device).manual_seed(self.seed + 1)
+        self.layer_names = [n for n, m in self.model.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+        self.epoch_metrics: dict[str, float] = {}
+        # position inside the current epoch, for mid-epoch checkpoints (0: at an epoch boundary)
+        self.batch_in_epoch = 0
+        self._epoch_gen_state = self.gen.get_state()
+        self._pending_losses: list[float] = []  # step losses not yet in a history row
+        self._step_times: list[float] = []  # their step times
+        self._hist: History | None = None
+        self._history_rows: int | None = None
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def is_main(self) -> bool:
+        return self.dist is None or self.dist.is_main
+
+    def _train_module(self) -> nn.Module:
+        return self.dist.wrap(self.model) if self.dist is not None else self.model
+
+    def history_columns(self) -> list[str]:
+        cols = ["kind", "step", "epoch", "loss", "step_time_s", "lr", "params", "rehash", "hash_time_s"]
+        cols += [f"width/{s.name}" for s in self.sites]
+        cols += [f"error/{s.name}" for s in self.sites]
+        if self.pull is not None:
+            cols += [f"pull/{s.name}" for s in self.sites]
+        cols += [f"wnorm/{n}" for n in self.layer_names] + [f"gnorm/{n}" for n in self.layer_names]
+        cols += ["train_loss", "train_acc", "test_loss", "test_acc", "flops"]
+        if self.schedule is not None and hasattr(self.schedule, "history_columns"):
+            cols += [c for c in self.schedule.history_columns(self.sites) if c not in cols]
+        return cols
+
+    def _layer_norms(self) -> dict[str, float]:
+        out = {}
+        mods = dict(self.model.named_modules())
+        for n in self.layer_names:
+            w = mods[n].weight
+            out[f"wnorm/{n}"] = float(w.detach().norm())
+            out[f"gnorm/{n}"] = float(w.grad.detach().norm()) if w.grad is not None else float("nan")
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        """(mean loss, accuracy) over a split, in eval mode, batched (hashexp.metrics.evaluate)."""
+        result = evaluate(self.model, x, y, self.eval_batch_size)
+        self.model.train()
+        return result
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict[str, Any]:
+        """Train ``epochs`` epochs (from the checkpoint, when resuming); returns :meth:`summary`."""
+        resume_from = self._resume_path()
+        if self.is_main:
+            os.makedirs(self.run_dir, exist_ok=True)
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        self._hist = self._open_history(resume_from) if self.is_main else None
+        use_bar = self.progress == "bar" or (self.progress == "auto" and sys.stderr.isatty())
+        total_t0 = time.perf_counter()
+        self._step_times = []
+        self.model.train()
+        try:
+            while self.epoch < self.epochs:
+                self._train_epoch(use_bar)
+                self._end_epoch(use_bar)
+        finally:
+            if self._hist is not None:
+                self._hist.close()
+            self._hist = None
+        self.timer.totals["fit"] = self.timer.totals.get("fit", 0.0) + time.perf_counter() - total_t0
+        return self.summary()
+
+    def _resume_path(self) -> str | None:
+        if not self.resume:
+            return None
+        if self.resume != "auto":
+            return self.resume
+        path = os.path.join(self.run_dir, "checkpoint.pt")
+        return path if os.path.exists(path) else None
+
+    def _open_history(self, resume_from: str | None) -> History:
+        """history.csv, cut back to the checkpoint's rows when resuming (carried over from its run dir)."""
+        path = os.path.join(self.run_dir, "history.csv")
+        if resume_from is None:
+            return History(path, self.history_columns())
+        source = None
+        src_dir = os.path.dirname(os.path.abspath(ckpt.checkpoint_path(resume_from)))
+        if src_dir != os.path.abspath(self.run_dir):  # resuming into a new run dir: carry the rows over
+            source = os.path.join(src_dir, "history.csv")
+        return History(path, self.history_columns(), resume_after_step=self.step, keep_rows=self._history_rows,
+                       source=source)
+
+    def _batches(self, skip: int):
+        """This epoch's shuffled batches from the ``skip``-th on (this rank's slices under DDP)."""
+        it = BatchIterator(self.data.x_train, self.data.y_train, self.batch_size, shuffle=True, generator=self.gen)
+        if self.dist is not None:
+            # augmentation on the whole global batch, then each rank's slice
+            aug = (lambda xb: self.augment(xb, self.aug_gen)) if self.augment is not None else None
+            return self.dist.shard(it, transform=aug, start=skip)
+        return itertools.islice(iter(it), skip, None)
+
+    def _train_epoch(self, use_bar: bool) -> None:
+        """One epoch of steps, each followed by a possible rehash, a history row and a checkpoint."""
+        n_train = len(self.data.x_train)
+        n_batches = math.ceil(n_train / self.batch_size)
+        skip = self.batch_in_epoch  # > 0 only right after a mid-epoch resume
+        # the generator state this epoch's permutation is drawn from (mid-epoch checkpoints)
+        self._epoch_gen_state = self.gen.get_state()
+        batches = self._batches(skip)
+        bar = None
+        if use_bar and self.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=n_batches, initial=skip, desc=f"epoch {self.epoch + 1}/{self.epochs}", leave=False)
+        net = self._train_module()
+        for i, (xb, yb) in enumerate(batches, start=skip):
+            t0 = time.perf_counter()
+            loss_value = self._train_step(net, xb, yb, min(self.batch_size, n_train - i * self.batch_size))
+            self.step += 1
+            self.batch_in_epoch = i + 1
+            self._step_times.append(time.perf_counter() - t0)
+            self._pending_losses.append(float(loss_value))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{self._pending_losses[-1]:.3f}")
+            last = self.epoch + 1 == self.epochs and i + 1 == n_batches
+            event = self._maybe_rehash(epoch_end=False, final=last)
+            if event is not None:
+                net = self._train_module()  # the wrapper holds the old parameters
+            if self.step % self.log_every == 0 or event is not None:
+                self._log(self._step_row(self._pending_losses, self._step_times, event))
+                self._pending_losses, self._step_times = [], []
+            k = self.checkpoint_every_steps
+            if k is not None and self.step % k == 0 and i + 1 < n_batches:
+                self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+
+    def _train_step(self, net: nn.Module, xb: torch.Tensor, yb: torch.Tensor, n_global: int) -> torch.Tensor:
+        """Forward, backward, optimizer step (and the pull's gradient sharing and contraction); the loss."""
+        with self.timer("train"):
+            if self.dist is None:
+                if self.augment is not None:
+                    xb = self.augment(xb, self.aug_gen)
+                loss = F.cross_entropy(net(xb), yb)
+                loss_value = loss.detach()
+            else:
+                loss, loss_value = self._dist_loss(net, xb, yb, n_global)
+            if not torch.isfinite(loss_value):
+                raise FloatingPointError(f"loss became {float(loss_value)} at step {self.step}; "
+                                         "lower trainer.optimizer.lr or check the data")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.pull is not None and self.pull.active:
+                self.pull.average_grads(self.model.merge_sites())
+            self.optimizer.step()
+            if self.pull is not None and self.pull.active:
+                self.pull.contract(self.model.merge_sites())
+        return loss_value
+
+    def _end_epoch(self, use_bar: bool) -> None:
+        """LR step, a possible rehash, the evaluation row, a checkpoint."""
+        self.batch_in_epoch = 0
+        self.epoch += 1
+        if self.lr_schedule is not None:
+            self.lr_schedule.step()
+        event = self._maybe_rehash(epoch_end=True, final=self.epoch == self.epochs)
+        with self.timer("eval"):
+            row = self._epoch_row(event)
+        self._log(row, flush=True)
+        if self.is_main and not use_bar and self.progress != "none":
+            log.info("epoch %d/%d  step %d  train_loss %.4f  train_acc %.4f  test_acc %.4f  widths %s",
+                     self.epoch, self.epochs, self.step, row["train_loss"], row["train_acc"], row["test_acc"],
+                     self.model.widths())
+        self.save_checkpoint()
+
+    def _log(self, row: dict[str, Any], flush: bool = False) -> None:
+        """A history.csv row (rank 0) and the logger's copy."""
+        if self._hist is not None:
+            self._hist.write(row)
+            if flush:
+                self._hist.flush()
+        if self.logger is not None and self.is_main:
+            self.logger.log_row(row, step=self.step)
+
+    def _maybe_rehash(self, epoch_end: bool, final: bool) -> RehashEvent | None:
+        """Ask the schedule; log its rows; rehash what it names (and, after a step, pulls that are due).
+
+        ``final``: the run's last step or epoch end (a pull then merges at once).
+        """
+        if self.compressor is None or self.schedule is None:
+            return None
+        decision = self.schedule.decide(self._ctx(epoch_end))
+        if self._hist is not None:
+            for row in decision.rows:
+                self._hist.write(row)
+        pull_due = not epoch_end and self.pull is not None and self.pull.due(self.step, final=final)
+        if not decision.sites and not pull_due:
+            return None
+        event = self._rehash(decision.sites, final=final)
+        self.schedule.notify(self._ctx(epoch_end), event)
+        return event
+
+    def _dist_loss(self, net: nn.Module, xb: torch.Tensor, yb: torch.Tensor, n_global: int):
+        """(loss to backpropagate, global mean loss) for this rank's slice of a global batch.
+
+        DDP averages gradients over the ranks; scaling the local loss sum by
+        world_size / n_global makes that average the gradient of the mean over the global
+        batch, whatever the slice sizes (an empty slice contributes zeros and still joins the
+        all-reduce). The reported loss is summed over ranks, so every rank sees the same value.
+        """
+        out = net(xb)
+        ws = self.dist.world_size
+        if len(yb):
+            if len(yb) * ws == n_global:  # equal slices: the plain mean, scaled by exactly 1
+                loss = F.cross_entropy(out, yb)
+                local_sum = loss.detach() * len(yb)
+            else:
+                local_sum = F.cross_entropy(out, yb, reduction="sum")
+                loss = local_sum * (ws / n_global)
+                local_sum = local_sum.detach()
+        else:
+            loss = out.sum() * 0.0
+            local_sum = loss.detach()
+        total = self.dist.all_reduce_sum(local_sum.float().reshape(1))
+        return loss, (total / n_global)[0]
+
+    def _ctx(self, epoch_end: bool) -> RehashContext:
+        return RehashContext(step=self.step, epoch=self.epoch, epoch_end=epoch_end, sites=self.model.merge_sites(),
+                             model=self.model, stats=self.stats, rehashes=self.rehashes,
+                             steps_per_epoch=math.ceil(len(self.data.x_train) / self.batch_size))
+
+    # ------------------------------------------------------------------ compression
+    def _rehash(self, names: list[str], final: bool = False) -> RehashEvent:
+        """Run the compressor on ``names``; rebuild whatever holds the old parameters.
+
+        With the pull on, pulls that are due (or all of them at the last step, ``final``) merge
+        first, then ``names`` not under pull are proposed; a proposal made at the last step merges
+        at once (there is no step left to pull).
+        """
+        with self.timer("hash"):
+            t0 = time.perf_counter()
+            before = dict(self.model.widths())
+            overrides = self.schedule.site_overrides() if hasattr(self.schedule, "site_overrides") else None
+            if self.dist is not None:  # every rank merges the same network: rank 0's BN statistics
+                self.dist.sync_buffers(self.model)
+            calib = None
+            if self.calib_index is not None:
+                calib = self.data.x_train[self.calib_index.to(self.data.x_train.device)]
+            extra: dict[str, Any] = {}
+            if self.pull is None or (final and not self.pull.active):
+                reports = self.compressor.compress(self.model, names, self.stats, self.optimizer, self.step,
+                                                   dist=self.dist, overrides=overrides, calib=calib)
+            else:
+                reports = []
+                extra["merge_only"] = not names
+                due = self.pull.due(self.step, final=final)
+                if due:
+                    sites = {s.name: s for s in self.model.merge_sites()}
+                    extra["pull_distance"] = {n: self.pull.distance(sites[n]) for n in due}
+                    fixed = {n: self.pull.pop(n) for n in due}
+                    reports = self.compressor.compress(self.model, due, self.stats, self.optimizer, self.step,
+                                                       dist=self.dist, overrides=overrides, calib=calib, fixed=fixed)
+                fresh = [n for n in names if not self.pull.busy(n)]
+                if fresh and final:
+                    reports += self.compressor.compress(self.model, fresh, self.stats, self.optimizer, self.step,
+                                                        dist=self.dist, overrides=overrides, calib=calib)
+                elif fresh:
+                    proposals = self.compressor.propose(self.model, fresh, self.stats, self.step, dist=self.dist,
+                                                        overrides=overrides, calib=calib)
+                    sites = {s.name: s for s in self.model.merge_sites()}
+                    for n, p in proposals.items():
+                        self.pull.start(n, p["groups"], p["keep"], self.step)
+                        self.pull.share_state(sites[n], self.optimizer)
+                    extra["proposed"] = sorted(proposals)
+                    extra["proposed_width"] = {n: int(p["keep"].sum()) for n, p in proposals.items()}
+            after = dict(self.model.widths())
+            for r in reports:
+                self.stats.reset(r["site"])
+            # LR schedulers hold param groups, not params: they need no rebuild after surgery
+            if self.bn_recalib_batches > 0 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+                from hashexp.merge.recalibrate import recalibrate_bn
+
+                gen = torch.Generator().manual_seed(derive_seed(self.seed, self.rehashes + 1, weights=(P7919,)))
+                it = BatchIterator(self.data.x_train, self.data.y_train, self.batch_size, shuffle=True, generator=gen)
+                batches = (xb for _, (xb, _) in zip(range(self.bn_recalib_batches), it))
+                recalibrate_bn(self.model, batches)
+            dt = time.perf_counter() - t0
+        self.rehashes += 1
+        event = RehashEvent(step=self.step, epoch=self.epoch, before=before, after=after, time_s=dt,
+                            sites=[r["site"] for r in reports], reports=reports,
+                            error={r["site"]: r["error"] for r in reports if "error" in r}, **extra)
+        self.rehash_log.append(event)
+        return event
+
+    def _step_row(self, losses, step_times, event) -> dict[str, Any]:
+        row: dict[str, Any] = {"kind": "step", "step": self.step, "epoch": self.epoch,
+                               "loss": sum(losses) / max(len(losses), 1),
+                               "step_time_s": sum(step_times) / max(len(step_times), 1),
+                               "lr": self.optimizer.param_groups[0]["lr"], "params": count_params(self.model),
+                               "rehash": int(event is not None),
+                               "hash_time_s": event.time_s if event is not None else 0.0}
+        row.update({f"width/{k}": v for k, v in self.model.widths().items()})
+        if event is not None:
+            row.update({f"error/{k}": v for k, v in event.error.items()})
+        if self.pull is not None:  # member-to-representative distance of the sites under pull
+            for site in self.model.merge_sites():
+                d = self.pull.distance(site)
+                if d is None and event is not None:
+                    d = (event.pull_distance or {}).get(site.name)
+                if d is not None:
+                    row[f"pull/{site.name}"] = d
+        row.update(self._layer_norms())
+        return row
+
+    def _epoch_row(self, event) -> dict[str, Any]:
+        if self.dist is not None:  # every rank evaluates the network rank 0 writes
+            self.dist.sync_buffers(self.model)
+        tr_loss, tr_acc = self.evaluate(self.data.x_train, self.data.y_train)
+        te_loss, te_acc = self.evaluate(self.data.x_test, self.data.y_test)
+        self.epoch_metrics = {"train_loss": tr_loss, "train_acc": tr_acc, "test_loss": te_loss, "test_acc": te_acc}
+        row: dict[str, Any] = {"kind": "epoch", "step": self.step, "epoch": self.epoch,
+                               "params": count_params(self.model), "rehash": int(event is not None),
+                               "hash_time_s": event.time_s if event is not None else 0.0,
+                               "flops": count_flops(self.model, self.data.input_shape),
+                               "lr": self.optimizer.param_groups[0]["lr"], **self.epoch_metrics}
+        row.update({f"width/{k}": v for k, v in self.model.widths().items()})
+        if event is not None:
+            row.update({f"error/{k}": v for k, v in event.error.items()})
+        return row
+
+    def summary(self) -> dict[str, Any]:
+        if not self.epoch_metrics:
+            if self.dist is not None:
+                self.dist.sync_buffers(self.model)
+            tr_loss, tr_acc = self.evaluate(self.data.x_train, self.data.y_train)
+            te_loss, te_acc = self.evaluate(self.data.x_test, self.data.y_test)
+            self.epoch_metrics = {"train_loss": tr_loss, "train_acc": tr_acc, "test_loss": te_loss, "test_acc": te_acc}
+        t = self.timer.totals
+        return {
+            **self.epoch_metrics,
+            "majority_acc": self.data.majority_acc("test"),
+            "flops": count_flops(self.model, self.data.input_shape),
+            "params": count_params(self.model),
+            "widths": dict(self.model.widths()),
+            "widths_before": dict(self.widths_before),
+            "train_time_s": t.get("fit", 0.0) - t.get("eval", 0.0) - t.get("checkpoint", 0.0),
+            "eval_time_s": t.get("eval", 0.0),
+            "hash_time_s": t.get("hash", 0.0),
+            "rehashes": self.rehashes,
+            "rehash_events": [e.to_json() for e in self.rehash_log],
+            "epochs": self.epoch,
+            "steps": self.step,
+            **({"resumed": self.resumed} if self.resumed is not None else {}),
+        }
+
+    # ------------------------------------------------------------------ checkpoint
+    def checkpoint_state(self, stats: list[dict[str, torch.Tensor]] | None = None) -> ckpt.CheckpointState:
+        """Everything a resume needs to continue exactly: weights at their merged widths,
+        optimizer, LR schedule, rehash schedule, compressor, activation statistics (one entry
+        per rank, ``stats``), the position in the epoch, pending step losses, every RNG and the
+        run config."""
+        from hashexp.models import model_payload
+
+        # mid-epoch: the state the epoch's permutation was drawn from, to draw it again
+        gen_state = self._epoch_gen_state if self.batch_in_epoch else self.gen.get_state()
+        return ckpt.CheckpointState(
+            model=model_payload(self.model),
+            optimizer=self.optimizer.state_dict(),
+            lr_schedule=self.lr_schedule.state_dict() if self.lr_schedule is not None else None,
+            schedule=_state(self.schedule),
+            compressor=_state(self.compressor),
+            step=self.step, epoch=self.epoch, rehashes=self.rehashes,
+            batch_in_epoch=self.batch_in_epoch, batch_size=self.batch_size, n_train=len(self.data.x_train),
+            pending_losses=[float(v) for v in self._pending_losses],
+            history_rows=self._history_rows,
+            stats=stats if stats is not None else [self.stats.state_dict()],
+            world_size=self.dist.world_size if self.dist is not None else 1,
+            rehash_log=[e.to_dict() for e in self.rehash_log], widths_before=self.widths_before,
+            calib_index=self.calib_index,
+            pull=self.pull.state_dict() if self.pull is not None else None,
+            times=dict(self.timer.totals),
+            rng=ckpt.capture_rng(gen_state, self.aug_gen, self.device),
+            config=self.config,
+        )
+
+    def save_checkpoint(self) -> None:
+        """Atomic checkpoint.pt (temp file, fsync, rename): a kill mid-write keeps the previous one.
+
+        Under DDP every rank must call this (the activation statistics are gathered); rank 0 writes.
+        """
+        if not self.checkpoint_enabled:
+            return
+        with self.timer("checkpoint"):
+            stats = None
+            if self.dist is not None:
+                stats = self.dist.all_gather_object(self.stats.state_dict())
+            if not self.is_main:
+                return
+            if self._hist is not None:
+                self._hist.flush()
+                self._history_rows = self._hist.rows
+            ckpt.save(self.checkpoint_state(stats), self.run_dir)
+
+    @staticmethod
+    def checkpoint_path(path: str) -> str:
+        return ckpt.checkpoint_path(path)
+
+    def load_checkpoint(self, path: str) -> None:
+        """Continue from the checkpoint at ``path`` (a file or a run dir), after checking it fits this run."""
+        from hashexp.models import build_model
+
+        path = ckpt.checkpoint_path(path)
+        ck = ckpt.load(path)
+        self._check_resume(path, ck)
+        spec = ck.model
+        model = build_model({"_target_": spec["target"], **spec["kwargs"]}, spec["input_shape"], spec["num_classes"],
+                            site_widths=spec["widths"])
+        model.load_state_dict(spec["state_dict"])
+        self.stats.remove()
+        self.model = model.to(self.device)
+        self.sites = self.model.merge_sites()
+        self.stats = ActivationStats(self.sites, window=self.stats.window, enabled=self.compressor is not None)
+        self._load_stats(ck.stats)
+        self.optimizer = self.make_optimizer(self.model.parameters())
+        self.optimizer.load_state_dict(ck.optimizer)
+        if ck.lr_schedule is not None and self._lr_factory is not None:
+            self.lr_schedule = self._lr_factory(self.optimizer)
+            self.lr_schedule.load_state_dict(ck.lr_schedule)
+        if self.schedule is not None and ck.schedule is not None:
+            self.schedule.load_state_dict(ck.schedule)
+        if self.compressor is not None and ck.compressor is not None:
+            self.compressor.load_state_dict(ck.compressor)
+        self.step, self.epoch, self.rehashes = ck.step, ck.epoch, ck.rehashes
+        self.batch_in_epoch = int(ck.batch_in_epoch)
+        if self.batch_in_epoch and (ck.batch_size, ck.n_train) != (self.batch_size, len(self.data.x_train)):
+            raise ConfigError(f"{path} was written {self.batch_in_epoch} batches into an epoch with batch_size="
+                              f"{ck.batch_size} on {ck.n_train} training samples; resume it with the "
+                              f"same trainer.batch_size and dataset (here {self.batch_size}, {len(self.data.x_train)})")
+        self._pending_losses = [float(v) for v in ck.pending_losses]
+        self._history_rows = ck.history_rows
+        self.rehash_log = [RehashEvent.from_dict(e) for e in ck.rehash_log]
+        if ck.calib_index is not None and self.calib_index is not None:
+            self.calib_index = ck.calib_index
+        if self.pull is not None:
+            self.pull.load_state_dict(ck.pull or {})
+        self.widths_before = ck.widths_before
+        self.timer.totals.update(ck.times)
+        ckpt.restore_rng(ck.rng, self.gen, self.aug_gen, self.device)
+        self._epoch_gen_state = ck.rng["gen"]
+        log.info("resumed from %s at epoch %d (step %d, batch %d of the epoch), widths %s", path, self.epoch,
+                 self.step, self.batch_in_epoch, self.model.widths())
+
+    def _check_resume(self, path: str, ck: ckpt.CheckpointState) -> None:
+        """Refuse a checkpoint made for another experiment; remember what this run changed."""
+        changed = None
+        if ck.config is not None and self.config is not None:
+            changed = ckpt.check_config(path, ck.config, self.config)
+        ckpt.check_model_spec(path, ck.model, getattr(self.model, "_hashexp_spec", None))
+        self.resumed = {"from": path, "changed": changed}
+
+    def _load_stats(self, saved: list[dict[str, torch.Tensor]] | None) -> None:
+        """This rank's activation statistics; with another world size, rank 0 takes their sum."""
+        if not saved or not self.stats.enabled:
+            return
+        rank, ws = (self.dist.rank, self.dist.world_size) if self.dist is not None else (0, 1)
+        if len(saved) == ws:
+            mine = saved[rank]
+        elif rank == 0:
+            mine = {k: sum(s[k] for s in saved) for k in saved[0]}
+        else:
+            mine = {k: torch.zeros_like(v) for k, v in saved[0].items()}
+        self.stats.load_state_dict(mine, self.device)
+
+
+def _state(obj) -> dict[str, Any] | None:
+    return obj.state_dict() if obj is not None and hasattr(obj, "state_dict") else None
