@@ -26,7 +26,7 @@ from hashexp.utils.seeding import seed_everything
 log = logging.getLogger("hashexp")
 
 
-def build_compressor(cfg_hashing: DictConfig, seed: int):
+def build_hashing(cfg_hashing: DictConfig, seed: int):
     """The compressor of ``cfg.hashing``, or None for vanilla training (``hashing=none``)."""
     if cfg_hashing is None or cfg_hashing.get("_target_") in (None, "null", "None"):
         return None
@@ -77,13 +77,13 @@ def train_run(cfg: DictConfig, run_dir: str | None = None, dist=None) -> dict[st
     seed_everything(seed)
     data = build_dataset(cfg.dataset, seed=seed)
     model = build_model(cfg.model, data.input_shape, data.num_classes)
-    compressor = build_compressor(cfg.hashing, seed)
-    schedule = _instantiate(cfg.schedule, "schedule") if compressor is not None else None
+    hashing = build_hashing(cfg.hashing, seed)
+    schedule = _instantiate(cfg.schedule, "schedule") if hashing is not None else None
     resolved = OmegaConf.to_container(cfg, resolve=True)
     # the resolved config holds _target_ keys: pass it after instantiation so it stays data
     logger = _instantiate(cfg.logger, "logger", _partial_=True)(run_dir=run_dir, run_config=resolved) if is_main else None
     factory = _instantiate(cfg.trainer, "trainer")
-    trainer = factory(model=model, data=data, compressor=compressor, schedule=schedule, logger=logger,
+    trainer = factory(model=model, data=data, hashing=hashing, schedule=schedule, logger=logger,
                       run_dir=run_dir, seed=seed, config=resolved, dist=dist)
     summary = trainer.fit()
     metrics = {

@@ -122,7 +122,7 @@ def compress_model(model: nn.Module, data: DataBundle, method: str = "simhash", 
                 if done >= steps:
                     break
     report = {
-        "method": method, "keep": keep, "threshold": threshold, "finetune_epochs": finetune_epochs,
+        "hashing": method, "keep": keep, "threshold": threshold, "finetune_epochs": finetune_epochs,
         "compensation": comp.compensation, "max_error": max_error,
         "before": before,
         "after": {"widths": dict(model.widths()), "flops": count_flops(model, data.input_shape),
@@ -152,7 +152,8 @@ def load_run(path: str) -> tuple[nn.Module, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m hashexp.compress", description=__doc__.splitlines()[0])
     p.add_argument("run", help="a finished run dir (with model.pt and .hydra/) or a model.pt")
-    p.add_argument("--method", default="simhash", choices=METHODS)
+    p.add_argument("--hashing", "--method", dest="hashing", default="simhash", choices=METHODS,
+                   help="the hashing config to compress with (as `hashing=` of a training run; --method is an alias)")
     p.add_argument("--keep", type=float, default=None, help="share of each site's neurons kept, e.g. 0.3")
     p.add_argument("--threshold", type=float, default=None,
                    help="cosine pre-filter of candidate pairs (lsq), member cosine (weights), or neuron_merging's t")
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-batches", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dataset", default=None, help="dataset config name when the run has no .hydra/ (e.g. fashion_mnist)")
-    p.add_argument("--out", default=None, help="output dir (default: <run>/compressed_<method>_<keep>)")
+    p.add_argument("--out", default=None, help="output dir (default: <run>/compressed_<hashing>_<keep>)")
     a = p.parse_args(argv)
     try:
         from hashexp.data import build_dataset
@@ -176,12 +177,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{a.run} has no .hydra/config.yaml; pass --dataset NAME")
         ds_cfg = cfg.dataset if a.dataset is None else _dataset_cfg(a.dataset)
         data = build_dataset(ds_cfg, seed=a.seed)
-        model, report = compress_model(model, data, a.method, a.keep, a.threshold, a.calib_batches,
+        model, report = compress_model(model, data, a.hashing, a.keep, a.threshold, a.calib_batches,
                                        finetune_epochs=a.finetune_epochs, lr=a.lr, seed=a.seed,
                                        compensation=a.compensation, max_error=a.max_error,
                                        calib_samples=a.calib_samples)
         out = a.out or os.path.join(a.run if os.path.isdir(a.run) else os.path.dirname(a.run),
-                                    f"compressed_{a.method}_{a.keep if a.keep is not None else a.max_error}")
+                                    f"compressed_{a.hashing}_{a.keep if a.keep is not None else a.max_error}")
         os.makedirs(out, exist_ok=True)
         from hashexp.utils.io import write_json_atomic
         from hashexp.models import save_model
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hashexp.compress: error: {e}", file=sys.stderr)
         return 2
     b, f = report["before"], report["after"]
-    print(f"{a.method} keep={a.keep} threshold={a.threshold}: widths {b['widths']} -> {f['widths']}, "
+    print(f"{a.hashing} keep={a.keep} threshold={a.threshold}: widths {b['widths']} -> {f['widths']}, "
           f"FLOPs {b['flops']} -> {f['flops']} ({b['flops'] / max(f['flops'], 1):.2f}x), "
           f"test acc {b['test_acc']:.4f} -> {f['test_acc']:.4f} (majority {report['majority_acc']:.4f}); wrote {out}")
     return 0

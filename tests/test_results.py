@@ -202,15 +202,15 @@ def test_vanilla_twin_prefers_the_same_multirun_and_needs_the_same_setup(outputs
     assert rs[lr.name]["vanilla_dir"] == str(lr)  # paired with itself only
     # the newer vanilla run of seed 0 (sweep "other") supersedes sweep A's in the vanilla row
     assert rs["0_synthetic_mlp_none_s0"]["superseded"] and not rs["5_synthetic_mlp_none_s0"]["superseded"]
-    row = next(r for r in R.summarize(list(rs.values())) if r["method"] == "none" and not r["tag"]
+    row = next(r for r in R.summarize(list(rs.values())) if r["hashing"] == "none" and not r["tag"]
                and "0.001" in r["variant"])
     assert row["n"] == 3 and row["test_acc_mean"] == pytest.approx((0.5 + 0.92 + 0.94) / 3)
 
 
 def test_summary_mean_std_over_seeds(outputs):
     rows = R.summarize(R.collect_runs([str(outputs)]))
-    keyed = {(r["method"], r["tag"], r["variant"]): r for r in rows}
-    sim = next(r for r in rows if r["method"] == "simhash" and r["n"] == 3)
+    keyed = {(r["hashing"], r["tag"], r["variant"]): r for r in rows}
+    sim = next(r for r in rows if r["hashing"] == "simhash" and r["n"] == 3)
     assert sim["seeds"] == "0 1 2" and sim["n_paired"] == 3
     assert sim["test_acc_mean"] == pytest.approx(0.90) and sim["test_acc_std"] == pytest.approx(0.02)
     speed = [v / s for v, s in zip(VANILLA["wall"], SIMHASH["wall"])]
@@ -233,7 +233,7 @@ def test_summary_mean_std_over_seeds(outputs):
     mips = keyed[("mips", "", "")]
     assert mips["n"] == 2 and mips["flops_reduction_mean"] == pytest.approx(5.0) and mips["test_acc_std"] == 0.0
     # vanilla first; the small-from-scratch rows name their widths
-    assert rows[0]["method"] == "none"
+    assert rows[0]["hashing"] == "none"
     scratch = keyed[("none", "scratch", "model.widths=[32,32]")]
     assert scratch["n"] == 1 and scratch["test_acc_std"] is None
     assert scratch["flops_reduction_mean"] == pytest.approx(10.0)
@@ -270,7 +270,7 @@ def test_cli_writes_tables_csvs_and_plots(outputs, tmp_path, capsys):
     assert "**unfinished**" in md and "10_synthetic_mlp_random_s0" in md and "epoch 2/2" in md
     assert "python -m hashexp -m dataset=synthetic hashing=simhash seed=0,1,2" in md
     summary = list(csv.DictReader((out / "results.csv").open()))
-    sim = next(r for r in summary if r["method"] == "simhash" and r["n"] == "3")
+    sim = next(r for r in summary if r["hashing"] == "simhash" and r["n"] == "3")
     assert float(sim["test_acc_mean"]) == pytest.approx(0.9) and float(sim["flops_reduction_mean"]) == 4.0
     runs = list(csv.DictReader((out / "runs.csv").open()))
     assert len(runs) == 16 and {r["status"] for r in runs} == {"ok", "failed", "unfinished"}
@@ -342,7 +342,7 @@ def test_acc_flops_plot_is_pp_change_vs_flops_reduction(outputs):
     curves = {c.get_label(): c for c in ax.containers}
     for method in ("simhash", "magnitude", "mips"):
         line = curves[method].lines[0]
-        paired = [r for r in rows if r["method"] == method and r["n_paired"]]  # the twinless simhash run is left out
+        paired = [r for r in rows if r["hashing"] == method and r["n_paired"]]  # the twinless simhash run is left out
         assert list(line.get_xdata()) == pytest.approx([r["flops_reduction_mean"] for r in paired])
         assert list(line.get_ydata()) == pytest.approx([100 * r["acc_delta_mean"] for r in paired])
     # the small network from scratch: its two widths are one curve, from 1x to 10x fewer FLOPs

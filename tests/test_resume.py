@@ -233,7 +233,7 @@ def test_resume_refuses_another_model_or_input_size_and_bad_optimizer_values_are
 
 def _trainer(overrides: list[str], run_dir: Path):
     """A Trainer built as hashexp.app.train_run builds it, without fitting."""
-    from hashexp.app import _instantiate, build_compressor
+    from hashexp.app import _instantiate, build_hashing
     from hashexp.data import build_dataset
     from hashexp.models import build_model
     from hashexp.utils.seeding import seed_everything
@@ -243,10 +243,10 @@ def _trainer(overrides: list[str], run_dir: Path):
     seed_everything(seed)
     data = build_dataset(cfg.dataset, seed=seed)
     model = build_model(cfg.model, data.input_shape, data.num_classes)
-    compressor = build_compressor(cfg.hashing, seed)
+    compressor = build_hashing(cfg.hashing, seed)
     schedule = _instantiate(cfg.schedule, "schedule")
     run_dir.mkdir(parents=True, exist_ok=True)
-    return _instantiate(cfg.trainer, "trainer")(model=model, data=data, compressor=compressor, schedule=schedule,
+    return _instantiate(cfg.trainer, "trainer")(model=model, data=data, hashing=compressor, schedule=schedule,
                                                  logger=None, run_dir=str(run_dir), seed=seed, dist=None)
 
 
@@ -279,8 +279,8 @@ def test_checkpoint_round_trip_in_process(tmp_path):
             assert torch.equal(torch.as_tensor(v), torch.as_tensor(ob["state"][i][k])), (i, k)
     assert (b.step, b.epoch, b.rehashes, b.batch_in_epoch) == (a.step, a.epoch, a.rehashes, a.batch_in_epoch)
     assert b.schedule.state_dict() == a.schedule.state_dict()
-    assert json.dumps(b.compressor.state_dict(), sort_keys=True, default=str) == \
-        json.dumps(a.compressor.state_dict(), sort_keys=True, default=str)
+    assert json.dumps(b.hashing.state_dict(), sort_keys=True, default=str) == \
+        json.dumps(a.hashing.state_dict(), sort_keys=True, default=str)
     assert b.rehash_log == a.rehash_log and b.widths_before == a.widths_before
     assert torch.equal(torch.get_rng_state(), rng[0]) and random.getstate() == rng[1]
     assert np.array_equal(np.random.get_state()[1], rng[2])

@@ -13,8 +13,8 @@ measured side by side). The pair gives FLOPs and parameter reductions (vanilla /
 and train-time speedups (vanilla time / run time) and the accuracy change. A tagged vanilla run is
 paired with the widest vanilla run of its tag instead (a small network trained from scratch against
 the full one; the widest against itself). Runs are grouped by
-(dataset, model, method, tag, variant) -- the variant names the config keys that differ inside a
-method, e.g. ``hashing.threshold=0.8`` -- and aggregated as mean +- std over seeds (the newest run
+(dataset, model, hashing, tag, variant) -- the variant names the config keys that differ inside a
+hashing, e.g. ``hashing.threshold=0.8`` -- and aggregated as mean +- std over seeds (the newest run
 per seed; older repeats are marked superseded). Failed runs (status.json) and unfinished ones
 (.hydra/ but no metrics.json) are listed, never fatal.
 

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 # runs.csv columns, in order (record fields and metrics.json keys alike).
 RUN_FIELDS = [
-    "run_dir", "sweep_dir", "date", "status", "superseded", "error", "dataset", "model", "method", "hashing",
+    "run_dir", "sweep_dir", "date", "status", "superseded", "error", "dataset", "model", "hashing", "hashing_label",
     "schedule", "tag", "variant", "seed", "epochs", "steps", "test_acc", "train_acc", "majority_acc", "acc_delta",
     "flops", "params", "flops_reduction", "params_reduction", "latency_ms", "latency_speedup", "wall_speedup",
     "train_speedup", "wall_time_s", "train_time_s", "hash_time_s", "eval_time_s", "rehashes", "peak_rss_mb",
@@ -60,14 +60,14 @@ def markdown_table(rows: Sequence[dict]) -> str:
         return "_no finished runs_\n"
     has_tag = any(r.get("tag") for r in rows)
     has_var = any(r.get("variant") for r in rows)
-    head = ["dataset", "model", "method"] + (["tag"] if has_tag else []) + (["variant"] if has_var else [])
+    head = ["dataset", "model", "hashing"] + (["tag"] if has_tag else []) + (["variant"] if has_var else [])
     has_lat = any(r.get("latency_ms_mean") is not None for r in rows)
     head += ["seeds", "test acc", "majority", "Δacc vs vanilla", "FLOPs", "FLOPs ↓"]
     head += ["latency ms", "latency ↓"] if has_lat else []
     head += ["params ↓", "wall speedup", "train speedup", "hash s", "final widths"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
-        cells = [r["dataset"], r["model"], f"**{r['method']}**" if r["method"] == VANILLA else r["method"]]
+        cells = [r["dataset"], r["model"], f"**{r['hashing']}**" if r["hashing"] == VANILLA else r["hashing"]]
         if has_tag:
             cells.append(r.get("tag") or "")
         if has_var:
@@ -131,7 +131,7 @@ def report_markdown(runs: Sequence[RunRecord], rows: Sequence[dict], plots: Sequ
     if cmds:
         parts += ["## Commands", ""]
         for i, r in cmds:
-            label = " ".join(x for x in (r["dataset"], r["model"], r["method"], r.get("tag"), r.get("variant")) if x)
+            label = " ".join(x for x in (r["dataset"], r["model"], r["hashing"], r.get("tag"), r.get("variant")) if x)
             parts.append(f"{i}. {label}: `{r['command']}`")
         parts.append("")
     if plots:
@@ -167,7 +167,7 @@ def write_csv(path: str, records: Sequence[Any], fields: Sequence[str]) -> None:
 
 def summary_fields(rows: Sequence[dict]) -> list[str]:
     """results.csv columns."""
-    base = ["dataset", "model", "method", "tag", "variant", "n", "seeds", "n_paired"]
+    base = ["dataset", "model", "hashing", "tag", "variant", "n", "seeds", "n_paired"]
     stats = [f"{m}_{s}" for m in AGG for s in ("mean", "std")]
     return base + stats + ["widths", "widths_before", "command"]
 

@@ -65,8 +65,8 @@ class RunRecord:
     latency_ms: float | None = None  # from metrics.json or measured by measure_latencies
     latency_batch: int | None = None
     # set by collect_runs (summary.label, summary.mark_superseded)
-    method: str = ""  # hashing name, + /schedule when several schedules are in play
-    variant: str = ""  # the differing config keys inside its method, e.g. "hashing.threshold=0.8"
+    hashing_label: str = ""  # the hashing name in tables: `hashing` (vanilla: none), + /schedule when several schedules are in play
+    variant: str = ""  # the differing config keys inside its hashing, e.g. "hashing.threshold=0.8"
     superseded: bool = False  # a newer finished run of the same group and seed exists
     # set by pairing.pair on finished runs
     pair_key: tuple | None = None  # dataset, model, initial widths, epochs, seed, world size
@@ -326,7 +326,7 @@ def collect_runs(paths: Sequence[str], sweep: str | None = None, since: str | No
             :func:`measure_latencies`); None: only where metrics.json already has ``latency_ms``.
         latency_repeats: timed rounds for that measurement.
     Returns:
-        one :class:`RunRecord` per run, with method and variant set and, where a vanilla twin
+        one :class:`RunRecord` per run, with hashing_label and variant set and, where a vanilla twin
         exists, vanilla_dir, flops_reduction, params_reduction, wall_speedup, train_speedup,
         acc_delta and (with latencies) latency_speedup.
     """

@@ -1,6 +1,6 @@
 """Runs -> groups -> one summary row each: mean ± std over seeds.
 
-A group is (dataset, model, method, tag, variant). The method is the hashing name (plus the
+A group is (dataset, model, hashing, tag, variant): the hashing name (plus the
 schedule when several are in play); the variant names the config keys that differ inside a
 method, e.g. ``hashing.threshold=0.8``. Of several finished runs of one group and seed the newest
 counts; the others are marked superseded.
@@ -40,18 +40,18 @@ def variant_config(r: RunRecord) -> dict[str, Any]:
 
 
 def label(runs: list[RunRecord]) -> None:
-    """Set method (hashing name, + schedule when several are in play) and variant on every run."""
+    """Set hashing_label (hashing name, + schedule when several are in play) and variant on every run."""
     schedules = {r.schedule for r in runs if r.hashing != VANILLA}
     for r in runs:
         m = str(r.hashing)
         if len(schedules) > 1 and m != VANILLA:
             m = f"{m}/{r.schedule}"
-        r.method = m
+        r.hashing_label = m
     buckets: dict[tuple, list[RunRecord]] = defaultdict(list)
     for r in runs:
         r.variant = ""
         if r.status == "ok":  # a failed run's partial config must not make variants of the others
-            buckets[(r.dataset, r.model, r.method, r.tag)].append(r)
+            buckets[(r.dataset, r.model, r.hashing_label, r.tag)].append(r)
     for members in buckets.values():
         keys: set[str] = set()
         for r in members:
@@ -63,7 +63,7 @@ def label(runs: list[RunRecord]) -> None:
 
 
 def group_key(r: RunRecord) -> tuple:
-    return (r.dataset, r.model, r.method, r.tag, r.variant)
+    return (r.dataset, r.model, r.hashing_label, r.tag, r.variant)
 
 
 def mark_superseded(runs: list[RunRecord]) -> None:
@@ -95,9 +95,9 @@ def finished_groups(runs: Sequence[RunRecord]) -> dict[tuple, list[RunRecord]]:
 
 
 def summarize(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
-    """One row per (dataset, model, method, tag, variant): mean and std over seeds.
+    """One row per (dataset, model, hashing, tag, variant): mean and std over seeds.
 
-    Each row has dataset, model, method, tag, variant, n (runs), seeds, n_paired (runs with a
+    Each row has dataset, model, hashing, tag, variant, n (runs), seeds, n_paired (runs with a
     vanilla twin), <metric>_mean and <metric>_std for test_acc, train_acc, majority_acc,
     acc_delta, flops, params, flops_reduction, params_reduction, latency_ms, latency_speedup,
     wall_speedup, train_speedup,
@@ -107,7 +107,7 @@ def summarize(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
     rows = []
     for key, group in finished_groups(runs).items():
         members = sorted(group, key=lambda r: (num(r.seed), str(r.seed), r.run_dir))
-        row: dict[str, Any] = dict(zip(("dataset", "model", "method", "tag", "variant"), key))
+        row: dict[str, Any] = dict(zip(("dataset", "model", "hashing", "tag", "variant"), key))
         row["n"] = len(members)
         row["seeds"] = " ".join(str(r.seed) for r in members)
         row["n_paired"] = sum(1 for r in members if r.vanilla_dir)

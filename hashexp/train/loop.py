@@ -64,7 +64,8 @@ class Trainer:
         optimizer: factory ``params -> torch.optim.Optimizer`` (a Hydra partial).
         epochs, batch_size, eval_batch_size: the usual.
         lr_schedule: factory ``optimizer -> LRScheduler`` stepped once per epoch, or None.
-        compressor: object with ``compress(model, site_names, stats, optimizer, step)``, or None.
+        hashing: the compressor that ``cfg.hashing`` instantiates (``compress``, ``propose``), or None
+            for vanilla training.
         schedule: a :class:`hashexp.schedule.Schedule`: ``decide(ctx) -> RehashDecision`` names the
             sites to rehash now (and the history rows to log), ``notify(ctx, event)`` after a rehash.
         run_dir: where history.csv and checkpoint.pt go.
@@ -86,7 +87,7 @@ class Trainer:
 
     def __init__(self, model: nn.Module, data: DataBundle, optimizer: Callable, epochs: int = 10,
                  batch_size: int = 256, eval_batch_size: int = 4096, lr_schedule: Callable | None = None,
-                 compressor=None, schedule=None, logger=None, run_dir: str = ".", seed: int = 0,
+                 hashing=None, schedule=None, logger=None, run_dir: str = ".", seed: int = 0,
                  log_every: int = 20, device: str = "cpu", num_threads: int | None = None,
                  progress: str = "auto", augment: bool = True, checkpoint: bool = True,
                  resume: str | None = None, bn_recalib_batches: int | None = 0, name: str = "",
@@ -118,13 +119,13 @@ class Trainer:
         self._lr_factory = lr_schedule
         self.lr_schedule = lr_schedule(self.optimizer) if lr_schedule is not None else None
         self.epochs, self.batch_size, self.eval_batch_size = int(epochs), int(batch_size), int(eval_batch_size)
-        self.compressor, self.schedule, self.logger = compressor, schedule, logger
+        self.hashing, self.schedule, self.logger = hashing, schedule, logger
         self.run_dir, self.seed, self.log_every = run_dir, int(seed), int(log_every)
         self.progress = progress
         self.checkpoint_enabled = checkpoint
         self.checkpoint_every_steps = int(checkpoint_every_steps) if checkpoint_every_steps else None
         self.resume = resume
-        bn = getattr(compressor, "bn_recalib_batches", None)
+        bn = getattr(hashing, "bn_recalib_batches", None)
         self.bn_recalib_batches = int(bn if bn is not None else bn_recalib_batches or 0)
         self.config = config
         self.resumed: dict[str, Any] | None = None  # {from, changed} after a resume
@@ -132,17 +133,17 @@ class Trainer:
         if augment and data.is_image and getattr(data, "augment", None) is not None:
             self.augment = data.augment
         self.sites = model.merge_sites()
-        self.stats = ActivationStats(self.sites, window=getattr(compressor, "window", 50), enabled=compressor is not None)
+        self.stats = ActivationStats(self.sites, window=getattr(hashing, "window", 50), enabled=hashing is not None)
         # the calibration set: fixed training samples (seeded, identical on every rank and resume)
         self.calib_index = None
-        if compressor is not None and hasattr(compressor, "calib_samples"):
+        if hashing is not None and hasattr(hashing, "calib_samples"):
             from hashexp.merge.calibration import DEFAULT_SAMPLES, calibration_index
 
             n_train = len(self.data.x_train)
-            n_calib = compressor.calib_samples or min(DEFAULT_SAMPLES, n_train)
+            n_calib = hashing.calib_samples or min(DEFAULT_SAMPLES, n_train)
             self.calib_index = calibration_index(n_train, n_calib, self.seed)
         # centripetal pull (hashing.pull.steps > 0): rehashes propose, merges follow `steps` later
-        pull_cfg = getattr(compressor, "pull", None)
+        pull_cfg = getattr(hashing, "pull", None)
         self.pull = Pull(pull_cfg) if pull_cfg is not None and pull_cfg.enabled else None
         self.timer = Stopwatch()
         self.step = 0
@@ -340,7 +341,7 @@ class Trainer:
 
         ``final``: the run's last step or epoch end (a pull then merges at once).
         """
-        if self.compressor is None or self.schedule is None:
+        if self.hashing is None or self.schedule is None:
             return None
         decision = self.schedule.decide(self._ctx(epoch_end))
         if self._hist is not None:
@@ -401,7 +402,7 @@ class Trainer:
                 calib = self.data.x_train[self.calib_index.to(self.data.x_train.device)]
             extra: dict[str, Any] = {}
             if self.pull is None or (final and not self.pull.active):
-                reports = self.compressor.compress(self.model, names, self.stats, self.optimizer, self.step,
+                reports = self.hashing.compress(self.model, names, self.stats, self.optimizer, self.step,
                                                    dist=self.dist, overrides=overrides, calib=calib)
             else:
                 reports = []
@@ -411,14 +412,14 @@ class Trainer:
                     sites = {s.name: s for s in self.model.merge_sites()}
                     extra["pull_distance"] = {n: self.pull.distance(sites[n]) for n in due}
                     fixed = {n: self.pull.pop(n) for n in due}
-                    reports = self.compressor.compress(self.model, due, self.stats, self.optimizer, self.step,
+                    reports = self.hashing.compress(self.model, due, self.stats, self.optimizer, self.step,
                                                        dist=self.dist, overrides=overrides, calib=calib, fixed=fixed)
                 fresh = [n for n in names if not self.pull.busy(n)]
                 if fresh and final:
-                    reports += self.compressor.compress(self.model, fresh, self.stats, self.optimizer, self.step,
+                    reports += self.hashing.compress(self.model, fresh, self.stats, self.optimizer, self.step,
                                                         dist=self.dist, overrides=overrides, calib=calib)
                 elif fresh:
-                    proposals = self.compressor.propose(self.model, fresh, self.stats, self.step, dist=self.dist,
+                    proposals = self.hashing.propose(self.model, fresh, self.stats, self.step, dist=self.dist,
                                                         overrides=overrides, calib=calib)
                     sites = {s.name: s for s in self.model.merge_sites()}
                     for n, p in proposals.items():
@@ -521,7 +522,7 @@ class Trainer:
             optimizer=self.optimizer.state_dict(),
             lr_schedule=self.lr_schedule.state_dict() if self.lr_schedule is not None else None,
             schedule=_state(self.schedule),
-            compressor=_state(self.compressor),
+            compressor=_state(self.hashing),
             step=self.step, epoch=self.epoch, rehashes=self.rehashes,
             batch_in_epoch=self.batch_in_epoch, batch_size=self.batch_size, n_train=len(self.data.x_train),
             pending_losses=[float(v) for v in self._pending_losses],
@@ -572,7 +573,7 @@ class Trainer:
         self.stats.remove()
         self.model = model.to(self.device)
         self.sites = self.model.merge_sites()
-        self.stats = ActivationStats(self.sites, window=self.stats.window, enabled=self.compressor is not None)
+        self.stats = ActivationStats(self.sites, window=self.stats.window, enabled=self.hashing is not None)
         self._load_stats(ck.stats)
         self.optimizer = self.make_optimizer(self.model.parameters())
         self.optimizer.load_state_dict(ck.optimizer)
@@ -581,8 +582,8 @@ class Trainer:
             self.lr_schedule.load_state_dict(ck.lr_schedule)
         if self.schedule is not None and ck.schedule is not None:
             self.schedule.load_state_dict(ck.schedule)
-        if self.compressor is not None and ck.compressor is not None:
-            self.compressor.load_state_dict(ck.compressor)
+        if self.hashing is not None and ck.compressor is not None:
+            self.hashing.load_state_dict(ck.compressor)
         self.step, self.epoch, self.rehashes = ck.step, ck.epoch, ck.rehashes
         self.batch_in_epoch = int(ck.batch_in_epoch)
         if self.batch_in_epoch and (ck.batch_size, ck.n_train) != (self.batch_size, len(self.data.x_train)):
