@@ -157,14 +157,17 @@ def plot(points: dict[str, list[tuple[float, float, float]]], path: Path) -> Non
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for method in ORDER:
-        pts = sorted(points.get(method, []))
-        if not pts:
-            continue
-        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+    shown = [m for m in ORDER if points.get(m)]
+    for i, method in enumerate(shown):
+        pts = sorted(points[method])
+        shift = 1.0 + 0.025 * (i - (len(shown) - 1) / 2)  # side by side at each budget (log x)
+        ax.errorbar([p[0] * shift for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
                     capsize=3, label=method, linestyle="-" if len(pts) > 1 else "none")
     ax.axhline(0.0, color="k", lw=0.8, ls="--", label="vanilla")
     ax.set_xscale("log")
+    ticks = sorted({round(p[0], 1) for pts in points.values() for p in pts})
+    ax.set_xticks(ticks, [f"{t:g}x" for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("FLOPs reduction vs vanilla (x, log scale)")
     ax.set_ylabel("test accuracy change vs vanilla (pp)")
     ax.set_title("Fashion-MNIST, MLP 784-2048-2048, 10 epochs (mean ± sd, 3 seeds)", fontsize=9)

@@ -271,9 +271,12 @@ def setting(hashed_dir: Path) -> str:
                                                                       if s.max_rehashes is not None else ""))
     return (f"SGD lr {t.optimizer.lr:g} momentum {t.optimizer.momentum:g} (Nesterov), cosine LR, batch "
             f"{t.batch_size}, augmentation {'on' if t.augment else 'off'}; hashed: rehash {when}, "
-            f"SimHash {h.bits} bits x {h.tables} tables, cosine threshold {h.threshold:g}, target "
-            f"{h.target_ratio} of each width per rehash, min width {h.min_width}, BN recalibrated on "
-            f"{t.bn_recalib_batches} batches after each rehash")
+            f"SimHash {h.bits} bits x {h.tables} tables on {h.candidates}, compensation {h.compensation}, error "
+            f"budget {h.max_error} per site and rehash, target {h.target_ratio} of each width per rehash, min width "
+            f"{h.min_width}"
+            + (f", centripetal pull {h.pull.steps} steps at strength {h.pull.strength:g}"
+               if "pull" in h and h.pull.steps else "")
+            + f", BN recalibrated on {h.get('bn_recalib_batches', t.get('bn_recalib_batches'))} batches after each rehash")
 
 
 def report(a, res, one, knobs: str) -> list[str]:
