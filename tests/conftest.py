@@ -62,3 +62,36 @@ def read_metrics(run_dir: Path) -> dict:
 @pytest.fixture
 def tiny_overrides() -> list[str]:
     return list(TINY)
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL inside the test process (not an Exception: nothing may catch it)."""
+
+
+def die_at_checkpoint(monkeypatch, n: int, torn_bytes: int | None = None):
+    """Make the ``n``-th checkpoint write of the process raise :class:`Killed`.
+
+    With ``torn_bytes`` the temp file is cut to that many bytes (a kill mid-write: checkpoint.pt
+    keeps the previous state); without, the write completes and is renamed into place first (a
+    kill right after a checkpoint). Returns the real ``torch.save`` to restore afterwards.
+    """
+    import torch
+
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def dying_save(obj, f, *a, **kw):
+        if str(f).endswith("checkpoint.pt.tmp"):
+            calls["n"] += 1
+            if calls["n"] == n:
+                real_save(obj, f, *a, **kw)
+                if torn_bytes is not None:
+                    Path(f).write_bytes(Path(f).read_bytes()[:torn_bytes])
+                else:
+                    Path(f).replace(Path(f).with_suffix(""))
+                raise Killed()
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    return real_save
+

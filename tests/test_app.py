@@ -4,7 +4,6 @@ runs are deterministic, and user mistakes end in one clear line."""
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 import pytest
 import torch

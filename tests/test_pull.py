@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import compose
+from conftest import Killed, compose, die_at_checkpoint
 
 from hashexp.errors import ConfigError
 from hashexp.merge.compressor import HashCompressor, proposal_groups
@@ -185,30 +184,15 @@ def test_training_with_pull_proposes_then_merges_steps_later(tmp_path):
     assert not any(r["pull/fc1"] for r in rows if 44 <= int(r["step"]) < 50)  # idle between pulls
 
 
-class Killed(BaseException):
-    """Stands for SIGKILL inside the test process."""
-
-
 def test_resume_mid_pull_ends_identical_to_an_uninterrupted_run(tmp_path, monkeypatch):
-    import hashexp.train.checkpoint as train  # the module that calls torch.save
     from hashexp.app import train_run
 
     ref = train_run(compose(PULL_RUN), str(tmp_path / "full"))
-    real_save = torch.save
-    calls = {"n": 0}
-
-    def dying_save(obj, f, *a, **kw):
-        real_save(obj, f, *a, **kw)
-        if str(f).endswith("checkpoint.pt.tmp"):
-            calls["n"] += 1
-            if calls["n"] == 6:  # step 35 (after 7, 14, 21, 28 and the epoch end at 32): mid-pull
-                Path(f).replace(Path(f).with_suffix(""))
-                raise Killed()
-
-    monkeypatch.setattr(train.torch, "save", dying_save)
+    # killed right after the 6th checkpoint: step 35 (after 7, 14, 21, 28 and the epoch end at 32), mid-pull
+    real_save = die_at_checkpoint(monkeypatch, 6)
     with pytest.raises(Killed):
         train_run(compose(PULL_RUN), str(tmp_path / "killed"))
-    monkeypatch.setattr(train.torch, "save", real_save)
+    monkeypatch.setattr(torch, "save", real_save)
     ck = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 35 and set(ck["pull"]) == {"fc1", "fc2"} and ck["pull"]["fc1"]["end"] == 42
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import compose
+from conftest import Killed, compose, die_at_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,34 +119,17 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     assert _history(full / "history.csv") == _history(killed / "history.csv")
 
 
-class Killed(BaseException):
-    """Stands for SIGKILL inside the test process (not an Exception: nothing may catch it)."""
-
-
 def test_kill_during_mid_epoch_checkpoint_write_resumes_exactly_into_a_new_dir(tmp_path, monkeypatch):
-    import hashexp.train.checkpoint as checkpoint  # the module that calls torch.save
     from hashexp.app import train_run
     from hashexp.train import Trainer
 
     ref = train_run(compose(MID_RUN), str(tmp_path / "full"))
 
     # second attempt: "killed" while writing its 7th checkpoint (step 66, epoch 3): half a file
-    real_save = torch.save
-    calls = {"n": 0}
-
-    def dying_save(obj, f, *a, **kw):
-        if str(f).endswith("checkpoint.pt.tmp"):
-            calls["n"] += 1
-            if calls["n"] == 7:
-                real_save(obj, f, *a, **kw)
-                Path(f).write_bytes(Path(f).read_bytes()[:2000])
-                raise Killed()
-        return real_save(obj, f, *a, **kw)
-
-    monkeypatch.setattr(checkpoint.torch, "save", dying_save)
+    real_save = die_at_checkpoint(monkeypatch, 7, torn_bytes=2000)
     with pytest.raises(Killed):
         train_run(compose(MID_RUN), str(tmp_path / "killed"))
-    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    monkeypatch.setattr(torch, "save", real_save)
 
     killed = tmp_path / "killed"
     assert (killed / "checkpoint.pt.tmp").stat().st_size == 2000  # the torn write
