@@ -22,8 +22,8 @@ def run(overrides: list[str], run_dir: Path) -> dict:
     """One `python -m hashexp` run into ``run_dir``; reused when its metrics.json exists (a rerun resumes)."""
     if (run_dir / "metrics.json").exists():
         return read_metrics(run_dir)
-    cmd = [PY, "-m", "hashexp", *overrides, f"hydra.run.dir={run_dir}", "trainer.progress=log",
-           "trainer.checkpoint=false"]
+    cmd = [PY, "-m", "hashexp", *overrides, f"hydra.run.dir={run_dir}", "trainer.logging.progress=log",
+           "trainer.checkpoint.enabled=false"]
     print("+", " ".join(shlex.quote(c) for c in cmd[2:]), flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

@@ -82,8 +82,8 @@ def contenders(p: dict) -> dict[str, list[str]]:
 def run_multirun(name: str, overrides: list[str], p: dict, out: Path, log) -> float:
     env = dict(os.environ, HASHEXP_OUTPUTS=str(out / name), WANDB_MODE="disabled")
     cmd = [sys.executable, "-m", "hashexp", "-m", *p["common"], f"hashing={','.join(HASHINGS)}",
-           f"seed={','.join(map(str, p['seeds']))}", f"tag=bench_schedules/{name}", "trainer.progress=none",
-           "trainer.checkpoint=false", *overrides]
+           f"seed={','.join(map(str, p['seeds']))}", f"tag=bench_schedules/{name}", "trainer.logging.progress=none",
+           "trainer.checkpoint.enabled=false", *overrides]
     log(f"$ {' '.join(cmd)}")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=str(ROOT), env=env, capture_output=True, text=True)

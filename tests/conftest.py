@@ -15,7 +15,7 @@ CONF = ROOT / "conf"
 
 # Tiny, fast defaults for end-to-end runs on synthetic data.
 TINY = ["dataset=synthetic", "dataset.n_samples=1200", "model.widths=[32,32]", "trainer.epochs=1",
-        "trainer.batch_size=64", "trainer.progress=log", "trainer.log_every=5"]
+        "trainer.batch_size=64", "trainer.logging.progress=log", "trainer.logging.every=5"]
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ def test_compare_adds_a_small_from_scratch_run_at_the_hashed_widths(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     rc = main(["dataset=synthetic", "dataset.n_samples=800", "model.widths=[48,48]", "trainer.epochs=2",
                "trainer.batch_size=64", "schedule.start=5", "schedule.every=5", "++hashing.max_error=0.3",
-               "trainer.progress=none"])
+               "trainer.logging.progress=none"])
     assert rc == 0
     (sweep,) = (tmp_path / "outputs" / "multirun").iterdir()
     metrics = {p.parent.name: json.loads(p.read_text()) for p in sweep.rglob("metrics.json")}

@@ -26,7 +26,7 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 # 1217 train samples, global batch 64: 19 full batches (32 per rank) and a last batch of one sample.
 DDP_RUN = ["dataset=synthetic", "dataset.n_samples=1600", "dataset.subset_train=1217", "model.widths=[32,32]",
-           "trainer.epochs=3", "trainer.batch_size=64", "trainer.progress=log", "trainer.log_every=5",
+           "trainer.epochs=3", "trainer.batch_size=64", "trainer.logging.progress=log", "trainer.logging.every=5",
            "hashing=simhash", "hashing.max_error=0.5", "hashing.target_ratio=0.8", "schedule.unit=step",
            "schedule.every=15", "schedule.start=5", "seed=3"]
 
@@ -151,7 +151,7 @@ def test_torchrun_two_ranks_match_single_process(tmp_path):
 
 
 PULL_DDP_RUN = ["dataset=synthetic", "dataset.n_samples=1600", "dataset.subset_train=1217", "model.widths=[32,32]",
-                "trainer.epochs=2", "trainer.batch_size=64", "trainer.progress=log", "trainer.log_every=2",
+                "trainer.epochs=2", "trainer.batch_size=64", "trainer.logging.progress=log", "trainer.logging.every=2",
                 "hashing=simhash", "hashing.max_error=null", "hashing.pull.steps=6", "hashing.pull.strength=0.3",
                 "schedule=gradual", "schedule.start=4", "schedule.end=28", "schedule.every=8",
                 "schedule.final_ratio=0.5", "seed=5"]

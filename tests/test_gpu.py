@@ -81,7 +81,7 @@ def test_resnet20_preset_trains_and_rehashes_on_cuda(tmp_path):
     run_app(tmp_path, [
         "experiment=resnet20_fmnist", "dataset=npz", f"dataset.path={images}", "trainer.device=cuda",
         "dataset.augment={crop_padding:2,hflip:false}", "trainer.epochs=3", "trainer.batch_size=64",
-        "trainer.log_every=2", "trainer.progress=log", "trainer.bn_recalib_batches=4", "trainer.optimizer.lr=0.05",
+        "trainer.logging.every=2", "trainer.logging.progress=log", "trainer.bn_recalib_batches=4", "trainer.optimizer.lr=0.05",
         "schedule.unit=step", "schedule.start=6", "schedule.every=4", "schedule.max_rehashes=3", "hashing.max_error=0.5",
     ])
     (rd,) = run_dirs(tmp_path)

@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 TINY = ["dataset=synthetic", "dataset.n_samples=1000", "model.widths=[32,32]", "trainer.epochs=1",
-        "trainer.batch_size=64", "trainer.progress=none"]
+        "trainer.batch_size=64", "trainer.logging.progress=none"]
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
 

@@ -137,7 +137,7 @@ def test_activation_positives_fall_back_to_cosine_without_batches():
 @pytest.mark.slow
 def test_learnable_runs_end_to_end_in_the_app(tmp_path):
     run_app(tmp_path, ["dataset=synthetic", "dataset.n_samples=1200", "model.widths=[32,32]", "trainer.epochs=2",
-                       "trainer.batch_size=64", "trainer.progress=log", "hashing=learnable", "schedule.unit=step", "schedule.every=10",
+                       "trainer.batch_size=64", "trainer.logging.progress=log", "hashing=learnable", "schedule.unit=step", "schedule.every=10",
                        "schedule.start=5", "hashing.target_ratio=0.7", "hashing.updates=10",
                        "hashing.threshold=0.3", "hashing.compensation=weights"])  # loose enough that a 32-wide layer of 20-d data has partners
     (run,) = run_dirs(tmp_path)

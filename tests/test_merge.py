@@ -207,7 +207,7 @@ def test_width_plan_makes_baselines_follow_a_hashed_run(tmp_path):
 def test_training_with_rehash_shrinks_and_logs(tmp_path):
     run_app(tmp_path, TINY + ["model.widths=[64,64]", "trainer.epochs=3", "hashing=simhash", "hashing.max_error=0.3",
                               "hashing.target_ratio=0.6", "schedule.unit=step", "schedule.every=10", "schedule.start=5",
-                              "schedule.max_rehashes=2", "trainer.log_every=4"])
+                              "schedule.max_rehashes=2", "trainer.logging.every=4"])
     (rd,) = run_dirs(tmp_path)
     m = read_metrics(rd)
     assert m["rehashes"] == 2 and len(m["rehash_events"]) == 2

@@ -19,10 +19,10 @@ from hashexp.models.mlp import MLP
 # in-process runs: 1024 train samples, batch 32 (32 steps an epoch); proposals every 20 steps,
 # each pulled for 12 steps; a checkpoint every 7 steps
 PULL_RUN = ["dataset=synthetic", "dataset.n_samples=1280", "model.widths=[48,48]", "trainer.epochs=3",
-            "trainer.batch_size=32", "trainer.progress=none", "trainer.log_every=2", "trainer.num_threads=1",
+            "trainer.batch_size=32", "trainer.logging.progress=none", "trainer.logging.every=2", "trainer.num_threads=1",
             "hashing=simhash", "hashing.max_error=null", "hashing.pull.steps=12", "hashing.pull.strength=0.3",
             "schedule=gradual", "schedule.start=10", "schedule.end=70", "schedule.every=20",
-            "schedule.final_ratio=0.5", "++trainer.checkpoint_every_steps=7", "seed=4"]
+            "schedule.final_ratio=0.5", "trainer.checkpoint.every_steps=7", "seed=4"]
 
 
 @pytest.fixture(autouse=True)
@@ -196,7 +196,7 @@ def test_resume_mid_pull_ends_identical_to_an_uninterrupted_run(tmp_path, monkey
     ck = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 35 and set(ck["pull"]) == {"fc1", "fc2"} and ck["pull"]["fc1"]["end"] == 42
 
-    out = train_run(compose([*PULL_RUN, f"trainer.resume={tmp_path / 'killed'}"]), str(tmp_path / "resumed"))
+    out = train_run(compose([*PULL_RUN, f"trainer.checkpoint.resume={tmp_path / 'killed'}"]), str(tmp_path / "resumed"))
     for k in ("test_acc", "train_acc", "test_loss", "train_loss", "widths", "rehashes", "steps", "flops"):
         assert out[k] == ref[k], k
     assert _events(out) == _events(ref)

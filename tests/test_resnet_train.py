@@ -80,7 +80,7 @@ def test_resnet20_trains_and_rehashes_via_app(tmp_path, images):
     run_app(tmp_path, [
         "experiment=resnet20_fmnist", "dataset=npz", f"dataset.path={images}",
         "dataset.augment={crop_padding:2,hflip:false}",
-        "trainer.epochs=3", "trainer.batch_size=64", "trainer.log_every=2", "trainer.progress=log",
+        "trainer.epochs=3", "trainer.batch_size=64", "trainer.logging.every=2", "trainer.logging.progress=log",
         "trainer.bn_recalib_batches=4", "trainer.optimizer.lr=0.05",
         "schedule.unit=step", "schedule.start=6", "schedule.every=4", "schedule.max_rehashes=3",
         # a few steps from its random init: let the per-rehash target decide (a loose error budget;

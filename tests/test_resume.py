@@ -25,17 +25,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # 1280 train samples in batches of 16: 80 steps per epoch, 6 epochs; rehash every 40 steps.
 KILL_RUN = ["dataset=synthetic", "dataset.n_samples=1600", "model.widths=[48,48]", "trainer.epochs=6",
-            "trainer.batch_size=16", "trainer.progress=log", "trainer.log_every=10", "trainer.num_threads=1",
+            "trainer.batch_size=16", "trainer.logging.progress=log", "trainer.logging.every=10", "trainer.num_threads=1",
             "hashing=simhash", "hashing.max_error=0.5", "hashing.target_ratio=0.85", "hashing.window=30",
             "schedule.unit=step", "schedule.every=40", "schedule.start=20", "schedule.max_rehashes=6", "seed=1"]
 
 # in-process runs: 1024 train samples, batch 32 (32 steps per epoch), a checkpoint every 11 steps
 MID_RUN = ["dataset=synthetic", "dataset.n_samples=1280", "model.widths=[48,48]", "trainer.epochs=4",
-           "trainer.batch_size=32", "trainer.progress=none", "trainer.log_every=3", "trainer.num_threads=1",
+           "trainer.batch_size=32", "trainer.logging.progress=none", "trainer.logging.every=3", "trainer.num_threads=1",
            "hashing=simhash",
            "hashing.max_error=0.5", "hashing.representative=mean", "hashing.target_ratio=0.8", "hashing.window=20",
            "schedule.unit=step",
-           "schedule.every=25", "schedule.start=10", "++trainer.checkpoint_every_steps=11", "seed=2"]
+           "schedule.every=25", "schedule.start=10", "trainer.checkpoint.every_steps=11", "seed=2"]
 
 SAME = ["test_acc", "train_acc", "test_loss", "train_loss", "widths", "widths_before", "rehashes", "steps",
         "epochs", "flops", "params"]
@@ -105,7 +105,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     assert any(len(v) for v in ck["stats"][0].values())  # activation statistics travel with it
 
     # resume in its own run dir: history.csv is cut back to the checkpoint and continued
-    res = subprocess.run(_app([*KILL_RUN, "trainer.resume=auto", f"hydra.run.dir={killed}"]), cwd=str(tmp_path),
+    res = subprocess.run(_app([*KILL_RUN, "trainer.checkpoint.resume=auto", f"hydra.run.dir={killed}"]), cwd=str(tmp_path),
                          env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in (killed / "__main__.log").read_text()
@@ -139,7 +139,7 @@ def test_kill_during_mid_epoch_checkpoint_write_resumes_exactly_into_a_new_dir(t
     assert len(ck["stats"][0]["fc1"]) > 0 and len(ck["pending_losses"]) == 1  # step 55, last row at 54
 
     # resume from that run dir into a new one: the history rows up to the checkpoint come along
-    out = train_run(compose([*MID_RUN, f"trainer.resume={killed}"]), str(tmp_path / "resumed"))
+    out = train_run(compose([*MID_RUN, f"trainer.checkpoint.resume={killed}"]), str(tmp_path / "resumed"))
     _assert_same_run(ref, out)
     assert ref["rehashes"] == 5
     assert _history(tmp_path / "full" / "history.csv") == _history(tmp_path / "resumed" / "history.csv")
@@ -148,18 +148,18 @@ def test_kill_during_mid_epoch_checkpoint_write_resumes_exactly_into_a_new_dir(t
     from hashexp.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"made with trainer.batch_size=32, this run has trainer.batch_size=16"):
-        train_run(compose([*MID_RUN, "trainer.batch_size=16", f"trainer.resume={killed}"]), str(tmp_path / "bs"))
+        train_run(compose([*MID_RUN, "trainer.batch_size=16", f"trainer.checkpoint.resume={killed}"]), str(tmp_path / "bs"))
     # (a checkpoint without a recorded config, from before it was recorded, is refused by its position)
     old = torch.load(killed / "checkpoint.pt", weights_only=True)
     old.pop("config")
     (tmp_path / "old").mkdir()
     torch.save(old, tmp_path / "old" / "checkpoint.pt")
     with pytest.raises(ConfigError, match="same trainer.batch_size"):
-        train_run(compose([*MID_RUN, "trainer.batch_size=16", f"trainer.resume={tmp_path / 'old'}"]), str(tmp_path / "bs"))
+        train_run(compose([*MID_RUN, "trainer.batch_size=16", f"trainer.checkpoint.resume={tmp_path / 'old'}"]), str(tmp_path / "bs"))
 
     # the activation statistics in the checkpoint matter: without them the next merge differs
     monkeypatch.setattr(Trainer, "_load_stats", lambda self, saved: None)
-    lossy = train_run(compose([*MID_RUN, f"trainer.resume={killed}"]), str(tmp_path / "lossy"))
+    lossy = train_run(compose([*MID_RUN, f"trainer.checkpoint.resume={killed}"]), str(tmp_path / "lossy"))
     assert lossy["train_loss"] != ref["train_loss"]
 
 
@@ -172,9 +172,9 @@ def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
     run.mkdir()
     (run / "checkpoint.pt").write_bytes(b"PK\x03\x04 torn")
     with pytest.raises(DataError, match="no checkpoint there"):
-        train_run(compose([*MID_RUN, f"trainer.resume={tmp_path / 'nowhere'}"]), str(tmp_path / "x"))
+        train_run(compose([*MID_RUN, f"trainer.checkpoint.resume={tmp_path / 'nowhere'}"]), str(tmp_path / "x"))
     # resume=auto never silently starts over from a checkpoint it cannot read
-    res = subprocess.run(_app([*MID_RUN, "trainer.resume=auto", f"hydra.run.dir={run}"]), cwd=str(tmp_path),
+    res = subprocess.run(_app([*MID_RUN, "trainer.checkpoint.resume=auto", f"hydra.run.dir={run}"]), cwd=str(tmp_path),
                          env=_env(tmp_path), capture_output=True, text=True, timeout=240)
     assert res.returncode == 2
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
@@ -191,14 +191,14 @@ def test_resume_refuses_another_model_or_input_size_and_bad_optimizer_values_are
     ck = tmp_path / "a"
     # the checkpoint records the run's config: a change of model, data, compressor, schedule, seed,
     # optimizer or batch size is named, key by key, with both values
-    with pytest.raises(ConfigError, match=r"^trainer.resume=.*checkpoint.pt: the checkpoint was made with "
+    with pytest.raises(ConfigError, match=r"^trainer.checkpoint.resume=.*checkpoint.pt: the checkpoint was made with "
                                           r"model.widths=\[48, 48\], this run has model.widths=\[64, 64\]; resume "
                                           r"with the checkpoint's settings or start a new run$"):
-        train_run(compose([*MID_RUN, "model.widths=[64,64]", f"trainer.resume={ck}"]), str(tmp_path / "b"))
+        train_run(compose([*MID_RUN, "model.widths=[64,64]", f"trainer.checkpoint.resume={ck}"]), str(tmp_path / "b"))
     with pytest.raises(ConfigError, match=r"made with dataset.n_features=20, hashing.max_error=0.5, seed=2, this run "
                                           r"has dataset.n_features=16, hashing.max_error=0.3, seed=3;"):
         train_run(compose([*MID_RUN, "dataset.n_features=16", "hashing.max_error=0.3", "seed=3",
-                           f"trainer.resume={ck}"]), str(tmp_path / "c"))
+                           f"trainer.checkpoint.resume={ck}"]), str(tmp_path / "c"))
     assert not (tmp_path / "b" / "metrics.json").exists() and (ck / "metrics.json").exists()
     # a checkpoint without a recorded config (older format): the model spec is still compared
     old = torch.load(ck / "checkpoint.pt", weights_only=True)
@@ -207,9 +207,9 @@ def test_resume_refuses_another_model_or_input_size_and_bad_optimizer_values_are
     torch.save(old, tmp_path / "old" / "checkpoint.pt")
     with pytest.raises(ConfigError, match=r"the checkpoint holds MLP\(.*'widths': \[48, 48\].*this run builds "
                                           r"MLP\(.*'widths': \[64, 64\]"):
-        train_run(compose([*MID_RUN, "model.widths=[64,64]", f"trainer.resume={tmp_path / 'old'}"]), str(tmp_path / "b"))
+        train_run(compose([*MID_RUN, "model.widths=[64,64]", f"trainer.checkpoint.resume={tmp_path / 'old'}"]), str(tmp_path / "b"))
     with pytest.raises(ConfigError, match=r"for inputs \[20\] .* for inputs \[16\]"):
-        train_run(compose([*MID_RUN, "dataset.n_features=16", f"trainer.resume={tmp_path / 'old'}"]), str(tmp_path / "c"))
+        train_run(compose([*MID_RUN, "dataset.n_features=16", f"trainer.checkpoint.resume={tmp_path / 'old'}"]), str(tmp_path / "c"))
     with pytest.raises(ConfigError, match="trainer.optimizer: .*check its values"):
         train_run(compose([*MID_RUN, "trainer.optimizer.lr=abc"]), str(tmp_path / "d"))
 
@@ -274,11 +274,11 @@ def test_resume_with_more_epochs_is_allowed_and_recorded(tmp_path):
     from hashexp.app import train_run
 
     train_run(compose([*MID_RUN, "trainer.epochs=1"]), str(tmp_path / "a"))
-    out = train_run(compose([*MID_RUN, "trainer.epochs=2", "trainer.log_every=5", f"trainer.resume={tmp_path / 'a'}"]),
+    out = train_run(compose([*MID_RUN, "trainer.epochs=2", "trainer.logging.every=5", f"trainer.checkpoint.resume={tmp_path / 'a'}"]),
                     str(tmp_path / "b"))
     assert out["epochs"] == 2 and out["steps"] == 64
     assert out["resumed"] == {"from": str(tmp_path / "a" / "checkpoint.pt"),
-                              "changed": {"trainer.epochs": [1, 2], "trainer.log_every": [3, 5],
-                                          "trainer.resume": [None, str(tmp_path / "a")]}}
+                              "changed": {"trainer.checkpoint.resume": [None, str(tmp_path / "a")],
+                                          "trainer.epochs": [1, 2], "trainer.logging.every": [3, 5]}}
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["resumed"] == out["resumed"]
     assert "resumed" not in json.loads((tmp_path / "a" / "metrics.json").read_text())

@@ -26,7 +26,7 @@ def test_objective_values():
 
 @pytest.mark.slow
 def test_two_trial_optuna_search_writes_runs_and_a_pareto_front(tmp_path):
-    run_app(tmp_path, ["experiment=search_mlp_optuna", *TINY, "trainer.log_every=100", "hashing.min_width=4",
+    run_app(tmp_path, ["experiment=search_mlp_optuna", *TINY, "trainer.logging.every=100", "hashing.min_width=4",
                        "schedule.start=4", "schedule.every=choice(4,8)",
                        "hashing.calib_samples=choice(128,256)", "hydra.sweeper.n_trials=2",
                        "hydra.sweeper.sampler.population_size=2"], multirun=True)

@@ -255,7 +255,7 @@ def test_multirun_with_a_failing_job(tmp_path):
                OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "hashexp", "-m", "dataset=npz", f"dataset.path={good},{missing}",
            "dataset.subset_train=300", "model.widths=[32,32]", "trainer.epochs=1", "trainer.batch_size=64",
-           "trainer.progress=none", "tag=failing_sweep"]
+           "trainer.logging.progress=none", "tag=failing_sweep"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (sweep,) = [p.parent for p in (tmp_path / "outputs").rglob("multirun.yaml")]

@@ -16,7 +16,7 @@ import pytest
 wandb = pytest.importorskip("wandb")
 
 TINY = ["dataset=synthetic", "dataset.n_samples=1000", "model.widths=[32,32]", "trainer.epochs=1",
-        "trainer.batch_size=64", "trainer.log_every=3", "trainer.progress=none"]
+        "trainer.batch_size=64", "trainer.logging.every=3", "trainer.logging.progress=none"]
 
 
 def wandb_records(path: Path) -> list:

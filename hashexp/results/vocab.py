@@ -16,7 +16,8 @@ VANILLA = "none"  # the hashing choice of an uncompressed run
 # Directories that never hold run dirs (and can be large).
 SKIP_DIRS = {".hydra", ".submitit", "wandb", "__pycache__", ".git"}
 # Config keys that say nothing about what was trained: ignored in variants and in pairing.
-NOISE_KEYS = ("seed", "tag", "logger.", "experiment.", "trainer.progress", "trainer.checkpoint",
+NOISE_KEYS = ("seed", "tag", "logger.", "experiment.", "trainer.logging.", "trainer.checkpoint.",
+              "trainer.progress", "trainer.checkpoint",
               "trainer.resume", "trainer.log_every", "trainer.eval_batch_size", "dataset.root",
               "dataset.download", "hashing.n_threads")
 # Trainer keys that only act on compressed runs: a vanilla twin may differ in them.

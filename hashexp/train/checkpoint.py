@@ -26,7 +26,7 @@ FORMAT = "hashexp.checkpoint/1"
 REFUSED = ("model", "dataset", "hashing", "schedule", "seed", "trainer.optimizer", "trainer.batch_size")
 # ... except these, which change how a run is watched or where it runs, not what it computes.
 # (``trainer.checkpoint`` covers every ``trainer.checkpoint*`` key.) Other changes are allowed.
-ALLOWED = ("trainer.epochs", "trainer.resume", "trainer.progress", "trainer.log_every", "trainer.checkpoint",
+ALLOWED = ("trainer.epochs", "trainer.logging", "trainer.resume", "trainer.progress", "trainer.log_every", "trainer.checkpoint",
            "trainer.num_threads", "trainer.device", "logger", "tag", "dataset.root", "dataset.download",
            "hashing.n_threads", "hydra")
 
@@ -89,7 +89,7 @@ def load(path: str) -> CheckpointState:
     """The checkpoint at ``path`` (a file or a run dir); one clear error when it is missing or unreadable."""
     path = checkpoint_path(path)
     if not os.path.isfile(path):
-        raise DataError(f"trainer.resume={path}: no checkpoint there; point it at a run dir that has checkpoint.pt")
+        raise DataError(f"trainer.checkpoint.resume={path}: no checkpoint there; point it at a run dir that has checkpoint.pt")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -107,7 +107,7 @@ def check_model_spec(path: str, spec: dict[str, Any], mine: dict[str, Any] | Non
     ck_cfg = (spec["target"], spec["kwargs"], list(spec["input_shape"]), int(spec["num_classes"]))
     my_cfg = (mine["target"], mine["kwargs"], list(mine["input_shape"]), int(mine["num_classes"]))
     if ck_cfg != my_cfg:
-        raise ConfigError(f"trainer.resume={path}: the checkpoint holds {spec['target'].rsplit('.', 1)[-1]}"
+        raise ConfigError(f"trainer.checkpoint.resume={path}: the checkpoint holds {spec['target'].rsplit('.', 1)[-1]}"
                           f"({spec['kwargs']}) for inputs {list(spec['input_shape'])} and "
                           f"{spec['num_classes']} classes, but this run builds "
                           f"{mine['target'].rsplit('.', 1)[-1]}({mine['kwargs']}) for inputs "
@@ -155,7 +155,7 @@ def check_config(path: str, old: dict[str, Any], new: dict[str, Any]) -> dict[st
     if refused:
         was = ", ".join(f"{k}={v[0]}" for k, v in refused.items())
         now = ", ".join(f"{k}={v[1]}" for k, v in refused.items())
-        raise ConfigError(f"trainer.resume={path}: the checkpoint was made with {was}, this run has {now}; "
+        raise ConfigError(f"trainer.checkpoint.resume={path}: the checkpoint was made with {was}, this run has {now}; "
                           "resume with the checkpoint's settings or start a new run")
     return allowed
 

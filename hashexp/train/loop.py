@@ -6,7 +6,7 @@ history.csv row (loss, step time, per-site width, per-layer weight and gradient 
 step and at every epoch end the schedule decides (:meth:`Trainer._maybe_rehash`); when it names
 sites, the compressor rewrites them (model and optimizer state together) and training simply
 continues on the smaller network. Each epoch ends with an evaluation row and an atomic checkpoint
-(hashexp/train/checkpoint.py; optionally also every ``checkpoint_every_steps`` steps), from which
+(hashexp/train/checkpoint.py; optionally also every ``trainer.checkpoint.every_steps`` steps), from which
 a killed run resumes with the same widths, optimizer, LR schedule, rehash schedule, compressor,
 activation statistics, position in the epoch and RNG state, and ends with exactly the metrics of
 an uninterrupted run.
@@ -23,7 +23,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -70,11 +70,16 @@ class Trainer:
             sites to rehash now (and the history rows to log), ``notify(ctx, event)`` after a rehash.
         run_dir: where history.csv and checkpoint.pt go.
         seed: seeds batches, augmentation and the compressor's randomness.
-        checkpoint: write checkpoint.pt atomically at every epoch end.
-        checkpoint_every_steps: also checkpoint every N optimizer steps inside an epoch (None:
-            epoch ends only); a resume then skips the epoch's batches already trained on.
-        resume: a run dir or checkpoint.pt to continue from, or ``auto`` (this run dir's own
-            checkpoint, if any). The resumed run ends with the same metrics as an uninterrupted one.
+        checkpoint: the config group ``trainer.checkpoint``: ``enabled`` (write checkpoint.pt
+            atomically at every epoch end), ``every_steps`` (also every N optimizer steps inside an
+            epoch; None: epoch ends only; a resume then skips the epoch's batches already trained
+            on), ``resume`` (a run dir or checkpoint.pt to continue from, or ``auto``: this run dir's
+            own checkpoint, if any; the resumed run ends with the same metrics as an uninterrupted
+            one). A bool means ``enabled``.
+        logging: the config group ``trainer.logging``: ``every`` (steps between history.csv rows)
+            and ``progress`` (auto | bar | log | none).
+        log_every, progress, checkpoint_every_steps, resume: the same knobs as plain arguments,
+            for Python callers (the nested groups win where both are given).
         bn_recalib_batches: the older spelling of ``hashing.bn_recalib_batches`` (BatchNorm
             re-estimated on this many training batches after each rehash), used when the
             compressor does not set it.
@@ -89,20 +94,33 @@ class Trainer:
                  batch_size: int = 256, eval_batch_size: int = 4096, lr_schedule: Callable | None = None,
                  hashing=None, schedule=None, logger=None, run_dir: str = ".", seed: int = 0,
                  log_every: int = 20, device: str = "cpu", num_threads: int | None = None,
-                 progress: str = "auto", augment: bool = True, checkpoint: bool = True,
+                 progress: str = "auto", augment: bool = True, checkpoint: bool | Mapping[str, Any] = True,
                  resume: str | None = None, bn_recalib_batches: int | None = 0, name: str = "",
                  checkpoint_every_steps: int | None = None, config: dict[str, Any] | None = None,
-                 dist=None) -> None:
+                 logging: Mapping[str, Any] | None = None, dist=None) -> None:
+        if isinstance(checkpoint, Mapping):
+            unknown = sorted(set(checkpoint) - {"enabled", "every_steps", "resume"})
+            if unknown:
+                raise ConfigError(f"trainer.checkpoint: unknown key(s) {unknown}; known: enabled, every_steps, resume")
+            checkpoint_every_steps = checkpoint.get("every_steps", checkpoint_every_steps)
+            resume = checkpoint.get("resume", resume)
+            checkpoint = checkpoint.get("enabled", True)
+        if logging is not None:
+            unknown = sorted(set(logging) - {"every", "progress"})
+            if unknown:
+                raise ConfigError(f"trainer.logging: unknown key(s) {unknown}; known: every, progress")
+            log_every = logging.get("every", log_every)
+            progress = logging.get("progress", progress)
         if epochs < 0:
             raise ConfigError(f"trainer.epochs must be >= 0, got {epochs}")
         if batch_size < 1 or eval_batch_size < 1:
             raise ConfigError(f"trainer.batch_size and eval_batch_size must be >= 1, got {batch_size}, {eval_batch_size}")
         if log_every < 1:
-            raise ConfigError(f"trainer.log_every must be >= 1, got {log_every}")
+            raise ConfigError(f"trainer.logging.every must be >= 1, got {log_every}")
         if checkpoint_every_steps is not None and int(checkpoint_every_steps) < 1:
-            raise ConfigError(f"trainer.checkpoint_every_steps must be >= 1 or null, got {checkpoint_every_steps}")
+            raise ConfigError(f"trainer.checkpoint.every_steps must be >= 1 or null, got {checkpoint_every_steps}")
         if progress not in ("auto", "bar", "log", "none"):
-            raise ConfigError(f"trainer.progress={progress!r}; choose auto, bar, log or none")
+            raise ConfigError(f"trainer.logging.progress={progress!r}; choose auto, bar, log or none")
         if num_threads:
             torch.set_num_threads(int(num_threads))
         self.device = resolve_device(device)
@@ -122,7 +140,7 @@ class Trainer:
         self.hashing, self.schedule, self.logger = hashing, schedule, logger
         self.run_dir, self.seed, self.log_every = run_dir, int(seed), int(log_every)
         self.progress = progress
-        self.checkpoint_enabled = checkpoint
+        self.checkpoint_enabled = bool(checkpoint)
         self.checkpoint_every_steps = int(checkpoint_every_steps) if checkpoint_every_steps else None
         self.resume = resume
         bn = getattr(hashing, "bn_recalib_batches", None)
