@@ -128,7 +128,7 @@ def compress_model(model: nn.Module, data: DataBundle, method: str = "simhash", 
         "after": {"widths": dict(model.widths()), "flops": count_flops(model, data.input_shape),
                   "params": count_params(model), "test_acc_no_finetune": after_merge_acc,
                   "test_acc": accuracy(model, data.x_test, data.y_test)},
-        "hash_time_s": hash_time, "sites": reports, "majority_acc": data.majority_acc("test"),
+        "hash_time_s": hash_time, "sites": [r.to_dict() for r in reports], "majority_acc": data.majority_acc("test"),
     }
     return model, report
 

@@ -31,6 +31,7 @@ import json
 import os
 from collections.abc import Mapping
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -53,6 +54,29 @@ REPRESENTATIVES = ("keep", "mean")
 WEIGHTS_THRESHOLD = 0.7
 #: calibration rows used as a neuron's activation signature for hashing
 _MAX_SIGNATURE = 2048
+
+
+@dataclass
+class SiteReport:
+    """What one rehash did to one site: its width before and after, the step, and the measured
+    relative error of its consumers' pre-activation on the calibration set (0 without one).
+
+    Indexable like the dicts of older checkpoints (``report["site"]``)."""
+
+    site: str
+    before: int
+    after: int
+    step: int
+    error: float = 0.0
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.__dataclass_fields__
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 class Compressor:
@@ -157,8 +181,8 @@ class Compressor:
     def compress(self, model, names: list[str] | None, stats, optimizer, step: int, dist=None,
                  overrides: Mapping[str, Mapping[str, Any]] | None = None,
                  calib: torch.Tensor | None = None,
-                 fixed: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> list[dict[str, Any]]:
-        """Compress the named sites of ``model`` in place; returns one report per site.
+                 fixed: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> list[SiteReport]:
+        """Compress the named sites of ``model`` in place; returns one :class:`SiteReport` per site.
 
         ``overrides`` maps a site name to attribute values used for that site only (e.g. a
         per-layer schedule's ``{"fc2": {"threshold": 0.9, "target_ratio": 0.7}}``). ``calib``
@@ -216,9 +240,8 @@ class Compressor:
                         error = _site_error(cap, cal.capture_site(model, site, calib, seed))
                     if dist is not None:
                         error = dist.broadcast_object(error)
-            rep = {"site": site.name, "before": before, "after": site.width, "step": step,
-                   "error": round(float(error), 6)}
-            reports.append(rep)
+            reports.append(SiteReport(site=site.name, before=before, after=site.width, step=step,
+                                      error=round(float(error), 6)))
         self.calls += 1
         return reports
 

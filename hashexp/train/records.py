@@ -34,7 +34,7 @@ class RehashEvent:
     after: dict[str, int] = field(default_factory=dict)
     time_s: float = 0.0
     sites: list[str] = field(default_factory=list)
-    reports: list[dict[str, Any]] = field(default_factory=list)
+    reports: list[Any] = field(default_factory=list)  # SiteReport (or its dict, from a checkpoint)
     error: dict[str, float] = field(default_factory=dict)
     merge_only: bool | None = None
     pull_distance: dict[str, float | None] | None = None
@@ -45,8 +45,8 @@ class RehashEvent:
         """The event as a plain dict (the keys of older checkpoints; ``reports=False``: metrics.json's)."""
         d: dict[str, Any] = {"step": self.step, "epoch": self.epoch, "before": self.before, "after": self.after,
                              "time_s": self.time_s, "sites": self.sites}
-        if reports:
-            d["reports"] = self.reports
+        if reports:  # SiteReports as plain dicts (checkpoints load with weights_only)
+            d["reports"] = [r.to_dict() if hasattr(r, "to_dict") else r for r in self.reports]
         d["error"] = self.error
         d.update({k: getattr(self, k) for k in _OPTIONAL if getattr(self, k) is not None})
         return plain(d)
@@ -57,7 +57,10 @@ class RehashEvent:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RehashEvent:
-        return cls(**d)
+        from hashexp.merge.compressor import SiteReport
+
+        reports = [SiteReport(**r) if isinstance(r, dict) else r for r in d.get("reports", [])]
+        return cls(**{**d, "reports": reports})
 
 
 def plain(obj):
