@@ -216,3 +216,21 @@ def test_a_pulled_run_is_a_width_plan_of_its_proposals(tmp_path):
     proposals = [e["proposed_width"] for e in m["rehash_events"] if "proposed" in e]
     assert [e["after"] for e in b["rehash_events"]][1:] == proposals[1:]  # the first proposal is empty (full width)
     assert b["widths"] == m["widths"]
+
+
+def test_site_overrides_set_one_sites_knobs_and_a_schedules_values_win():
+    model, _, _ = _planted(noise=0.01)
+    x = torch.randn(400, 12, generator=torch.Generator().manual_seed(3))
+    comp = HashCompressor(compensation="lsq", seed=0, min_width=1, max_error=1e-9,
+                          site_overrides={"fc1": {"target_width": 12, "max_error": None}})
+    rep = comp.compress(model, None, None, None, step=0, calib=x)
+    assert [(r.site, r.before, r.after) for r in rep] == [("fc1", 16, 12), ("fc2", 8, 8)]
+    # a schedule's per-site value wins over hashing.site_overrides
+    comp.compress(model, None, None, None, step=1, calib=x, overrides={"fc1": {"target_width": 10}})
+    assert model.widths() == {"fc1": 10, "fc2": 8}
+    with pytest.raises(ConfigError, match=r"not sites of this model"):
+        HashCompressor(site_overrides={"fc9": {"target_width": 4}}).compress(model, None, None, None, 0, calib=x)
+    with pytest.raises(ConfigError, match=r"not knobs"):
+        HashCompressor(site_overrides={"fc1": {"speed": 4}}).compress(model, None, None, None, 0, calib=x)
+    with pytest.raises(ConfigError, match=r"must map site names"):
+        HashCompressor(site_overrides={"fc1": 4})

@@ -282,3 +282,13 @@ def test_resume_with_more_epochs_is_allowed_and_recorded(tmp_path):
                                           "trainer.epochs": [1, 2], "trainer.logging.every": [3, 5]}}
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["resumed"] == out["resumed"]
     assert "resumed" not in json.loads((tmp_path / "a" / "metrics.json").read_text())
+
+
+def test_config_changes_ignore_a_knob_added_with_a_null_default():
+    from hashexp.train.checkpoint import config_changes
+
+    old = {"hashing": {"max_error": 0.02}, "trainer": {"epochs": 1}}
+    new = {"hashing": {"max_error": 0.02, "site_overrides": None}, "trainer": {"epochs": 2}}
+    assert config_changes(old, new) == ({}, {"trainer.epochs": [1, 2]})
+    refused, _ = config_changes(old, {"hashing": {"max_error": 0.02, "site_overrides": {"fc1": {"target_width": 8}}}})
+    assert list(refused) == ["hashing.site_overrides.fc1.target_width"]

@@ -103,6 +103,9 @@ class Compressor:
             merges the pulled groups ``steps`` later (``compress(..., fixed=...)``).
         bn_recalib_batches: after each rehash the trainer re-estimates BatchNorm statistics on this
             many training batches (0: never; None: the trainer's ``bn_recalib_batches``).
+        site_overrides: per-site values of these knobs, ``{site: {knob: value}}`` (e.g.
+            ``{fc2: {max_error: 0.05, target_ratio: 0.7}}``); a schedule's per-site values
+            (``schedule=per_layer``) win over them.
     """
 
     name = "base"
@@ -112,7 +115,8 @@ class Compressor:
                  sites: list[str] | None = None, seed: int = 0, window: int = 50, name: str | None = None,
                  compensation: str = "lsq", calib_samples: int | None = None, ridge: float = 1e-3,
                  round_to: int = 1, pull: Mapping[str, Any] | None = None,
-                 bn_recalib_batches: int | None = None) -> None:
+                 bn_recalib_batches: int | None = None,
+                 site_overrides: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         if target_ratio is not None:
             check_fraction("hashing.target_ratio", target_ratio)
         if window < 0:
@@ -127,6 +131,10 @@ class Compressor:
         if bn_recalib_batches is not None and int(bn_recalib_batches) < 0:
             raise ConfigError(f"hashing.bn_recalib_batches must be >= 0, got {bn_recalib_batches}")
         self.bn_recalib_batches = None if bn_recalib_batches is None else int(bn_recalib_batches)
+        if site_overrides is not None and not (isinstance(site_overrides, Mapping)
+                                               and all(isinstance(v, Mapping) for v in site_overrides.values())):
+            raise ConfigError(f"hashing.site_overrides must map site names to {{knob: value}}, got {site_overrides!r}")
+        self.site_overrides = {str(k): dict(v) for k, v in (site_overrides or {}).items()}
         self.round_to = int(round_to)
         self.pull = PullConfig.parse(pull)
         self.compensation = compensation
@@ -201,6 +209,10 @@ class Compressor:
         main = dist is None or dist.is_main
         reports = []
         sites = model.merge_sites()
+        unknown = sorted(set(self.site_overrides) - {s.name for s in sites})
+        if unknown:
+            raise ConfigError(f"hashing.site_overrides names {unknown}, which are not sites of this model "
+                              f"({', '.join(s.name for s in sites)})")
         # the norm after each layer (a consumer of one site is often a producer of another)
         norm_of = {id(p.module): p.norm for s in sites for p in s.producers if p.norm is not None}
         for idx, site in enumerate(sites):
@@ -217,7 +229,7 @@ class Compressor:
             if fixed is not None and site.name in fixed:
                 plan = fixed_plan(site, fixed[site.name]["groups"], fixed[site.name]["keep"])
             else:
-                with self._overridden((overrides or {}).get(site.name)):
+                with self._overridden(self._site_knobs(site.name, overrides)):
                     plan = self.plan_site(site, idx, mass, cap) if main else None
                 if dist is not None:
                     plan = dist.broadcast_plan(plan, site)
@@ -265,7 +277,7 @@ class Compressor:
                 mass = stats.mass(site.name) if stats is not None else None
                 cap = cal.capture_site(model, site, calib, derive_seed(self.seed, idx, scale=P1009, weights=(1,))) \
                     if calib is not None else None
-                knobs = dict((overrides or {}).get(site.name) or {})
+                knobs = self._site_knobs(site.name, overrides)
                 if self.pull.max_error is not None and hasattr(self, "max_error"):
                     knobs["max_error"] = self.pull.max_error
                 with self._overridden(knobs):
@@ -306,6 +318,10 @@ class Compressor:
         if plan is not None and self.compensation == "none":
             plan.m = (plan.labels >= 0).to(plan.m.dtype)
         return plan
+
+    def _site_knobs(self, name: str, overrides: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
+        """This site's knob values: ``hashing.site_overrides``, then the schedule's on top."""
+        return {**self.site_overrides.get(name, {}), **dict((overrides or {}).get(name) or {})}
 
     @contextmanager
     def _overridden(self, values: Mapping[str, Any] | None):

@@ -140,8 +140,8 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, 
     refused, allowed = {}, {}
     for k in sorted(set(a) | set(b)):
         va, vb = a.get(k, _UNSET), b.get(k, _UNSET)
-        if va == vb:
-            continue
+        if va == vb or (va is _UNSET and vb is None) or (vb is _UNSET and va is None):
+            continue  # a knob added (or dropped) with a null default changes nothing
         if _under(k, REFUSED) and not _under(k, ALLOWED):
             refused[k] = [va, vb]
         else:
