@@ -54,9 +54,8 @@ PRESET = "experiment=resnet20_fmnist"
 def finetune(model, data, epochs: float, lr: float, batch_size: int, seed: int) -> float:
     """The fine-tune both one-shot methods get; returns its wall time in seconds."""
     import torch
-    import torch.nn.functional as F
 
-    from hashexp.data import BatchIterator
+    from hashexp.train.finetune import finetune as run_finetune
 
     t0 = time.perf_counter()
     steps = int(math.ceil(epochs * math.ceil(len(data.x_train) / batch_size)))
@@ -65,18 +64,8 @@ def finetune(model, data, epochs: float, lr: float, batch_size: int, seed: int) 
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     gen, aug_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
-    model.train()
-    done = 0
-    while done < steps:
-        for xb, yb in BatchIterator(data.x_train, data.y_train, batch_size, shuffle=True, generator=gen):
-            xb = data.augment(xb, aug_gen)
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(xb), yb).backward()
-            opt.step()
-            sched.step()
-            done += 1
-            if done >= steps:
-                break
+    run_finetune(model, data, steps, opt, batch_size, gen, augment=data.augment, aug_generator=aug_gen,
+                 lr_schedule=sched)
     model.eval()
     return time.perf_counter() - t0
 

@@ -26,7 +26,6 @@ import time
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hashexp.data import BatchIterator, DataBundle
@@ -109,18 +108,10 @@ def compress_model(model: nn.Module, data: DataBundle, method: str = "simhash", 
         recalibrate_bn(model, (xb for _, (xb, _) in zip(range(calib_batches), it)))
     after_merge_acc = accuracy(model, data.x_test, data.y_test)
     if finetune_epochs > 0:
-        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        from hashexp.train.finetune import finetune
+
         steps = int(finetune_epochs * len(BatchIterator(data.x_train, data.y_train, batch_size)))
-        model.train()
-        done = 0
-        while done < steps:
-            for xb, yb in BatchIterator(data.x_train, data.y_train, batch_size, shuffle=True, generator=gen):
-                opt.zero_grad(set_to_none=True)
-                F.cross_entropy(model(xb), yb).backward()
-                opt.step()
-                done += 1
-                if done >= steps:
-                    break
+        finetune(model, data, steps, torch.optim.Adam(model.parameters(), lr=lr), batch_size, gen)
     report = {
         "hashing": method, "keep": keep, "threshold": threshold, "finetune_epochs": finetune_epochs,
         "compensation": comp.compensation, "max_error": max_error,

@@ -80,3 +80,31 @@ def test_api_needs_keep_or_threshold():
         compress_model(model, data, keep=None, threshold=None)
     with pytest.raises(ConfigError, match="method='bogus'"):
         compress_model(model, data, method="bogus")
+
+
+def test_finetune_takes_exactly_its_steps_and_learns():
+    import torch
+
+    from hashexp.data import build_dataset
+    from hashexp.models.mlp import MLP
+    from hashexp.train.finetune import finetune
+    from omegaconf import OmegaConf
+
+    data = build_dataset(OmegaConf.create({"_target_": "hashexp.data.synthetic.load_synthetic", "n_samples": 600}), seed=0)
+    torch.manual_seed(0)
+    model = MLP(data.input_shape, data.num_classes, widths=(32,))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    calls = {"n": 0}
+    real_step = opt.step
+
+    def counting_step(*a, **kw):
+        calls["n"] += 1
+        return real_step(*a, **kw)
+
+    opt.step = counting_step
+    from hashexp.metrics import accuracy
+
+    before = accuracy(model, data.x_test, data.y_test)
+    finetune(model, data, 25, opt, 64, torch.Generator().manual_seed(0))  # 25 steps: more than one epoch of 8
+    assert calls["n"] == 25 and model.training
+    assert accuracy(model, data.x_test, data.y_test) > before + 0.1
