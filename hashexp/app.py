@@ -34,9 +34,15 @@ def build_hashing(cfg_hashing: DictConfig, seed: int):
     return _instantiate(cfg_hashing, "hashing", **kwargs)
 
 
+# Groups whose `name` is a label for configs, run records and tables only: their classes do not take it.
+_LABEL_ONLY = ("trainer", "schedule", "logger")
+
+
 def _instantiate(node: DictConfig, group: str, **kwargs):
     from hydra.errors import InstantiationException
 
+    if group in _LABEL_ONLY and "name" in node:  # resolved where it sits (interpolations), then unlabelled
+        node = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "name"}
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as e:

@@ -14,7 +14,7 @@ from typing import Any
 class CsvLogger:
     """Local files only (written by the trainer and the app)."""
 
-    def __init__(self, run_dir: str = ".", run_config: dict | None = None, name: str = "csv", **_: Any) -> None:
+    def __init__(self, run_dir: str = ".", run_config: dict | None = None, **_: Any) -> None:
         self.run_dir = run_dir
 
     def log_row(self, row: dict[str, Any], step: int) -> None:
@@ -32,7 +32,7 @@ class WandbLogger(CsvLogger):
 
     def __init__(self, run_dir: str = ".", run_config: dict | None = None, project: str = "hashexp",
                  entity: str | None = None, mode: str = "offline", group: str | None = None,
-                 tags: list[str] | None = None, dir: str | None = None, name: str = "wandb", **_: Any) -> None:
+                 tags: list[str] | None = None, dir: str | None = None, **_: Any) -> None:
         super().__init__(run_dir)
         import wandb
 

@@ -115,7 +115,7 @@ class FixedSchedule(Schedule):
     name = "fixed"
 
     def __init__(self, unit: str = "epoch", every: int = 1, start: int = 1, stop: int | None = None,
-                 max_rehashes: int | None = None, sites: list[str] | None = None, name: str = "fixed") -> None:
+                 max_rehashes: int | None = None, sites: list[str] | None = None) -> None:
         super().__init__()
         self.unit = _check_unit(unit)
         if every < 1:
@@ -177,7 +177,7 @@ class PerLayerSchedule(Schedule):
     def __init__(self, unit: str = "epoch", every: int = 1, start: int = 1, stop: int | None = None,
                  max_rehashes: int | None = None, threshold: float | None = None,
                  target_ratio: float | None = None, target_width: int | None = None,
-                 sites: dict[str, dict[str, Any]] | None = None, name: str = "per_layer") -> None:
+                 sites: dict[str, dict[str, Any]] | None = None) -> None:
         super().__init__()
         defaults = {"unit": unit, "every": every, "start": start, "stop": stop, "max_rehashes": max_rehashes,
                     "threshold": threshold, "target_ratio": target_ratio, "target_width": target_width,
@@ -275,7 +275,7 @@ class GradualSchedule(Schedule):
 
     def __init__(self, start: int = 100, end: int = 1000, every: int = 100, final_ratio: float = 0.25,
                  final_width: int | dict[str, int] | None = None, shape: str = "cubic",
-                 sites: list[str] | None = None, unit: str = "step", name: str = "gradual") -> None:
+                 sites: list[str] | None = None, unit: str = "step") -> None:
         super().__init__()
         if unit != "step":
             raise ConfigError(f"schedule=gradual ramps over optimizer steps: schedule.unit must be step, got {unit!r}")
@@ -371,7 +371,7 @@ class DriftSchedule(Schedule):
                  stable_threshold: float | None = None, stable_min_drift: float = 0.05,
                  bits: int = 64, sample: int = 128, start: int = 0, stop: int | None = None,
                  max_rehashes: int | None = None, unit: str = "step", every: int | None = None,
-                 sites: list[str] | None = None, seed: int = 0, name: str = "drift") -> None:
+                 sites: list[str] | None = None, seed: int = 0) -> None:
         super().__init__()
         if unit != "step":
             raise ConfigError(f"schedule=drift checks every few optimizer steps: schedule.unit must be step, got {unit!r}")

@@ -9,7 +9,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hydra.utils import instantiate
 
 from conftest import compose
 from hashexp.data.synthetic import load_synthetic
@@ -116,6 +115,11 @@ def test_per_layer_target_width_per_site(tmp_path):
 
 
 def test_schedule_configs_compose_and_instantiate():
+    from hashexp.app import _instantiate
+
+    def instantiate(node):  # as the app does: `name` is the config's label, not a constructor argument
+        return _instantiate(node, "schedule")
+
     cfg = compose(["schedule=per_layer", "schedule.unit=step",
                    "schedule.sites={fc1:{start:100,every:200,threshold:0.8,target_ratio:0.6},fc2:{every:50}}"])
     s = instantiate(cfg.schedule)

@@ -6,6 +6,8 @@ sites, so a compressed model can be rebuilt from its widths alone.
 
 from __future__ import annotations
 
+import inspect
+
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -31,6 +33,8 @@ def build_model(cfg: DictConfig | Mapping, input_shape, num_classes: int,
         cls = get_class(target)
     except Exception as e:  # hydra raises ImportError / ValueError variants
         raise ConfigError(f"model._target_={target!r} cannot be imported: {e}") from None
+    if "name" in kwargs and "name" not in inspect.signature(cls).parameters:
+        kwargs.pop("name")  # the config's label (run dirs, tables), for a model that does not use it
     model = cls(input_shape=tuple(input_shape), num_classes=int(num_classes), site_widths=site_widths, **kwargs)
     model._hashexp_spec = {"target": target, "kwargs": kwargs, "input_shape": list(input_shape),
                            "num_classes": int(num_classes)}

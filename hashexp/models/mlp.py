@@ -33,8 +33,7 @@ class MLP(nn.Module, HasMergeSites):
     """
 
     def __init__(self, input_shape: Sequence[int] | int, num_classes: int, widths: Sequence[int] = (256, 256),
-                 activation: str = "relu", bias: bool = True, site_widths: Mapping[str, int] | None = None,
-                 name: str = "mlp") -> None:
+                 activation: str = "relu", bias: bool = True, site_widths: Mapping[str, int] | None = None) -> None:
         super().__init__()
         if isinstance(input_shape, int):
             input_shape = (input_shape,)

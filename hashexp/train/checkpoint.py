@@ -104,8 +104,11 @@ def check_model_spec(path: str, spec: dict[str, Any], mine: dict[str, Any] | Non
     """Refuse a checkpoint of another model or input shape (checkpoints without a recorded config)."""
     if mine is None:
         return
-    ck_cfg = (spec["target"], spec["kwargs"], list(spec["input_shape"]), int(spec["num_classes"]))
-    my_cfg = (mine["target"], mine["kwargs"], list(mine["input_shape"]), int(mine["num_classes"]))
+    def kw(s):  # an older model.pt records the MLP's `name` label too
+        return {k: v for k, v in s["kwargs"].items() if k != "name"}
+
+    ck_cfg = (spec["target"], kw(spec), list(spec["input_shape"]), int(spec["num_classes"]))
+    my_cfg = (mine["target"], kw(mine), list(mine["input_shape"]), int(mine["num_classes"]))
     if ck_cfg != my_cfg:
         raise ConfigError(f"trainer.checkpoint.resume={path}: the checkpoint holds {spec['target'].rsplit('.', 1)[-1]}"
                           f"({spec['kwargs']}) for inputs {list(spec['input_shape'])} and "

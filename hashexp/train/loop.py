@@ -95,7 +95,7 @@ class Trainer:
                  hashing=None, schedule=None, logger=None, run_dir: str = ".", seed: int = 0,
                  log_every: int = 20, device: str = "cpu", num_threads: int | None = None,
                  progress: str = "auto", augment: bool = True, checkpoint: bool | Mapping[str, Any] = True,
-                 resume: str | None = None, bn_recalib_batches: int | None = 0, name: str = "",
+                 resume: str | None = None, bn_recalib_batches: int | None = 0,
                  checkpoint_every_steps: int | None = None, config: dict[str, Any] | None = None,
                  logging: Mapping[str, Any] | None = None, dist=None) -> None:
         if isinstance(checkpoint, Mapping):
