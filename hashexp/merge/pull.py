@@ -72,16 +72,6 @@ class PullConfig:
         return self.steps > 0
 
 
-def site_tensors(site: MergeSite) -> list[torch.Tensor]:
-    """Every producer parameter whose dim 0 is the site's width (the parts of a neuron that are pulled)."""
-    out = []
-    for p in site.producers:
-        out += [t for t in (p.module.weight, p.module.bias) if t is not None]
-        if p.norm is not None and p.norm.affine:
-            out += [p.norm.weight, p.norm.bias]
-    return out
-
-
 def _group_mean(t: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Row-wise mean of ``t`` over each group, broadcast back to every member: (width, ...)."""
     flat = t.reshape(t.shape[0], -1)
@@ -113,7 +103,7 @@ class Pull:
         if optimizer is None or a is None or not self.cfg.average_grads:
             return
         g, c = a["groups"], a["counts"]
-        for t in site_tensors(site):
+        for t in site.producer_parameters():
             for v in optimizer.state.get(t, {}).values():
                 if torch.is_tensor(v) and v.shape == t.shape:
                     v.copy_(_group_mean(v, g.to(v.device), c.to(v.device)))
@@ -142,7 +132,7 @@ class Pull:
             return
         for site, a in self._sites(sites):
             g, c = a["groups"], a["counts"]
-            for t in site_tensors(site):
+            for t in site.producer_parameters():
                 if t.grad is not None:
                     t.grad.copy_(_group_mean(t.grad, g.to(t.device), c.to(t.device)))
 
@@ -152,7 +142,7 @@ class Pull:
         s = self.cfg.strength
         for site, a in self._sites(sites):
             g, c = a["groups"], a["counts"]
-            for t in site_tensors(site):
+            for t in site.producer_parameters():
                 t.sub_(s * (t - _group_mean(t, g.to(t.device), c.to(t.device))))
 
     @torch.no_grad()
@@ -166,7 +156,7 @@ class Pull:
         members = (c > 1)[g]
         if not members.any():
             return 0.0
-        rows = torch.cat([t.detach().reshape(t.shape[0], -1).double() for t in site_tensors(site)], dim=1)
+        rows = torch.cat([t.detach().reshape(t.shape[0], -1).double() for t in site.producer_parameters()], dim=1)
         mean = _group_mean(rows, g.to(rows.device), c.to(rows.device))
         d = (rows - mean).norm(dim=1) / mean.norm(dim=1).clamp_min(1e-12)
         return float(d[members.to(d.device)].mean())

@@ -108,15 +108,18 @@ class MergeSite:
             parts.append(b[:, None])
         return torch.cat(parts, dim=1).float()
 
-    def parameters(self) -> list[nn.Parameter]:
-        """Every parameter whose shape depends on this site's width."""
+    def producer_parameters(self) -> list[nn.Parameter]:
+        """The producers' parameters whose dim 0 is this site's width: one row per neuron in each."""
         out: list[nn.Parameter] = []
         for p in self.producers:
             out += [t for t in (p.module.weight, p.module.bias) if t is not None]
             if p.norm is not None and p.norm.affine:
                 out += [p.norm.weight, p.norm.bias]
-        out += [c.module.weight for c in self.consumers]
         return out
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Every parameter whose shape depends on this site's width."""
+        return self.producer_parameters() + [c.module.weight for c in self.consumers]
 
 
 def out_width(m: nn.Module) -> int:

@@ -421,30 +421,9 @@ class Trainer:
             extra: dict[str, Any] = {}
             if self.pull is None or (final and not self.pull.active):
                 reports = self.hashing.compress(self.model, names, self.stats, self.optimizer, self.step,
-                                                   dist=self.dist, overrides=overrides, calib=calib)
+                                                dist=self.dist, overrides=overrides, calib=calib)
             else:
-                reports = []
-                extra["merge_only"] = not names
-                due = self.pull.due(self.step, final=final)
-                if due:
-                    sites = {s.name: s for s in self.model.merge_sites()}
-                    extra["pull_distance"] = {n: self.pull.distance(sites[n]) for n in due}
-                    fixed = {n: self.pull.pop(n) for n in due}
-                    reports = self.hashing.compress(self.model, due, self.stats, self.optimizer, self.step,
-                                                       dist=self.dist, overrides=overrides, calib=calib, fixed=fixed)
-                fresh = [n for n in names if not self.pull.busy(n)]
-                if fresh and final:
-                    reports += self.hashing.compress(self.model, fresh, self.stats, self.optimizer, self.step,
-                                                        dist=self.dist, overrides=overrides, calib=calib)
-                elif fresh:
-                    proposals = self.hashing.propose(self.model, fresh, self.stats, self.step, dist=self.dist,
-                                                        overrides=overrides, calib=calib)
-                    sites = {s.name: s for s in self.model.merge_sites()}
-                    for n, p in proposals.items():
-                        self.pull.start(n, p["groups"], p["keep"], self.step)
-                        self.pull.share_state(sites[n], self.optimizer)
-                    extra["proposed"] = sorted(proposals)
-                    extra["proposed_width"] = {n: int(p["keep"].sum()) for n, p in proposals.items()}
+                reports = self._pull_rehash(names, final, overrides, calib, extra)
             after = dict(self.model.widths())
             for r in reports:
                 self.stats.reset(r["site"])
@@ -463,6 +442,32 @@ class Trainer:
                             error={r["site"]: r["error"] for r in reports if "error" in r}, **extra)
         self.rehash_log.append(event)
         return event
+
+    def _pull_rehash(self, names: list[str], final: bool, overrides, calib, extra: dict[str, Any]) -> list:
+        """With the pull on: merge the pulls that are due (all of them when ``final``), then propose
+        ``names`` not under pull (merged at once when ``final``). Fills ``extra`` with the event's
+        pull keys; returns the merge reports."""
+        kw = dict(dist=self.dist, overrides=overrides, calib=calib)
+        extra["merge_only"] = not names
+        reports = []
+        due = self.pull.due(self.step, final=final)
+        sites = {s.name: s for s in self.model.merge_sites()}
+        if due:
+            extra["pull_distance"] = {n: self.pull.distance(sites[n]) for n in due}
+            fixed = {n: self.pull.pop(n) for n in due}
+            reports = self.hashing.compress(self.model, due, self.stats, self.optimizer, self.step, fixed=fixed, **kw)
+        fresh = [n for n in names if not self.pull.busy(n)]
+        if fresh and final:
+            reports += self.hashing.compress(self.model, fresh, self.stats, self.optimizer, self.step, **kw)
+        elif fresh:
+            proposals = self.hashing.propose(self.model, fresh, self.stats, self.step, **kw)
+            sites = {s.name: s for s in self.model.merge_sites()}  # the merges above rebuilt the due sites
+            for n, p in proposals.items():
+                self.pull.start(n, p["groups"], p["keep"], self.step)
+                self.pull.share_state(sites[n], self.optimizer)
+            extra["proposed"] = sorted(proposals)
+            extra["proposed_width"] = {n: int(p["keep"].sum()) for n, p in proposals.items()}
+        return reports
 
     def _step_row(self, losses, step_times, event) -> dict[str, Any]:
         row: dict[str, Any] = {"kind": "step", "step": self.step, "epoch": self.epoch,
