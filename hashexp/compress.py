@@ -13,16 +13,19 @@ consumers too.
 
 Python::
 
-    from hashexp.compress import compress_model
-    small, report = compress_model(model, data, method="simhash", keep=0.3)
+    from hashexp import compress_model
+    small, report = compress_model(model, calib_x, keep=0.5)        # any nn.Module, a tensor of inputs
+    small, report = compress_model(model, data, hashing="simhash", keep=0.3)   # a DataBundle
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -30,6 +33,7 @@ from torch import nn
 
 from hashexp.data import BatchIterator, DataBundle
 from hashexp.errors import ConfigError, HashexpError
+from hashexp.merge.sites import model_widths
 from hashexp.merge.stats import ActivationStats
 from hashexp.metrics import accuracy, count_flops, count_params
 
@@ -66,62 +70,138 @@ def make_compressor(method: str, keep: float | None, threshold: float | None = N
     return cls(target_ratio=keep, seed=seed, min_width=1, **comp)
 
 
-def compress_model(model: nn.Module, data: DataBundle, method: str = "simhash", keep: float | None = 0.5,
+_DEFAULT_KEEP = object()
+
+
+def compress_model(model: nn.Module, calib, hashing: str = "simhash", keep: float | None = _DEFAULT_KEEP,  # type: ignore[assignment]
                    threshold: float | None = None, calib_batches: int = 20, batch_size: int = 256,
                    finetune_epochs: float = 0.0, lr: float = 1e-3, seed: int = 0, compensation: str | None = None,
-                   max_error: float | None = None, calib_samples: int | None = None,
-                   **hash_kw) -> tuple[nn.Module, dict]:
-    """Compress ``model`` in place in one shot; returns it with a report of widths, FLOPs, accuracy.
+                   max_error: float | None = None, calib_samples: int | None = None, *, method: str | None = None,
+                   example_input: torch.Tensor | None = None, ignore: Sequence[str] = (), inplace: bool = False,
+                   test: tuple[torch.Tensor, torch.Tensor] | None = None, **hash_kw) -> tuple[nn.Module, dict]:
+    """Compress ``model`` in one shot; returns the compressed model and a report.
 
-    ``calib_samples`` training samples (seeded by ``seed``; None: 1024 or the whole split) are
-    the calibration set of the least-squares compensation and of the measured errors.
+    Args:
+        model: any ``nn.Module``: its sites are declared (``merge_sites()``) or found by tracing.
+        calib: calibration data: a tensor of inputs, an ``(x, y)`` pair, a DataLoader, an iterable
+            of batches, or a :class:`~hashexp.data.DataBundle` (its training split; its test split
+            gives the report's accuracy).
+        hashing: ``simhash`` (default), ``mips``, ``neuron_merging``, ``magnitude`` or ``random``
+            (``method`` is an alias).
+        keep: share of each site's neurons kept (default 0.5 unless ``max_error`` or ``threshold``
+            is given).
+        max_error: per-site budget on the consumers' relative pre-activation error.
+        calib_samples: calibration samples used (None: 1024, or all of a smaller ``calib``).
+        example_input: the input traced to find the sites (None: the first two calibration inputs).
+        ignore: site names left at full width.
+        inplace: compress ``model`` itself; by default a deep copy is compressed and ``model``
+            stays unchanged.
+        test: an ``(x, y)`` pair whose accuracy the report gives before and after (a DataBundle's
+            test split by default).
+
+    The report holds widths, FLOPs per sample, parameters (and accuracy) before and after, the
+    per-site results, the sites tracing skipped with why, and the time spent.
     """
+    from hashexp.api import calibration_data, model_sites_for
     from hashexp.merge.calibration import DEFAULT_SAMPLES, calibration_index
 
-    comp = make_compressor(method, keep, threshold, seed=seed, compensation=compensation, max_error=max_error,
+    hashing = method or hashing
+    if keep is _DEFAULT_KEEP:
+        keep = None if (max_error is not None or threshold is not None) else 0.5
+    comp = make_compressor(hashing, keep, threshold, seed=seed, compensation=compensation, max_error=max_error,
                            **hash_kw)
-    n_train = len(data.x_train)
-    calib = data.x_train[calibration_index(n_train, calib_samples or min(DEFAULT_SAMPLES, n_train), seed)]
+    p = next(model.parameters(), None)
+    if p is None:
+        raise ConfigError(f"{type(model).__name__} has no parameters; nothing to compress")
     gen = torch.Generator().manual_seed(seed)
-    before = {"widths": dict(model.widths()), "flops": count_flops(model, data.input_shape),
-              "params": count_params(model), "test_acc": accuracy(model, data.x_test, data.y_test)}
-    stats = ActivationStats(model.merge_sites(), window=0)
+    if isinstance(calib, DataBundle):
+        data = calib
+        n_train = len(data.x_train)
+        x_cal = data.x_train[calibration_index(n_train, calib_samples or min(DEFAULT_SAMPLES, n_train), seed)]
+        it = BatchIterator(data.x_train, data.y_train, batch_size, shuffle=True, generator=gen)
+        stat_batches = lambda: (xb for _, (xb, _) in zip(range(calib_batches), it))  # noqa: E731
+        test = (data.x_test, data.y_test)
+    else:
+        data = None
+        cd = calibration_data(calib, max_samples=calib_samples or DEFAULT_SAMPLES, dtype=p.dtype, device=p.device)
+        x_cal = cd.x
+        stat_batches = lambda: cd.batches(batch_size, calib_batches)  # noqa: E731
+        if test is None and cd.y is not None:
+            test = (cd.x, cd.y)
+    input_shape = tuple(x_cal.shape[1:])
+    if not inplace:
+        model = copy.deepcopy(model)
+    example = example_input if example_input is not None else x_cal[:2]
+    found = model_sites_for(model, example, ignore)
+    comp.sites = [s.name for s in found.sites]
+    _check_rules(comp, found.sites)
+    before = _measure(model, input_shape, test)
+    stats = ActivationStats(found.sites, window=0)
     model.train()
-    it = BatchIterator(data.x_train, data.y_train, batch_size, shuffle=True, generator=gen)
     bn = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in bn]
     for m in bn:  # statistics passes must not move BatchNorm running stats
         m.momentum = 0.0
     with torch.no_grad():
-        for _, (xb, _) in zip(range(calib_batches), it):
+        for xb in stat_batches():
             model(xb)
     for m, mom in zip(bn, momenta):
         m.momentum = mom
     t0 = time.perf_counter()
-    reports = comp.compress(model, None, stats, None, 0, calib=calib)
+    reports = comp.compress(model, None, stats, None, 0, calib=x_cal)
     hash_time = time.perf_counter() - t0
     stats.remove()
     if bn:
         from hashexp.merge.recalibrate import recalibrate_bn
 
-        it = BatchIterator(data.x_train, data.y_train, batch_size, shuffle=True, generator=gen)
-        recalibrate_bn(model, (xb for _, (xb, _) in zip(range(calib_batches), it)))
-    after_merge_acc = accuracy(model, data.x_test, data.y_test)
+        if data is not None:
+            it = BatchIterator(data.x_train, data.y_train, batch_size, shuffle=True, generator=gen)
+        recalibrate_bn(model, stat_batches())
+    after = _measure(model, input_shape, test)
     if finetune_epochs > 0:
+        if data is None:
+            raise ConfigError("finetune_epochs > 0 needs a DataBundle (calib=data); fine-tune a plain model with "
+                              "hashexp.train.finetune")
         from hashexp.train.finetune import finetune
 
         steps = int(finetune_epochs * len(BatchIterator(data.x_train, data.y_train, batch_size)))
         finetune(model, data, steps, torch.optim.Adam(model.parameters(), lr=lr), batch_size, gen)
+    model.eval()
+    if test is not None:
+        after["test_acc_no_finetune"] = after.pop("test_acc")
+        after["test_acc"] = accuracy(model, *test)
     report = {
-        "hashing": method, "keep": keep, "threshold": threshold, "finetune_epochs": finetune_epochs,
-        "compensation": comp.compensation, "max_error": max_error,
-        "before": before,
-        "after": {"widths": dict(model.widths()), "flops": count_flops(model, data.input_shape),
-                  "params": count_params(model), "test_acc_no_finetune": after_merge_acc,
-                  "test_acc": accuracy(model, data.x_test, data.y_test)},
-        "hash_time_s": hash_time, "sites": [r.to_dict() for r in reports], "majority_acc": data.majority_acc("test"),
+        "hashing": hashing, "keep": keep, "threshold": threshold, "finetune_epochs": finetune_epochs,
+        "compensation": comp.compensation, "max_error": max_error, "before": before, "after": after,
+        "hash_time_s": hash_time, "trace_s": found.trace_s, "sites": [r.to_dict() for r in reports],
+        "skipped": [_skipped_dict(s) for s in found.skipped],
     }
+    if data is not None:
+        report["majority_acc"] = data.majority_acc("test")
     return model, report
+
+
+def _check_rules(comp, sites) -> None:
+    """The data-free weight rule and the mean representative need positively homogeneous sites."""
+    rule = "compensation=weights" if comp.compensation == "weights" else (
+        "representative=mean" if getattr(comp, "representative", None) == "mean" else None)
+    if rule is None:
+        return
+    bad = [f"{s.name} ({s.activation})" for s in sites if not s.homogeneous]
+    if bad:
+        raise ConfigError(f"{rule} needs ReLU-like (positively homogeneous) sites, but {', '.join(bad)} are not; "
+                          "use compensation=lsq with representative=keep, or ignore=[...] those sites")
+
+
+def _measure(model: nn.Module, input_shape, test) -> dict:
+    out = {"widths": model_widths(model), "flops": count_flops(model, input_shape), "params": count_params(model)}
+    if test is not None:
+        out["test_acc"] = accuracy(model, *test)
+    return out
+
+
+def _skipped_dict(s) -> dict:
+    return {k: getattr(s, k) for k in ("name", "kind", "width", "reason") if hasattr(s, k)}
 
 
 def load_run(path: str) -> tuple[nn.Module, Any]:

@@ -40,7 +40,7 @@ import torch
 from hashexp.errors import ConfigError, DataError
 from hashexp.merge import calibration as cal
 from hashexp.merge.pull import PullConfig
-from hashexp.merge.sites import MergeSite
+from hashexp.merge.sites import MergeSite, model_sites
 from hashexp.merge.surgery import (MergePlan, apply_consumers, apply_producers, merge_plan, prune_plan,
                                    refit_consumer)
 from hashexp.utils.checks import check_at_least, check_cosine, check_fraction
@@ -208,7 +208,7 @@ class Compressor:
                               "the trainer and hashexp.compress pass them, or choose hashing.compensation=weights")
         main = dist is None or dist.is_main
         reports = []
-        sites = model.merge_sites()
+        sites = model_sites(model)
         unknown = sorted(set(self.site_overrides) - {s.name for s in sites})
         if unknown:
             raise ConfigError(f"hashing.site_overrides names {unknown}, which are not sites of this model "
@@ -271,7 +271,7 @@ class Compressor:
         main = dist is None or dist.is_main
         out: dict[str, dict[str, torch.Tensor]] = {}
         if main:
-            for idx, site in enumerate(model.merge_sites()):
+            for idx, site in enumerate(model_sites(model)):
                 if (names is not None and site.name not in names) or (self.sites is not None and site.name not in self.sites):
                     continue
                 mass = stats.mass(site.name) if stats is not None else None

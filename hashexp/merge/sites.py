@@ -153,4 +153,24 @@ class HasMergeSites:
         raise NotImplementedError
 
     def widths(self) -> dict[str, int]:
+        """``{site name: width}`` of the declared sites."""
         return {s.name: s.width for s in self.merge_sites()}
+
+
+def model_sites(model: nn.Module) -> list[MergeSite]:
+    """The merge sites of ``model`` in forward order: declared or found by tracing.
+
+    A model that declares ``merge_sites()`` (the override mechanism) gets those; any other model
+    gets the sites that hashexp.merge.discovery finds by tracing it on its remembered example input.
+    """
+    declared = getattr(model, "merge_sites", None)
+    if callable(declared):
+        return declared()
+    from hashexp.merge.discovery import model_sites as discovered
+
+    return discovered(model)
+
+
+def model_widths(model: nn.Module, sites: list[MergeSite] | None = None) -> dict[str, int]:
+    """``{site name: width}`` of ``model`` (of ``sites`` when given, e.g. a cached list)."""
+    return {s.name: s.width for s in (model_sites(model) if sites is None else sites)}

@@ -1,7 +1,11 @@
 """Model registry: build from config, save to and rebuild from model.pt.
 
-Every model takes ``input_shape``, ``num_classes`` and ``site_widths`` and declares its merge
-sites, so a compressed model can be rebuilt from its widths alone.
+Every model takes ``input_shape`` and ``num_classes``. Its merge sites are found by tracing
+(hashexp.merge.discovery) on an example input remembered on the model, or declared by the model
+(``merge_sites()``, the override). A compressed model is rebuilt from its config plus its merged
+widths: a model that takes ``site_widths`` builds at those widths itself; any other model is built
+at full width and slimmed by ``shrink_to_widths`` (the first ``w`` channels of each site), so
+model.pt's state dict loads into it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from hashexp.errors import ConfigError, DataError
+from hashexp.merge.sites import model_widths
 from hashexp.utils.io import torch_save_atomic
 
 
@@ -35,10 +40,24 @@ def build_model(cfg: DictConfig | Mapping, input_shape, num_classes: int,
         raise ConfigError(f"model._target_={target!r} cannot be imported: {e}") from None
     if "name" in kwargs and "name" not in inspect.signature(cls).parameters:
         kwargs.pop("name")  # the config's label (run dirs, tables), for a model that does not use it
-    model = cls(input_shape=tuple(input_shape), num_classes=int(num_classes), site_widths=site_widths, **kwargs)
+    native = "site_widths" in inspect.signature(cls).parameters
+    model = cls(input_shape=tuple(input_shape), num_classes=int(num_classes),
+                **({"site_widths": site_widths} if native else {}), **kwargs)
+    if not callable(getattr(model, "merge_sites", None)):  # sites found by tracing on an example input
+        from hashexp.merge.discovery import attach_example, shrink_to_widths
+
+        example = example_input(input_shape)
+        attach_example(model, example)
+        if site_widths and not native:
+            shrink_to_widths(model, site_widths, example)
     model._hashexp_spec = {"target": target, "kwargs": kwargs, "input_shape": list(input_shape),
                            "num_classes": int(num_classes)}
     return model
+
+
+def example_input(input_shape, batch: int = 2) -> torch.Tensor:
+    """A fixed random batch of per-sample shape ``input_shape`` (seeded: the same on every rank and run)."""
+    return torch.randn((batch, *(int(s) for s in input_shape)), generator=torch.Generator().manual_seed(0))
 
 
 def model_payload(model: nn.Module) -> dict[str, Any]:
@@ -47,7 +66,7 @@ def model_payload(model: nn.Module) -> dict[str, Any]:
     if spec is None:
         raise ValueError("model was not built with build_model(); cannot record how to rebuild it")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return {"format": "hashexp.model/1", **spec, "widths": dict(model.widths()), "state_dict": state}
+    return {"format": "hashexp.model/1", **spec, "widths": model_widths(model), "state_dict": state}
 
 
 def save_model(model: nn.Module, path: str | os.PathLike) -> None:

@@ -33,6 +33,7 @@ from torch import nn
 from hashexp.data import BatchIterator, DataBundle
 from hashexp.errors import ConfigError
 from hashexp.merge.pull import Pull
+from hashexp.merge.sites import model_sites, model_widths
 from hashexp.merge.stats import ActivationStats
 from hashexp.metrics import Stopwatch, count_flops, count_params, evaluate
 from hashexp.schedule import RehashContext
@@ -59,7 +60,7 @@ class Trainer:
     """Trains a model with optional compression during training.
 
     Args:
-        model: an ``nn.Module`` that declares ``merge_sites()``.
+        model: an ``nn.Module``; its merge sites are declared (``merge_sites()``) or found by tracing.
         data: the in-memory dataset.
         optimizer: factory ``params -> torch.optim.Optimizer`` (a Hydra partial).
         epochs, batch_size, eval_batch_size: the usual.
@@ -150,7 +151,7 @@ class Trainer:
         self.augment = None
         if augment and data.is_image and getattr(data, "augment", None) is not None:
             self.augment = data.augment
-        self.sites = model.merge_sites()
+        self.sites = model_sites(model)  # refreshed after every rehash and resume
         self.stats = ActivationStats(self.sites, window=getattr(hashing, "window", 50), enabled=hashing is not None)
         # the calibration set: fixed training samples (seeded, identical on every rank and resume)
         self.calib_index = None
@@ -168,7 +169,7 @@ class Trainer:
         self.epoch = 0
         self.rehashes = 0
         self.rehash_log: list[RehashEvent] = []
-        self.widths_before = dict(model.widths())
+        self.widths_before = model_widths(model, self.sites)
         self.gen = torch.Generator().manual_seed(self.seed)
         self.aug_gen = torch.Generator(device=self.device).manual_seed(self.seed + 1)
         self.layer_names = [n for n, m in self.model.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
@@ -323,10 +324,10 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.pull is not None and self.pull.active:
-                self.pull.average_grads(self.model.merge_sites())
+                self.pull.average_grads(self.sites)
             self.optimizer.step()
             if self.pull is not None and self.pull.active:
-                self.pull.contract(self.model.merge_sites())
+                self.pull.contract(self.sites)
         return loss_value
 
     def _end_epoch(self, use_bar: bool) -> None:
@@ -342,7 +343,7 @@ class Trainer:
         if self.is_main and not use_bar and self.progress != "none":
             log.info("epoch %d/%d  step %d  train_loss %.4f  train_acc %.4f  test_acc %.4f  widths %s",
                      self.epoch, self.epochs, self.step, row["train_loss"], row["train_acc"], row["test_acc"],
-                     self.model.widths())
+                     model_widths(self.model, self.sites))
         self.save_checkpoint()
 
     def _log(self, row: dict[str, Any], flush: bool = False) -> None:
@@ -397,7 +398,7 @@ class Trainer:
         return loss, (total / n_global)[0]
 
     def _ctx(self, epoch_end: bool) -> RehashContext:
-        return RehashContext(step=self.step, epoch=self.epoch, epoch_end=epoch_end, sites=self.model.merge_sites(),
+        return RehashContext(step=self.step, epoch=self.epoch, epoch_end=epoch_end, sites=self.sites,
                              model=self.model, stats=self.stats, rehashes=self.rehashes,
                              steps_per_epoch=math.ceil(len(self.data.x_train) / self.batch_size))
 
@@ -411,7 +412,7 @@ class Trainer:
         """
         with self.timer("hash"):
             t0 = time.perf_counter()
-            before = dict(self.model.widths())
+            before = model_widths(self.model, self.sites)
             overrides = self.schedule.site_overrides() if hasattr(self.schedule, "site_overrides") else None
             if self.dist is not None:  # every rank merges the same network: rank 0's BN statistics
                 self.dist.sync_buffers(self.model)
@@ -424,7 +425,8 @@ class Trainer:
                                                 dist=self.dist, overrides=overrides, calib=calib)
             else:
                 reports = self._pull_rehash(names, final, overrides, calib, extra)
-            after = dict(self.model.widths())
+            self.sites = model_sites(self.model)
+            after = model_widths(self.model, self.sites)
             for r in reports:
                 self.stats.reset(r["site"])
             # LR schedulers hold param groups, not params: they need no rebuild after surgery
@@ -451,7 +453,7 @@ class Trainer:
         extra["merge_only"] = not names
         reports = []
         due = self.pull.due(self.step, final=final)
-        sites = {s.name: s for s in self.model.merge_sites()}
+        sites = {s.name: s for s in self.sites}
         if due:
             extra["pull_distance"] = {n: self.pull.distance(sites[n]) for n in due}
             fixed = {n: self.pull.pop(n) for n in due}
@@ -461,7 +463,8 @@ class Trainer:
             reports += self.hashing.compress(self.model, fresh, self.stats, self.optimizer, self.step, **kw)
         elif fresh:
             proposals = self.hashing.propose(self.model, fresh, self.stats, self.step, **kw)
-            sites = {s.name: s for s in self.model.merge_sites()}  # the merges above rebuilt the due sites
+            self.sites = model_sites(self.model)  # the merges above rebuilt the due sites
+            sites = {s.name: s for s in self.sites}
             for n, p in proposals.items():
                 self.pull.start(n, p["groups"], p["keep"], self.step)
                 self.pull.share_state(sites[n], self.optimizer)
@@ -476,11 +479,11 @@ class Trainer:
                                "lr": self.optimizer.param_groups[0]["lr"], "params": count_params(self.model),
                                "rehash": int(event is not None),
                                "hash_time_s": event.time_s if event is not None else 0.0}
-        row.update({f"width/{k}": v for k, v in self.model.widths().items()})
+        row.update({f"width/{k}": v for k, v in model_widths(self.model, self.sites).items()})
         if event is not None:
             row.update({f"error/{k}": v for k, v in event.error.items()})
         if self.pull is not None:  # member-to-representative distance of the sites under pull
-            for site in self.model.merge_sites():
+            for site in self.sites:
                 d = self.pull.distance(site)
                 if d is None and event is not None:
                     d = (event.pull_distance or {}).get(site.name)
@@ -500,7 +503,7 @@ class Trainer:
                                "hash_time_s": event.time_s if event is not None else 0.0,
                                "flops": count_flops(self.model, self.data.input_shape),
                                "lr": self.optimizer.param_groups[0]["lr"], **self.epoch_metrics}
-        row.update({f"width/{k}": v for k, v in self.model.widths().items()})
+        row.update({f"width/{k}": v for k, v in model_widths(self.model, self.sites).items()})
         if event is not None:
             row.update({f"error/{k}": v for k, v in event.error.items()})
         return row
@@ -518,7 +521,7 @@ class Trainer:
             "majority_acc": self.data.majority_acc("test"),
             "flops": count_flops(self.model, self.data.input_shape),
             "params": count_params(self.model),
-            "widths": dict(self.model.widths()),
+            "widths": model_widths(self.model, self.sites),
             "widths_before": dict(self.widths_before),
             "train_time_s": t.get("fit", 0.0) - t.get("eval", 0.0) - t.get("checkpoint", 0.0),
             "eval_time_s": t.get("eval", 0.0),
@@ -595,7 +598,7 @@ class Trainer:
         model.load_state_dict(spec["state_dict"])
         self.stats.remove()
         self.model = model.to(self.device)
-        self.sites = self.model.merge_sites()
+        self.sites = model_sites(self.model)
         self.stats = ActivationStats(self.sites, window=self.stats.window, enabled=self.hashing is not None)
         self._load_stats(ck.stats)
         self.optimizer = self.make_optimizer(self.model.parameters())
@@ -625,7 +628,7 @@ class Trainer:
         ckpt.restore_rng(ck.rng, self.gen, self.aug_gen, self.device)
         self._epoch_gen_state = ck.rng["gen"]
         log.info("resumed from %s at epoch %d (step %d, batch %d of the epoch), widths %s", path, self.epoch,
-                 self.step, self.batch_in_epoch, self.model.widths())
+                 self.step, self.batch_in_epoch, model_widths(self.model, self.sites))
 
     def _check_resume(self, path: str, ck: ckpt.CheckpointState) -> None:
         """Refuse a checkpoint made for another experiment; remember what this run changed."""
