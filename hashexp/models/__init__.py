@@ -32,6 +32,9 @@ def build_model(cfg: DictConfig | Mapping, input_shape, num_classes: int,
     kwargs = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     target = kwargs.pop("_target_", None)
     kwargs.pop("merge_budget", None)  # read by the hashing config (hashing.max_error), not the model
+    # widths of a model built narrow from the start (the scratch baseline: `+model.site_widths={fc1: 100}`)
+    cfg_widths = kwargs.pop("site_widths", None)
+    site_widths = site_widths if site_widths is not None else cfg_widths
     if target is None:
         raise ConfigError("model config has no _target_; pick one with model=mlp or model=resnet20")
     try:

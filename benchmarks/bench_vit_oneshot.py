@@ -1,0 +1,141 @@
+"""One-shot compression of a ViT's feed-forward widths without fine-tuning: hashed vs the baselines.
+
+    nice -n 10 .venv/bin/python benchmarks/bench_vit_oneshot.py            # writes bench_vit_oneshot.md
+    nice -n 10 .venv/bin/python benchmarks/bench_vit_oneshot.py --smoke    # quick check of the script
+
+A small ViT (conf/model/vit.yaml: 7x7 patches, 4 pre-norm blocks of width 64, 4 heads, MLP 256, GELU)
+is trained by hashexp on Fashion-MNIST (`python -m hashexp model=vit hashing=none ...`, the vanilla
+run of bench_vit_train.py). Its sites are found by tracing: the four feed-forward widths
+(``blocks.{i}.mlp.fc1``). Each method then removes 50/70/90% of every feed-forward width, with no
+fine-tuning, at 3 compression seeds (the seed draws the calibration samples; one trained network):
+
+- hashed: ``compress_model(model, data, hashing="simhash", keep=K)`` (LSH on calibration activations
+  proposes, the measured error orders removals, least squares refits fc2);
+- magnitude + lsq, random + lsq: the same least-squares refit after choosing survivors by L1 norm or
+  at random; magnitude alone (no refit);
+- Torch-Pruning: its MagnitudePruner (group L1 importance over fc1 rows and fc2 columns, DepGraph) at
+  the same widths, no refit (deterministic: one value per ratio).
+
+Accuracy is on the full test split; the drop is against the trained network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from _common import ROOT, fmt, run  # noqa: E402  (benchmarks/ is the script's dir)
+
+REMOVE = (0.5, 0.7, 0.9)
+METHODS = {
+    "hashed (simhash, lsq)": dict(method="simhash"),
+    "magnitude + lsq": dict(method="magnitude", compensation="lsq"),
+    "random + lsq": dict(method="random", compensation="lsq"),
+    "magnitude (L1, no refit)": dict(method="magnitude", compensation="none"),
+}
+TP = "Torch-Pruning MagnitudePruner (L1)"
+
+
+def vit_run_args(subset: int, epochs: int, seed: int = 0) -> list[str]:
+    """The vanilla ViT run shared with bench_vit_train.py."""
+    return ["model=vit", "hashing=none", f"dataset.subset_train={subset}", f"trainer.epochs={epochs}", f"seed={seed}"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--subset", type=int, default=20000, help="training samples of the ViT run")
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--out-dir", default=str(ROOT / "outputs" / "bench_vit"))
+    ap.add_argument("--md", default=str(Path(__file__).with_suffix(".md")))
+    ap.add_argument("--smoke", action="store_true", help="tiny training run, for checking the script")
+    a = ap.parse_args()
+
+    import torch
+
+    from _tp import tp_prune
+    from hashexp.compress import compress_model, load_run
+    from hashexp.data import build_dataset
+    from hashexp.merge.sites import model_widths
+    from hashexp.metrics import accuracy
+
+    torch.set_num_threads(2)
+    out = Path(a.out_dir)
+    if a.smoke:
+        a.subset, a.epochs, out = 1024, 1, out / "smoke"
+    rd = out / "vanilla_s0"
+    m = run(vit_run_args(a.subset, a.epochs), rd)
+    model0, cfg = load_run(str(rd))
+    data = build_dataset(cfg.dataset, seed=0)
+    trained, majority = m["test_acc"], data.majority_acc("test")
+    full = model_widths(model0)
+    cache = out / "oneshot.json"
+    done = json.loads(cache.read_text()) if cache.exists() else {}
+    res: dict[str, dict[float, list[float]]] = {}
+    timing: dict[str, list[float]] = {}
+    for rm in REMOVE:
+        keep = round(1 - rm, 2)
+        for seed in a.seeds:
+            for name, kw in METHODS.items():
+                key = f"{seed}|{name}|{rm}"
+                if key not in done:
+                    kw2 = dict(kw)
+                    t0 = time.perf_counter()
+                    _, rep = compress_model(model0, data, kw2.pop("method"), keep=keep, seed=seed, **kw2)
+                    done[key] = {"acc": rep["after"]["test_acc"], "time_s": time.perf_counter() - t0,
+                                 "widths": rep["after"]["widths"], "flops": rep["after"]["flops"]}
+                    print(f"seed {seed} {name:28s} remove {rm:.0%}: {100 * done[key]['acc']:.2f}% "
+                          f"widths {done[key]['widths']} ({done[key]['time_s']:.2f}s)", flush=True)
+                    cache.write_text(json.dumps(done, indent=1))
+                res.setdefault(name, {}).setdefault(rm, []).append(done[key]["acc"])
+                timing.setdefault(name, []).append(done[key]["time_s"])
+        widths = done[f"{a.seeds[0]}|hashed (simhash, lsq)|{rm}"]["widths"]
+        key = f"tp|{rm}"
+        if key not in done:
+            small = tp_prune(model0, data.x_train[:2], {n: 1 - widths[n] / full[n] for n in widths})
+            got = {n: int(small.get_submodule(n).weight.shape[0]) for n in widths}
+            assert got == widths, (got, widths)
+            done[key] = {"acc": accuracy(small, data.x_test, data.y_test), "widths": got}
+            cache.write_text(json.dumps(done, indent=1))
+        res.setdefault(TP, {})[rm] = [done[key]["acc"]] * len(a.seeds)
+
+    order = [*METHODS, TP]
+    lines = [
+        "# One-shot ViT feed-forward compression without fine-tuning (Fashion-MNIST)",
+        "",
+        "Command: `nice -n 10 .venv/bin/python benchmarks/bench_vit_oneshot.py`" + (" `--smoke`" if a.smoke else ""),
+        "",
+        f"One ViT (`conf/model/vit.yaml`: patch 7, dim 64, depth 4, heads 4, MLP 256, GELU) trained by "
+        f"`python -m hashexp {' '.join(vit_run_args(a.subset, a.epochs))}` (Adam 1e-3, batch 256): test accuracy "
+        f"{100 * trained:.2f}% (majority class {100 * majority:.1f}%). Sites found by tracing: "
+        f"{', '.join(f'{n} ({w})' for n, w in full.items())}. Each method removes the given share of every "
+        "feed-forward width in one shot with no fine-tuning; the full test split is evaluated. Seeds "
+        f"{a.seeds} are compression seeds (calibration samples: 1024 training samples drawn with the seed) on one "
+        "trained network; Torch-Pruning is deterministic (one value, shown with sd 0).",
+        "",
+        "## Test accuracy drop (pp, mean ± sd over compression seeds; lower is better)",
+        "",
+        "| method | " + " | ".join(f"-{int(100 * r)}%" for r in REMOVE) + " |",
+        "|---|" + "---:|" * len(REMOVE),
+    ]
+    best = {rm: min(order, key=lambda n: statistics.mean(trained - x for x in res[n][rm])) for rm in REMOVE}
+    for name in order:
+        cells = []
+        for rm in REMOVE:
+            c = fmt([trained - x for x in res[name][rm]], pct=True)
+            cells.append(f"**{c}**" if best[rm] == name else c)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "FLOPs per sample after compression (all methods reach the same widths): "
+              + ", ".join(f"-{int(100 * rm)}%: {done[f'{a.seeds[0]}|hashed (simhash, lsq)|{rm}']['flops']:,}"
+                          for rm in REMOVE) + f" (trained: {m['flops']:,}).",
+              "", "Mean time per one-shot compression (4 sites, incl. tracing and calibration; s): "
+              + ", ".join(f"{n} {statistics.mean(timing[n]):.2f}" for n in METHODS), ""]
+    Path(a.md).write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
