@@ -1,0 +1,169 @@
+"""Any model through one Python API and through the trainer: sites found by tracing, compressed
+in one shot or while training, checkpointed, resumed and rebuilt from model.pt."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import Killed, compose, die_at_checkpoint
+from hashexp import compress_model, find_sites
+from hashexp.errors import ConfigError
+from hashexp.merge.sites import model_widths
+from hashexp.metrics import count_flops
+from hashexp.models import build_model, load_model, save_model
+
+
+def _images(n: int = 256, shape=(1, 8, 8), classes: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class-dependent blobs: a per-class mean image plus noise (learnable in a few steps)."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(classes, *shape, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return means[y] + 0.5 * torch.randn(n, *shape, generator=g), y
+
+
+@pytest.fixture
+def npz_images(tmp_path):
+    x, y = _images(384)
+    path = tmp_path / "img.npz"
+    np.savez(path, x_train=x[:320].numpy(), y_train=y[:320].numpy(), x_test=x[320:].numpy(), y_test=y[320:].numpy())
+    return path
+
+
+def _vit_cfg(**kw):
+    return {"_target_": "hashexp.models.vit.ViT", "dim": 16, "depth": 2, "heads": 2, "patch": 4, **kw}
+
+
+class GeluMLP(nn.Module):
+    """Linear -> GELU -> Linear -> GELU -> Linear: two GELU sites."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(64, 48), nn.Linear(48, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.out(F.gelu(self.fc2(F.gelu(self.fc1(x.flatten(1))))))
+
+
+def test_compress_model_takes_a_plain_module_and_a_bare_tensor_and_leaves_it_unchanged():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Flatten(), nn.Linear(64, 40), nn.ReLU(), nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 4))
+    x, y = _images(200)
+    before = copy.deepcopy(m.state_dict())
+    small, rep = compress_model(m, x, keep=0.5)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # the original is untouched
+    assert small is not m
+    assert rep["before"]["widths"] == {"1": 40, "3": 30}  # named by their producers' module paths
+    assert rep["after"]["widths"] == {"1": 20, "3": 15}
+    assert rep["after"]["flops"] == 2 * (64 * 20 + 20 * 15 + 15 * 4)
+    assert count_flops(m, (1, 8, 8)) / count_flops(small, (1, 8, 8)) > 1.9
+    assert "test_acc" not in rep["after"]  # no labels given
+    # labels given: accuracy before/after on them
+    _, rep2 = compress_model(m, (x, y), keep=0.5)
+    assert 0.0 <= rep2["after"]["test_acc"] <= 1.0 and "test_acc" in rep2["before"]
+    same, _ = compress_model(m, x, keep=0.5, inplace=True)
+    assert same is m and model_widths(m) == rep["after"]["widths"]
+
+
+def test_compress_model_accepts_a_dataloader_and_ignore_keeps_a_site():
+    torch.manual_seed(0)
+    m = GeluMLP()
+    x, y = _images(200)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=50)
+    names = [s.name for s in find_sites(m, x[:2]).sites]
+    assert names == ["fc1", "fc2"]
+    small, rep = compress_model(m, loader, keep=0.5, ignore=["fc2"])
+    assert rep["after"]["widths"] == {"fc1": 24, "fc2": 32}
+    assert [r["site"] for r in rep["sites"]] == ["fc1"]
+    assert small(x).shape == (200, 4)
+
+
+def test_compress_model_errors_are_one_clear_message_each():
+    torch.manual_seed(0)
+    x = _images(64)[0]
+
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(64, 8), nn.Linear(8, 2)
+
+        def forward(self, z):
+            return self.fc2(torch.relu(self.fc1(z.reshape(len(z), 63))))  # the failing line
+
+    with pytest.raises(ConfigError, match=r"cannot trace Broken: at .*test_anymodel.py:\d+ \(return self.fc2.*"
+                                          r"declare the sites"):
+        compress_model(Broken(), x, keep=0.5)
+    with pytest.raises(ConfigError, match="no mergeable site"):
+        compress_model(nn.Sequential(nn.Flatten(), nn.Linear(64, 4)), x, keep=0.5)
+    with pytest.raises(ConfigError, match=r"ignore=\['fc9'\] names no site of this model; its sites are fc1, fc2"):
+        compress_model(GeluMLP(), x, keep=0.5, ignore=["fc9"])
+    with pytest.raises(ConfigError, match=r"compensation=weights needs ReLU-like .* fc1 \(gelu\)"):
+        compress_model(GeluMLP(), x, keep=0.5, compensation="weights")
+    with pytest.raises(ConfigError, match=r"representative=mean needs ReLU-like"):
+        compress_model(GeluMLP(), x, keep=0.5, representative="mean")
+
+
+def test_vit_ffn_sites_are_found_and_the_rest_refused():
+    torch.manual_seed(0)
+    m = build_model(_vit_cfg(), (1, 8, 8), 4)
+    found = find_sites(m, torch.randn(2, 1, 8, 8))
+    assert [s.name for s in found.sites] == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"]
+    assert all(s.width == 64 and s.activation == "gelu" for s in found.sites)
+    assert found.skipped  # the residual stream and the attention widths, each with a reason
+    assert all(s.reason for s in found.skipped)
+
+
+def test_merged_vit_round_trips_through_model_pt(tmp_path):
+    torch.manual_seed(0)
+    x, y = _images(256)
+    m = build_model(_vit_cfg(), (1, 8, 8), 4)
+    small, rep = compress_model(m, (x, y), keep=0.25, inplace=True)
+    assert set(rep["after"]["widths"].values()) == {16}
+    save_model(small, tmp_path / "model.pt")
+    back = load_model(tmp_path / "model.pt")
+    assert model_widths(back) == rep["after"]["widths"]
+    small.eval()
+    back.eval()
+    torch.testing.assert_close(back(x), small(x))
+
+
+def test_vit_trains_merges_checkpoints_and_resumes_like_an_uninterrupted_run(tmp_path, monkeypatch, npz_images):
+    from hashexp.app import train_run
+
+    run = ["dataset=npz", f"dataset.path={npz_images}", "model=vit", "model.dim=16", "model.depth=2", "model.heads=2",
+           "model.patch=4", "trainer.epochs=3", "trainer.batch_size=32", "trainer.num_threads=1",
+           "trainer.logging.progress=none", "trainer.logging.every=3", "hashing=simhash", "hashing.max_error=null",
+           "hashing.target_ratio=0.8", "schedule.unit=step", "schedule.every=8", "schedule.start=4",
+           "trainer.checkpoint.every_steps=7", "seed=3"]
+    ref = train_run(compose(run), str(tmp_path / "full"))
+    assert ref["rehashes"] >= 3 and all(w < 64 for w in ref["widths"].values())
+    assert set(ref["widths"]) == {"blocks.0.mlp.fc1", "blocks.1.mlp.fc1"}
+    real_save = die_at_checkpoint(monkeypatch, 3)
+    with pytest.raises(Killed):
+        train_run(compose(run), str(tmp_path / "killed"))
+    monkeypatch.setattr(torch, "save", real_save)
+    out = train_run(compose([*run, f"trainer.checkpoint.resume={tmp_path / 'killed'}"]), str(tmp_path / "resumed"))
+    for k in ("test_acc", "train_loss", "widths", "widths_before", "rehashes", "steps", "flops", "params"):
+        assert out[k] == ref[k], k
+    back = load_model(tmp_path / "full" / "model.pt")
+    assert model_widths(back) == ref["widths"]
+
+
+def test_torchvision_model_trains_and_compresses_through_the_app(tmp_path, npz_images):
+    from hashexp.app import train_run
+
+    run = ["dataset=npz", f"dataset.path={npz_images}", "model=torchvision", "model.arch=resnet18", "model.small_stem=true",
+           "trainer.epochs=1", "trainer.batch_size=64", "trainer.num_threads=1", "trainer.logging.progress=none",
+           "hashing=simhash", "hashing.max_error=null", "hashing.target_ratio=0.5", "schedule.unit=step",
+           "schedule.every=3", "schedule.start=3", "schedule.max_rehashes=1", "seed=0"]
+    out = train_run(compose(run), str(tmp_path / "tv"))
+    full = build_model(compose(run).model, (1, 8, 8), 4)
+    assert out["rehashes"] == 1 and out["flops"] < 0.6 * count_flops(full, (1, 8, 8))
+    assert sum(out["widths"].values()) < sum(out["widths_before"].values())
+    back = load_model(tmp_path / "tv" / "model.pt")
+    assert model_widths(back) == out["widths"]
