@@ -167,3 +167,35 @@ def test_torchvision_model_trains_and_compresses_through_the_app(tmp_path, npz_i
     assert sum(out["widths"].values()) < sum(out["widths_before"].values())
     back = load_model(tmp_path / "tv" / "model.pt")
     assert model_widths(back) == out["widths"]
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_train_a_vit_like_one_process(tmp_path, npz_images):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed next to the interpreter")
+    root = Path(__file__).resolve().parents[1]
+    run = ["dataset=npz", f"dataset.path={npz_images}", "model=vit", "model.dim=16", "model.depth=2", "model.heads=2",
+           "model.patch=4", "trainer.epochs=2", "trainer.batch_size=64", "trainer.logging.progress=log",
+           "hashing=simhash", "hashing.max_error=null", "hashing.target_ratio=0.75", "schedule.unit=step",
+           "schedule.every=3", "schedule.start=2", "seed=1"]
+    env = dict(os.environ, HASHEXP_OUTPUTS=str(tmp_path / "outputs"), WANDB_MODE="disabled", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(root), TMPDIR=str(tmp_path))
+    ddp = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "hashexp", *run,
+                          f"hydra.run.dir={tmp_path / 'ddp'}"], cwd=str(tmp_path), env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert ddp.returncode == 0, (ddp.stdout + ddp.stderr)[-4000:]
+    one = subprocess.run([sys.executable, "-m", "hashexp", *run, f"hydra.run.dir={tmp_path / 'one'}"],
+                         cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert a["world_size"] == 2 and a["rehashes"] == b["rehashes"] >= 2
+    assert a["widths"] == b["widths"] != a["widths_before"]
+    assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
