@@ -141,33 +141,36 @@ def model_sites_for(model: nn.Module, example: torch.Tensor, ignore: Sequence[st
     declared = getattr(model, "merge_sites", None)
     if callable(declared):
         sites = declared()
-        _check_ignore(ignore, [s.name for s in sites])
+        _check_ignore(model, ignore, [s.name for s in sites])
         return FoundSites([s for s in sites if s.name not in ignore], declared=True)
     from hashexp.merge.discovery import find_sites
 
     try:
-        found = find_sites(model, example, ignore=())
-    except HashexpError:
-        raise
+        found = find_sites(model, example, ignore=ignore)
+    except HashexpError as e:
+        if e.__cause__ is None or isinstance(e.__cause__, HashexpError):
+            raise  # the tracer's own refusal (e.g. an ignore name that matches nothing) says it all
+        raise _untraceable(model, e.__cause__) from None
     except Exception as e:  # the model's own forward (or an op the tracer cannot run) failed
-        raise ConfigError(f"cannot trace {type(model).__name__}: {_failing_line(e)}: {type(e).__name__}: {e}. "
-                          "Fix the forward or pass an example_input it accepts, or declare the sites: give the model "
-                          "a merge_sites() method returning hashexp.merge.sites.MergeSite objects") from None
-    names = [s.name for s in found.sites] + [s.name for s in found.skipped]
-    _check_ignore(ignore, names)
-    sites = [s for s in found.sites if s.name not in ignore]
-    if not sites:
+        raise _untraceable(model, e) from None
+    if not found.sites:
         why = "; ".join(f"{s.name}: {s.reason}" for s in found.skipped) or "no Linear/Conv feeds another Linear/Conv"
-        left = f" (ignored: {', '.join(ignore)})" if ignore else ""
-        raise ConfigError(f"{type(model).__name__} has no mergeable site{left}: {why}. Nothing to compress; "
-                          "declare sites with a merge_sites() method if the tracer refuses one wrongly")
-    return FoundSites(sites, list(found.skipped), float(getattr(found, "trace_s", 0.0)))
+        raise ConfigError(f"{type(model).__name__} has no mergeable site ({why}); nothing to compress. Declare "
+                          "the sites with a merge_sites() method if the tracer refuses one wrongly")
+    return FoundSites(list(found.sites), list(found.skipped), float(getattr(found, "trace_s", 0.0)))
 
 
-def _check_ignore(ignore: Sequence[str], names: Sequence[str]) -> None:
+def _untraceable(model: nn.Module, e: BaseException) -> ConfigError:
+    return ConfigError(f"cannot trace {type(model).__name__}: {_failing_line(e)}: {type(e).__name__}: {e}. Fix the "
+                       "forward or pass an example_input it accepts, or declare the sites: give the model a "
+                       "merge_sites() method returning hashexp.merge.sites.MergeSite objects")
+
+
+def _check_ignore(model: nn.Module, ignore: Sequence[str], names: Sequence[str]) -> None:
     unknown = [n for n in ignore if n not in names]
     if unknown:
-        raise ConfigError(f"ignore={unknown} names no site of this model; its sites are {', '.join(names) or 'none'}")
+        raise ConfigError(f"ignore names {unknown}, which match no site of {type(model).__name__}; "
+                          f"its sites are {list(names)}")
 
 
 def _failing_line(e: BaseException) -> str:
