@@ -78,7 +78,8 @@ def test_compress_model_accepts_a_dataloader_and_ignore_keeps_a_site():
     names = [s.name for s in find_sites(m, x[:2]).sites]
     assert names == ["fc1", "fc2"]
     small, rep = compress_model(m, loader, keep=0.5, ignore=["fc2"])
-    assert rep["after"]["widths"] == {"fc1": 24, "fc2": 32}
+    assert rep["after"]["widths"] == {"fc1": 24}  # an ignored site is no site: it keeps its width
+    assert small.fc2.out_features == 32 and small.fc2.in_features == 24
     assert [r["site"] for r in rep["sites"]] == ["fc1"]
     assert small(x).shape == (200, 4)
 

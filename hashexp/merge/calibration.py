@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from hashexp.errors import ConfigError
-from hashexp.merge.sites import MergeSite
+from hashexp.merge.sites import Consumer, MergeSite, consumer_output, site_input
 from hashexp.utils.seeding import P7919, derive_seed
 
 #: calibration samples when hashing.calib_samples is null (or the whole split if smaller)
@@ -84,9 +84,13 @@ class _Stop(Exception):
 
 
 def _rows(t: torch.Tensor, gen: torch.Generator, cap: int) -> torch.Tensor:
-    """(N, C, *spatial) -> (rows, C): all rows for Linear inputs, sampled positions for convs."""
+    """(N, C, *spatial) -> (rows, C): all rows for Linear inputs, sampled positions for convs.
+
+    Rows are a copy: a later in-place op of the model (``ReLU(inplace=True)``) must not change them.
+    """
     if t.dim() == 2:
-        return t.detach().float()
+        t = t.detach()
+        return t.float() if t.dtype != torch.float32 else t.clone()
     flat = t.detach().movedim(1, -1).reshape(-1, t.shape[1]).float()
     if flat.shape[0] <= cap:
         return flat
@@ -94,8 +98,20 @@ def _rows(t: torch.Tensor, gen: torch.Generator, cap: int) -> torch.Tensor:
     return flat.index_select(0, idx)
 
 
-def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """(out * kernel, in) float64 view of a Linear or conv weight: one row per output and tap."""
+def weight_matrix(module: nn.Module | Consumer, width: int | None = None) -> torch.Tensor:
+    """(out * kernel, in) float64 view of a Linear or conv weight: one row per output and tap.
+
+    For a :class:`Consumer` that reads the site at an offset or in blocks: only the site's
+    ``width`` columns, each block position counted as a tap.
+    """
+    if isinstance(module, Consumer):
+        cons, module = module, module.module
+        if not cons.plain:
+            w = module.weight.detach().double()
+            if cons.block > 1:
+                w = w.reshape(w.shape[0], -1, cons.block)
+            w = w[:, cons.offset:cons.offset + width]
+            return w.transpose(0, 1).reshape(w.shape[1], -1).T.contiguous()
     w = module.weight.detach().double()
     if w.dim() == 2:
         return w
@@ -127,17 +143,19 @@ def capture_site(model: nn.Module, site: MergeSite, x: torch.Tensor, seed: int =
             gens[key] = torch.Generator().manual_seed(derive_seed(seed, k, which, scale=P7919, weights=(31, 1)))
         return gens[key]
 
+    width = site.width
+
     def pre(module, inputs):
         k = k_of[id(module)]
-        rows = _rows(inputs[0], gen_for(k, 0), MAX_CONV_ROWS)
+        rows = _rows(site_input(site.consumers[k], inputs[0], width), gen_for(k, 0), MAX_CONV_ROWS)
         if before_consumer is not None:
             before_consumer(k, module, rows)
         cap.inputs[k] = rows.cpu()  # decisions are made on the CPU; only the refit runs on the device
-        cap.weights[k] = weight_matrix(module).cpu()
+        cap.weights[k] = weight_matrix(site.consumers[k], width).cpu()
 
     def post(module, inputs, output):
         k = k_of[id(module)]
-        cap.outputs[k] = _rows(output, gen_for(k, 1), MAX_CONV_ROWS).cpu()
+        cap.outputs[k] = _rows(consumer_output(module, output), gen_for(k, 1), MAX_CONV_ROWS).cpu()
         seen.add(k)
         if len(seen) == n:
             raise _Stop

@@ -41,7 +41,7 @@ from hashexp.errors import ConfigError, DataError
 from hashexp.merge import calibration as cal
 from hashexp.merge.pull import PullConfig
 from hashexp.merge.sites import MergeSite, model_sites
-from hashexp.merge.surgery import (MergePlan, apply_consumers, apply_producers, merge_plan, prune_plan,
+from hashexp.merge.surgery import (MergePlan, apply_consumers, apply_producers, check_plan, merge_plan, prune_plan,
                                    refit_consumer)
 from hashexp.utils.checks import check_at_least, check_cosine, check_fraction
 from hashexp.utils.seeding import P1000003, P1009, P7919, derive_seed
@@ -235,6 +235,7 @@ class Compressor:
                     plan = dist.broadcast_plan(plan, site)
             error = 0.0
             if plan is not None and plan.new_width < before:
+                check_plan(site, plan, f"hashing={self.name} (compensation={self.compensation})")
                 apply_producers(site, plan, optimizer)
                 if self.compensation == "lsq":
                     maps = self._refit(model, site, plan, cap, calib, seed, optimizer, norm_of) if main else None
@@ -242,7 +243,7 @@ class Compressor:
                         maps = dist.broadcast_object(maps)
                         if not main:
                             for cons, (t, c) in zip(site.consumers, maps["maps"]):
-                                refit_consumer(cons.module, t.to(cons.module.weight.device),
+                                refit_consumer(cons, t.to(cons.module.weight.device),
                                                c.to(cons.module.weight.device), optimizer,
                                                norm_of.get(id(cons.module)))
                     error = maps["error"]
@@ -303,7 +304,7 @@ class Compressor:
 
         def refit(k: int, module, rows: torch.Tensor) -> None:
             t, c = cal.lsq_map(cap.inputs[k].to(rows.device), rows, self.ridge, prior)
-            refit_consumer(module, t.to(rows.device), c.to(rows.device), optimizer, norm_of.get(id(module)))
+            refit_consumer(site.consumers[k], t.to(rows.device), c.to(rows.device), optimizer, norm_of.get(id(module)))
             maps[k] = (t.cpu(), c.cpu())
 
         after = cal.capture_site(model, site, calib, seed, before_consumer=refit)

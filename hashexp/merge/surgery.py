@@ -19,6 +19,11 @@ optimizer's param groups, with its state re-mapped.
 
 A plan may also drop neurons (label -1): that is structured pruning, used by the magnitude
 baseline, through the same code path.
+
+Traced sites (:mod:`hashexp.merge.discovery`) may have consumers that read the site at an offset
+or in blocks (only the site's columns change) and per-channel members (BatchNorm after a
+concatenation, depthwise convs). Members can only keep or drop channels, so a plan that folds
+several neurons into one is refused on such a site (:func:`check_plan`).
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hashexp.merge.sites import MergeSite, norm_affine
+from hashexp.errors import ConfigError
+from hashexp.merge.sites import Consumer, MergeSite, norm_affine
 
 _EPS = 1e-12
 
@@ -180,6 +186,85 @@ def apply_plan(site: MergeSite, plan: MergePlan, optimizer: torch.optim.Optimize
     apply_consumers(site, plan, optimizer)
 
 
+def is_selection(plan: MergePlan) -> bool:
+    """True when each group's representative is one of its members, unchanged (r = 1 there, 0 for
+    the others): producers keep or drop rows, consumers may still add the members' columns."""
+    keep = plan.labels >= 0
+    labels, r = plan.labels[keep], plan.r[keep]
+    chosen = r != 0
+    if not bool(torch.allclose(r[chosen], torch.ones_like(r[chosen]))):
+        return False
+    return bool((torch.bincount(labels[chosen], minlength=plan.new_width) == 1).all())
+
+
+def check_plan(site: MergeSite, plan: MergePlan, what: str = "this plan") -> None:
+    """Refuse a plan whose representatives mix several neurons' rows on a site where only keeping
+    a member (and adding the others' consumer columns to it) is exact."""
+    if site.restricted and not is_selection(plan):
+        raise ConfigError(f"site {site.name}: {what} replaces neurons by a mix of several, but {site.restricted}; "
+                          "use hashing.compensation=lsq with hashing.representative=keep (or a pruning baseline), "
+                          "or leave the site out (ignore / hashing.sites)")
+
+
+def _swap(module: nn.Module, attr: str, fn, fn_sq, optimizer: torch.optim.Optimizer | None) -> None:
+    """Replace ``module.attr`` by ``fn(old)`` (a new Parameter) and map its optimizer state alike
+    (second moments, keys with "sq", by ``fn_sq``)."""
+    old = getattr(module, attr)
+    new = fn(old.data)
+    param = nn.Parameter(new.contiguous(), requires_grad=old.requires_grad)
+    setattr(module, attr, param)
+    if optimizer is None:
+        return
+    for group in optimizer.param_groups:
+        group["params"] = [param if q is old else q for q in group["params"]]
+    st = optimizer.state.pop(old, None)
+    if st is None:
+        return
+    for key, val in list(st.items()):
+        if torch.is_tensor(val) and val.shape == old.shape and val.dim() > 0:
+            st[key] = (fn_sq if "sq" in key else fn)(val)
+    optimizer.state[param] = st
+
+
+def _selection_index(plan: MergePlan) -> torch.Tensor:
+    """For a selection plan: the old channel kept for each new channel, in label order."""
+    kept = ((plan.labels >= 0) & (plan.r != 0)).nonzero().flatten()
+    return kept[plan.labels[kept].argsort()]
+
+
+def apply_members(site: MergeSite, plan: MergePlan, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Members keep the channels the plan keeps (each member's other sites' channels stay)."""
+    if not site.members:
+        return
+    check_plan(site, plan)
+    src = _selection_index(plan)
+    width = len(plan.labels)
+    with torch.no_grad():
+        for mem in site.members:
+            mod = mem.module
+            off = mem.offset
+            total = _channels(mod)
+            idx = torch.cat([torch.arange(off), off + src.cpu(), torch.arange(off + width, total)])
+            n_total = len(idx)
+            for name, p in list(mod.named_parameters(recurse=False)):
+                if p.dim() and p.shape[0] == total:
+                    i = idx.to(p.device)
+                    _swap(mod, name, lambda t, i=i: t.index_select(0, i), lambda t, i=i: t.index_select(0, i), optimizer)
+            for name, b in list(mod.named_buffers(recurse=False)):
+                if b is not None and b.dim() and b.shape[0] == total:
+                    setattr(mod, name, b.index_select(0, idx.to(b.device)))
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                mod.num_features = n_total
+            elif isinstance(mod, nn.modules.conv._ConvNd):
+                mod.in_channels = mod.out_channels = mod.groups = n_total
+
+
+def _channels(mod: nn.Module) -> int:
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        return int(mod.num_features)
+    return int(mod.weight.shape[0])
+
+
 def apply_producers(site: MergeSite, plan: MergePlan, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Producers (and their norms) become the group representatives ``sum r_i p_i``."""
     labels, r, a, n = plan.labels, plan.r, plan.a, plan.new_width
@@ -217,17 +302,35 @@ def apply_producers(site: MergeSite, plan: MergePlan, optimizer: torch.optim.Opt
                     remap(bn, "bias", beta_r, labels, a, 0, n)
                 bn.num_features = n
             _set_out(mod, n)
+    apply_members(site, plan, optimizer)
 
 
 def apply_consumers(site: MergeSite, plan: MergePlan, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Consumers take the weight rule: new column g = ``sum_{labels==g} m_i V[:, i]``."""
     labels, m, n = plan.labels, plan.m, plan.new_width
     remap = _StateMapper(optimizer)
+    width = len(labels)
     with torch.no_grad():
         for cons in site.consumers:
             mod = cons.module
-            remap(mod, "weight", _combine(mod.weight.data, labels, m, 1, n), labels, m, 1, n)
-            _set_in(mod, n)
+            if cons.plain:
+                remap(mod, "weight", _combine(mod.weight.data, labels, m, 1, n), labels, m, 1, n)
+                _set_in(mod, n)
+                continue
+            m_sq = m * m
+            _swap(mod, "weight", lambda t: _on_site(t, cons, width, lambda w: _combine(w, labels, m, 1, n)),
+                  lambda t: _on_site(t, cons, width, lambda w: _combine(w, labels, m_sq, 1, n)), optimizer)
+            _set_in(mod, int(mod.weight.shape[1]))
+
+
+def _on_site(w: torch.Tensor, cons: Consumer, width: int, fn) -> torch.Tensor:
+    """Apply ``fn`` to the site's columns of a consumer weight, as (out, width, *kernel or block)."""
+    block = cons.block
+    v = w.reshape(w.shape[0], -1, block) if block > 1 else w
+    off = cons.offset
+    mid = fn(v[:, off:off + width])
+    out = torch.cat([v[:, :off], mid.to(v.dtype), v[:, off + width:]], 1)
+    return out.reshape(w.shape[0], -1) if block > 1 else out
 
 
 def _dense_map(t: torch.Tensor, tmap: torch.Tensor) -> torch.Tensor:
@@ -235,7 +338,7 @@ def _dense_map(t: torch.Tensor, tmap: torch.Tensor) -> torch.Tensor:
     return torch.einsum("oi...,gi->og...", t, tmap.to(t.dtype))
 
 
-def refit_consumer(module: nn.Module, tmap: torch.Tensor, shift: torch.Tensor | None,
+def refit_consumer(module: nn.Module | Consumer, tmap: torch.Tensor, shift: torch.Tensor | None,
                    optimizer: torch.optim.Optimizer | None = None,
                    norm: nn.modules.batchnorm._BatchNorm | None = None) -> None:
     """Least-squares refit of one consumer: input features x_old = x_new @ tmap + shift.
@@ -244,8 +347,16 @@ def refit_consumer(module: nn.Module, tmap: torch.Tensor, shift: torch.Tensor | 
     over kernel positions). A consumer without bias hands the constant W shift to the BatchNorm
     that follows it (``norm``): its running mean moves by -W shift, so eval outputs are unchanged
     (train-mode batch statistics absorb it anyway). Optimizer moments follow the same map
-    (second moments with squared coefficients).
+    (second moments with squared coefficients). A :class:`Consumer` that reads the site at an
+    offset or in blocks has only the site's columns mapped.
     """
+    if isinstance(module, Consumer):
+        cons = module
+        norm = norm if norm is not None else cons.norm
+        if not cons.plain:
+            _refit_columns(cons, tmap, shift, optimizer, norm)
+            return
+        module = cons.module
     n_new = int(tmap.shape[0])
     with torch.no_grad():
         old = module.weight
@@ -271,6 +382,28 @@ def refit_consumer(module: nn.Module, tmap: torch.Tensor, shift: torch.Tensor | 
             elif norm is not None and norm.running_mean is not None:
                 norm.running_mean.sub_(delta.to(norm.running_mean.dtype))
         _set_in(module, n_new)
+
+
+def _refit_columns(cons: Consumer, tmap: torch.Tensor, shift: torch.Tensor | None,
+                   optimizer: torch.optim.Optimizer | None, norm) -> None:
+    """:func:`refit_consumer` on the site's columns of a consumer that reads other channels too."""
+    mod = cons.module
+    width = int(tmap.shape[1])
+    with torch.no_grad():
+        w = mod.weight.data
+        if shift is not None:
+            v = w.reshape(w.shape[0], -1, cons.block) if cons.block > 1 else w
+            mid = v[:, cons.offset:cons.offset + width].double()
+            delta = (mid.flatten(2).sum(2) if mid.dim() > 2 else mid) @ shift.double().to(w.device)
+        tm, tm_sq = tmap.double(), (tmap * tmap).double()
+        _swap(mod, "weight", lambda t: _on_site(t, cons, width, lambda x: _dense_map(x.double(), tm).to(x.dtype)),
+              lambda t: _on_site(t, cons, width, lambda x: _dense_map(x.double(), tm_sq).to(x.dtype)), optimizer)
+        if shift is not None:
+            if getattr(mod, "bias", None) is not None:
+                mod.bias.data.add_(delta.to(mod.bias.dtype))
+            elif norm is not None and norm.running_mean is not None:
+                norm.running_mean.sub_(delta.to(norm.running_mean.dtype))
+        _set_in(mod, int(mod.weight.shape[1]))
 
 
 def _set_out(mod: nn.Module, n: int) -> None:

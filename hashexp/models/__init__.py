@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from hydra.utils import get_class
+from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -38,7 +38,7 @@ def build_model(cfg: DictConfig | Mapping, input_shape, num_classes: int,
     if target is None:
         raise ConfigError("model config has no _target_; pick one with model=mlp or model=resnet20")
     try:
-        cls = get_class(target)
+        cls = get_object(target)
     except Exception as e:  # hydra raises ImportError / ValueError variants
         raise ConfigError(f"model._target_={target!r} cannot be imported: {e}") from None
     if "name" in kwargs and "name" not in inspect.signature(cls).parameters:

@@ -61,6 +61,10 @@ class MLP(nn.Module, HasMergeSites):
             x = act(layer(x))
         return self.layers[-1](x)
 
+    def site_names(self) -> dict[str, str]:
+        """Names of the traced sites by first producer: hidden layer i is ``fc{i+1}``."""
+        return {f"layers.{i}": f"fc{i + 1}" for i in range(len(self.acts))}
+
     def merge_sites(self) -> list[MergeSite]:
         return [
             MergeSite(name=f"fc{i + 1}", producers=[Producer(self.layers[i])], consumers=[Consumer(self.layers[i + 1])],

@@ -188,6 +188,17 @@ class ResNet(nn.Module, HasMergeSites):
             x = stage(x)
         return self.fc(x.mean(dim=(2, 3)))
 
+    def site_names(self) -> dict[str, str]:
+        """Names of the traced sites by first producer: ``stream{k}`` (opened by the stem or a
+        stage's shortcut conv) and ``layer{k}.{b}.inner`` (a block's conv1)."""
+        names = {"conv1": "stream1"}
+        for k, stage in enumerate(self.stages):
+            if k > 0:
+                names[f"layer{k + 1}.0.shortcut.0"] = f"stream{k + 1}"
+            for b in range(len(stage)):
+                names[f"layer{k + 1}.{b}.conv1"] = f"layer{k + 1}.{b}.inner"
+        return names
+
     def merge_sites(self) -> list[MergeSite]:
         """Stream and block-internal sites in forward order: stream1, layer1.0.inner, ..., stream2, ..."""
         stages = self.stages

@@ -1,0 +1,213 @@
+"""Merge sites found by tracing: any model, no hand-written site declarations.
+
+``find_sites(model, x)`` runs the model once on ``x`` and records every call
+(:mod:`~hashexp.merge.discovery.trace`), follows each Linear/Conv output channel to the layers
+that read it (:mod:`~hashexp.merge.discovery.walk`), builds the sites in forward order with
+their names, taps and activations (:mod:`~hashexp.merge.discovery.build`), and checks each one by
+number (:mod:`~hashexp.merge.discovery.verify`). What it does not understand it refuses, with the
+op and module path (fail closed): a refused width stays as it is.
+
+    from hashexp.merge.discovery import find_sites
+    found = find_sites(torchvision.models.resnet18(), torch.randn(2, 3, 64, 64))
+    print(found)            # the sites, and the skipped widths with why
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from hashexp.errors import ConfigError
+from hashexp.merge.discovery.build import SkippedSite, build_sites
+from hashexp.merge.discovery.trace import trace
+from hashexp.merge.discovery.verify import verify_sites
+from hashexp.merge.discovery.walk import Walk
+from hashexp.merge.sites import MergeSite
+
+__all__ = ["SiteDiscovery", "SkippedSite", "attach_example", "discovered_sites", "find_sites", "shrink_to_widths"]
+
+#: samples of the example input used by the numerical check (it needs no more)
+VERIFY_SAMPLES = 2
+
+
+@dataclass
+class SiteDiscovery:
+    """What :func:`find_sites` found.
+
+    Attributes:
+        sites: the merge sites, in forward order.
+        skipped: widths found but refused, each with its reason.
+        trace_s: seconds spent tracing, walking and verifying.
+    """
+
+    sites: list[MergeSite]
+    skipped: list[SkippedSite] = field(default_factory=list)
+    trace_s: float = 0.0
+    paths: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def __str__(self) -> str:
+        rows = [("site", "kind", "width", "producers", "consumers")]
+        for s in self.sites:
+            rows.append((s.name, s.kind, str(s.width), str(len(s.producers)), str(len(s.consumers))))
+        w = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines = ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows]
+        lines.insert(1, "  ".join("-" * x for x in w))
+        out = [f"{len(self.sites)} sites, {len(self.skipped)} skipped, traced in {self.trace_s:.2f} s", *lines]
+        if self.skipped:
+            out.append("skipped:")
+            out += [f"  {s.name} ({s.kind}, width {s.width}): {s.reason}" for s in self.skipped]
+        return "\n".join(out)
+
+
+def _example_slice(x: Any, n: int) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x[:n]
+    if isinstance(x, tuple):
+        return tuple(_example_slice(t, n) for t in x)
+    return x
+
+
+def find_sites(model: nn.Module, example_input: torch.Tensor, ignore: Sequence[str] = (),
+               verify: bool = True) -> SiteDiscovery:
+    """Trace ``model`` on ``example_input`` and return its merge sites and the refused widths.
+
+    Args:
+        model: any ``nn.Module``; it runs once in eval mode without gradients (its training
+            flags and BatchNorm statistics are left as they were).
+        example_input: a real batch (a tensor, or a tuple of positional inputs). Sites are
+            found by running it, so it must take the paths that training takes.
+        ignore: site names (or any producer's module path) to leave at full width.
+        verify: check every site by number (:mod:`~hashexp.merge.discovery.verify`); a site
+            that fails is refused with what changed where.
+
+    The example input is remembered on the model (:func:`attach_example`), so that
+    :func:`hashexp.merge.sites.model_sites` can re-trace it later.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a few tiny forwards: threads only add contention
+    try:
+        return _find_sites(model, example_input, ignore, verify)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _find_sites(model: nn.Module, example_input: Any, ignore: Sequence[str], verify: bool) -> SiteDiscovery:
+    t0 = time.perf_counter()
+    x = _example_slice(example_input, max(VERIFY_SAMPLES, 2))
+    try:
+        tr = trace(model, x)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"find_sites: running {type(model).__name__} on the example input failed "
+                          f"({type(e).__name__}: {e}); pass an input the model accepts, or declare the "
+                          "sites with model.merge_sites()") from e
+    walk = Walk(tr)
+    sites, skipped = build_sites(walk, tr, model)
+    ignore = list(ignore or ())
+    if ignore:
+        keys = {s.name: s for s in sites}
+        by_path = {_path(model, p.module): s for s in sites for p in s.producers}
+        known = set(keys) | set(by_path) | {s.name for s in skipped}
+        unknown = [k for k in ignore if k not in known]
+        if unknown:
+            raise ConfigError(f"ignore names {unknown}, which match no site of {type(model).__name__}; "
+                              f"its sites are {[s.name for s in sites]}")
+        drop = {id(keys.get(k) or by_path.get(k)) for k in ignore if k in keys or k in by_path}
+        for s in [s for s in sites if id(s) in drop]:
+            skipped.append(SkippedSite(s.name, s.kind, s.width, "ignored by the caller"))
+        sites = [s for s in sites if id(s) not in drop]
+    if verify and sites:
+        failed = verify_sites(model, x, sites)
+        for s in [s for s in sites if s.name in failed]:
+            skipped.append(SkippedSite(s.name, s.kind, s.width, failed[s.name]))
+        sites = [s for s in sites if s.name not in failed]
+    found = SiteDiscovery(sites, skipped, time.perf_counter() - t0)
+    found.paths = {_path(model, m): id(m) for m in _modules(sites)}
+    attach_example(model, example_input)
+    object.__setattr__(model, "_hashexp_discovery", found)
+    object.__setattr__(model, "_hashexp_ignore", tuple(ignore))
+    return found
+
+
+def _modules(sites: list[MergeSite]) -> list[nn.Module]:
+    out = []
+    for s in sites:
+        out += [p.module for p in s.producers] + [p.norm for p in s.producers if p.norm is not None]
+        out += [c.module for c in s.consumers] + [m.module for m in s.members]
+        if s.tap is not None:
+            out.append(s.tap)
+    return out
+
+
+def _path(model: nn.Module, m: nn.Module) -> str:
+    for p, mm in model.named_modules():
+        if mm is m:
+            return p
+    return "?"
+
+
+def attach_example(model: nn.Module, x: Any) -> None:
+    """Remember an example input on ``model`` (a few samples, on the CPU) for later re-tracing."""
+    small = _example_slice(x, max(VERIFY_SAMPLES, 2))
+    small = tuple(t.detach().cpu().clone() for t in small) if isinstance(small, tuple) else small.detach().cpu().clone()
+    object.__setattr__(model, "_hashexp_example", small)
+
+
+def _example_for(model: nn.Module) -> Any:
+    x = getattr(model, "_hashexp_example", None)
+    if x is None:
+        shape = getattr(model, "input_shape", None)
+        if shape is None:
+            raise ConfigError(f"{type(model).__name__} declares no merge_sites() and has no example input; "
+                              "call hashexp.merge.discovery.find_sites(model, x) or attach_example(model, x) first")
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn((VERIFY_SAMPLES, *shape), generator=gen)
+    p = next(model.parameters(), None)
+    if p is not None:
+        x = tuple(t.to(p.device) for t in x) if isinstance(x, tuple) else x.to(p.device)
+    return x
+
+
+def _still_valid(model: nn.Module, found: SiteDiscovery) -> bool:
+    mods = dict(model.named_modules())
+    return all(p in mods and id(mods[p]) == i for p, i in found.paths.items())
+
+
+def discovered_sites(model: nn.Module) -> list[MergeSite]:
+    """The traced sites of ``model``, cached on it (re-traced if its modules were replaced)."""
+    found = getattr(model, "_hashexp_discovery", None)
+    if found is None or not _still_valid(model, found):
+        found = find_sites(model, _example_for(model), ignore=getattr(model, "_hashexp_ignore", ()))
+    return found.sites
+
+
+def shrink_to_widths(model: nn.Module, widths: Mapping[str, int], example_input: Any = None) -> None:
+    """Slim a freshly built full-width model to merged widths: each named site keeps its first w channels.
+
+    A traced model is rebuilt from its architecture plus these widths, and then its merged
+    model.pt state dict loads into it. Unknown names and widths above a site's width are errors.
+    """
+    from hashexp.merge.surgery import apply_plan, prune_plan
+
+    if example_input is not None:
+        find_sites(model, example_input, ignore=getattr(model, "_hashexp_ignore", ()))
+    sites = {s.name: s for s in discovered_sites(model)}
+    unknown = sorted(set(widths) - set(sites))
+    if unknown:
+        raise ConfigError(f"widths name {unknown}, which are not sites of {type(model).__name__} "
+                          f"(its sites: {sorted(sites)})")
+    for name, w in widths.items():
+        site = sites[name]
+        w = int(w)
+        if not 1 <= w <= site.width:
+            raise ConfigError(f"width {w} for site {name} must be in 1..{site.width}")
+        if w < site.width:
+            apply_plan(site, prune_plan(site, torch.arange(w, device=site.device)))
+
+
