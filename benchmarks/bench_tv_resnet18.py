@@ -63,12 +63,12 @@ def main() -> None:
     from hashexp.metrics import accuracy, count_flops
     from hashexp.train.finetune import finetune
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # one thread: the shared machine is oversubscribed, more threads only spin
     out = Path(a.out_dir)
     if a.smoke:
         a.subset, a.epochs, a.finetune_steps, out = 1024, 1, 4, out / "smoke"
     args = ["model=torchvision", "model.arch=resnet18", "hashing=none", f"dataset.subset_train={a.subset}",
-            f"trainer.epochs={a.epochs}", "seed=0"]
+            f"trainer.epochs={a.epochs}", "trainer.num_threads=1", "seed=0"]
     m = run(args, out / "vanilla")
     model0, cfg = load_run(str(out / "vanilla"))
     data = build_dataset(cfg.dataset, seed=0)

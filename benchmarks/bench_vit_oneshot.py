@@ -62,7 +62,7 @@ def main() -> None:
     from hashexp.merge.sites import model_widths
     from hashexp.metrics import accuracy
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # one thread: the shared machine is oversubscribed, more threads only spin
     out = Path(a.out_dir)
     if a.smoke:
         a.subset, a.epochs, out = 1024, 1, out / "smoke"
