@@ -200,3 +200,33 @@ def test_torchrun_two_ranks_train_a_vit_like_one_process(tmp_path, npz_images):
     assert a["world_size"] == 2 and a["rehashes"] == b["rehashes"] >= 2
     assert a["widths"] == b["widths"] != a["widths_before"]
     assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
+
+
+def test_compress_cli_compresses_a_trained_vit_run(tmp_path, npz_images):
+    from hashexp.app import train_run
+    from hashexp.compress import main
+
+    run = ["dataset=npz", f"dataset.path={npz_images}", "model=vit", "model.dim=16", "model.depth=2", "model.heads=2",
+           "model.patch=4", "trainer.epochs=1", "trainer.num_threads=1", "trainer.logging.progress=none", "seed=0"]
+    from omegaconf import OmegaConf
+
+    cfg = compose(run)
+    train_run(cfg, str(tmp_path / "run"))
+    (tmp_path / "run" / ".hydra").mkdir()  # what the Hydra app writes: the CLI reads the dataset from it
+    OmegaConf.save(cfg, tmp_path / "run" / ".hydra" / "config.yaml")
+    assert main([str(tmp_path / "run"), "--keep", "0.5", "--out", str(tmp_path / "small")]) == 0
+    small = load_model(tmp_path / "small" / "model.pt")
+    assert model_widths(small) == {"blocks.0.mlp.fc1": 32, "blocks.1.mlp.fc1": 32}
+
+
+def test_timm_model_compresses_through_the_api():
+    pytest.importorskip("timm")
+    from hashexp.models.adapters import timm_model
+
+    torch.manual_seed(0)
+    m = timm_model((1, 16, 16), 4, "resnet18")
+    x = torch.randn(32, 1, 16, 16)
+    small, rep = compress_model(m, x, keep=0.5)
+    assert len(rep["sites"]) >= 9  # streams and block-internal widths of timm's ResNet-18
+    assert rep["after"]["flops"] < 0.4 * rep["before"]["flops"]
+    assert small(x).shape == (32, 4)
