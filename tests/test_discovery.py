@@ -391,3 +391,77 @@ def test_ignore_leaves_sites_whole_and_unknown_names_are_an_error():
     assert {s.name: s.reason for s in found.skipped}["b"] == "ignored by the caller"
     with pytest.raises(ConfigError, match="match no site"):
         find_sites(m, torch.randn(2, 2, 4, 4), ignore=["nope"])
+
+
+# ------------------------------------------------------------------ torchvision: random init, no downloads
+def _tv_size(name: str) -> int:
+    if name.startswith(("vit", "maxvit")):
+        return 224
+    if name.startswith("inception"):
+        return 96
+    if name.startswith(("swin", "convnext", "alexnet", "googlenet")):
+        return 64
+    return 32
+
+
+def check_torchvision(name: str, all_sites: bool) -> None:
+    """Find sites (or refuse with reasons); no-op, planted duplicates, keep=0.5 on some or all sites;
+    then another batch size (and resolution for convnets), train mode + backward, rebuild + load."""
+    torchvision = pytest.importorskip("torchvision")
+    from hashexp.metrics import count_flops
+
+    torch.manual_seed(0)
+    s = _tv_size(name)
+    kw = {"aux_logits": False, "init_weights": False} if name in ("inception_v3", "googlenet") else {}
+    build = lambda: torchvision.models.get_model(name, num_classes=10, **kw).eval()  # noqa: E731
+    m = build()
+    x = torch.randn(2, 3, s, s)
+    found = find_sites(m, x)
+    assert found.sites or found.skipped
+    assert all(sk.reason for sk in found.skipped)
+    if not found.sites:
+        return
+    picks = found.sites if all_sites else list({id(t): t for t in (found.sites[0], found.sites[len(found.sites) // 2],
+                                                                     found.sites[-1])}.values())
+    names = [t.name for t in picks]
+    m0 = copy.deepcopy(m)
+    assert noop_error(m0, x, find_sites(m0, x, verify=False).sites) <= 1e-5
+    for n in names:
+        mp = copy.deepcopy(m)
+        site = {t.name: t for t in find_sites(mp, x, verify=False).sites}[n]
+        assert planted_error(mp, x, site) < 1e-4, n
+    flops0 = count_flops(m, (3, s, s))
+    before = {t.name: t.width for t in found.sites}
+    compress_half(m, torch.randn(8, 3, s, s), sites=names, candidates="exact")
+    widths = {t.name: t.width for t in find_sites(m, x, verify=False).sites}
+    for n in names:
+        assert widths[n] == max(1, round(before[n] * 0.5)), n
+    assert count_flops(m, (3, s, s)) < flops0
+    s2 = s if name.startswith(("vit", "maxvit")) else s + 16
+    m.train()
+    out = m(torch.randn(3, 3, s2, s2))
+    out = out if isinstance(out, torch.Tensor) else out[0]
+    out.sum().backward()
+    m.eval()
+    fresh = build()
+    shrink_to_widths(fresh, widths, x)
+    fresh.load_state_dict(m.state_dict())
+    assert rel(fresh(x), m(x)) < 1e-6
+
+
+#: one model per family; the quick ones run in the default suite, the rest are marked slow
+FAMILIES_FAST = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf",
+                 "shufflenet_v2_x0_5", "squeezenet1_1", "mnasnet0_5", "alexnet"]
+FAMILIES_SLOW = ["googlenet", "densenet121", "vgg11_bn", "resnext50_32x4d", "convnext_tiny", "swin_t",
+                 "wide_resnet50_2", "vit_b_32", "regnet_y_400mf", "inception_v3", "maxvit_t"]
+
+
+@pytest.mark.parametrize("name", FAMILIES_FAST)
+def test_torchvision_family(name):
+    check_torchvision(name, all_sites=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILIES_SLOW)
+def test_torchvision_family_slow(name):
+    check_torchvision(name, all_sites=False)
