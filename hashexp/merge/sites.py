@@ -268,11 +268,20 @@ def model_sites(model: nn.Module) -> list[MergeSite]:
 
 
 class HasMergeSites:
-    """Mixin for models: ``widths()`` of the model's sites (declared or traced).
+    """Mixin for models: ``merge_sites()`` (traced unless a model overrides it) and ``widths()``.
 
-    A model rebuilt from ``widths()`` must have the same parameter shapes as the merged one,
-    so that model.pt can be loaded into a freshly built model.
+    The sites are found by tracing the model on random inputs of its ``input_shape``
+    (:mod:`hashexp.merge.discovery`), named by ``site_names()`` if the model has it. A model may
+    still declare its sites by hand by overriding ``merge_sites()``. A model rebuilt from
+    ``widths()`` must have the same parameter shapes as the merged one, so that model.pt can be
+    loaded into a freshly built model.
     """
+
+    def merge_sites(self) -> list[MergeSite]:
+        """The model's merge sites in forward order (traced once, cached on the model)."""
+        from hashexp.merge.discovery import discovered_sites
+
+        return discovered_sites(self)
 
     def widths(self) -> dict[str, int]:
         """``{site name: width}`` of the model's sites."""

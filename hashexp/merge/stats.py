@@ -2,6 +2,8 @@
 
 Forward hooks on each site's tap sum |activation| per neuron over recent training batches; the
 compressor weighs group members by these sums (an activation-weighted mean of their directions).
+A traced site without a tap of its own (an activation module shared with other sites) is
+measured on its first consumer's input instead (its channels only).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from collections import deque
 
 import torch
 
-from hashexp.merge.sites import MergeSite
+from hashexp.merge.sites import MergeSite, site_input
 
 
 class ActivationStats:
@@ -31,10 +33,19 @@ class ActivationStats:
                 self._attach(s)
 
     def _attach(self, site: MergeSite) -> None:
-        if site.tap is None:
-            return
         buf: deque = deque(maxlen=self.window or None)
         self.buffers[site.name] = buf
+        if site.tap is None:
+            cons = site.consumers[0]
+
+            def pre(module, inputs, buf=buf, site=site, cons=cons):
+                if module.training and torch.is_tensor(inputs[0]):
+                    with torch.no_grad():
+                        x = site_input(cons, inputs[0], site.width)
+                        buf.append(x.detach().abs().sum(dim=[d for d in range(x.dim()) if d != 1]).float())
+
+            self.handles.append(cons.module.register_forward_pre_hook(pre))
+            return
 
         def hook(module, inputs, output, buf=buf):
             if module.training and torch.is_tensor(output):

@@ -3,6 +3,8 @@
 The classic fully connected classifier used by the hashed-network papers (SLIDE, MONGOOSE
 train such MLPs with LSH). Each hidden layer i is a site: its Linear is the producer, the next
 Linear the consumer, and the activation module the tap whose output the compressor watches.
+The sites are found by tracing (hashexp.merge.discovery) and named ``fc1``, ``fc2``, ... by
+:meth:`MLP.site_names`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 from torch import nn
 
 from hashexp.errors import ConfigError
-from hashexp.merge.sites import Consumer, HasMergeSites, MergeSite, Producer
+from hashexp.merge.sites import HasMergeSites
 
 _ACT = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "leaky_relu": nn.LeakyReLU}
 
@@ -48,6 +50,7 @@ class MLP(nn.Module, HasMergeSites):
             raise ConfigError(f"model.widths must be positive integers, got {widths}")
         if activation not in _ACT:
             raise ConfigError(f"model.activation={activation!r} is not supported; choose one of {sorted(_ACT)}")
+        self.input_shape = tuple(int(d) for d in input_shape)
         self.input_dim = int(prod(input_shape))
         self.num_classes = int(num_classes)
         self.activation = activation
@@ -64,10 +67,3 @@ class MLP(nn.Module, HasMergeSites):
     def site_names(self) -> dict[str, str]:
         """Names of the traced sites by first producer: hidden layer i is ``fc{i+1}``."""
         return {f"layers.{i}": f"fc{i + 1}" for i in range(len(self.acts))}
-
-    def merge_sites(self) -> list[MergeSite]:
-        return [
-            MergeSite(name=f"fc{i + 1}", producers=[Producer(self.layers[i])], consumers=[Consumer(self.layers[i + 1])],
-                      activation=self.activation, tap=self.acts[i])
-            for i in range(len(self.acts))
-        ]

@@ -7,7 +7,8 @@ channels; for small images its stem is a single 3x3 stride-1 conv without max-po
 CIFAR adaptation). Shortcuts are option B: a 1x1 conv + BN where the width or stride changes,
 the identity otherwise. Convs have no bias (BN follows); global average pool, then Linear.
 
-Merge sites (hashexp.merge.sites), in forward order:
+Merge sites (hashexp.merge.sites), in forward order, as the tracer (hashexp.merge.discovery) finds
+them and :meth:`ResNet.site_names` names them:
 
 - ``stream{k}``: the residual stream of stage k. An identity shortcut adds a block's input to
   its output channel by channel, so merging channel j into i on the output forces the same merge
@@ -42,7 +43,7 @@ import torch
 from torch import nn
 
 from hashexp.errors import ConfigError
-from hashexp.merge.sites import Consumer, HasMergeSites, MergeSite, Producer
+from hashexp.merge.sites import HasMergeSites
 
 
 @dataclass(frozen=True)
@@ -198,32 +199,6 @@ class ResNet(nn.Module, HasMergeSites):
             for b in range(len(stage)):
                 names[f"layer{k + 1}.{b}.conv1"] = f"layer{k + 1}.{b}.inner"
         return names
-
-    def merge_sites(self) -> list[MergeSite]:
-        """Stream and block-internal sites in forward order: stream1, layer1.0.inner, ..., stream2, ..."""
-        stages = self.stages
-        sites: list[MergeSite] = []
-        for k, stage in enumerate(stages):
-            blocks = list(stage)
-            if k == 0:
-                producers = [Producer(self.conv1, self.bn1)]
-                readers = blocks  # the stem's stream is read by every block of stage 1
-            else:
-                producers = [Producer(blocks[0].shortcut[0], blocks[0].shortcut[1])]
-                readers = blocks[1:]  # block 0 reads the previous stream
-            producers += [Producer(b.conv2, b.bn2) for b in blocks]
-            consumers = [Consumer(b.conv1) for b in readers]
-            if k + 1 < len(stages):
-                nxt = stages[k + 1][0]
-                consumers += [Consumer(nxt.conv1), Consumer(nxt.shortcut[0])]
-            else:
-                consumers.append(Consumer(self.fc))
-            sites.append(MergeSite(name=f"stream{k + 1}", producers=producers, consumers=consumers,
-                                   activation="relu", tap=self.stream_acts[k]))
-            for b, blk in enumerate(blocks):
-                sites.append(MergeSite(name=f"layer{k + 1}.{b}.inner", producers=[Producer(blk.conv1, blk.bn1)],
-                                       consumers=[Consumer(blk.conv2)], activation="relu", tap=blk.act1))
-        return sites
 
 
 def cifar_stages(depth: int) -> list[Stage]:

@@ -107,6 +107,12 @@ def _find_sites(model: nn.Module, example_input: Any, ignore: Sequence[str], ver
         raise ConfigError(f"find_sites: running {type(model).__name__} on the example input failed "
                           f"({type(e).__name__}: {e}); pass an input the model accepts, or declare the "
                           "sites with model.merge_sites()") from e
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    if any(id(m) not in tr.calls for m in layers):
+        # some layers only run in training mode (auxiliary classifiers): trace that path
+        tr_train = trace(model, x, train=True)
+        if sum(id(m) in tr_train.calls for m in layers) > sum(id(m) in tr.calls for m in layers):
+            tr = tr_train
     walk = Walk(tr)
     sites, skipped = build_sites(walk, tr, model)
     ignore = list(ignore or ())
@@ -195,8 +201,8 @@ def shrink_to_widths(model: nn.Module, widths: Mapping[str, int], example_input:
     """
     from hashexp.merge.surgery import apply_plan, prune_plan
 
-    if example_input is not None:
-        find_sites(model, example_input, ignore=getattr(model, "_hashexp_ignore", ()))
+    if example_input is not None:  # the architecture's sites, as found (and checked) before the merge
+        find_sites(model, example_input, ignore=getattr(model, "_hashexp_ignore", ()), verify=False)
     sites = {s.name: s for s in discovered_sites(model)}
     unknown = sorted(set(widths) - set(sites))
     if unknown:

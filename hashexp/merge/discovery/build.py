@@ -51,17 +51,20 @@ def build_sites(walk: Walk, tr: Trace, model: nn.Module) -> tuple[list[MergeSite
     names = dict(model.site_names()) if callable(getattr(model, "site_names", None)) else {}
     shared = _shared_parameters(model)
     cands = []
+    sites: list[MergeSite] = []
+    skipped: list[SkippedSite] = []
     for r in roots:
         sp = walk.spaces[r]
         prods = sorted({id(p): (p, nrm) for p, nrm in sp.producers}.values(),
                        key=lambda pn: (walk.depth.get(pn[0].outputs[0].idx, 0), pn[0].idx))
-        if not prods:
+        if not prods:  # channels of an embedding, an RNN, attention internals: listed, never merged
+            if sp.origin is not None:
+                skipped.append(SkippedSite(sp.origin.path, "+".join(sorted(sp.flags)) or "plain", sp.width,
+                                           "; ".join(dict.fromkeys(sp.reasons)) or "no Linear or Conv produces it"))
             continue
         d = walk.depth.get(prods[0][0].outputs[0].idx, 0)
         cands.append(Candidate(sp, prods, d, prods[0][0].idx))
     cands.sort(key=lambda c: (c.depth, -len(c.producers), c.first_idx))
-    sites: list[MergeSite] = []
-    skipped: list[SkippedSite] = []
     for c in cands:
         first = c.producers[0][0].path
         name = names.get(first, first)

@@ -29,7 +29,8 @@ def _out(model: nn.Module, x: Any) -> torch.Tensor:
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """|a - b| / |b| (Frobenius)."""
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def noop_error(model: nn.Module, x: Any, sites: list[MergeSite]) -> float:

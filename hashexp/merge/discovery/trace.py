@@ -201,19 +201,37 @@ class _Recorder(TorchFunctionMode):
         return None
 
 
-def trace(model: nn.Module, example_input: Any) -> Trace:
+def trace(model: nn.Module, example_input: Any, train: bool = False) -> Trace:
     """Run ``model(example_input)`` in eval mode without gradients and record every call.
 
     The model's training flags are restored afterwards; BatchNorm running statistics are not
-    touched (eval mode) and no random number is drawn by the trace itself.
+    touched (eval mode) and no random number is drawn by the trace itself. ``train=True`` runs
+    in training mode instead (for branches only training takes, e.g. auxiliary classifiers);
+    buffers and the random number generator are restored afterwards.
     """
+    if train:
+        saved = [(m, n, b.clone()) for m in model.modules() for n, b in m.named_buffers(recurse=False)
+                 if b is not None]
+        with torch.random.fork_rng(devices=[]):
+            try:
+                model.train()
+                return _trace(model, example_input, keep_mode=True)
+            finally:
+                with torch.no_grad():
+                    for m, n, b in saved:
+                        getattr(m, n).copy_(b)
+    return _trace(model, example_input)
+
+
+def _trace(model: nn.Module, example_input: Any, keep_mode: bool = False) -> Trace:
     rec = _Recorder(model)
     handles = []
     for m in model.modules():
         handles.append(m.register_forward_pre_hook(rec.pre, with_kwargs=True))
         handles.append(m.register_forward_hook(rec.post, with_kwargs=True))
     modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    if not keep_mode:
+        model.eval()
     t0 = time.perf_counter()
     inputs = [t for t in tree_flatten(example_input)[0] if isinstance(t, torch.Tensor)]
     try:

@@ -79,6 +79,7 @@ class Space:
     reasons: list[str] = field(default_factory=list)
     flags: set[str] = field(default_factory=set)
     values: list[Value] = field(default_factory=list)
+    origin: Node | None = None
 
 
 class Walk:
@@ -123,7 +124,7 @@ class Walk:
         A.flags |= B.flags
 
     def new_space(self, node: Node, width: int, reason: str | None = None) -> int:
-        s = Space(len(self.spaces), int(width))
+        s = Space(len(self.spaces), int(width), origin=node)
         self.spaces.append(s)
         self.parent.append(s.idx)
         if node.module is not None and isinstance(node.module, (nn.Linear, nn.modules.conv._ConvNd)):
