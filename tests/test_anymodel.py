@@ -230,3 +230,23 @@ def test_timm_model_compresses_through_the_api():
     assert len(rep["sites"]) >= 9  # streams and block-internal widths of timm's ResNet-18
     assert rep["after"]["flops"] < 0.4 * rep["before"]["flops"]
     assert small(x).shape == (32, 4)
+
+
+def test_activation_mass_of_a_token_site_is_per_neuron():
+    from hashexp.merge.stats import ActivationStats
+
+    torch.manual_seed(0)
+    m = build_model(_vit_cfg(), (1, 8, 8), 4)
+    sites = find_sites(m, torch.randn(2, 1, 8, 8)).sites
+    stats = ActivationStats(sites, window=0)
+    m.train()
+    x = torch.randn(3, 1, 8, 8)
+    m(x)
+    mlp = m.blocks[0].mlp
+    tokens = m.blocks[0].norm2  # the FFN's input: recompute its activations by hand
+    seen = {}
+    h = tokens.register_forward_hook(lambda mod, i, o: seen.update(z=o))
+    m(x)
+    h.remove()
+    expect = F.gelu(mlp.fc1(seen["z"])).abs().sum(dim=(0, 1))
+    torch.testing.assert_close(stats.mass("blocks.0.mlp.fc1") / 2, expect, rtol=1e-5, atol=1e-5)

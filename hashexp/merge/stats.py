@@ -12,7 +12,7 @@ from collections import deque
 
 import torch
 
-from hashexp.merge.sites import MergeSite, site_input
+from hashexp.merge.sites import MergeSite, consumer_output, site_input
 
 
 class ActivationStats:
@@ -47,11 +47,14 @@ class ActivationStats:
             self.handles.append(cons.module.register_forward_pre_hook(pre))
             return
 
-        def hook(module, inputs, output, buf=buf):
+        producer = site.producers[0].module
+
+        def hook(module, inputs, output, buf=buf, producer=producer):
             if module.training and torch.is_tensor(output):
                 with torch.no_grad():
-                    dims = [d for d in range(output.dim()) if d != 1]
-                    buf.append(output.detach().abs().sum(dim=dims).float())
+                    out = consumer_output(producer, output)  # a Linear over tokens: features to axis 1
+                    dims = [d for d in range(out.dim()) if d != 1]
+                    buf.append(out.detach().abs().sum(dim=dims).float())
 
         self.handles.append(site.tap.register_forward_hook(hook))
 
