@@ -79,18 +79,24 @@ def main() -> None:
         it = BatchIterator(data.x_train, data.y_train, 256, shuffle=True, generator=torch.Generator().manual_seed(seed))
         return (xb for _, (xb, _) in zip(range(20), it))
 
+    knobs: dict[str, float] = {}  # widths (so FLOPs) depend on the knob only: search it once, at the first seed
+
     def ours(seed: int):
         def at(keep: float):
-            small, rep = compress_model(model0, data, keep=round(keep, 4), seed=seed)
+            small, rep = compress_model(model0, data, keep=round(keep, 4), seed=seed, test=())
             return f0 / rep["after"]["flops"], small
-        return bisect(at, 0.3, 1.0, 2.0)
+        if "ours" not in knobs:
+            knobs["ours"] = bisect(at, 0.3, 1.0, 2.0)[0]
+        return (knobs["ours"], *at(knobs["ours"]))
 
     def theirs(seed: int):
         def at(r: float):
             small = tp_prune(model0, data.x_train[:2], {}, ignore_rest=False, global_ratio=r)
             recalibrate_bn(small, batches(seed))
             return f0 / count_flops(small, shape), small
-        return bisect(at, 0.0, 0.7, 2.0, iters=7)
+        if "tp" not in knobs:
+            knobs["tp"] = bisect(at, 0.0, 0.7, 2.0)[0]
+        return (knobs["tp"], *at(knobs["tp"]))
 
     cache = out / "results.json"
     done = json.loads(cache.read_text()) if cache.exists() else {}

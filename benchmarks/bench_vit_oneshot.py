@@ -41,7 +41,8 @@ TP = "Torch-Pruning MagnitudePruner (L1)"
 
 def vit_run_args(subset: int, epochs: int, seed: int = 0) -> list[str]:
     """The vanilla ViT run shared with bench_vit_train.py."""
-    return ["model=vit", "hashing=none", f"dataset.subset_train={subset}", f"trainer.epochs={epochs}", f"seed={seed}"]
+    return ["model=vit", "hashing=none", f"dataset.subset_train={subset}", f"trainer.epochs={epochs}",
+            "trainer.num_threads=1", f"seed={seed}"]
 
 
 def main() -> None:

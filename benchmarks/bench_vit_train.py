@@ -48,11 +48,11 @@ def main() -> None:
         base = vit_run_args(a.subset, a.epochs, seed)
         rows.setdefault("vanilla", []).append(run(base, out / f"vanilla_s{seed}"))
         for w in a.final:
-            hashed = [o for o in base if o != "hashing=none"] + ["trainer.num_threads=1",
+            hashed = [o for o in base if o != "hashing=none"] + [
                 "hashing=simhash", "hashing.max_error=null", "schedule=gradual", f"schedule.start={start}",
                 f"schedule.end={end}", f"schedule.every={every}", f"schedule.final_width={w}"]
             rows.setdefault(f"hashed -> {w}", []).append(run(hashed, out / f"hashed{w}_s{seed}"))
-            rows.setdefault(f"scratch {w}", []).append(run(base + ["trainer.num_threads=1", f"model.mlp_ratio={w / 64}"], out / f"scratch{w}_s{seed}"))
+            rows.setdefault(f"scratch {w}", []).append(run(base + [f"model.mlp_ratio={w / 64}"], out / f"scratch{w}_s{seed}"))
     van = rows["vanilla"]
     lines = [
         "# ViT compressing while it trains (Fashion-MNIST)",

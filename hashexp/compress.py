@@ -96,8 +96,8 @@ def compress_model(model: nn.Module, calib, hashing: str = "simhash", keep: floa
         ignore: site names left at full width.
         inplace: compress ``model`` itself; by default a deep copy is compressed and ``model``
             stays unchanged.
-        test: an ``(x, y)`` pair whose accuracy the report gives before and after (a DataBundle's
-            test split by default).
+        test: an ``(x, y)`` pair whose accuracy the report gives before and after (default: a
+            DataBundle's test split, or the calibration labels when given); ``()`` skips it.
 
     The report holds widths, FLOPs per sample, parameters (and accuracy) before and after, the
     per-site results, the sites tracing skipped with why, and the time spent.
@@ -120,7 +120,7 @@ def compress_model(model: nn.Module, calib, hashing: str = "simhash", keep: floa
         x_cal = data.x_train[calibration_index(n_train, calib_samples or min(DEFAULT_SAMPLES, n_train), seed)]
         it = BatchIterator(data.x_train, data.y_train, batch_size, shuffle=True, generator=gen)
         stat_batches = lambda: (xb for _, (xb, _) in zip(range(calib_batches), it))  # noqa: E731
-        test = (data.x_test, data.y_test)
+        test = (data.x_test, data.y_test) if test is None else test
     else:
         data = None
         cd = calibration_data(calib, max_samples=calib_samples or DEFAULT_SAMPLES, dtype=p.dtype, device=p.device)
@@ -128,6 +128,7 @@ def compress_model(model: nn.Module, calib, hashing: str = "simhash", keep: floa
         stat_batches = lambda: cd.batches(batch_size, calib_batches)  # noqa: E731
         if test is None and cd.y is not None:
             test = (cd.x, cd.y)
+    test = test or None  # () skips the accuracy
     input_shape = tuple(x_cal.shape[1:])
     if not inplace:
         model = copy.deepcopy(model)
