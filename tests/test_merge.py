@@ -14,7 +14,7 @@ from hashexp.errors import ConfigError
 from hashexp.merge.compressor import HashCompressor, MagnitudePruner, RandomMerger, verify_groups
 from hashexp.merge.surgery import apply_plan, merge_plan
 from hashexp.models import build_model
-from hashexp.train import ActivationStats
+from hashexp.merge.stats import ActivationStats
 
 MLP = {"_target_": "hashexp.models.mlp.MLP"}
 

@@ -16,7 +16,8 @@ from hashexp.errors import ConfigError
 from hashexp.merge.compressor import HashCompressor
 from hashexp.models import build_model
 from hashexp.schedule import DriftSchedule, FixedSchedule, GradualSchedule, PerLayerSchedule, RehashContext
-from hashexp.train import RehashEvent, Trainer
+from hashexp.merge.reports import RehashEvent
+from hashexp.train import Trainer
 
 MLP = {"_target_": "hashexp.models.mlp.MLP"}
 SPE = 15  # steps per epoch: 960 training samples / batch 64
@@ -46,7 +47,7 @@ def tiny_trainer(tmp_path, compressor, schedule, epochs=3, widths=(32, 32), seed
     data = load_synthetic(n_samples=1200, seed=seed)
     model = build_model({**MLP, "widths": list(widths)}, data.input_shape, data.num_classes)
     return Trainer(model, data, optimizer=lambda p: torch.optim.Adam(p, lr=lr), epochs=epochs, batch_size=64,
-                   hashing=compressor, schedule=schedule, run_dir=str(tmp_path), seed=seed, progress="none",
+                   rehasher=compressor, schedule=schedule, run_dir=str(tmp_path), seed=seed, progress="none",
                    checkpoint=False, log_every=1000)
 
 

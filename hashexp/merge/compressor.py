@@ -31,7 +31,6 @@ import json
 import os
 from collections.abc import Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -39,8 +38,8 @@ import torch
 
 from hashexp.errors import ConfigError, DataError
 from hashexp.merge import calibration as cal
-from hashexp.merge.pull import PullConfig
-from hashexp.merge.sites import MergeSite
+from hashexp.merge.reports import SiteReport
+from hashexp.merge.sites import MergeSite, model_sites
 from hashexp.merge.surgery import (MergePlan, apply_consumers, apply_producers, merge_plan, prune_plan,
                                    refit_consumer)
 from hashexp.utils.checks import check_at_least, check_cosine, check_fraction
@@ -56,29 +55,6 @@ WEIGHTS_THRESHOLD = 0.7
 _MAX_SIGNATURE = 2048
 
 
-@dataclass
-class SiteReport:
-    """What one rehash did to one site: its width before and after, the step, and the measured
-    relative error of its consumers' pre-activation on the calibration set (0 without one).
-
-    Indexable like the dicts of older checkpoints (``report["site"]``)."""
-
-    site: str
-    before: int
-    after: int
-    step: int
-    error: float = 0.0
-
-    def __getitem__(self, key: str) -> Any:
-        return getattr(self, key)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.__dataclass_fields__
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 class Compressor:
     """Base class: targets, width plans, the per-site loop, DDP agreement, reports.
 
@@ -90,19 +66,11 @@ class Compressor:
             rehash k (so baselines match a hashed run exactly).
         sites: restrict compression to these site names (None: all).
         seed: seeds every random choice (hash projections, random groups).
-        window: batches of activation statistics kept for representatives.
         round_to: a site that changes ends at a multiple of this width (1: any width); the error
             budget and targets are rounded up, never down, so it costs at most round_to - 1 neurons.
         compensation: how consumers absorb a merge: ``lsq`` (ridge least squares on the
             calibration set), ``weights`` (the data-free s_i c_i / s_r rule) or ``none``.
-        calib_samples: training samples in the calibration set, drawn by the trainer with the run
-            seed (None: 1024, or the whole split if smaller).
         ridge: ridge of the least-squares fits, relative to the mean feature energy.
-        pull: centripetal pull (:mod:`hashexp.merge.pull`): ``{steps, strength, average_grads,
-            max_error}``; with ``steps > 0`` a rehash proposes (:meth:`propose`) and the trainer
-            merges the pulled groups ``steps`` later (``compress(..., fixed=...)``).
-        bn_recalib_batches: after each rehash the trainer re-estimates BatchNorm statistics on this
-            many training batches (0: never; None: the trainer's ``bn_recalib_batches``).
         site_overrides: per-site values of these knobs, ``{site: {knob: value}}`` (e.g.
             ``{fc2: {max_error: 0.05, target_ratio: 0.7}}``); a schedule's per-site values
             (``schedule=per_layer``) win over them.
@@ -112,33 +80,23 @@ class Compressor:
 
     def __init__(self, target_ratio: float | None = None, target_width: int | Mapping[str, int] | None = None,
                  min_width: int | Mapping[str, int] = 1, width_plan: str | None = None,
-                 sites: list[str] | None = None, seed: int = 0, window: int = 50, name: str | None = None,
-                 compensation: str = "lsq", calib_samples: int | None = None, ridge: float = 1e-3,
-                 round_to: int = 1, pull: Mapping[str, Any] | None = None,
-                 bn_recalib_batches: int | None = None,
+                 sites: list[str] | None = None, seed: int = 0, name: str | None = None,
+                 compensation: str = "lsq", ridge: float = 1e-3, round_to: int = 1,
                  site_overrides: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         if target_ratio is not None:
             check_fraction("hashing.target_ratio", target_ratio)
-        if window < 0:
-            raise ConfigError(f"hashing.window must be >= 0, got {window}")
         if compensation not in COMPENSATIONS:
             raise ConfigError(f"hashing.compensation={compensation!r}; choose {', '.join(COMPENSATIONS)}")
-        check_at_least("hashing.calib_samples", calib_samples, 1, nullable=True)
         if not (0.0 < float(ridge) < 1.0):
             raise ConfigError(f"hashing.ridge must be in (0, 1), got {ridge}")
         if int(round_to) < 1:
             raise ConfigError(f"hashing.round_to must be an integer >= 1, got {round_to}")
-        if bn_recalib_batches is not None and int(bn_recalib_batches) < 0:
-            raise ConfigError(f"hashing.bn_recalib_batches must be >= 0, got {bn_recalib_batches}")
-        self.bn_recalib_batches = None if bn_recalib_batches is None else int(bn_recalib_batches)
         if site_overrides is not None and not (isinstance(site_overrides, Mapping)
                                                and all(isinstance(v, Mapping) for v in site_overrides.values())):
             raise ConfigError(f"hashing.site_overrides must map site names to {{knob: value}}, got {site_overrides!r}")
         self.site_overrides = {str(k): dict(v) for k, v in (site_overrides or {}).items()}
         self.round_to = int(round_to)
-        self.pull = PullConfig.parse(pull)
         self.compensation = compensation
-        self.calib_samples = None if calib_samples is None else int(calib_samples)
         self.ridge = float(ridge)
         self.target_ratio = None if target_ratio is None else float(target_ratio)
         self.target_width = dict(target_width) if isinstance(target_width, Mapping) else target_width
@@ -146,7 +104,6 @@ class Compressor:
         self.plan = _load_width_plan(width_plan) if width_plan else None
         self.sites = list(sites) if sites else None
         self.seed = int(seed)
-        self.window = int(window)
         self.calls = 0
         if name:
             self.name = name
@@ -208,7 +165,7 @@ class Compressor:
                               "the trainer and hashexp.compress pass them, or choose hashing.compensation=weights")
         main = dist is None or dist.is_main
         reports = []
-        sites = model.merge_sites()
+        sites = model_sites(model)
         unknown = sorted(set(self.site_overrides) - {s.name for s in sites})
         if unknown:
             raise ConfigError(f"hashing.site_overrides names {unknown}, which are not sites of this model "
@@ -259,11 +216,12 @@ class Compressor:
 
     def propose(self, model, names: list[str] | None, stats, step: int, dist=None,
                 overrides: Mapping[str, Mapping[str, Any]] | None = None,
-                calib: torch.Tensor | None = None) -> dict[str, dict[str, torch.Tensor]]:
+                calib: torch.Tensor | None = None, max_error: float | None = None
+                ) -> dict[str, dict[str, torch.Tensor]]:
         """Plan the named sites without merging: ``{site: {"groups", "keep"}}`` for the pull.
 
-        Each site is planned as :meth:`compress` would (with ``pull.max_error`` as the budget
-        when set); each neuron the plan removes joins the group of its most correlated survivor
+        Each site is planned as :meth:`compress` would (with ``max_error``, the pull's budget, in
+        place of the compressor's when given); each neuron the plan removes joins the group of its most correlated survivor
         on the calibration set (``groups``: (width,) group index, ``keep``: (width,) survivors,
         one per group). Sites with nothing to merge are left out. Under DDP rank 0 plans and
         broadcasts.
@@ -271,15 +229,15 @@ class Compressor:
         main = dist is None or dist.is_main
         out: dict[str, dict[str, torch.Tensor]] = {}
         if main:
-            for idx, site in enumerate(model.merge_sites()):
+            for idx, site in enumerate(model_sites(model)):
                 if (names is not None and site.name not in names) or (self.sites is not None and site.name not in self.sites):
                     continue
                 mass = stats.mass(site.name) if stats is not None else None
                 cap = cal.capture_site(model, site, calib, derive_seed(self.seed, idx, scale=P1009, weights=(1,))) \
                     if calib is not None else None
                 knobs = self._site_knobs(site.name, overrides)
-                if self.pull.max_error is not None and hasattr(self, "max_error"):
-                    knobs["max_error"] = self.pull.max_error
+                if max_error is not None and hasattr(self, "max_error"):
+                    knobs["max_error"] = max_error
                 with self._overridden(knobs):
                     plan = self.plan_site(site, idx, mass, cap)
                 if plan is None or plan.new_width >= site.width:
