@@ -45,7 +45,8 @@ def make_compressor(method: str, keep: float | None, threshold: float | None = N
     (``weights``). Baselines need ``keep``; ``compensation`` None is each method's own default
     (lsq for simhash, the weight rule for the baselines).
     """
-    from hashexp.merge.compressor import HashCompressor, MagnitudePruner, NeuronMerging, RandomMerger
+    from hashexp.merge.baselines import MagnitudePruner, NeuronMerging, RandomMerger
+    from hashexp.merge.hashed import HashCompressor
 
     if method not in METHODS:
         raise ConfigError(f"method={method!r}; choose one of {', '.join(METHODS)}")

@@ -15,7 +15,8 @@ from torch import nn
 from hashexp.errors import ConfigError
 from hashexp.merge import calibration as cal
 from hashexp.merge.rehasher import Rehasher
-from hashexp.merge.compressor import HashCompressor, MagnitudePruner, NeuronMerging, neuron_merging_coefficients
+from hashexp.merge.baselines import MagnitudePruner, NeuronMerging, neuron_merging_coefficients
+from hashexp.merge.hashed import HashCompressor
 from hashexp.merge.sites import Consumer, HasMergeSites, MergeSite, Producer
 from hashexp.models import build_model
 from test_merge import MLP, planted_mlp, rel_err

@@ -12,7 +12,8 @@ import torch
 from conftest import Killed, compose, die_at_checkpoint
 
 from hashexp.errors import ConfigError
-from hashexp.merge.compressor import HashCompressor, proposal_groups
+from hashexp.merge.compressor import proposal_groups
+from hashexp.merge.hashed import HashCompressor
 from hashexp.merge.pull import Pull, PullConfig
 from hashexp.merge.rehasher import Rehasher
 from hashexp.models.mlp import MLP

@@ -11,7 +11,7 @@ from conftest import compose
 from hashexp.app import build_rehasher
 from hashexp.data.synthetic import load_synthetic
 from hashexp.errors import ConfigError
-from hashexp.merge.compressor import HashCompressor
+from hashexp.merge.hashed import HashCompressor
 from hashexp.merge.rehasher import REHASHER_KNOBS, Rehasher
 from hashexp.models import build_model
 
@@ -66,3 +66,15 @@ def test_state_round_trips_and_attach_draws_the_same_calibration_set():
     b.load_state_dict(state)
     assert b.compressor.calls == a.compressor.calls == 1
     assert {k: v.shape for k, v in b.stats.state_dict().items()} == {k: v.shape for k, v in state["stats"].items()}
+
+
+def test_a_checkpoint_naming_a_moved_compressor_class_still_resumes():
+    from hashexp.train.checkpoint import config_changes
+
+    new = {"hashing": {"_target_": "hashexp.merge.hashed.HashCompressor", "max_error": 0.1}, "seed": 0}
+    old = {"hashing": {"_target_": "hashexp.merge.compressor.HashCompressor", "max_error": 0.1}, "seed": 0}
+    assert config_changes(old, new) == ({}, {})
+    other = {"hashing": {"_target_": "hashexp.merge.compressor.MagnitudePruner", "max_error": 0.1}, "seed": 0}
+    refused, _ = config_changes(other, new)
+    assert refused == {"hashing._target_": ["hashexp.merge.baselines.MagnitudePruner",
+                                            "hashexp.merge.hashed.HashCompressor"]}

@@ -25,7 +25,8 @@ from hashexp.compress import compress_model
 from hashexp.metrics import accuracy
 from hashexp.data import BatchIterator
 from hashexp.data.npz import load_npz
-from hashexp.merge.compressor import HashCompressor, MagnitudePruner
+from hashexp.merge.baselines import MagnitudePruner
+from hashexp.merge.hashed import HashCompressor
 from hashexp.metrics import count_flops
 from hashexp.models import build_model, load_model
 
