@@ -78,3 +78,5 @@ def test_a_checkpoint_naming_a_moved_compressor_class_still_resumes():
     refused, _ = config_changes(other, new)
     assert refused == {"hashing._target_": ["hashexp.merge.baselines.MagnitudePruner",
                                             "hashexp.merge.hashed.HashCompressor"]}
+    old_schedule = {"schedule": {"_target_": "hashexp.schedule.DriftSchedule"}}
+    assert config_changes(old_schedule, {"schedule": {"_target_": "hashexp.schedules.drift.DriftSchedule"}}) == ({}, {})

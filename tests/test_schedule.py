@@ -15,7 +15,7 @@ from hashexp.data.synthetic import load_synthetic
 from hashexp.errors import ConfigError
 from hashexp.merge.hashed import HashCompressor
 from hashexp.models import build_model
-from hashexp.schedule import DriftSchedule, FixedSchedule, GradualSchedule, PerLayerSchedule, RehashContext
+from hashexp.schedules import DriftSchedule, FixedSchedule, GradualSchedule, PerLayerSchedule, RehashContext
 from hashexp.merge.reports import RehashEvent
 from hashexp.train import Trainer
 

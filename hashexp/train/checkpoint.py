@@ -138,9 +138,14 @@ def _under(key: str, prefixes: tuple[str, ...]) -> bool:
 
 
 #: ``_target_`` classes that moved: an older checkpoint's config names them by their old home
-MOVED_TARGETS = {f"hashexp.merge.compressor.{c}": f"hashexp.merge.{m}.{c}" for m, c in (
-    ("hashed", "HashCompressor"), ("baselines", "MagnitudePruner"), ("baselines", "RandomMerger"),
-    ("baselines", "NeuronMerging"))}
+MOVED_TARGETS = {
+    **{f"hashexp.merge.compressor.{c}": f"hashexp.merge.{m}.{c}" for m, c in (
+        ("hashed", "HashCompressor"), ("baselines", "MagnitudePruner"), ("baselines", "RandomMerger"),
+        ("baselines", "NeuronMerging"))},
+    **{f"hashexp.schedule.{c}": f"hashexp.schedules.{m}.{c}" for m, c in (
+        ("fixed", "FixedSchedule"), ("per_layer", "PerLayerSchedule"), ("gradual", "GradualSchedule"),
+        ("drift", "DriftSchedule"))},
+}
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, list], dict[str, list]]:

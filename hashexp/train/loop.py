@@ -36,7 +36,7 @@ from hashexp.merge.rehasher import Rehasher
 from hashexp.merge.reports import RehashEvent
 from hashexp.merge.sites import model_sites
 from hashexp.metrics import Stopwatch, count_flops, count_params, evaluate
-from hashexp.schedule import RehashContext
+from hashexp.schedules.base import RehashContext
 from hashexp.train import checkpoint as ckpt
 from hashexp.train.history import History
 
@@ -67,7 +67,7 @@ class Trainer:
             (it owns the statistics, the calibration set, the pull and BN re-estimation, and calls
             the compressor), or None for vanilla training. A bare compressor is wrapped in a
             Rehasher with its default knobs.
-        schedule: a :class:`hashexp.schedule.Schedule`: ``decide(ctx) -> RehashDecision`` names the
+        schedule: a :class:`hashexp.schedules.Schedule`: ``decide(ctx) -> RehashDecision`` names the
             sites to rehash now (and the history rows to log), ``notify(ctx, event)`` after a rehash.
         run_dir: where history.csv and checkpoint.pt go.
         seed: seeds batches, augmentation and the compressor's randomness.
