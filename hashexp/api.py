@@ -30,6 +30,17 @@ class CalibData:
     y: torch.Tensor | None = None
 
     @property
+    def x_train(self) -> torch.Tensor:
+        """The inputs, under the name a :class:`~hashexp.data.DataBundle` gives its training split
+        (the Rehasher draws its calibration set from it)."""
+        return self.x
+
+    @property
+    def y_train(self) -> torch.Tensor | None:
+        """The labels, if any (a DataBundle's spelling)."""
+        return self.y
+
+    @property
     def input_shape(self) -> tuple[int, ...]:
         """Per-sample input shape."""
         return tuple(self.x.shape[1:])
@@ -176,9 +187,8 @@ def _check_ignore(model: nn.Module, ignore: Sequence[str], names: Sequence[str])
 def _failing_line(e: BaseException) -> str:
     """'file:line (code)' of the innermost frame outside torch and hashexp, else the innermost frame."""
     frames = traceback.extract_tb(e.__traceback__)
-    import hashexp
-
-    skip = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (torch, hashexp))
+    package = os.path.dirname(os.path.abspath(__file__))  # hashexp/ (this module's folder)
+    skip = (os.path.dirname(os.path.abspath(torch.__file__)) + os.sep, package + os.sep)
     user = [f for f in frames if not os.path.abspath(f.filename).startswith(skip)]
     f = (user or frames or [None])[-1]
     if f is None:

@@ -33,8 +33,8 @@ from torch import nn
 
 from hashexp.data import BatchIterator, DataBundle
 from hashexp.errors import ConfigError, HashexpError
+from hashexp.merge.rehasher import Rehasher
 from hashexp.merge.sites import model_widths
-from hashexp.merge.stats import ActivationStats
 from hashexp.metrics import accuracy, count_flops, count_params
 
 METHODS = ("simhash", "mips", "neuron_merging", "magnitude", "random")
@@ -49,7 +49,8 @@ def make_compressor(method: str, keep: float | None, threshold: float | None = N
     (``weights``). Baselines need ``keep``; ``compensation`` None is each method's own default
     (lsq for simhash, the weight rule for the baselines).
     """
-    from hashexp.merge.compressor import HashCompressor, MagnitudePruner, NeuronMerging, RandomMerger
+    from hashexp.merge.baselines import MagnitudePruner, NeuronMerging, RandomMerger
+    from hashexp.merge.hashed import HashCompressor
 
     if method not in METHODS:
         raise ConfigError(f"method={method!r}; choose one of {', '.join(METHODS)}")
@@ -103,7 +104,7 @@ def compress_model(model: nn.Module, calib, hashing: str = "simhash", keep: floa
     per-site results, the sites tracing skipped with why, and the time spent.
     """
     from hashexp.api import calibration_data, model_sites_for
-    from hashexp.merge.calibration import DEFAULT_SAMPLES, calibration_index
+    from hashexp.merge.calibration import DEFAULT_SAMPLES
 
     hashing = method or hashing
     if keep is _DEFAULT_KEEP:
@@ -115,52 +116,39 @@ def compress_model(model: nn.Module, calib, hashing: str = "simhash", keep: floa
         raise ConfigError(f"{type(model).__name__} has no parameters; nothing to compress")
     gen = torch.Generator().manual_seed(seed)
     if isinstance(calib, DataBundle):
-        data = calib
-        n_train = len(data.x_train)
-        x_cal = data.x_train[calibration_index(n_train, calib_samples or min(DEFAULT_SAMPLES, n_train), seed)]
-        it = BatchIterator(data.x_train, data.y_train, batch_size, shuffle=True, generator=gen)
-        stat_batches = lambda: (xb for _, (xb, _) in zip(range(calib_batches), it))  # noqa: E731
+        data, n_calib = calib, calib_samples
         test = (data.x_test, data.y_test) if test is None else test
+
+        def batches():
+            it = BatchIterator(data.x_train, data.y_train, batch_size, shuffle=True, generator=gen)
+            return (xb for _, (xb, _) in zip(range(calib_batches), it))
     else:
-        data = None
-        cd = calibration_data(calib, max_samples=calib_samples or DEFAULT_SAMPLES, dtype=p.dtype, device=p.device)
-        x_cal = cd.x
-        stat_batches = lambda: cd.batches(batch_size, calib_batches)  # noqa: E731
-        if test is None and cd.y is not None:
-            test = (cd.x, cd.y)
+        data = calibration_data(calib, max_samples=calib_samples or DEFAULT_SAMPLES, dtype=p.dtype, device=p.device)
+        n_calib = len(data.x)
+        if test is None and data.y is not None:
+            test = (data.x, data.y)
+
+        def batches():
+            return data.batches(batch_size, calib_batches)
     test = test or None  # () skips the accuracy
-    input_shape = tuple(x_cal.shape[1:])
+    input_shape = tuple(data.x_train.shape[1:])
     if not inplace:
         model = copy.deepcopy(model)
-    example = example_input if example_input is not None else x_cal[:2]
+    example = example_input if example_input is not None else data.x_train[:2]
     found = model_sites_for(model, example, ignore)
     comp.sites = [s.name for s in found.sites]
     _check_rules(comp, found.sites)
     before = _measure(model, input_shape, test)
-    stats = ActivationStats(found.sites, window=0)
-    model.train()
-    bn = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in bn]
-    for m in bn:  # statistics passes must not move BatchNorm running stats
-        m.momentum = 0.0
-    with torch.no_grad():
-        for xb in stat_batches():
-            model(xb)
-    for m, mom in zip(bn, momenta):
-        m.momentum = mom
+    rehasher = Rehasher(comp, window=0, calib_samples=n_calib, bn_recalib_batches=calib_batches)
+    rehasher.attach(model, data, seed, batch_size)
+    rehasher.collect(model, batches())
     t0 = time.perf_counter()
-    reports = comp.compress(model, None, stats, None, 0, calib=x_cal)
+    reports = rehasher.compress(model)
     hash_time = time.perf_counter() - t0
-    stats.remove()
-    if bn:
-        from hashexp.merge.recalibrate import recalibrate_bn
-
-        if data is not None:
-            it = BatchIterator(data.x_train, data.y_train, batch_size, shuffle=True, generator=gen)
-        recalibrate_bn(model, stat_batches())
+    rehasher.finish(model, batches())
     after = _measure(model, input_shape, test)
     if finetune_epochs > 0:
-        if data is None:
+        if not isinstance(data, DataBundle):
             raise ConfigError("finetune_epochs > 0 needs a DataBundle (calib=data); fine-tune a plain model with "
                               "hashexp.train.finetune")
         from hashexp.train.finetune import finetune
@@ -177,7 +165,7 @@ def compress_model(model: nn.Module, calib, hashing: str = "simhash", keep: floa
         "hash_time_s": hash_time, "trace_s": found.trace_s, "sites": [r.to_dict() for r in reports],
         "skipped": [_skipped_dict(s) for s in found.skipped],
     }
-    if data is not None:
+    if isinstance(data, DataBundle):
         report["majority_acc"] = data.majority_acc("test")
     return model, report
 
