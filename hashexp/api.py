@@ -153,7 +153,11 @@ def model_sites_for(model: nn.Module, example: torch.Tensor, ignore: Sequence[st
     if callable(declared):
         sites = declared()
         _check_ignore(model, ignore, [s.name for s in sites])
-        return FoundSites([s for s in sites if s.name not in ignore], declared=True)
+        sites = [s for s in sites if s.name not in ignore]
+        if not sites:
+            raise ConfigError(f"{type(model).__name__} has no mergeable site left after ignore={ignore}; "
+                              "nothing to compress")
+        return FoundSites(sites, declared=True)
     from hashexp.merge.discovery import find_sites
 
     try:

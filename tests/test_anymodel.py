@@ -250,3 +250,15 @@ def test_activation_mass_of_a_token_site_is_per_neuron():
     h.remove()
     expect = F.gelu(mlp.fc1(seen["z"])).abs().sum(dim=(0, 1))
     torch.testing.assert_close(stats.mass("blocks.0.mlp.fc1") / 2, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_that_declares_its_sites_keeps_them_and_ignore_can_leave_all_out():
+    from hashexp.models.mlp import MLP
+
+    torch.manual_seed(0)
+    m = MLP((1, 8, 8), 4, widths=(24, 16))
+    x = _images(64)[0]
+    small, rep = compress_model(m, x, keep=0.5, ignore=["fc2"])
+    assert rep["after"]["widths"] == {"fc1": 12, "fc2": 16}
+    with pytest.raises(ConfigError, match="no mergeable site left"):
+        compress_model(m, x, keep=0.5, ignore=["fc1", "fc2"])
