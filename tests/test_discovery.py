@@ -12,7 +12,8 @@ from torch import nn
 from hashexp.errors import ConfigError
 from hashexp.merge.discovery import find_sites, shrink_to_widths
 from hashexp.merge.discovery.checks import compress_half, noop_error, planted_error, rel
-from hashexp.merge.sites import Consumer, MergeSite, Producer, model_sites
+from hashexp.merge.discovery import model_sites
+from hashexp.merge.sites import Consumer, MergeSite, Producer
 from hashexp.models.mlp import MLP
 from hashexp.models.resnet import ResNet18, ResNet20, ResNet56
 
@@ -178,7 +179,7 @@ def test_squeeze_excitation_gate_joins_the_site():
     with pytest.raises(ConfigError, match="gate multiplies"):
         check_plan(main, merge_plan(main, torch.arange(main.width) // 2, representative="mean"))
     with pytest.raises(ConfigError, match="gate multiplies"):
-        from hashexp.merge.compressor import HashCompressor
+        from hashexp.merge.hashed import HashCompressor
 
         HashCompressor(compensation="weights", target_ratio=0.5, threshold=-1.0, sites=["conv1"]).compress(
             m, None, None, None, 0)

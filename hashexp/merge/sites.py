@@ -252,36 +252,17 @@ def consumer_output(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def model_sites(model: nn.Module) -> list[MergeSite]:
-    """The merge sites of ``model``: ``model.merge_sites()`` if it declares them, else the traced ones.
-
-    Tracing (:func:`hashexp.merge.discovery.find_sites`) needs an example input: the one
-    remembered by ``find_sites``/``attach_example``, or random inputs of ``model.input_shape``.
-    The result is cached on the model and stays valid after merges (offsets follow live widths).
-    """
-    declared = getattr(model, "merge_sites", None)
-    if callable(declared):
-        return declared()
-    from hashexp.merge.discovery import discovered_sites
-
-    return discovered_sites(model)
-
-
 class HasMergeSites:
-    """Mixin for models: ``merge_sites()`` (traced unless a model overrides it) and ``widths()``.
+    """Mixin for models that declare ``merge_sites()`` by hand: ``widths()`` of those sites.
 
-    The sites are found by tracing the model on random inputs of its ``input_shape``
-    (:mod:`hashexp.merge.discovery`), named by ``site_names()`` if the model has it. A model may
-    still declare its sites by hand by overriding ``merge_sites()``. A model rebuilt from
-    ``widths()`` must have the same parameter shapes as the merged one, so that model.pt can be
-    loaded into a freshly built model.
+    Models whose sites are traced use :class:`hashexp.merge.discovery.HasMergeSites` instead.
+    A model rebuilt from ``widths()`` must have the same parameter shapes as the merged one,
+    so that model.pt can be loaded into a freshly built model.
     """
 
-    def merge_sites(self) -> list[MergeSite]:
-        """The model's merge sites in forward order (traced once, cached on the model)."""
-        from hashexp.merge.discovery import discovered_sites
-
-        return discovered_sites(self)
+    def merge_sites(self) -> list[MergeSite]:  # pragma: no cover - interface
+        raise NotImplementedError
 
     def widths(self) -> dict[str, int]:
-        return {s.name: s.width for s in model_sites(self)}
+        """Current width of each site, by name."""
+        return {s.name: s.width for s in self.merge_sites()}
