@@ -110,13 +110,20 @@ def _find_sites(model: nn.Module, example_input: Any, ignore: Sequence[str], ver
                           f"({type(e).__name__}: {e}); pass an input the model accepts, or declare the "
                           "sites with model.merge_sites()") from e
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    untraced: list[SkippedSite] = []
     if any(id(m) not in tr.calls for m in layers):
         # some layers only run in training mode (auxiliary classifiers): trace that path
-        tr_train = trace(model, x, train=True)
-        if sum(id(m) in tr_train.calls for m in layers) > sum(id(m) in tr.calls for m in layers):
-            tr = tr_train
+        try:
+            tr_train = trace(model, x, train=True)
+            if sum(id(m) in tr_train.calls for m in layers) > sum(id(m) in tr.calls for m in layers):
+                tr = tr_train
+        except Exception as e:  # the training-mode path does not run on this input (e.g. too small)
+            note = f"never ran on the example input; the training-mode forward failed ({type(e).__name__}: {e})"
+            untraced = [SkippedSite(p, "untraced", int(m.weight.shape[0]), note)
+                        for p, m in model.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and id(m) not in tr.calls]
     walk = Walk(tr)
     sites, skipped = build_sites(walk, tr, model)
+    skipped += untraced
     ignore = list(ignore or ())
     if ignore:
         keys = {s.name: s for s in sites}
