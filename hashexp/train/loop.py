@@ -58,7 +58,7 @@ class Trainer:
     """Trains a model with optional compression during training.
 
     Args:
-        model: an ``nn.Module`` with merge sites (:func:`hashexp.merge.sites.model_sites`).
+        model: an ``nn.Module`` with merge sites (:func:`hashexp.merge.discovery.model_sites`).
         data: the in-memory dataset.
         optimizer: factory ``params -> torch.optim.Optimizer`` (a Hydra partial).
         epochs, batch_size, eval_batch_size: the usual.
