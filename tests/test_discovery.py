@@ -514,3 +514,12 @@ def test_model_sites_needs_an_example_for_a_plain_module_and_caches_the_trace():
     assert model_sites(m) is found.sites  # cached on the model
     m.c = nn.Conv2d(8, 4, 3, padding=1)  # a replaced module: traced again
     assert model_sites(m) is not found.sites and model_sites(m)[2].producers[0].module is m.c
+
+
+def test_a_deep_copy_keeps_its_traced_sites_pointing_at_its_own_modules():
+    m = ConcatBlock()
+    find_sites(m, torch.randn(2, 2, 4, 4))
+    c = copy.deepcopy(m)
+    sites = model_sites(c)
+    assert sites is c._hashexp_discovery.sites and sites[0].producers[0].module is c.a
+    assert model_sites(m)[0].producers[0].module is m.a

@@ -50,7 +50,7 @@ class SiteDiscovery:
     sites: list[MergeSite]
     skipped: list[SkippedSite] = field(default_factory=list)
     trace_s: float = 0.0
-    paths: dict[str, int] = field(default_factory=dict, repr=False)
+    modules: dict[str, nn.Module] = field(default_factory=dict, repr=False)
 
     def __str__(self) -> str:
         rows = [("site", "kind", "width", "producers", "consumers")]
@@ -143,7 +143,7 @@ def _find_sites(model: nn.Module, example_input: Any, ignore: Sequence[str], ver
             skipped.append(SkippedSite(s.name, s.kind, s.width, failed[s.name]))
         sites = [s for s in sites if s.name not in failed]
     found = SiteDiscovery(sites, skipped, time.perf_counter() - t0)
-    found.paths = {_path(model, m): id(m) for m in _modules(sites)}
+    found.modules = {_path(model, m): m for m in _modules(sites)}
     attach_example(model, example_input)
     object.__setattr__(model, "_hashexp_discovery", found)
     object.__setattr__(model, "_hashexp_ignore", tuple(ignore))
@@ -190,8 +190,10 @@ def _example_for(model: nn.Module) -> Any:
 
 
 def _still_valid(model: nn.Module, found: SiteDiscovery) -> bool:
+    """The cached sites still name the model's modules (true after ``copy.deepcopy``, which copies
+    the cache along with the modules; false once a module was replaced)."""
     mods = dict(model.named_modules())
-    return all(p in mods and id(mods[p]) == i for p, i in found.paths.items())
+    return all(mods.get(p) is m for p, m in found.modules.items())
 
 
 def discovered_sites(model: nn.Module) -> list[MergeSite]:
