@@ -12,8 +12,7 @@ from torch import nn
 from hashexp.errors import ConfigError
 from hashexp.merge.discovery import find_sites, shrink_to_widths
 from hashexp.merge.discovery.checks import compress_half, noop_error, planted_error, rel
-from hashexp.merge.discovery import model_sites
-from hashexp.merge.sites import Consumer, MergeSite, Producer
+from hashexp.merge.sites import Consumer, MergeSite, Producer, model_sites
 from hashexp.models.mlp import MLP
 from hashexp.models.resnet import ResNet18, ResNet20, ResNet56
 

@@ -32,8 +32,7 @@ import torch
 from hashexp.errors import ConfigError
 from hashexp.merge import calibration as cal
 from hashexp.merge.reports import SiteReport
-from hashexp.merge.discovery import model_sites
-from hashexp.merge.sites import MergeSite
+from hashexp.merge.sites import MergeSite, model_sites
 from hashexp.merge.surgery import MergePlan, apply_consumers, apply_producers, check_plan, refit_consumer
 from hashexp.merge.width_plan import load_width_plan
 from hashexp.utils.checks import check_cosine, check_fraction

@@ -14,8 +14,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from hashexp.merge.discovery import model_sites
-from hashexp.merge.sites import MergeSite
+from hashexp.merge.sites import MergeSite, model_sites
 
 _BN = nn.modules.batchnorm._BatchNorm
 

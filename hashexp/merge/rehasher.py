@@ -37,8 +37,7 @@ from hashexp.errors import ConfigError
 from hashexp.merge.calibration import DEFAULT_SAMPLES, calibration_index
 from hashexp.merge.pull import Pull, PullConfig
 from hashexp.merge.recalibrate import recalibrate_bn
-from hashexp.merge.discovery import model_sites
-from hashexp.merge.sites import MergeSite
+from hashexp.merge.sites import MergeSite, model_sites
 from hashexp.merge.stats import ActivationStats
 from hashexp.merge.reports import RehashEvent
 from hashexp.utils.checks import check_at_least

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from hashexp.errors import ConfigError
-from hashexp.merge.discovery import HasMergeSites
+from hashexp.merge.sites import HasMergeSites
 
 _ACT = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "leaky_relu": nn.LeakyReLU}
 

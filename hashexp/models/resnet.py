@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from hashexp.errors import ConfigError
-from hashexp.merge.discovery import HasMergeSites
+from hashexp.merge.sites import HasMergeSites
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from hashexp.data import BatchIterator, DataBundle
 from hashexp.errors import ConfigError
 from hashexp.merge.rehasher import Rehasher
 from hashexp.merge.reports import RehashEvent
-from hashexp.merge.discovery import model_sites
+from hashexp.merge.sites import model_sites
 from hashexp.metrics import Stopwatch, count_flops, count_params, evaluate
 from hashexp.schedules.base import RehashContext
 from hashexp.train import checkpoint as ckpt
@@ -58,7 +58,7 @@ class Trainer:
     """Trains a model with optional compression during training.
 
     Args:
-        model: an ``nn.Module`` with merge sites (:func:`hashexp.merge.discovery.model_sites`).
+        model: an ``nn.Module`` with merge sites (:func:`hashexp.merge.sites.model_sites`).
         data: the in-memory dataset.
         optimizer: factory ``params -> torch.optim.Optimizer`` (a Hydra partial).
         epochs, batch_size, eval_batch_size: the usual.

@@ -27,11 +27,9 @@ from hashexp.merge.discovery.build import SkippedSite, build_sites
 from hashexp.merge.discovery.trace import trace
 from hashexp.merge.discovery.verify import verify_sites
 from hashexp.merge.discovery.walk import Walk
-from hashexp.merge.sites import HasMergeSites as _DeclaredSites
-from hashexp.merge.sites import MergeSite
+from hashexp.merge.site import MergeSite
 
-__all__ = ["HasMergeSites", "SiteDiscovery", "SkippedSite", "attach_example", "discovered_sites", "find_sites",
-           "model_sites", "shrink_to_widths"]
+__all__ = ["SiteDiscovery", "SkippedSite", "attach_example", "discovered_sites", "find_sites", "shrink_to_widths"]
 
 #: samples of the example input used by the numerical check (it needs no more)
 VERIFY_SAMPLES = 2
@@ -202,37 +200,6 @@ def discovered_sites(model: nn.Module) -> list[MergeSite]:
     if found is None or not _still_valid(model, found):
         found = find_sites(model, _example_for(model), ignore=getattr(model, "_hashexp_ignore", ()))
     return found.sites
-
-
-def model_sites(model: nn.Module) -> list[MergeSite]:
-    """The merge sites of ``model``: ``model.merge_sites()`` if it declares them, else the traced ones.
-
-    The one way every caller asks for sites. Tracing needs an example input: the one remembered
-    by :func:`find_sites`/:func:`attach_example`, or random inputs of ``model.input_shape``. The
-    result is cached on the model and stays valid after merges (offsets follow live widths).
-    """
-    declared = getattr(model, "merge_sites", None)
-    if callable(declared):
-        return declared()
-    return discovered_sites(model)
-
-
-class HasMergeSites(_DeclaredSites):
-    """Mixin for models: ``merge_sites()`` (traced unless a model overrides it) and ``widths()``.
-
-    The sites are found by tracing the model on random inputs of its ``input_shape``, named by
-    ``site_names()`` if the model has it. A model may still declare its sites by hand by
-    overriding ``merge_sites()``. A model rebuilt from ``widths()`` must have the same parameter
-    shapes as the merged one, so that model.pt can be loaded into a freshly built model.
-    """
-
-    def merge_sites(self) -> list[MergeSite]:
-        """The model's merge sites in forward order (traced once, cached on the model)."""
-        return discovered_sites(self)
-
-    def widths(self) -> dict[str, int]:
-        """Current width of each site, by name."""
-        return {s.name: s.width for s in model_sites(self)}
 
 
 def shrink_to_widths(model: nn.Module, widths: Mapping[str, int], example_input: Any = None) -> None:
