@@ -178,7 +178,7 @@ def test_squeeze_excitation_gate_joins_the_site():
     with pytest.raises(ConfigError, match="gate multiplies"):
         check_plan(main, merge_plan(main, torch.arange(main.width) // 2, representative="mean"))
     with pytest.raises(ConfigError, match="gate multiplies"):
-        from hashexp.merge.compressor import HashCompressor
+        from hashexp.merge.hashed import HashCompressor
 
         HashCompressor(compensation="weights", target_ratio=0.5, threshold=-1.0, sites=["conv1"]).compress(
             m, None, None, None, 0)
@@ -451,8 +451,8 @@ def check_torchvision(name: str, all_sites: bool) -> None:
 
 #: one model per family; the quick ones run in the default suite, the rest are marked slow
 FAMILIES_FAST = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf",
-                 "shufflenet_v2_x0_5", "squeezenet1_1", "mnasnet0_5", "alexnet"]
-FAMILIES_SLOW = ["googlenet", "densenet121", "vgg11_bn", "resnext50_32x4d", "convnext_tiny", "swin_t",
+                 "shufflenet_v2_x0_5", "squeezenet1_1", "mnasnet0_5"]
+FAMILIES_SLOW = ["alexnet", "googlenet", "densenet121", "vgg11_bn", "resnext50_32x4d", "convnext_tiny", "swin_t",
                  "wide_resnet50_2", "vit_b_32", "regnet_y_400mf", "inception_v3", "maxvit_t"]
 
 
@@ -465,3 +465,60 @@ def test_torchvision_family(name):
 @pytest.mark.parametrize("name", FAMILIES_SLOW)
 def test_torchvision_family_slow(name):
     check_torchvision(name, all_sites=False)
+
+
+def _num_params(name: str) -> int:
+    torchvision = pytest.importorskip("torchvision")
+    return int(torchvision.models.get_model_weights(name).DEFAULT.meta.get("num_params", 0))
+
+
+def _all_torchvision() -> list[str]:
+    try:
+        import torchvision
+    except ImportError:  # pragma: no cover
+        return []
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _all_torchvision())
+def test_every_torchvision_classifier(name):
+    if _num_params(name) > 100e6:
+        pytest.skip(f"{name}: {_num_params(name) / 1e6:.0f}M parameters, too large for the CPU test suite")
+    check_torchvision(name, all_sites=False)
+
+
+# ------------------------------------------------------------------ activation mass, example inputs
+def test_site_without_a_tap_measures_mass_on_its_first_consumer_input():
+    from hashexp.merge.stats import ActivationStats
+
+    torch.manual_seed(0)
+    m = SEBlock()
+    x = torch.randn(4, 3, 5, 5)
+    site = {s.name: s for s in find_sites(m, x).sites}["conv1"]
+    assert site.tap is None
+    stats = ActivationStats([site], window=0)
+    m.train()
+    m(x)
+    h = torch.relu(m.bn1(m.conv1(x)))
+    assert torch.allclose(stats.mass("conv1"), h.mean((2, 3)).abs().sum(0), rtol=1e-5)  # fc1 reads pooled h
+    stats.remove()
+
+
+def test_model_sites_needs_an_example_for_a_plain_module_and_caches_the_trace():
+    m = ConcatBlock()
+    with pytest.raises(ConfigError, match="no example input"):
+        model_sites(m)
+    found = find_sites(m, torch.randn(2, 2, 4, 4))
+    assert model_sites(m) is found.sites  # cached on the model
+    m.c = nn.Conv2d(8, 4, 3, padding=1)  # a replaced module: traced again
+    assert model_sites(m) is not found.sites and model_sites(m)[2].producers[0].module is m.c
+
+
+def test_a_deep_copy_keeps_its_traced_sites_pointing_at_its_own_modules():
+    m = ConcatBlock()
+    find_sites(m, torch.randn(2, 2, 4, 4))
+    c = copy.deepcopy(m)
+    sites = model_sites(c)
+    assert sites is c._hashexp_discovery.sites and sites[0].producers[0].module is c.a
+    assert model_sites(m)[0].producers[0].module is m.a

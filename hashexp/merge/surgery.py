@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from hashexp.errors import ConfigError
-from hashexp.merge.sites import Consumer, MergeSite, norm_affine
+from hashexp.merge.site import Consumer, MergeSite, norm_affine
 
 _EPS = 1e-12
 

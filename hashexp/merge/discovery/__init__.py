@@ -27,7 +27,7 @@ from hashexp.merge.discovery.build import SkippedSite, build_sites
 from hashexp.merge.discovery.trace import trace
 from hashexp.merge.discovery.verify import verify_sites
 from hashexp.merge.discovery.walk import Walk
-from hashexp.merge.sites import MergeSite
+from hashexp.merge.site import MergeSite
 
 __all__ = ["SiteDiscovery", "SkippedSite", "attach_example", "discovered_sites", "find_sites", "shrink_to_widths"]
 
@@ -48,7 +48,7 @@ class SiteDiscovery:
     sites: list[MergeSite]
     skipped: list[SkippedSite] = field(default_factory=list)
     trace_s: float = 0.0
-    paths: dict[str, int] = field(default_factory=dict, repr=False)
+    modules: dict[str, nn.Module] = field(default_factory=dict, repr=False)
 
     def __str__(self) -> str:
         rows = [("site", "kind", "width", "producers", "consumers")]
@@ -108,13 +108,20 @@ def _find_sites(model: nn.Module, example_input: Any, ignore: Sequence[str], ver
                           f"({type(e).__name__}: {e}); pass an input the model accepts, or declare the "
                           "sites with model.merge_sites()") from e
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    untraced: list[SkippedSite] = []
     if any(id(m) not in tr.calls for m in layers):
         # some layers only run in training mode (auxiliary classifiers): trace that path
-        tr_train = trace(model, x, train=True)
-        if sum(id(m) in tr_train.calls for m in layers) > sum(id(m) in tr.calls for m in layers):
-            tr = tr_train
+        try:
+            tr_train = trace(model, x, train=True)
+            if sum(id(m) in tr_train.calls for m in layers) > sum(id(m) in tr.calls for m in layers):
+                tr = tr_train
+        except Exception as e:  # the training-mode path does not run on this input (e.g. too small)
+            note = f"never ran on the example input; the training-mode forward failed ({type(e).__name__}: {e})"
+            untraced = [SkippedSite(p, "untraced", int(m.weight.shape[0]), note)
+                        for p, m in model.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and id(m) not in tr.calls]
     walk = Walk(tr)
     sites, skipped = build_sites(walk, tr, model)
+    skipped += untraced
     ignore = list(ignore or ())
     if ignore:
         keys = {s.name: s for s in sites}
@@ -134,7 +141,7 @@ def _find_sites(model: nn.Module, example_input: Any, ignore: Sequence[str], ver
             skipped.append(SkippedSite(s.name, s.kind, s.width, failed[s.name]))
         sites = [s for s in sites if s.name not in failed]
     found = SiteDiscovery(sites, skipped, time.perf_counter() - t0)
-    found.paths = {_path(model, m): id(m) for m in _modules(sites)}
+    found.modules = {_path(model, m): m for m in _modules(sites)}
     attach_example(model, example_input)
     object.__setattr__(model, "_hashexp_discovery", found)
     object.__setattr__(model, "_hashexp_ignore", tuple(ignore))
@@ -181,8 +188,10 @@ def _example_for(model: nn.Module) -> Any:
 
 
 def _still_valid(model: nn.Module, found: SiteDiscovery) -> bool:
+    """The cached sites still name the model's modules (true after ``copy.deepcopy``, which copies
+    the cache along with the modules; false once a module was replaced)."""
     mods = dict(model.named_modules())
-    return all(p in mods and id(mods[p]) == i for p, i in found.paths.items())
+    return all(mods.get(p) is m for p, m in found.modules.items())
 
 
 def discovered_sites(model: nn.Module) -> list[MergeSite]:

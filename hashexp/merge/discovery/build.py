@@ -18,7 +18,7 @@ from torch import nn
 
 from hashexp.merge.discovery.trace import Node, Trace
 from hashexp.merge.discovery.walk import Layout, Space, Walk, canon
-from hashexp.merge.sites import Consumer, Member, MergeSite, Producer
+from hashexp.merge.site import Consumer, Member, MergeSite, Producer
 
 
 @dataclass

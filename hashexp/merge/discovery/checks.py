@@ -94,7 +94,7 @@ def planted_error(model: nn.Module, x: Any, site: MergeSite) -> float:
 
 def compress_half(model: nn.Module, calib: torch.Tensor, keep: float = 0.5, **kw) -> list:
     """Keep ``keep`` of every site with the default compressor (LSH proposes, least squares absorbs)."""
-    from hashexp.merge.compressor import HashCompressor
+    from hashexp.merge.hashed import HashCompressor
 
     comp = HashCompressor(target_ratio=keep, compensation="lsq", **kw)
     return comp.compress(model, None, None, None, 0, calib=calib)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from hashexp.merge.sites import MergeSite
+from hashexp.merge.site import MergeSite
 
 
 def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -1,0 +1,198 @@
+"""Any torchvision classification model: sites found by tracing vs Torch-Pruning, one row per model.
+
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_anymodel.py [--max-params 100e6] [--models a,b]
+
+Random init, no downloads, num_classes=10, a batch of 2 images (64 px; 224 for ViT/MaxViT, whose
+position embeddings fix the size; 96 for Inception v3). For hashexp: sites found / skipped (with
+the most common reasons), trace time (trace + walk + numerical check of every site), the no-op
+error (every site keeps all its neurons through the surgery), the planted-duplicate error (a
+duplicated neuron merged back, worst of the first, middle and last site), and params/FLOPs after
+keeping half of every site (the L1-largest half: the widths any method reaches at keep=0.5; the
+forward must run). For Torch-Pruning (DependencyGraph + MagnitudePruner, L1, pruning_ratio=0.5,
+the classifier ignored): does the pruned model's forward run, and its params/FLOPs. Also whether
+torch.fx.symbolic_trace traces the model (the tracer we did not choose). Models above
+``--max-params`` parameters are left out (both tools), said so in the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+import traceback
+from collections import Counter
+
+import torch
+import torchvision
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from hashexp.merge.discovery import find_sites  # noqa: E402
+from hashexp.merge.discovery.checks import noop_error, planted_error  # noqa: E402
+from hashexp.merge.surgery import apply_plan, prune_plan  # noqa: E402
+
+
+def size_of(name: str) -> int:
+    if name.startswith(("vit", "maxvit")):
+        return 224
+    if name.startswith("inception"):
+        return 96
+    return 64
+
+
+def flops(model, x) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(x)
+    return int(fc.get_total_flops())
+
+
+def params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def short(reason: str) -> str:
+    import re
+
+    r = reason.split(";")[0]
+    r = re.sub(r"\(\d+(, \d+)*\)", "(..)", r)
+    r = re.sub(r"(features|layers?|trunk_output|encoder|stages?|blocks?)[\w.\-]*", "<path>", r)
+    return re.sub(r"\d+", "#", r)[:70]
+
+
+def hashexp_row(name: str, m, x) -> dict:
+    row = {}
+    t0 = time.perf_counter()
+    found = find_sites(m, x)
+    row["trace_s"] = time.perf_counter() - t0
+    row["sites"], row["skipped"] = len(found.sites), len(found.skipped)
+    reasons = Counter(short(s.reason) for s in found.skipped if "model output" not in s.reason)
+    row["reasons"] = "; ".join(f"{r} (x{c})" for r, c in reasons.most_common(2))
+    if not found.sites:
+        return row
+    m0 = copy.deepcopy(m)
+    row["noop"] = noop_error(m0, x, find_sites(m0, x, verify=False).sites)
+    picks = list(dict.fromkeys([0, len(found.sites) // 2, len(found.sites) - 1]))
+    worst = 0.0
+    for k in picks:
+        mp = copy.deepcopy(m)
+        worst = max(worst, planted_error(mp, x, find_sites(mp, x, verify=False).sites[k]))
+    row["planted"] = worst
+    f0, p0 = flops(m, x), params(m)
+    for s in found.sites:
+        score = s.neuron_vectors().abs().sum(1)
+        apply_plan(s, prune_plan(s, torch.topk(score, max(1, round(s.width * 0.5))).indices))
+    with torch.no_grad():
+        m.eval()(x)
+    row["params"], row["flops"] = params(m) / p0, flops(m, x) / f0
+    return row
+
+
+def tp_row(name: str, m, x) -> dict:
+    import torch_pruning as tp
+
+    f0, p0 = flops(m, x), params(m)
+    last = [mm for mm in m.modules() if isinstance(mm, torch.nn.Linear) and mm.out_features == 10] or \
+           [mm for mm in m.modules() if isinstance(mm, torch.nn.Conv2d) and mm.out_channels == 10]
+    kw = {}
+    if name.startswith("vit"):
+        kw["num_heads"] = {blk.self_attention: blk.num_heads for blk in m.encoder.layers}
+    pruner = tp.pruner.MagnitudePruner(m, x, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=0.5,
+                                       ignored_layers=last[-1:], **kw)
+    pruner.step()
+    with torch.no_grad():
+        m.eval()(x)
+    return {"params": params(m) / p0, "flops": flops(m, x) / f0}
+
+
+def fx_ok(m) -> str:
+    try:
+        torch.fx.symbolic_trace(m)
+        return "yes"
+    except Exception as e:
+        return f"no ({type(e).__name__})"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--max-params", type=float, default=100e6)
+    ap.add_argument("--models", default=None)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "bench_anymodel.md"))
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    names = a.models.split(",") if a.models else torchvision.models.list_models(module=torchvision.models)
+    rows = []
+    for name in names:
+        n_params = torchvision.models.get_model_weights(name).DEFAULT.meta.get("num_params", 0)
+        row = {"model": name, "n_params": n_params}
+        rows.append(row)
+        if n_params > a.max_params:
+            row["note"] = f"left out: {n_params / 1e6:.0f}M parameters (> {a.max_params / 1e6:.0f}M) on a 2-core CPU"
+            write(a.out, rows, a)
+            continue
+        s = size_of(name)
+        torch.manual_seed(0)
+        kw = {"init_weights": False} if name in ("googlenet", "inception_v3") else {}
+        m = torchvision.models.get_model(name, num_classes=10, **kw).eval()
+        x = torch.randn(2, 3, s, s)
+        row["fx"] = fx_ok(copy.deepcopy(m))
+        try:
+            row["hx"] = hashexp_row(name, copy.deepcopy(m), x)
+        except Exception as e:
+            row["hx"] = {"error": f"{type(e).__name__}: {str(e)[:80]}"}
+            traceback.print_exc(limit=2)
+        try:
+            row["tp"] = tp_row(name, copy.deepcopy(m), x)
+        except Exception as e:
+            row["tp"] = {"error": f"{type(e).__name__}: {str(e)[:80]}"}
+        print(name, row, flush=True)
+        write(a.out, rows, a)
+    return 0
+
+
+def write(path: str, rows: list[dict], a) -> None:
+    cmd = "OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_anymodel.py" + (
+        f" --max-params {a.max_params:g}" if a.max_params != 100e6 else "") + (f" --models {a.models}" if a.models else "")
+    done = [r for r in rows if "hx" in r]
+    hx_ok = sum(1 for r in done if r["hx"].get("sites"))
+    hx_run = sum(1 for r in done if "params" in r["hx"])
+    tp_ok = sum(1 for r in done if "params" in r["tp"])
+    fx = sum(1 for r in done if r.get("fx") == "yes")
+    lines = [
+        "# Any torchvision model: sites found by tracing vs Torch-Pruning", "",
+        f"Command: `{cmd}`", "",
+        f"torch {torch.__version__}, torchvision {torchvision.__version__}, 1 thread, random init, batch 2, num_classes=10.",
+        "", f"Of {len(done)} models run: hashexp finds sites in {hx_ok} and its compressed forward runs in {hx_run} "
+        f"(every refusal has a reason); Torch-Pruning's pruned forward runs in {tp_ok}; torch.fx.symbolic_trace "
+        f"traces {fx}.", "",
+        "Columns: sites/skipped; trace s (trace + walk + numerical check); no-op and planted-duplicate relative "
+        "output errors; params and FLOPs after keeping half of every site, as a share of the original; the same "
+        "for Torch-Pruning at pruning_ratio=0.5; the two most common refusal reasons (the classifier output, refused "
+        "as it reaches the model output, is not counted).", "",
+        "| model | sites | skipped | trace s | no-op | planted | params | FLOPs | TP params | TP FLOPs | fx | refusals |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "note" in r:
+            lines.append(f"| {r['model']} | | | | | | | | | | | {r['note']} |")
+            continue
+        if "hx" not in r:
+            continue
+        h, t = r["hx"], r["tp"]
+        hcols = [f"error: {h['error']}"] + [""] * 7 if "error" in h else [
+            str(h["sites"]), str(h["skipped"]), f"{h['trace_s']:.2f}",
+            f"{h['noop']:.1e}" if "noop" in h else "", f"{h['planted']:.1e}" if "planted" in h else "",
+            f"{h['params']:.2f}" if "params" in h else "", f"{h['flops']:.2f}" if "flops" in h else "",
+            h.get("reasons", "")]
+        tcols = [f"{t['params']:.2f}", f"{t['flops']:.2f}"] if "params" in t else [f"fails: {t['error']}", ""]
+        lines.append("| " + " | ".join([r["model"]] + hcols[:7] + tcols + [r.get("fx", ""), hcols[7]]) + " |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
