@@ -46,5 +46,10 @@ class HasMergeSites:
         return discovered_sites(self)
 
     def widths(self) -> dict[str, int]:
-        """Current width of each site, by name."""
+        """``{site name: width}`` of the model's sites."""
         return {s.name: s.width for s in model_sites(self)}
+
+
+def model_widths(model: nn.Module, sites: list[MergeSite] | None = None) -> dict[str, int]:
+    """``{site name: width}`` of ``model`` (of ``sites`` when given, e.g. a cached list)."""
+    return {s.name: s.width for s in (model_sites(model) if sites is None else sites)}
