@@ -522,3 +522,36 @@ def test_a_deep_copy_keeps_its_traced_sites_pointing_at_its_own_modules():
     sites = model_sites(c)
     assert sites is c._hashexp_discovery.sites and sites[0].producers[0].module is c.a
     assert model_sites(m)[0].producers[0].module is m.a
+
+
+class DataDependent(nn.Module):
+    """Python control flow on values (common in timm/HF code): symbolic tracing cannot follow it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 3)
+
+    def forward(self, x):
+        if x.shape[0] > 1 and float(x.abs().max()) < 1e6:  # shape and value checks: fx cannot branch on them
+            x = x * 2.0
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_executing_tracer_follows_data_dependent_python_where_fx_stops():
+    m = DataDependent()
+    with pytest.raises(Exception):
+        torch.fx.symbolic_trace(m)
+    found = find_sites(m, torch.randn(2, 4))
+    assert [s.name for s in found.sites] == ["a"] and found.sites[0].activation == "relu"
+    # a branch on the site's own values is a read of every channel: refused, not guessed
+    skipped = {s.name: s.reason for s in find_sites(Branchy(), torch.randn(2, 4)).skipped}
+    assert "mean at <model> reduces over every axis" in skipped["a"]
+
+
+class Branchy(DataDependent):
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if float(h.mean()) > -1.0:
+            h = h * 2.0
+        return self.b(h)

@@ -46,7 +46,7 @@ class HasMergeSites:
         return discovered_sites(self)
 
     def widths(self) -> dict[str, int]:
-        """Current width of each site, by name."""
+        """``{site name: width}`` of the model's sites."""
         return {s.name: s.width for s in model_sites(self)}
 
 

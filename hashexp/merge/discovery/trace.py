@@ -1,13 +1,17 @@
 """Record what a model computes by running it once on a real batch.
 
-Why executing, not symbolic tracing: torch.fx and torch.export build the graph from proxies, and
-stop on data-dependent Python (``torch._assert`` on shapes, ``if x.shape[1] == ...``, dict or
-dataclass outputs), which is common in timm and HuggingFace code; the peers' bug lists (NNI,
-Torch-Pruning) are full of it. Running the model with a ``TorchFunctionMode`` sees every torch
-function and tensor method that the Python code actually called, with real shapes, whatever the
-control flow; forward hooks see every module call. Measured on torchvision's classification
-models (benchmarks/bench_anymodel.md): the recorder traces all of them; in-place ops
-(``out += identity``, ``ReLU(inplace=True)``) are recorded as new values of the same tensor.
+Why executing, not symbolic tracing. Measured (benchmarks/bench_tracers.md, bench_anymodel.md):
+on torchvision's classification models torch.fx.symbolic_trace succeeds too and captures the
+graph 2-10x faster (it does not run the model), torch.export (non-strict) is 4-20x slower than
+this recorder. fx was still not chosen: its proxies stop on data-dependent Python (branches on
+shapes or values, ``torch._assert``, dict or dataclass outputs), common in timm and HuggingFace
+code and in the peers' bug lists (NNI, Torch-Pruning), and fx gives no shapes, which the walk
+needs (a reshape that splits channels, the block size of a flatten, concatenation offsets). The
+numerical check runs the model anyway, and capture costs well under a second for most models.
+Running the model under a ``TorchFunctionMode`` sees every torch function and tensor method the
+Python code actually called, with real shapes, whatever the control flow; forward hooks see
+every module call. In-place ops (``out += identity``, ``ReLU(inplace=True)``) are recorded as new
+values of the same tensor.
 
 The graph has one node per call of a *leaf* module (Linear, Conv, norms, activations, pooling,
 dropout, attention, embeddings, RNNs: :data:`LEAF_TYPES`; nothing inside them is recorded) and one
