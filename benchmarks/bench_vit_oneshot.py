@@ -132,7 +132,8 @@ def main() -> None:
     lines += ["", "FLOPs per sample after compression (all methods reach the same widths): "
               + ", ".join(f"-{int(100 * rm)}%: {done[f'{a.seeds[0]}|hashed (simhash, lsq)|{rm}']['flops']:,}"
                           for rm in REMOVE) + f" (trained: {m['flops']:,}).",
-              "", "Mean time per one-shot compression (4 sites, incl. tracing and calibration; s): "
+              "", "Mean wall time per one-shot compression (4 sites, incl. tracing, calibration and the test-split "
+              "evaluations; s; on a shared, oversubscribed 2-core machine, so indicative only): "
               + ", ".join(f"{n} {statistics.mean(timing[n]):.2f}" for n in METHODS), ""]
     Path(a.md).write_text("\n".join(lines))
     print("\n".join(lines))
