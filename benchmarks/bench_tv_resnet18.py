@@ -94,12 +94,14 @@ def main() -> None:
             small = tp_prune(model0, data.x_train[:2], {}, ignore_rest=False, global_ratio=r)
             recalibrate_bn(small, batches(seed))
             return f0 / count_flops(small, shape), small
-        if "tp" not in knobs:
-            knobs["tp"] = bisect(at, 0.0, 0.7, 2.0)[0]
+        if "tp" not in knobs:  # the FLOPs ratio grows with the pruning ratio: search its complement
+            knobs["tp"] = 1 - bisect(lambda keep: at(1 - keep), 0.3, 1.0, 2.0)[0]
         return (knobs["tp"], *at(knobs["tp"]))
 
     cache = out / "results.json"
     done = json.loads(cache.read_text()) if cache.exists() else {}
+    for key, r in done.items():  # a rerun continues with the knobs already found
+        knobs.setdefault("ours" if key.endswith("|hashexp (simhash, lsq)") else "tp", r["knob"])
     for seed in a.seeds:
         for name, fn in (("hashexp (simhash, lsq)", ours), ("Torch-Pruning L1", theirs)):
             key = f"{seed}|{name}"
