@@ -57,7 +57,8 @@ def main() -> None:
     lines = [
         "# ViT compressing while it trains (Fashion-MNIST)",
         "",
-        "Command: `nice -n 10 .venv/bin/python benchmarks/bench_vit_train.py`" + (" `--smoke`" if a.smoke else ""),
+        f"Command: `nice -n 10 .venv/bin/python benchmarks/bench_vit_train.py --seeds {' '.join(map(str, a.seeds))} "
+        f"--final {' '.join(map(str, a.final))}`" + (" `--smoke`" if a.smoke else ""),
         "",
         f"`python -m hashexp {' '.join(vit_run_args(a.subset, a.epochs, 0))}` and the hashed / scratch variants "
         f"(hashed: `hashing=simhash hashing.max_error=null schedule=gradual schedule.start={start} schedule.end={end} "
