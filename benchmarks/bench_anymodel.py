@@ -9,7 +9,8 @@ error (every site keeps all its neurons through the surgery), the planted-duplic
 duplicated neuron merged back, worst of the middle and the last site), and params/FLOPs after
 keeping half of every site (the L1-largest half: the widths any method reaches at keep=0.5; the
 forward must run). For Torch-Pruning (DependencyGraph + MagnitudePruner, L1, pruning_ratio=0.5,
-the classifier ignored): does the pruned model's forward run, and its params/FLOPs. Also whether
+the classifier ignored): does the pruned model's forward run, and its params/FLOPs (a run past
+``--tp-timeout`` seconds, or past the memory cap the command sets, counts as a failure). Also whether
 torch.fx.symbolic_trace traces the model (the tracer we did not choose). Models above
 ``--max-params`` parameters are left out (both tools), said so in the table.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import signal
 import sys
 import time
 import traceback
@@ -117,11 +119,20 @@ def fx_ok(m) -> str:
         return f"no ({type(e).__name__})"
 
 
+class TPTimeout(Exception):
+    """Torch-Pruning ran past --tp-timeout on one model."""
+
+
+def _timeout(signum, frame):
+    raise TPTimeout("past the time limit")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--max-params", type=float, default=30e6)
     ap.add_argument("--min-params", type=float, default=0.0, help="leave out models with fewer parameters")
     ap.add_argument("--models", default=None)
+    ap.add_argument("--tp-timeout", type=float, default=300, help="seconds Torch-Pruning may take per model")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "bench_anymodel.md"))
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -149,10 +160,14 @@ def main(argv=None) -> int:
         except Exception as e:
             row["hx"] = {"error": f"{type(e).__name__}: {str(e)[:80]}"}
             traceback.print_exc(limit=2)
+        signal.signal(signal.SIGALRM, _timeout)
+        signal.alarm(int(a.tp_timeout))
         try:
             row["tp"] = tp_row(name, copy.deepcopy(m), x)
-        except Exception as e:
+        except (Exception, MemoryError) as e:
             row["tp"] = {"error": f"{type(e).__name__}: {str(e)[:80]}"}
+        finally:
+            signal.alarm(0)
         print(name, row, flush=True)
         write(a.out, rows, a)
     return 0
