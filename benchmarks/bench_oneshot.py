@@ -15,6 +15,14 @@ fine-tuning, to keep 50/40/30/20/10% of each hidden layer's neurons (i.e. remove
   t in {0.1, 0.3, 0.45, 0.6, 0.8} chosen per seed and ratio on the test set (an upper bound);
 - magnitude (L1), magnitude + lsq, random, random + lsq.
 
+The baselines score every site on the network before compression, as their papers do
+(`hashing.scoring=original`, issue 22). The rows marked `[old: sequential]` are the same
+baselines scored site by site after the upstream sites were cut (`scoring=sequential`, hashexp
+before issue 22), kept for one release. The row `hashed lsq activations/keep [probe: original
+capture]` asks the same question of the hashed compressor: each site is planned on, and its
+consumers refit to, the activations of the *original* network (captured on a copy before any
+site changes) instead of the already-merged upstream network.
+
 Accuracy is on the full test split; the drop is against the trained model of the same seed.
 """
 
@@ -25,6 +33,7 @@ import copy
 import json
 import statistics
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from _common import ROOT, fmt, run  # noqa: E402  (benchmarks/ is the script's dir)
@@ -43,7 +52,50 @@ def methods() -> dict[str, dict]:
     out["magnitude + lsq"] = dict(method="magnitude", compensation="lsq")
     out["random"] = dict(method="random")
     out["random + lsq"] = dict(method="random", compensation="lsq")
+    out["hashed lsq activations/keep [probe: original capture]"] = dict(method="simhash", candidates="activations",
+                                                                       representative="keep", probe=True)
+    for name in ("neuron_merging t=0.45", "magnitude", "magnitude + lsq", "random", "random + lsq"):
+        out[f"{name} {OLD}"] = dict(out[name], scoring="sequential")
     return out
+
+
+OLD = "[old: sequential]"
+
+
+@contextmanager
+def original_capture():
+    """Probe: the hashed compressor plans each site on (and refits its consumers to) the original
+    network's activations, captured on a copy made before the first site changes."""
+    import hashexp.compress as hc
+    from hashexp.merge import compressor as mc
+
+    make, capture = hc.make_compressor, mc.cal.capture_site
+    state: dict = {}
+
+    class OriginalCapture(mc.HashCompressor):
+        def compress(self, model, *a, **kw):
+            state["orig"] = copy.deepcopy(model)
+            state["sites"] = {s.name: s for s in state["orig"].merge_sites()}
+            try:
+                return super().compress(model, *a, **kw)
+            finally:
+                state.clear()
+
+    def capture_original(model, site, x, seed=0, before_consumer=None):
+        if before_consumer is None and state:  # the "before" capture of lsq: from the original copy
+            return capture(state["orig"], state["sites"][site.name], x, seed)
+        return capture(model, site, x, seed, before_consumer)
+
+    def make_probe(*a, **kw):
+        comp = make(*a, **kw)
+        comp.__class__ = OriginalCapture
+        return comp
+
+    hc.make_compressor, mc.cal.capture_site = make_probe, capture_original
+    try:
+        yield
+    finally:
+        hc.make_compressor, mc.cal.capture_site = make, capture
 
 
 def main() -> None:
@@ -78,16 +130,20 @@ def main() -> None:
         model0, cfg = load_run(str(rd))
         data = build_dataset(cfg.dataset, seed=seed)
         majority = data.majority_acc("test")
-        variants = {**methods(), **{f"neuron_merging t={t}": dict(method="neuron_merging", threshold=t) for t in NM_T}}
+        variants = {**methods(), **{f"neuron_merging t={t}": dict(method="neuron_merging", threshold=t) for t in NM_T},
+                    **{f"neuron_merging t={t} {OLD}": dict(method="neuron_merging", threshold=t, scoring="sequential")
+                       for t in NM_T}}
         for name, kw in variants.items():
             for rm in REMOVE:
                 key = f"{seed}|{name}|{rm}"
                 if key not in done:
                     kw2 = dict(kw)
                     method = kw2.pop("method")
+                    probe = kw2.pop("probe", False)
                     t0 = time.perf_counter()
-                    _, rep = compress_model(copy.deepcopy(model0), data, method=method, keep=round(1 - rm, 2),
-                                            seed=seed, **kw2)
+                    with original_capture() if probe else nullcontext():
+                        _, rep = compress_model(copy.deepcopy(model0), data, method=method, keep=round(1 - rm, 2),
+                                                seed=seed, **kw2)
                     done[key] = {"acc": rep["after"]["test_acc"], "time_s": time.perf_counter() - t0,
                                  "widths": rep["after"]["widths"]}
                     print(f"seed {seed} {name:34s} remove {rm:.0%}: {100 * done[key]['acc']:.2f}% "
@@ -97,8 +153,9 @@ def main() -> None:
                 timing.setdefault(name, []).append(done[key]["time_s"])
         # Neuron Merging's best threshold per ratio (chosen on the test split: an upper bound for it)
         for rm in REMOVE:
-            best = max(res[f"neuron_merging t={t}"][rm][seed] for t in NM_T)
-            res.setdefault("neuron_merging, best t per ratio", {}).setdefault(rm, {})[seed] = best
+            for tag in ("", f" {OLD}"):
+                best = max(res[f"neuron_merging t={t}{tag}"][rm][seed] for t in NM_T)
+                res.setdefault(f"neuron_merging, best t per ratio{tag}", {}).setdefault(rm, {})[seed] = best
 
     seeds = a.seeds
     lines = [
@@ -118,7 +175,7 @@ def main() -> None:
         "| method | " + " | ".join(f"-{int(100 * r)}%" for r in REMOVE) + " |",
         "|---|" + "---:|" * len(REMOVE),
     ]
-    order = [*methods(), "neuron_merging, best t per ratio"]
+    order = [*methods(), "neuron_merging, best t per ratio", f"neuron_merging, best t per ratio {OLD}"]
     best = {rm: min(order, key=lambda n: statistics.mean(trained[s] - res[n][rm][s] for s in seeds)) for rm in REMOVE}
     for name in order:
         cells = []
@@ -138,8 +195,10 @@ def main() -> None:
     lines += ["", "Neuron Merging per threshold (mean accuracy %):", "",
               "| t | " + " | ".join(f"-{int(100 * r)}%" for r in REMOVE) + " |", "|---|" + "---:|" * len(REMOVE)]
     for t in NM_T:
-        lines.append(f"| {t} | " + " | ".join(f"{100 * statistics.mean(res[f'neuron_merging t={t}'][rm][s] for s in seeds):.2f}"
-                                            for rm in REMOVE) + " |")
+        for tag in ("", f" {OLD}"):
+            lines.append(f"| {t}{tag} | " + " | ".join(
+                f"{100 * statistics.mean(res[f'neuron_merging t={t}{tag}'][rm][s] for s in seeds):.2f}" for rm in REMOVE)
+                + " |")
     lines += ["", "Mean time per one-shot compression (both sites, incl. calibration forward; s): "
               + ", ".join(f"{n} {statistics.mean(timing[n]):.2f}" for n in methods()), ""]
     Path(a.md).write_text("\n".join(lines))
