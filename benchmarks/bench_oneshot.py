@@ -72,11 +72,12 @@ def original_capture():
     network's activations, captured on a copy made before the first site changes."""
     import hashexp.compress as hc
     from hashexp.merge import compressor as mc
+    from hashexp.merge.hashed import HashCompressor
 
     make, capture = hc.make_compressor, mc.cal.capture_site
     state: dict = {}
 
-    class OriginalCapture(mc.HashCompressor):
+    class OriginalCapture(HashCompressor):
         def compress(self, model, *a, **kw):
             state["orig"] = copy.deepcopy(model)
             state["sites"] = {s.name: s for s in state["orig"].merge_sites()}

@@ -65,7 +65,7 @@ def tp_prune(model, example, layers, ratios, importance):
 
 
 def hx_prune(model, keep, sites, scoring="original"):
-    from hashexp.merge.compressor import MagnitudePruner
+    from hashexp.merge.baselines import MagnitudePruner
 
     MagnitudePruner(target_ratio=keep, compensation="none", min_width=1, sites=sites, scoring=scoring).compress(
         model, None, None, None, step=0)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from hashexp.errors import ConfigError
-from hashexp.merge.compressor import MagnitudePruner, NeuronMerging
+from hashexp.merge.baselines import MagnitudePruner, NeuronMerging
 from hashexp.merge.sites import Consumer, HasMergeSites, MergeSite, Producer
 from hashexp.models.mlp import MLP
 
