@@ -207,3 +207,35 @@ def test_a_kill_mid_epoch_resumes_to_the_uninterrupted_run(folder, tmp_path, mon
         assert out[k] == ref[k], k
     assert _history(tmp_path / "full") == _history(tmp_path / "killed")
     assert json.loads((tmp_path / "killed" / "metrics.json").read_text())["resumed"]["from"].endswith("checkpoint.pt")
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_stream_their_slices_and_match_one_process(folder, tmp_path):
+    """torchrun, 2 gloo ranks on CPU, each with its own loader workers: the same rehashes and
+    widths as one process, metrics equal within float reduction order."""
+    import os
+    import subprocess
+    import sys
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed next to the interpreter")
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "tmpdir").mkdir()
+    env = dict(os.environ, HASHEXP_OUTPUTS=str(tmp_path / "outputs"), WANDB_MODE="disabled", OMP_NUM_THREADS="1",
+               TMPDIR=str(tmp_path / "tmpdir"), PYTHONPATH=str(root))
+    args = ["dataset=imagefolder", f"dataset.root={folder}", "dataset.resize=null", "dataset.crop=16",
+            "dataset.num_workers=1", *[a for a in MID if "checkpoint" not in a], "trainer.batch_size=10"]
+    ddp = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "--monitor-interval=0.2", "-m",
+                          "hashexp", *args, f"hydra.run.dir={tmp_path / 'ddp'}"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "hashexp", *args, f"hydra.run.dir={tmp_path / 'one'}"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("ddp", "one"))
+    assert a["world_size"] == 2 and b["world_size"] == 1 and a["steps"] == b["steps"] == 2 * 5
+    assert a["rehashes"] == b["rehashes"] >= 2 and a["widths"] == b["widths"] != a["widths_before"]
+    for k in ("train_loss", "test_loss"):
+        assert a[k] == pytest.approx(b[k], rel=1e-3), k
+    assert a["test_acc"] == pytest.approx(b["test_acc"], abs=1e-6)
