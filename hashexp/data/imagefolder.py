@@ -56,28 +56,33 @@ class ImageTransform:
 
     def __call__(self, path: str, seed: int | None = None) -> torch.Tensor:
         """The (C, crop, crop) float32 input for the image at ``path``."""
-        from torchvision.transforms.v2 import functional as TF
-
-        img = read_image(path, self.channels)
+        # plain torch ops: DataLoader workers import nothing new (a torchvision.transforms import
+        # in each forked worker cost seconds per loader)
+        x = read_image(path, self.channels).to(torch.float32)
         if self.resize is not None:
-            img = TF.resize(img, [self.resize], antialias=True)
-        h, w = img.shape[-2:]
+            h, w = x.shape[-2:]
+            scale = self.resize / min(h, w)
+            size = (max(1, round(h * scale)), max(1, round(w * scale)))
+            if size != (h, w):
+                x = torch.nn.functional.interpolate(x[None], size=size, mode="bilinear", align_corners=False,
+                                                    antialias=True)[0]
+        h, w = x.shape[-2:]
         if h < self.crop or w < self.crop:  # a small image: zero-pad to the crop
-            img = TF.pad(img, [0, 0, max(0, self.crop - w), max(0, self.crop - h)])
-            h, w = img.shape[-2:]
+            x = torch.nn.functional.pad(x, (0, max(0, self.crop - w), 0, max(0, self.crop - h)))
+            h, w = x.shape[-2:]
         if self.train:
             g = torch.Generator().manual_seed(int(seed or 0))
             top = int(torch.randint(h - self.crop + 1, (1,), generator=g))
             left = int(torch.randint(w - self.crop + 1, (1,), generator=g))
-            img = img[:, top:top + self.crop, left:left + self.crop]
-            if self.hflip and bool(torch.rand(1, generator=g) < 0.5):
-                img = img.flip(-1)
+            flip = self.hflip and bool(torch.rand(1, generator=g) < 0.5)
         else:
-            img = TF.center_crop(img, [self.crop, self.crop])
-        x = img.to(torch.float32).div_(255.0)
+            top, left, flip = (h - self.crop) // 2, (w - self.crop) // 2, False
+        x = x[:, top:top + self.crop, left:left + self.crop]
+        if flip:
+            x = x.flip(-1)
         mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
-        return x.sub_(mean).div_(std)
+        return x.div_(255.0).sub_(mean).div_(std).contiguous()
 
 
 def read_image(path: str, channels: int) -> torch.Tensor:
@@ -199,15 +204,22 @@ def _load(files: ImageFiles, batches: list[list], shape: tuple[int, ...], loader
     """
     full = [b for b in batches if b]
     it = iter(torch.utils.data.DataLoader(files, batch_sampler=full, **loader_kw)) if full else iter(())
-    for b in batches:
-        if not b:
-            yield torch.empty((0, *shape), device=device), torch.empty(0, dtype=torch.int64, device=device)
-            continue
-        try:
-            xb, yb = next(it)
-        except HashexpError as e:  # re-raised from a worker with its traceback in the message
-            raise type(e)(_last_line(str(e))) from None
-        yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+    try:
+        for b in batches:
+            if not b:
+                yield torch.empty((0, *shape), device=device), torch.empty(0, dtype=torch.int64, device=device)
+                continue
+            try:
+                xb, yb = next(it)
+            except HashexpError as e:  # re-raised from a worker with its traceback in the message
+                raise type(e)(_last_line(str(e))) from None
+            yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+    finally:
+        # stop the workers now: left to the iterator's finalizer after an error or an early
+        # exit, their shutdown waits out two 5 s status timeouts
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def _last_line(msg: str) -> str:
