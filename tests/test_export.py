@@ -7,6 +7,8 @@ an export that is not faithful must raise, not warn.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -167,3 +169,30 @@ def test_cli_exports_a_run_dir_checked_on_its_test_data(tmp_path, one_thread, ca
     assert (tmp_path / "x" / "m.pt2").is_file()
     assert main([str(tmp_path / "nothing")]) == 2
     assert "hashexp.export: error:" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_trained_hashed_run_exports_from_the_command_line(tmp_path, capsys):
+    """End to end: `python -m hashexp hashing=simhash` on synthetic data, then the export CLI on its run dir."""
+    from tests.conftest import TINY, run_app, run_dirs
+
+    run_app(tmp_path, [*TINY, "hashing=simhash", "hashing.max_error=0.5"])
+    (run,) = run_dirs(tmp_path)
+    widths = json.loads((run / "metrics.json").read_text())["widths"]
+    assert widths != {"fc1": 32, "fc2": 32}  # merged
+    assert main([str(run)]) == 0
+    assert f"'fc1': {widths['fc1']}" in capsys.readouterr().out
+    import onnx
+
+    shapes = {tuple(t.dims) for t in onnx.load(str(run / "model.onnx")).graph.initializer}
+    assert (widths["fc2"], widths["fc1"]) in shapes
+
+
+@pytest.mark.slow
+def test_a_torchvision_model_exports(tmp_path, one_thread):
+    """The traced model families (model=torchvision) export through the same generic path."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(3)
+    model = torchvision.models.resnet18(num_classes=10)
+    rep = export_model(model, torch.randn(2, 3, 32, 32), tmp_path / "r18.onnx", check_input=torch.randn(6, 3, 32, 32))
+    assert rep.checked_batches == [6, 3] and rep.max_abs_diff <= 1e-4
