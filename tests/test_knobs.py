@@ -22,7 +22,8 @@ BAD = [("abc", "abc"), ("[1,2]", [1, 2]), ("{a: 1}", {"a": 1}), ("1.5", 1.5)]
 
 
 def _choice_overrides(group: str, choice: str) -> list[str]:
-    extra = {"npz": ["dataset.path=x.npz"], "synthetic": []}.get(choice, ["dataset.download=false"])  # never download
+    extra = {"npz": ["dataset.path=x.npz"], "synthetic": [], "imagefolder": ["dataset.root=images"]}.get(
+        choice, ["dataset.download=false"])  # never download
     return [f"{group}={choice}"] + (extra if group == "dataset" else [])
 
 

@@ -25,6 +25,9 @@ GROUPS = ("dataset", "model", "hashing", "schedule", "trainer", "logger")
 _HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 # keys the app reads itself, not the target: a group's label, the model's default error budget
 _APP_KEYS = {"name": str, "merge_budget": float | None}
+# groups whose keys are split between the target and another class (hashing.window, calib_samples,
+# bn_recalib_batches, pull configure the Rehasher, see hashexp.merge.rehasher.build_rehasher)
+_ALSO = {"hashing": "hashexp.merge.rehasher.Rehasher"}
 
 
 def _nested_types() -> dict[str, dict[str, Any]]:
@@ -68,6 +71,8 @@ def iter_knobs(node: DictConfig | dict, path: str):
     hints = _hints(target) if isinstance(target, str) else None
     if hints is None:
         return
+    if path in _ALSO:
+        hints = {**(_hints(_ALSO[path]) or {}), **hints}
     nested = _nested_types()
     for key, value in node.items():
         if key in _HYDRA_KEYS:
