@@ -67,7 +67,7 @@ def test_loads_lists_and_transforms_with_the_stated_statistics(folder):
     raw = np.asarray(Image.open(folder / "val" / "class1" / "img00.png"), dtype=np.float32)
     want = (torch.from_numpy(raw[2:18, 4:20]).permute(2, 0, 1) / 255 - 0.5) / 0.25
     torch.testing.assert_close(data.x_test[torch.tensor([N_VAL])][0], want)
-    assert data.x_test[0:3].shape == (3, 3, 16, 16)
+    assert data.x_test[0:3].shape == (3, 3, 16, 16) and torch.equal(data.x_test[N_VAL], want)
 
 
 def test_resize_and_grayscale(folder):
@@ -159,6 +159,10 @@ def test_an_empty_class_folder_and_a_missing_root_are_clear_errors(tmp_path):
         _data(root)
     with pytest.raises(DataError, match=r"dataset.root=.* is not a directory; point it at the folder holding train/"):
         _data(tmp_path / "nowhere")
+    from hashexp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"dataset.eval_train_samples must be a positive integer or null"):
+        _data(make_folder(tmp_path / "ok"), "dataset.eval_train_samples=0")
     (root / "train" / "class9" / "x.png").write_bytes(b"")
     (root / "val" / "other").mkdir()
     with pytest.raises(DataError, match=r"class folders \['other'\] that the training split lacks"):

@@ -31,7 +31,7 @@ import torch
 
 from hashexp.errors import ConfigError, DataError, HashexpError
 
-from .base import DataBundle, check_seed, subset_indices
+from .base import DataBundle, check_seed, check_subset, subset_indices
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -139,6 +139,8 @@ class LazyImages:
         return LazyImages(self.files, self.input_shape, self.loader_kw, device, self.eval_index)
 
     def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, (int, np.integer)):  # one sample, as a tensor's x[i]
+            return self.files[int(index)][0].to(self.device)
         if isinstance(index, slice):
             idx = range(len(self.files))[index]
         else:
@@ -307,8 +309,10 @@ def load_imagefolder(root: str, name: str = "imagefolder", train_dir: str = "tra
     loader_kw = {"num_workers": int(num_workers), "pin_memory": bool(pin_memory) and torch.cuda.is_available(),
                  **({"persistent_workers": False, "prefetch_factor": 2} if num_workers else {})}
     shape = (channels, crop, crop)
-    eval_index = subset_indices(len(tr_paths), eval_train_samples if eval_train_samples and
-                                eval_train_samples < len(tr_paths) else None, seed, 2, "eval_train_samples")
+    check_subset(eval_train_samples, "eval_train_samples")
+    eval_index = None
+    if eval_train_samples is not None and eval_train_samples < len(tr_paths):
+        eval_index = subset_indices(len(tr_paths), eval_train_samples, seed, 2, "eval_train_samples")
     x_train = LazyImages(ImageFiles(tr_paths, tr_labels, ImageTransform(**kw)), shape, loader_kw, eval_index=eval_index)
     x_test = LazyImages(ImageFiles(te_paths, te_labels, ImageTransform(**kw)), shape, loader_kw)
     return StreamedImages(name=name, x_train=x_train, y_train=torch.from_numpy(tr_labels), x_test=x_test,
