@@ -33,7 +33,7 @@ from hashexp.merge.compressor import Compressor, nearest_survivor
 from hashexp.merge.cosine import pair_cosines, plan_by_cosine
 from hashexp.merge.sites import MergeSite
 from hashexp.merge.surgery import MergePlan, merge_plan, prune_plan
-from hashexp.utils.checks import check_at_least, check_cosine
+from hashexp.utils.checks import check_at_least, check_bits, check_cosine
 
 CANDIDATES = ("activations", "weights", "exact", "auto")
 REPRESENTATIVES = ("keep", "mean")
@@ -81,8 +81,7 @@ class HashCompressor(Compressor):
         check_cosine("hashing.threshold", threshold, nullable=True)
         if transform not in ("auto", "simhash", "mips"):
             raise ConfigError(f"hashing.transform={transform!r}; choose auto, simhash or mips")
-        if not (1 <= int(bits) <= 64):
-            raise ConfigError(f"hashing.bits must be in 1..64, got {bits}")
+        check_bits("hashing.bits", bits)
         if int(tables) < 1 or not (1 <= int(min_tables) <= int(tables)):
             raise ConfigError(f"hashing.tables must be >= 1 and 1 <= min_tables <= tables, got {tables}, {min_tables}")
         if max_group_size < 0:

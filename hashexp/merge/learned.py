@@ -21,7 +21,7 @@ from hashexp.errors import ConfigError
 from hashexp.merge.cosine import WEIGHTS_THRESHOLD
 from hashexp.merge.hashed import HashCompressor
 from hashexp.merge.sites import MergeSite
-from hashexp.utils.seeding import P1000003, P104729, P7919, derive_seed
+from hashexp.utils.seeding import EVENT_MIX, SEED_MIX, VERSION_MIX, derive_seed
 
 
 def pair_threshold(threshold: float) -> float:
@@ -104,7 +104,7 @@ class LearnableHashCompressor(HashCompressor):
         h = self.hashers.get(site.name)
         if h is None or h.dim != dim or h.bits != self.bits or h.tables != self.tables:
             n = self.created.get(site.name, 0)
-            seed = derive_seed(self.seed, index, n, scale=P1000003, weights=(P7919, P104729), modulus=2**62)
+            seed = derive_seed(self.seed, index, n, scale=SEED_MIX, weights=(EVENT_MIX, VERSION_MIX), modulus=2**62)
             h = LearnableSimHash(dim, self.bits, self.tables, seed=seed)
             self.hashers[site.name] = h
             self.created[site.name] = n + 1

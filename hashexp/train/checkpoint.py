@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from hashexp.errors import ConfigError, DataError
+from hashexp.utils.dicts import flatten
 from hashexp.utils.io import torch_save_atomic
 
 FORMAT = "hashexp.checkpoint/1"
@@ -122,16 +123,6 @@ def check_model_spec(path: str, spec: dict[str, Any], mine: dict[str, Any] | Non
 _UNSET = "<unset>"
 
 
-def _flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(cfg, dict):
-        out: dict[str, Any] = {}
-        for k, v in cfg.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        if cfg or not prefix:
-            return out
-    return {prefix[:-1]: cfg}
-
-
 def _under(key: str, prefixes: tuple[str, ...]) -> bool:
     return any(key == p or key.startswith(p + ".") or (p == "trainer.checkpoint" and key.startswith(p))
                for p in prefixes)
@@ -145,13 +136,14 @@ MOVED_TARGETS = {
     **{f"hashexp.schedule.{c}": f"hashexp.schedules.{m}.{c}" for m, c in (
         ("fixed", "FixedSchedule"), ("per_layer", "PerLayerSchedule"), ("gradual", "GradualSchedule"),
         ("drift", "DriftSchedule"))},
+    "hashexp.merge.learnable.LearnableHashCompressor": "hashexp.merge.learned.LearnableHashCompressor",
 }
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, list], dict[str, list]]:
     """(refused, allowed) differences between two resolved run configs: ``{dotted key: [old, new]}``
     (a moved ``_target_`` counts as its new home, :data:`MOVED_TARGETS`)."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten(old), flatten(new)
     a = {k: MOVED_TARGETS.get(v, v) if k.endswith("_target_") and isinstance(v, str) else v for k, v in a.items()}
     refused, allowed = {}, {}
     for k in sorted(set(a) | set(b)):

@@ -209,6 +209,15 @@ class Trainer:
         self.model.train()
         return result
 
+    def _evaluate_splits(self) -> None:
+        """``epoch_metrics``: loss and accuracy on the train and test splits (every rank evaluates
+        the network rank 0 writes)."""
+        if self.dist is not None:
+            self.dist.sync_buffers(self.model)
+        tr_loss, tr_acc = self.evaluate(self.data.x_train, self.data.y_train)
+        te_loss, te_acc = self.evaluate(self.data.x_test, self.data.y_test)
+        self.epoch_metrics = {"train_loss": tr_loss, "train_acc": tr_acc, "test_loss": te_loss, "test_acc": te_acc}
+
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
         """Train ``epochs`` epochs (from the checkpoint, when resuming); returns :meth:`summary`."""
@@ -420,11 +429,7 @@ class Trainer:
         return row
 
     def _epoch_row(self, event) -> dict[str, Any]:
-        if self.dist is not None:  # every rank evaluates the network rank 0 writes
-            self.dist.sync_buffers(self.model)
-        tr_loss, tr_acc = self.evaluate(self.data.x_train, self.data.y_train)
-        te_loss, te_acc = self.evaluate(self.data.x_test, self.data.y_test)
-        self.epoch_metrics = {"train_loss": tr_loss, "train_acc": tr_acc, "test_loss": te_loss, "test_acc": te_acc}
+        self._evaluate_splits()
         row: dict[str, Any] = {"kind": "epoch", "step": self.step, "epoch": self.epoch,
                                "params": count_params(self.model), "rehash": int(event is not None),
                                "hash_time_s": event.time_s if event is not None else 0.0,
@@ -437,11 +442,7 @@ class Trainer:
 
     def summary(self) -> dict[str, Any]:
         if not self.epoch_metrics:
-            if self.dist is not None:
-                self.dist.sync_buffers(self.model)
-            tr_loss, tr_acc = self.evaluate(self.data.x_train, self.data.y_train)
-            te_loss, te_acc = self.evaluate(self.data.x_test, self.data.y_test)
-            self.epoch_metrics = {"train_loss": tr_loss, "train_acc": tr_acc, "test_loss": te_loss, "test_acc": te_acc}
+            self._evaluate_splits()
         t = self.timer.totals
         return {
             **self.epoch_metrics,
