@@ -45,7 +45,7 @@ def bare_epoch(model, x, y, batch, seed):
 
 def trainer_epoch(model, data, batch, seed, run_dir):
     tr = Trainer(model, data, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3), epochs=1, batch_size=batch,
-                 run_dir=run_dir, seed=seed, progress="none", checkpoint=False)
+                 run_dir=run_dir, seed=seed, logging={"progress": "none"}, checkpoint=False)
     tr.fit()
     return tr.timer.get("fit") - tr.timer.get("eval")
 

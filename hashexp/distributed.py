@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 import torch.distributed as tdist
+import torch.nn.functional as F
 from torch import nn
 
 from hashexp.errors import ConfigError
@@ -177,6 +178,30 @@ class Dist:
                 xb = transform(xb)
             lo, hi = self.bounds(len(xb))
             yield xb[lo:hi], yb[lo:hi]
+
+    def loss(self, net: nn.Module, xb: torch.Tensor, yb: torch.Tensor, n_global: int):
+        """(loss to backpropagate, global mean loss) for this rank's slice of a global batch.
+
+        DDP averages gradients over the ranks; scaling the local loss sum by
+        world_size / n_global makes that average the gradient of the mean over the global
+        batch, whatever the slice sizes (an empty slice contributes zeros and still joins the
+        all-reduce). The reported loss is summed over ranks, so every rank sees the same value.
+        """
+        out = net(xb)
+        ws = self.world_size
+        if len(yb):
+            if len(yb) * ws == n_global:  # equal slices: the plain mean, scaled by exactly 1
+                loss = F.cross_entropy(out, yb)
+                local_sum = loss.detach() * len(yb)
+            else:
+                local_sum = F.cross_entropy(out, yb, reduction="sum")
+                loss = local_sum * (ws / n_global)
+                local_sum = local_sum.detach()
+        else:
+            loss = out.sum() * 0.0
+            local_sum = loss.detach()
+        total = self.all_reduce_sum(local_sum.float().reshape(1))
+        return loss, (total / n_global)[0]
 
     # ------------------------------------------------------------------ collectives
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -47,8 +47,8 @@ def tiny_trainer(tmp_path, compressor, schedule, epochs=3, widths=(32, 32), seed
     data = load_synthetic(n_samples=1200, seed=seed)
     model = build_model({**MLP, "widths": list(widths)}, data.input_shape, data.num_classes)
     return Trainer(model, data, optimizer=lambda p: torch.optim.Adam(p, lr=lr), epochs=epochs, batch_size=64,
-                   rehasher=compressor, schedule=schedule, run_dir=str(tmp_path), seed=seed, progress="none",
-                   checkpoint=False, log_every=1000)
+                   rehasher=compressor, schedule=schedule, run_dir=str(tmp_path), seed=seed,
+                   checkpoint=False, logging={"every": 1000, "progress": "none"})
 
 
 def steps_of(trainer) -> dict[str, list[int]]:

@@ -32,6 +32,33 @@ ALLOWED = ("trainer.epochs", "trainer.logging", "trainer.resume", "trainer.progr
            "hashing.n_threads", "hydra")
 
 
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """``trainer.checkpoint``: ``enabled`` (checkpoint.pt at every epoch end), ``every_steps`` (also
+    every N optimizer steps inside an epoch; None: epoch ends only), ``resume`` (a run dir or
+    checkpoint.pt to continue from, ``auto``: this run dir's own checkpoint if any, None: start)."""
+
+    enabled: bool = True
+    every_steps: int | None = None
+    resume: str | None = None
+
+    @classmethod
+    def parse(cls, value: Any) -> CheckpointSettings:
+        """From the config group (a mapping), a bool (``enabled``) or an instance; checked."""
+        if isinstance(value, CheckpointSettings):
+            return value
+        if value is None or isinstance(value, bool):
+            return cls(enabled=value is not False)
+        unknown = sorted(set(value) - {"enabled", "every_steps", "resume"})
+        if unknown:
+            raise ConfigError(f"trainer.checkpoint: unknown key(s) {unknown}; known: enabled, every_steps, resume")
+        every = value.get("every_steps")
+        if every is not None and int(every) < 1:
+            raise ConfigError(f"trainer.checkpoint.every_steps must be >= 1 or null, got {every}")
+        return cls(enabled=bool(value.get("enabled", True)), every_steps=int(every) if every else None,
+                   resume=value.get("resume"))
+
+
 @dataclass
 class CheckpointState:
     """The typed checkpoint: trainer position, model, optimizer, schedules, statistics and RNG.
