@@ -48,6 +48,7 @@ _FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
 def world_size_from_env() -> int:
+    """torchrun's ``WORLD_SIZE`` (1 outside torchrun)."""
     try:
         return int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
@@ -55,6 +56,7 @@ def world_size_from_env() -> int:
 
 
 def rank_from_env() -> int:
+    """torchrun's ``RANK`` (0 outside torchrun)."""
     return int(os.environ.get("RANK", "0") or 0)
 
 
@@ -107,6 +109,7 @@ class Dist:
 
     @property
     def is_main(self) -> bool:
+        """Rank 0: the rank that writes files."""
         return self.rank == 0
 
     def __repr__(self) -> str:
@@ -217,6 +220,7 @@ class Dist:
         return box[0]
 
     def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank."""
         out: list[Any] = [None] * self.world_size
         tdist.all_gather_object(out, obj)
         return out

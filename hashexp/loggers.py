@@ -46,14 +46,17 @@ class WandbLogger(LocalLogger):
                               reinit="finish_previous")
 
     def log_row(self, row: dict[str, Any], step: int) -> None:
+        """One history row's numbers at ``step``."""
         clean = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
         self.run.log(clean, step=step)
 
     def log_summary(self, metrics: dict[str, Any]) -> None:
+        """The final metrics (and each site's final width) as the run summary."""
         flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
         for k, v in (metrics.get("widths") or {}).items():
             flat[f"final_width/{k}"] = v
         self.run.summary.update(flat)
 
     def finish(self) -> None:
+        """Close the W&B run (after each job of a multirun)."""
         self.run.finish()

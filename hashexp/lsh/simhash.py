@@ -115,6 +115,7 @@ class SimHash(nn.Module):
         self.register_buffer("projections", p.to(device))
 
     def extra_repr(self) -> str:
+        """The shape of the hash in ``repr``."""
         return f"dim={self.dim}, bits={self.bits}, tables={self.tables}, seed={self.seed}"
 
     def _check_input(self, x) -> torch.Tensor:

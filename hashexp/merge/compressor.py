@@ -256,6 +256,8 @@ class Compressor:
 
     def plan_site(self, site: MergeSite, index: int, mass: torch.Tensor | None,
                   capture: cal.SiteCapture | None = None) -> MergePlan | None:
+        """The plan of one site (None: leave it), from its activation ``mass`` and calibration ``capture``; one per
+        method."""
         raise NotImplementedError
 
     def _finish(self, plan: MergePlan | None) -> MergePlan | None:
@@ -291,9 +293,11 @@ class Compressor:
                 setattr(self, k, v)
 
     def state_dict(self) -> dict[str, Any]:
+        """What a resume needs: the number of rehashes so far (width plans follow it)."""
         return {"calls": self.calls}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
         self.calls = int(state["calls"])
 
     def _generator(self, index: int) -> torch.Generator:

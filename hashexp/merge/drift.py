@@ -61,6 +61,7 @@ class DriftMeter:
         return ref is None or ref["width"] != x.shape[0] or ref["dim"] != x.shape[1]
 
     def partner_frac(self, x: torch.Tensor, index: int, step: int) -> float:
+        """Share of (sampled) neurons with a partner at cosine >= ``threshold``."""
         n = x.shape[0]
         if n < 2:
             return 0.0
@@ -89,12 +90,14 @@ class DriftMeter:
         return flip, self.partner_frac(x, index, step)
 
     def state_dict(self) -> dict[str, Any]:
+        """Per site the reference projections and codes, and each site's hasher version."""
         refs = {n: {"projections": r["hasher"].projections.detach().clone(),
                     "codes": torch.from_numpy(r["codes"].view(np.int64).copy()),
                     "dim": r["dim"], "width": r["width"]} for n, r in self.refs.items()}
         return {"versions": dict(self.versions), "refs": refs}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
         from hashexp.lsh import SimHash
 
         self.versions = {k: int(v) for k, v in state["versions"].items()}

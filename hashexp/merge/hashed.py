@@ -113,6 +113,8 @@ class HashCompressor(Compressor):
         self.last_stats: dict[str, dict[str, Any]] = {}
 
     def hash_vectors(self, site: MergeSite) -> torch.Tensor:
+        """The vectors weight candidates hash: [w; b], MIPS-transformed for sites that are not ReLU-like
+        (``transform``)."""
         x = site.neuron_vectors()
         use_mips = self.transform == "mips" or (self.transform == "auto" and not site.homogeneous)
         if use_mips:
@@ -122,12 +124,14 @@ class HashCompressor(Compressor):
         return x
 
     def make_hasher(self, site: MergeSite, index: int, dim: int):
+        """A SimHash of ``bits`` x ``tables`` for site ``index``, seeded per rehash."""
         from hashexp.lsh import SimHash
 
         seed = int(torch.randint(0, 2**62, (1,), generator=self._generator(index)))
         return SimHash(dim, self.bits, self.tables, seed=seed)
 
     def candidate_pairs(self, site: MergeSite, index: int, x: torch.Tensor) -> np.ndarray:
+        """Pairs (i < j) of rows of ``x`` that collide in at least ``min_tables`` clsh tables."""
         import clsh
 
         hasher = self.make_hasher(site, index, x.shape[1])
@@ -138,6 +142,7 @@ class HashCompressor(Compressor):
 
     def plan_site(self, site: MergeSite, index: int, mass: torch.Tensor | None,
                   capture: cal.SiteCapture | None = None) -> MergePlan | None:
+        """The error-ordered plan (``compensation=lsq``) or the data-free cosine path."""
         if self.compensation == "lsq":
             return self._plan_by_error(site, index, mass, capture)
         if self.representative == "keep" and not site.homogeneous:

@@ -87,6 +87,7 @@ class RunRecord:
         return self.metrics[key]
 
     def get(self, key: str, default: Any = None) -> Any:
+        """A field, else a metrics.json key, else ``default``."""
         if key in _FIELDS:
             return getattr(self, key)
         return self.metrics.get(key, default)

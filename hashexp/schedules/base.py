@@ -55,6 +55,7 @@ class Schedule:
         self.per_site: dict[str, int] = {}
 
     def decide(self, ctx: RehashContext) -> RehashDecision:  # pragma: no cover - interface
+        """The sites to rehash now and the history rows to log."""
         raise NotImplementedError
 
     def notify(self, ctx: RehashContext, event) -> None:
@@ -69,12 +70,15 @@ class Schedule:
             self.per_site[s] = self.per_site.get(s, 0) + 1
 
     def history_columns(self, sites) -> list[str]:
+        """Extra history.csv columns this schedule writes (none by default)."""
         return []
 
     def state_dict(self) -> dict[str, Any]:
+        """What a resume needs: rehashes decided so far, in all and per site."""
         return {"count": self.count, "per_site": dict(self.per_site)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
         self.count = int(state["count"])
         self.per_site = dict(state["per_site"])
 

@@ -106,6 +106,7 @@ class DriftSchedule(Schedule):
         return self.sites is None or name in self.sites
 
     def decide(self, ctx: RehashContext) -> RehashDecision:
+        """Every ``check_every`` steps: measure each watched site, rehash those that fire; a ``drift`` row per site."""
         if not self._checked:
             if self.sites:
                 check_known(self.sites, ctx, "schedule.sites")
@@ -157,6 +158,7 @@ class DriftSchedule(Schedule):
                           or settled)
 
     def notify(self, ctx: RehashContext, event) -> None:
+        """Count the rehash; new reference codes for rehashed sites and for those the surgery changed."""
         super().notify(ctx, event)
         t0 = time.perf_counter()
         done = set(event.sites) | set(event.proposed or [])
@@ -173,15 +175,18 @@ class DriftSchedule(Schedule):
         self.metric_time_s += time.perf_counter() - t0
 
     def history_columns(self, sites) -> list[str]:
+        """The ``drift/*`` columns of its measurement rows."""
         return ["drift/site", "drift/bit_flip", "drift/partner_frac", "drift/rehashed", "drift/metric_s"]
 
     def state_dict(self) -> dict[str, Any]:
+        """The base state plus the meter's references, last rehashes and measurements."""
         meter = self.meter.state_dict()
         return {**super().state_dict(), "last_rehash": dict(self.last_rehash), "versions": meter["versions"],
                 "refs": meter["refs"], "metric_time_s": self.metric_time_s, "metric_calls": self.metric_calls,
                 "last": {n: dict(v) for n, v in self.last.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
         super().load_state_dict(state)
         self.last_rehash = {k: int(v) for k, v in state["last_rehash"].items()}
         self.meter.load_state_dict(state)

@@ -28,6 +28,7 @@ class FixedSchedule(Schedule):
         self.sites = list(sites) if sites else None
 
     def decide(self, ctx: RehashContext) -> RehashDecision:
+        """Every (allowed) site on a tick of the clock, until ``max_rehashes``."""
         if self.max_rehashes is not None and self.count >= self.max_rehashes:
             return RehashDecision()
         if self.unit == "epoch":

@@ -69,6 +69,7 @@ class PerLayerSchedule(Schedule):
         return self.site_cfg.get(site, self.defaults)
 
     def decide(self, ctx: RehashContext) -> RehashDecision:
+        """The enabled sites whose own clock ticks now (within their ``max_rehashes``)."""
         names = site_names(ctx)
         if self._known is None:
             check_known(self.site_cfg, ctx, "schedule.sites")

@@ -95,10 +95,12 @@ class CheckpointState:
               "rehash_log", "widths_before", "calib_index", "pull", "times", "rng", "config")
 
     def to_dict(self) -> dict[str, Any]:
+        """The on-disk dict (plain values and tensors, in a fixed order)."""
         return {k: getattr(self, k) for k in self._ORDER}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CheckpointState:
+        """From the on-disk dict (keys of newer checkpoints this code does not know are dropped)."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -209,6 +211,7 @@ def capture_rng(gen_state: torch.Tensor, aug_gen: torch.Generator, device: torch
 
 
 def restore_rng(rng: dict[str, Any], gen: torch.Generator, aug_gen: torch.Generator, device: torch.device) -> None:
+    """Set the five RNG streams (and CUDA's) back to what :func:`capture_rng` saw."""
     gen.set_state(rng["gen"])
     aug_gen.set_state(rng["aug"])
     torch.set_rng_state(rng["torch"])

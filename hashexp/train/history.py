@@ -78,6 +78,7 @@ class History:
         self.rows = len(rows)
 
     def write(self, row: dict[str, Any]) -> None:
+        """One row (missing columns stay empty)."""
         self.w.writerow({k: _fmt(v) for k, v in row.items()})
         self.rows += 1
         self.rows_since_flush += 1
@@ -85,10 +86,12 @@ class History:
             self.flush()
 
     def flush(self) -> None:
+        """Flush to disk (epoch ends, checkpoints)."""
         self.f.flush()
         self.rows_since_flush = 0
 
     def close(self) -> None:
+        """Close the file."""
         self.f.close()
 
 

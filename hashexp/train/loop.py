@@ -45,6 +45,7 @@ log = logging.getLogger("hashexp")
 
 
 def resolve_device(device: str) -> torch.device:
+    """``trainer.device`` as a torch device (``auto``: CUDA when available); one clear error otherwise."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -153,12 +154,15 @@ class Trainer(Checkpointing):
     # ------------------------------------------------------------------ helpers
     @property
     def is_main(self) -> bool:
+        """Rank 0 (or no DDP): the rank that writes files."""
         return self.dist is None or self.dist.is_main
 
     def _train_module(self) -> nn.Module:
         return self.dist.wrap(self.model) if self.dist is not None else self.model
 
     def history_columns(self) -> list[str]:
+        """history.csv's header: step fields, per-site widths, errors (and pull distances), per-layer norms, epoch
+        metrics, the schedule's own."""
         cols = ["kind", "step", "epoch", "loss", "step_time_s", "lr", "params", "rehash", "hash_time_s"]
         cols += [f"width/{s.name}" for s in self.sites]
         cols += [f"error/{s.name}" for s in self.sites]
@@ -387,6 +391,8 @@ class Trainer(Checkpointing):
         return row
 
     def summary(self) -> dict[str, Any]:
+        """metrics.json's training part: final metrics, FLOPs, params, widths, times, rehash events (and the resume
+        record)."""
         if not self.epoch_metrics:
             self._evaluate_splits()
         t = self.timer.totals
