@@ -59,6 +59,7 @@ def _instantiate(node: DictConfig, group: str, **kwargs):
 
 
 def group_choices() -> dict[str, str]:
+    """The config group choices of this Hydra job (``{group: option}``, Hydra's own left out)."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
@@ -68,6 +69,7 @@ def group_choices() -> dict[str, str]:
 
 
 def run_dir_of_hydra() -> str:
+    """This Hydra job's output dir (the working directory outside Hydra)."""
     try:
         from hydra.core.hydra_config import HydraConfig
 

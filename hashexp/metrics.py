@@ -57,6 +57,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 
 def count_params(model: nn.Module) -> int:
+    """Parameters of ``model``."""
     return int(sum(p.numel() for p in model.parameters()))
 
 
@@ -88,6 +89,7 @@ class Stopwatch:
             self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - t0
 
     def get(self, name: str) -> float:
+        """Seconds accumulated under ``name`` (0 if never timed)."""
         return self.totals.get(name, 0.0)
 
 

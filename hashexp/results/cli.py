@@ -14,6 +14,7 @@ NO_RUNS_HINT = "run `make run` (or python -m hashexp) first"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m hashexp.results``; the exit code."""
     p = argparse.ArgumentParser(prog="python -m hashexp.results",
                                 description="Tables and plots from hashexp run dirs: each run next to its vanilla twin.")
     p.add_argument("paths", nargs="*", help="dirs to scan recursively (default: $HASHEXP_OUTPUTS or outputs)")
