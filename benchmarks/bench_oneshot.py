@@ -36,7 +36,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from _common import ROOT, fmt, run  # noqa: E402  (benchmarks/ is the script's dir)
+from harness import ROOT, fmt, run  # noqa: E402  (benchmarks/ is the script's dir)
 
 REMOVE = (0.5, 0.6, 0.7, 0.8, 0.9)
 NM_T = (0.1, 0.3, 0.45, 0.6, 0.8)

@@ -132,6 +132,7 @@ def load_run(path: str) -> tuple[nn.Module, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m hashexp.compress``; the exit code (2 on a user error)."""
     p = argparse.ArgumentParser(prog="python -m hashexp.compress", description=__doc__.splitlines()[0])
     p.add_argument("run", help="a finished run dir (with model.pt and .hydra/) or a model.pt")
     p.add_argument("--hashing", "--method", dest="hashing", default="simhash", choices=METHODS,

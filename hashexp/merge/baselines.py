@@ -109,6 +109,7 @@ class MagnitudePruner(_Baseline):
     name = "magnitude"
 
     def plan_site(self, site: MergeSite, index: int, mass, capture=None) -> MergePlan | None:
+        """Keep the ``target`` neurons with the largest L1 norm of [w; b]."""
         target = self._target_or_fail(site)
         if target is None:
             return None
@@ -124,6 +125,7 @@ class RandomMerger(_Baseline):
     name = "random"
 
     def plan_site(self, site: MergeSite, index: int, mass, capture=None) -> MergePlan | None:
+        """Random groups of near-equal size, ``target`` of them, merged activation-weighted."""
         target = self._target_or_fail(site)
         if target is None:
             return None
@@ -167,6 +169,7 @@ class NeuronMerging(_Baseline):
         self.threshold = float(threshold)
 
     def plan_site(self, site: MergeSite, index: int, mass, capture=None) -> MergePlan | None:
+        """Survivors by L1 norm, each pruned neuron folded into its most cosine-similar survivor."""
         if self.compensation == "weights" and not site.homogeneous:
             raise ConfigError(f"site {site.name} ({site.activation}): neuron_merging folds neurons by a positive "
                               "scale, which needs a ReLU-like activation; use hashing.compensation=lsq")

@@ -33,7 +33,7 @@ from hashexp.merge.compressor import Compressor, nearest_survivor
 from hashexp.merge.cosine import pair_cosines, plan_by_cosine
 from hashexp.merge.sites import MergeSite
 from hashexp.merge.surgery import MergePlan, merge_plan, prune_plan
-from hashexp.utils.checks import check_at_least, check_cosine
+from hashexp.utils.checks import check_at_least, check_bits, check_cosine
 
 CANDIDATES = ("activations", "weights", "exact", "auto")
 REPRESENTATIVES = ("keep", "mean")
@@ -81,8 +81,7 @@ class HashCompressor(Compressor):
         check_cosine("hashing.threshold", threshold, nullable=True)
         if transform not in ("auto", "simhash", "mips"):
             raise ConfigError(f"hashing.transform={transform!r}; choose auto, simhash or mips")
-        if not (1 <= int(bits) <= 64):
-            raise ConfigError(f"hashing.bits must be in 1..64, got {bits}")
+        check_bits("hashing.bits", bits)
         if int(tables) < 1 or not (1 <= int(min_tables) <= int(tables)):
             raise ConfigError(f"hashing.tables must be >= 1 and 1 <= min_tables <= tables, got {tables}, {min_tables}")
         if max_group_size < 0:
@@ -114,6 +113,8 @@ class HashCompressor(Compressor):
         self.last_stats: dict[str, dict[str, Any]] = {}
 
     def hash_vectors(self, site: MergeSite) -> torch.Tensor:
+        """The vectors weight candidates hash: [w; b], MIPS-transformed for sites that are not ReLU-like
+        (``transform``)."""
         x = site.neuron_vectors()
         use_mips = self.transform == "mips" or (self.transform == "auto" and not site.homogeneous)
         if use_mips:
@@ -123,12 +124,14 @@ class HashCompressor(Compressor):
         return x
 
     def make_hasher(self, site: MergeSite, index: int, dim: int):
+        """A SimHash of ``bits`` x ``tables`` for site ``index``, seeded per rehash."""
         from hashexp.lsh import SimHash
 
         seed = int(torch.randint(0, 2**62, (1,), generator=self._generator(index)))
         return SimHash(dim, self.bits, self.tables, seed=seed)
 
     def candidate_pairs(self, site: MergeSite, index: int, x: torch.Tensor) -> np.ndarray:
+        """Pairs (i < j) of rows of ``x`` that collide in at least ``min_tables`` clsh tables."""
         import clsh
 
         hasher = self.make_hasher(site, index, x.shape[1])
@@ -139,6 +142,7 @@ class HashCompressor(Compressor):
 
     def plan_site(self, site: MergeSite, index: int, mass: torch.Tensor | None,
                   capture: cal.SiteCapture | None = None) -> MergePlan | None:
+        """The error-ordered plan (``compensation=lsq``) or the data-free cosine path."""
         if self.compensation == "lsq":
             return self._plan_by_error(site, index, mass, capture)
         if self.representative == "keep" and not site.homogeneous:
