@@ -171,7 +171,9 @@ def main() -> None:
         "",
         "Command: `.venv/bin/python benchmarks/bench_oneshot.py" + "".join(
             f" {f}" for f, on in ((f"--seeds {' '.join(map(str, a.seeds))}", a.seeds != [0, 1, 2]),
-                                  ("--affected", a.affected), ("--smoke", a.smoke)) if on) + "`",
+                                  ("--affected", a.affected), ("--smoke", a.smoke),
+                                  (f"--md {Path(a.md).relative_to(ROOT) if Path(a.md).is_relative_to(ROOT) else a.md}",
+                                   Path(a.md) != Path(__file__).with_suffix(".md"))) if on) + "`",
         "",
         f"Each seed's network is trained by `python -m hashexp model.widths=[300,100] trainer.epochs={a.epochs} "
         f"seed=S` (Adam 1e-3, batch 256); trained test accuracy {fmt([trained[s] for s in seeds], pct=True)}% "
