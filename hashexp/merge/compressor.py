@@ -39,6 +39,7 @@ import torch
 
 from hashexp.errors import ConfigError, DataError
 from hashexp.merge import calibration as cal
+from hashexp.merge.order import check_order_knobs, removal_order
 from hashexp.merge.pull import PullConfig
 from hashexp.merge.sites import MergeSite
 from hashexp.merge.surgery import (MergePlan, apply_consumers, apply_producers, merge_plan, prune_plan,
@@ -382,6 +383,11 @@ class HashCompressor(Compressor):
         max_rounds: rounds of pairwise merging per rehash (data-free path).
         max_pairs: refuse to verify more candidate pairs than this (raise bits instead).
         block_frac: share of the width removed per step of the error-ordered removal.
+        order: the removal order (:mod:`hashexp.merge.order`): ``exact`` (structured OBS over the
+            whole width), ``restricted`` (OBS inside LSH buckets of ``bucket_size`` neurons,
+            linear in width) or ``auto`` (restricted from ``order_width`` neurons on).
+        order_width, bucket_size, per_step: see ``order``; ``per_step`` neurons leave each bucket
+            per factorization update.
         other arguments: see :class:`Compressor`.
     """
 
@@ -391,8 +397,12 @@ class HashCompressor(Compressor):
                  transform: str = "auto", max_group_size: int = 0, max_pairs: int = 20_000_000,
                  max_rounds: int = 8, n_threads: int = 0, candidates: str = "activations",
                  representative: str | None = None, max_error: float | None = None, block_frac: float = 0.01,
-                 auto_width: int | None = None, **kw) -> None:
+                 auto_width: int | None = None, order: str = "exact", order_width: int | None = None,
+                 bucket_size: int = 128, per_step: int = 1, **kw) -> None:
         super().__init__(**kw)
+        check_order_knobs(order, order_width, bucket_size, per_step)
+        self.order, self.order_width = order, None if order_width is None else int(order_width)
+        self.bucket_size, self.per_step = int(bucket_size), int(per_step)
         check_cosine("hashing.threshold", threshold, nullable=True)
         if transform not in ("auto", "simhash", "mips"):
             raise ConfigError(f"hashing.transform={transform!r}; choose auto, simhash or mips")
@@ -471,7 +481,9 @@ class HashCompressor(Compressor):
         if width <= floor:
             return None
         eligible = self.eligible(site, index, cap)
-        order = cal.obs_removal_order(cap, eligible, floor, self.ridge, self.max_error, self.block_frac)
+        order = removal_order(cap, eligible, floor, self.ridge, self.max_error, self.block_frac, self.order,
+                              self.order_width, self.bucket_size, self.per_step,
+                              seed=derive_seed(self.seed, index, scale=P7919, weights=(1,)))
         nb = len(order.blocks)
         if self.max_error is not None:
             while nb > 0 and order.rel_error(nb) > self.max_error:
@@ -727,7 +739,7 @@ def verify_groups(u: torch.Tensor, labels: torch.Tensor, mass: torch.Tensor, thr
 #: between hashing=simhash and hashing=magnitude/random with a single override
 HASH_ONLY_KNOBS = frozenset({"threshold", "bits", "tables", "min_tables", "transform", "max_group_size", "max_pairs",
                              "max_rounds", "n_threads", "candidates", "representative", "max_error", "block_frac",
-                             "auto_width"})
+                             "auto_width", "order", "order_width", "bucket_size", "per_step"})
 
 
 class _Baseline(Compressor):
