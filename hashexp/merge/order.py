@@ -39,37 +39,57 @@ ORDERS = ("exact", "restricted", "auto")
 AUTO_WIDTH = 2048
 
 
-def balanced_buckets(v: torch.Tensor, bucket_size: int, seed: int = 0) -> torch.Tensor:
-    """Bucket label of each row of ``v`` (n, d): random hyperplanes, each split at the bucket's median.
+def balanced_buckets(v: torch.Tensor, bucket_size: int, seed: int = 0, window: float = 0.2) -> torch.Tensor:
+    """Bucket label of each row of ``v`` (n, d): random hyperplanes that split buckets near their median.
 
-    Level l splits every current bucket in two halves by the projection on one shared random
-    direction, so after ceil(log2(n / bucket_size)) levels every bucket holds at most
-    ``bucket_size`` rows (sizes differ by at most one within a level). Vectorized: one sort per
-    level, no loop over buckets. Deterministic for a given ``seed``.
+    Every bucket larger than ``bucket_size`` is split in two by the projection of its rows on a
+    fresh random direction, at the widest gap between consecutive projections within
+    ``window`` of its median (not at the median itself: near-duplicates project side by side,
+    and a cut through them would separate the neurons that compensate each other best). Each
+    split leaves both halves at least (0.5 - window) of the bucket, so there are O(log(n /
+    bucket_size)) rounds. Vectorized: one sort per round, no loop over buckets. Deterministic for
+    a given ``seed``.
     """
     n = v.shape[0]
     if bucket_size < 2:
         raise ConfigError(f"hashing.bucket_size must be >= 2, got {bucket_size}")
-    levels = max(0, math.ceil(math.log2(max(n, 1) / bucket_size)))
     node = torch.zeros(n, dtype=torch.long)
-    if levels == 0:
+    if n <= bucket_size:
         return node
     gen = torch.Generator().manual_seed(int(seed))
-    r = torch.randn(v.shape[1], levels, generator=gen, dtype=v.dtype)
-    proj = v @ r  # (n, levels): every level's projection in one matmul
     pos = torch.arange(n)
-    for lvl in range(levels):
-        order = torch.argsort(proj[:, lvl], stable=True)
+    while True:
+        count = torch.bincount(node)
+        big = count > bucket_size
+        if not bool(big.any()):
+            break
+        proj = v @ torch.randn(v.shape[1], generator=gen, dtype=v.dtype)
+        order = torch.argsort(proj, stable=True)
         order = order[torch.argsort(node[order], stable=True)]  # by node, then by projection
-        nodes_sorted = node[order]
-        count = torch.bincount(node, minlength=int(node.max()) + 1)
+        ns = node[order]
         start = torch.cumsum(count, 0) - count
-        rank = pos - start[nodes_sorted]  # position of each row inside its node
-        upper = (2 * rank >= count[nodes_sorted]).long()
+        rank = pos - start[ns]  # position of each row inside its node
+        c = count[ns]
+        p = proj[order]
+        # gap before each row (to the previous row of the same node); only cut inside the window
+        gap = torch.zeros(n, dtype=p.dtype)
+        gap[1:] = p[1:] - p[:-1]
+        lo = torch.floor((0.5 - window) * c).clamp_min(1)
+        hi = torch.ceil((0.5 + window) * c).clamp_max(c - 1)
+        ok = (rank >= lo) & (rank <= hi) & big[ns]
+        gap = torch.where(ok, gap, torch.full_like(gap, -1.0))
+        # cut of each node: the rank with the widest gap (ties: the one nearest the median)
+        tie = (rank.double() - c.double() / 2).abs() / (n + 1.0)
+        best = torch.full((len(count),), -2.0, dtype=torch.float64).scatter_reduce(
+            0, ns, gap.double() - 1e-12 * tie * gap.abs().max().double(), reduce="amax")
+        is_cut = ok & ((gap.double() - 1e-12 * tie * gap.abs().max().double()) == best[ns])
+        cut = torch.full((len(count),), n, dtype=torch.long).scatter_reduce(0, ns, torch.where(is_cut, rank, n),
+                                                                         reduce="amin")
+        upper = (big[ns] & (rank >= cut[ns])).long()
         new = torch.empty_like(node)
-        new[order] = 2 * nodes_sorted + upper
-        node = new
-    return torch.unique(node, return_inverse=True)[1]
+        new[order] = 2 * ns + upper
+        node = torch.unique(new, return_inverse=True)[1]
+    return node
 
 
 def _signature(x: torch.Tensor) -> torch.Tensor:
@@ -96,25 +116,27 @@ def _padded_members(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _bucket_factors(x: torch.Tensor, w: torch.Tensor, members: torch.Tensor, valid: torch.Tensor,
                     ridge: float) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Inverse ridged Grams (nb, s, s) and weights (nb, out, s) of one consumer, and its energy.
+    """Inverse ridged Grams H (nb, s, s), weight Grams A = W_b^T W_b (nb, s, s) of one consumer, and
+    its centred output energy |X_c W^T|^2.
 
     The ridge is the exact order's (per neuron, relative to the mean energy of the whole width),
     so each bucket's diagonal block equals the same block of the full ridged Gram. Padding slots
-    get an identity Gram and zero weights: inert.
+    get an identity Gram and zero weights: inert. Working on A instead of W makes every later
+    step independent of the consumer's output count.
     """
-    xc = x.double() - x.double().mean(0)
-    d = (xc * xc).sum(0)
+    xc = x.float() - x.float().mean(0)
+    d = (xc.double() ** 2).sum(0)
     lam = float(ridge) * d + 1e-12 * float(d.mean().clamp_min(1e-30))
     idx = members.clamp_min(0)
-    xb = xc[:, idx] * valid  # (rows, nb, s)
-    g = torch.einsum("rbi,rbj->bij", xb, xb)
+    xb = (xc[:, idx] * valid).permute(1, 0, 2).double()  # (nb, rows, s)
+    g = xb.transpose(1, 2) @ xb
     diag = torch.where(valid, lam[idx], torch.ones_like(lam[idx]))
     g = g + torch.diag_embed(diag)
     h = torch.cholesky_inverse(torch.linalg.cholesky(g))
-    wd = w.double()
-    wb = wd[:, idx].permute(1, 0, 2) * valid[:, None, :]  # (nb, out, s)
-    energy = float(((xc @ wd.T) ** 2).sum())
-    return h.float(), wb.float(), energy
+    wf = w.float()
+    wb = wf[:, idx].permute(1, 0, 2) * valid[:, None, :]  # (nb, out, s)
+    energy = float(((xc @ wf.T).double() ** 2).sum())
+    return h.float(), wb.transpose(1, 2) @ wb, energy
 
 
 def restricted_removal_order(cap: SiteCapture, eligible: torch.Tensor, floor: int, ridge: float = 1e-3,
@@ -124,9 +146,11 @@ def restricted_removal_order(cap: SiteCapture, eligible: torch.Tensor, floor: in
 
     Buckets come from :func:`balanced_buckets` on the first consumer's input activations. Each
     step removes, in every bucket at once, its ``per_step`` cheapest eligible neurons with one
-    block update of that bucket's inverse Gram and compensated weights. The per-bucket
-    sequences are merged by running-max cost per neuron into one order, cut at ``floor`` and at
-    the first block past ``max_error``, and returned in blocks of ``block_frac`` of the width.
+    block update of that bucket's inverse Gram H and weight Gram A (the compensated weights
+    W <- W - W_B C with C = H_BB^-1 H_B. give A <- A - A_.B C - C^T A_B. + C^T A_BB C; a block
+    costs tr(H_BB^-1 A_BB)). The per-bucket sequences are merged by running-max cost per neuron
+    into one order, cut at ``floor`` and at the first block past ``max_error``, and returned in
+    blocks of ``block_frac`` of the width.
     """
     if per_step < 1:
         raise ConfigError(f"hashing.per_step must be >= 1, got {per_step}")
@@ -137,33 +161,35 @@ def restricted_removal_order(cap: SiteCapture, eligible: torch.Tensor, floor: in
     factors = [_bucket_factors(x, w, members, valid, ridge) for x, w in zip(cap.inputs, cap.weights)]
     energy = sum(f[2] for f in factors)
     hs = [f[0] for f in factors]
-    ws = [f[1] for f in factors]
+    gs = [f[1] for f in factors]
     alive = valid & eligible.bool()[members.clamp_min(0)]
     steps_n, steps_cost, steps_who = [], [], []
     rows = torch.arange(nb)[:, None]
-    for _ in range(-(-s // per_step)):
+    m = min(per_step, s)
+    for _ in range(-(-s // m)):
         if not bool(alive.any()):
             break
         score = torch.zeros(nb, s, dtype=torch.float64)
-        for h, w in zip(hs, ws):
-            score += ((w * w).sum(1) / h.diagonal(dim1=1, dim2=2).clamp_min(1e-30)).double()
+        for h, a in zip(hs, gs):
+            score += (a.diagonal(dim1=1, dim2=2) / h.diagonal(dim1=1, dim2=2).clamp_min(1e-30)).double()
         score[~alive] = float("inf")
-        m = min(per_step, s)
         pick = torch.topk(score, m, dim=1, largest=False).indices  # (nb, m)
         ok = torch.isfinite(score.gather(1, pick))  # a bucket with fewer than m candidates left
+        okf = ok.float()
+        pair = okf[:, :, None] * okf[:, None, :]
+        eye = torch.diag_embed(1.0 - okf)
         step_cost = torch.zeros(nb, dtype=torch.float64)
-        eye = torch.diag_embed((~ok).float())
-        for i, (h, w) in enumerate(zip(hs, ws)):
-            hb = h[rows, pick] * ok[..., None]  # (nb, m, s): rows of the removed, zero where invalid
-            pair = ok[:, :, None] & ok[:, None, :]
+        for i, (h, a) in enumerate(zip(hs, gs)):
+            hb = h[rows, pick] * okf[..., None]  # (nb, m, s): rows of the removed, zero where invalid
             hbb = torch.gather(hb, 2, pick[:, None, :].expand(nb, m, m)) * pair + eye
             hbb_inv = torch.linalg.inv(hbb.double())
-            wb = torch.gather(w, 2, pick[:, None, :].expand(nb, w.shape[1], m)) * ok[:, None, :]
-            wbd = wb.double()
-            step_cost += ((wbd @ hbb_inv) * wbd).sum((1, 2))
+            ab = a[rows, pick] * okf[..., None]  # (nb, m, s)
+            abb = torch.gather(ab, 2, pick[:, None, :].expand(nb, m, m)) * pair
+            step_cost += (hbb_inv * abb.double().transpose(1, 2)).sum((1, 2))
             c = hbb_inv.float() @ hb  # (nb, m, s)
             hs[i] = h - hb.transpose(1, 2) @ c
-            ws[i] = w - wb @ c
+            ac = ab.transpose(1, 2) @ c  # A_.B C
+            gs[i] = a - ac - ac.transpose(1, 2) + c.transpose(1, 2) @ (abb @ c)
         done = torch.zeros(nb, s, dtype=torch.bool)
         done[rows.expand_as(pick)[ok], pick[ok]] = True
         alive &= ~done
