@@ -240,6 +240,74 @@ def _merge_sequences(steps_n, steps_cost, steps_who, width: int, floor: int, ene
     return RemovalOrder(blocks=blocks, cost=out_cost, energy=energy)
 
 
+def removal_cost(cap: SiteCapture, removed: torch.Tensor, ridge: float = 1e-3) -> float:
+    """Exact structured-OBS cost of removing the neurons ``removed`` at once (summed over consumers).
+
+    With survivors K, Z = X_S W_S^T (centred) and the exact order's ridge Lambda, the cost
+    tr(W_S [H_SS]^-1 W_S^T) (H the inverse ridged Gram of the whole width) equals
+    tr(W_S Lambda_S W_S^T) + tr(Z^T (I + X_K Lambda_K^-1 X_K^T)^-1 Z)
+    (Schur complement, then the push-through identity). The kernel form costs rows^2 * |K|, the
+    primal form (G_KK + Lambda_K) |K|^2 * rows: whichever is smaller, so for a fixed calibration set
+    the cost is linear in width. It is the number an error budget is checked against.
+    """
+    width = int(cap.inputs[0].shape[1])
+    gone = torch.zeros(width, dtype=torch.bool)
+    gone[removed] = True
+    kept = (~gone).nonzero().flatten()
+    total = 0.0
+    for x, w in zip(cap.inputs, cap.weights):
+        xc = x.double() - x.double().mean(0)
+        d = (xc * xc).sum(0)
+        lam = float(ridge) * d + 1e-12 * float(d.mean().clamp_min(1e-30))
+        ws, xs, xk = w.double()[:, gone], xc[:, gone], xc[:, kept]
+        z = xs @ ws.T  # (rows, out)
+        total += float((ws * ws * lam[gone]).sum())
+        lk = lam[kept]
+        if xk.shape[0] <= xk.shape[1]:  # fewer rows than survivors: kernel form
+            xs_k = xk / lk.sqrt()
+            kmat = xs_k @ xs_k.T
+            kmat.diagonal().add_(1.0)
+            chol = torch.linalg.cholesky(kmat)
+            total += float((torch.linalg.solve_triangular(chol, z, upper=False) ** 2).sum())
+        else:
+            g = xk.T @ xk
+            g.diagonal().add_(lk)
+            chol = torch.linalg.cholesky(g)
+            proj = torch.linalg.solve_triangular(chol, xk.T @ z, upper=False)
+            total += float((z * z).sum() - (proj ** 2).sum())
+    return max(total, 0.0)
+
+
+def cut_by_budget(cap: SiteCapture, order: RemovalOrder, max_error: float, ridge: float = 1e-3) -> RemovalOrder:
+    """The longest prefix of ``order`` (in blocks) whose exact cost (:func:`removal_cost`) is within
+    ``max_error``, found by bisection (the exact cost of nested removals never decreases). The
+    estimated costs of an approximate order are upper bounds, so the cut never moves backwards:
+    the prefix within the estimate is taken as is, and blocks past it are checked exactly."""
+    budget = float(max_error) ** 2 * order.energy
+    costs = list(order.cost)
+    lo = 0  # blocks known to be within budget
+    while lo < len(costs) and costs[lo] <= budget:
+        lo += 1
+    hi = len(costs)
+    exact_at = {}
+    if lo < hi:
+        c = removal_cost(cap, order.removed(hi), ridge)
+        exact_at[hi] = c
+        if c <= budget:
+            lo = hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            exact_at[mid] = c = removal_cost(cap, order.removed(mid), ridge)
+            if c <= budget:
+                lo = mid
+            else:
+                hi = mid
+    # costs inside the prefix: the estimates, never above the exact cost at the cut
+    final = exact_at.get(lo, costs[lo - 1] if lo else 0.0)
+    out = [min(c, final) for c in costs[:lo]]
+    return RemovalOrder(blocks=order.blocks[:lo], cost=out, energy=order.energy)
+
+
 def check_order_knobs(order: str, order_width: int | None, bucket_size: int, per_step: int) -> None:
     """One clear error for a bad ``hashing.order`` / ``order_width`` / ``bucket_size`` / ``per_step``."""
     if order not in ORDERS:
@@ -263,6 +331,7 @@ def removal_order(cap: SiteCapture, eligible: torch.Tensor, floor: int, ridge: f
     if order == "auto":
         order = "restricted" if width >= (AUTO_WIDTH if order_width is None else int(order_width)) else "exact"
     if order == "restricted" and width > bucket_size:
-        return restricted_removal_order(cap, eligible, floor, ridge, max_error, block_frac,
-                                        bucket_size=bucket_size, per_step=per_step, seed=seed)
+        est = restricted_removal_order(cap, eligible, floor, ridge, None, block_frac,
+                                       bucket_size=bucket_size, per_step=per_step, seed=seed)
+        return est if max_error is None else cut_by_budget(cap, est, max_error, ridge)
     return obs_removal_order(cap, eligible, floor, ridge, max_error, block_frac)
