@@ -139,6 +139,49 @@ def _bucket_factors(x: torch.Tensor, w: torch.Tensor, members: torch.Tensor, val
     return h.float(), wb.transpose(1, 2) @ wb, energy
 
 
+def _pick_block(hs: list[torch.Tensor], gs: list[torch.Tensor], alive: torch.Tensor, m: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each bucket's next ``m`` removals, chosen one by one as the per-neuron greedy order would.
+
+    After picks P the scores need only the diagonals of the updated H and A:
+    diag(H)_i - H_iP H_PP^-1 H_Pi and diag(A)_i - 2 A_iP C_.i + C_.i^T A_PP C_.i with
+    C = H_PP^-1 H_P., so choosing a block costs m^2 * bucket_size per bucket and the
+    factorization is updated once per block, not once per neuron. Returns the picks (nb, m) and
+    which of them are real (a bucket may run out of candidates), and each pick's marginal cost
+    (the greedy score when it was chosen; they add up to the block's cost).
+    """
+    nb, s = alive.shape
+    rows = torch.arange(nb)[:, None]
+    picks = torch.zeros(nb, 0, dtype=torch.long)
+    oks = torch.zeros(nb, 0, dtype=torch.bool)
+    costs = torch.zeros(nb, 0, dtype=torch.float64)
+    free = alive.clone()
+    for t in range(m):
+        score = torch.zeros(nb, s, dtype=torch.float64)
+        for h, a in zip(hs, gs):
+            dh = h.diagonal(dim1=1, dim2=2).double()
+            da = a.diagonal(dim1=1, dim2=2).double()
+            if t:
+                okf = oks.double()
+                hp = h[rows, picks].double() * okf[..., None]  # (nb, t, s)
+                hpp = torch.gather(hp, 2, picks[:, None, :].expand(nb, t, t)) * (okf[:, :, None] * okf[:, None, :])
+                hpp = hpp + torch.diag_embed(1.0 - okf)
+                c = torch.linalg.solve(hpp, hp)
+                ap = a[rows, picks].double() * okf[..., None]
+                app = torch.gather(ap, 2, picks[:, None, :].expand(nb, t, t))
+                dh = dh - (hp * c).sum(1)
+                da = da - 2 * (ap * c).sum(1) + (c * (app @ c)).sum(1)
+            score += da / dh.clamp_min(1e-30)
+        score[~free] = float("inf")
+        best = score.argmin(1, keepdim=True)
+        ok = torch.isfinite(score.gather(1, best))
+        free[rows[ok[:, 0]], best[ok[:, 0]]] = False
+        picks = torch.cat([picks, best], 1)
+        oks = torch.cat([oks, ok], 1)
+        costs = torch.cat([costs, torch.where(ok, score.gather(1, best), 0.0).clamp_min(0.0)], 1)
+    return picks, oks, costs
+
+
 def restricted_removal_order(cap: SiteCapture, eligible: torch.Tensor, floor: int, ridge: float = 1e-3,
                              max_error: float | None = None, block_frac: float = 0.01,
                              bucket_size: int = 128, per_step: int = 1, seed: int = 0) -> RemovalOrder:
@@ -163,18 +206,13 @@ def restricted_removal_order(cap: SiteCapture, eligible: torch.Tensor, floor: in
     hs = [f[0] for f in factors]
     gs = [f[1] for f in factors]
     alive = valid & eligible.bool()[members.clamp_min(0)]
-    steps_n, steps_cost, steps_who = [], [], []
+    steps_cost, steps_who = [], []
     rows = torch.arange(nb)[:, None]
     m = min(per_step, s)
     for _ in range(-(-s // m)):
         if not bool(alive.any()):
             break
-        score = torch.zeros(nb, s, dtype=torch.float64)
-        for h, a in zip(hs, gs):
-            score += (a.diagonal(dim1=1, dim2=2) / h.diagonal(dim1=1, dim2=2).clamp_min(1e-30)).double()
-        score[~alive] = float("inf")
-        pick = torch.topk(score, m, dim=1, largest=False).indices  # (nb, m)
-        ok = torch.isfinite(score.gather(1, pick))  # a bucket with fewer than m candidates left
+        pick, ok, marginal = _pick_block(hs, gs, alive, m)
         okf = ok.float()
         pair = okf[:, :, None] * okf[:, None, :]
         eye = torch.diag_embed(1.0 - okf)
@@ -193,49 +231,44 @@ def restricted_removal_order(cap: SiteCapture, eligible: torch.Tensor, floor: in
         done = torch.zeros(nb, s, dtype=torch.bool)
         done[rows.expand_as(pick)[ok], pick[ok]] = True
         alive &= ~done
-        steps_n.append(ok.sum(1))
-        steps_cost.append(step_cost.clamp_min(0.0))
+        # marginal costs of the picks, rescaled so they add up to the block's exact joint cost
+        total = marginal.sum(1)
+        marginal = marginal * torch.where(total > 0, step_cost.clamp_min(0.0) / total.clamp_min(1e-300), 1.0)[:, None]
+        steps_cost.append(marginal)
         steps_who.append(torch.where(ok, members.gather(1, pick), torch.full_like(pick, -1)))
-    return _merge_sequences(steps_n, steps_cost, steps_who, width, floor, energy, max_error, block_frac)
+    return _merge_sequences(steps_cost, steps_who, width, floor, energy, max_error, block_frac)
 
 
-def _merge_sequences(steps_n, steps_cost, steps_who, width: int, floor: int, energy: float,
+def _merge_sequences(steps_cost, steps_who, width: int, floor: int, energy: float,
                      max_error: float | None, block_frac: float) -> RemovalOrder:
-    """One global order from the buckets' step sequences, in blocks of ``block_frac`` of the width."""
+    """One global order from the buckets' sequences of (neuron, marginal cost), in blocks of
+    ``block_frac`` of the width. Sorting by each bucket's running-max cost keeps every bucket's
+    own order; ties go to the earlier position."""
     room = width - int(floor)
-    if not steps_n or room <= 0:
+    if not steps_cost or room <= 0:
         return RemovalOrder(blocks=[], cost=[], energy=energy)
-    n = torch.stack(steps_n, 1)  # (nb, T)
-    cost = torch.stack(steps_cost, 1)
-    who = torch.stack(steps_who, 1)  # (nb, T, m)
-    rate = torch.where(n > 0, cost / n.clamp_min(1), torch.full_like(cost, float("inf")))
-    env = torch.cummax(rate, 1).values  # each bucket's steps stay in their own order
-    t = torch.arange(n.shape[1]).expand_as(n)
-    key = env.flatten()
-    first = torch.argsort(t.flatten(), stable=True)
-    order = first[torch.argsort(key[first], stable=True)]  # by envelope, ties by step
-    order = order[torch.isfinite(key[order])]
-    seq = who.reshape(-1, who.shape[2])[order]
-    per = n.flatten()[order]
+    cost = torch.cat(steps_cost, 1)  # (nb, L)
+    who = torch.cat(steps_who, 1)
+    real = who >= 0
+    env = torch.cummax(torch.where(real, cost, torch.zeros_like(cost)), 1).values
+    env = torch.where(real, env, torch.full_like(env, float("inf")))
+    t = torch.arange(cost.shape[1]).expand_as(cost).flatten()
+    first = torch.argsort(t, stable=True)
+    order = first[torch.argsort(env.flatten()[first], stable=True)]
+    order = order[real.flatten()[order]][:room]
+    flat = who.flatten()[order]
     cum = torch.cumsum(cost.flatten()[order], 0)
-    flat = seq[seq >= 0]  # neurons in order
-    ends = torch.cumsum(per, 0)  # neurons removed after each step
-    flat = flat[:room]
     if len(flat) == 0:
         return RemovalOrder(blocks=[], cost=[], energy=energy)
     chunk = max(1, int(block_frac * width))
     cuts = list(range(chunk, len(flat), chunk)) + [len(flat)]
-    # cost after `c` neurons: the cumulative cost of the step that contains the c-th (an upper
-    # bound when the cut splits a step: a subset of a block never costs more)
-    at = torch.searchsorted(ends, torch.tensor(cuts), right=False).clamp_max(len(cum) - 1)
-    costs = cum[at].tolist()
     budget = None if max_error is None else float(max_error) ** 2 * energy
     blocks, out_cost, prev = [], [], 0
-    for cut, c in zip(cuts, costs):
+    for cut in cuts:
         blocks.append(flat[prev:cut].clone())
-        out_cost.append(float(c))
+        out_cost.append(float(cum[cut - 1]))
         prev = cut
-        if budget is not None and c > budget:
+        if budget is not None and out_cost[-1] > budget:
             break
     return RemovalOrder(blocks=blocks, cost=out_cost, energy=energy)
 
