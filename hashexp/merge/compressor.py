@@ -39,6 +39,7 @@ import torch
 
 from hashexp.errors import ConfigError, DataError
 from hashexp.merge import calibration as cal
+from hashexp.merge.budget import allocate, check_budget, neuron_flops
 from hashexp.merge.order import check_order_knobs, removal_order
 from hashexp.merge.pull import PullConfig
 from hashexp.merge.sites import MergeSite
@@ -216,6 +217,9 @@ class Compressor:
                               f"({', '.join(s.name for s in sites)})")
         # the norm after each layer (a consumer of one site is often a producer of another)
         norm_of = {id(p.module): p.norm for s in sites for p in s.producers if p.norm is not None}
+        if main and calib is not None:
+            self._prepare(model, [s for s in sites if (names is None or s.name in names)
+                                  and (self.sites is None or s.name in self.sites)], calib, overrides)
         for idx, site in enumerate(sites):
             if names is not None and site.name not in names:
                 continue
@@ -314,6 +318,10 @@ class Compressor:
                   capture: cal.SiteCapture | None = None) -> MergePlan | None:
         raise NotImplementedError
 
+    def _prepare(self, model, sites: list[MergeSite], calib: torch.Tensor,
+                 overrides: Mapping[str, Mapping[str, Any]] | None) -> None:
+        """Called once per rehash (rank 0) before the sites are planned; a global budget plans here."""
+
     def _finish(self, plan: MergePlan | None) -> MergePlan | None:
         """``compensation=none``: consumer columns of a group are summed unscaled (m = 1)."""
         if plan is not None and self.compensation == "none":
@@ -388,6 +396,10 @@ class HashCompressor(Compressor):
             linear in width) or ``auto`` (restricted from ``order_width`` neurons on).
         order_width, bucket_size, per_step: see ``order``; ``per_step`` neurons leave each bucket
             per factorization update.
+        budget: ``site`` (every site stops at ``max_error`` and keeps ``target_ratio`` of its
+            width) or ``global`` (:mod:`hashexp.merge.budget`: one error budget of
+            ``n_sites * max_error^2`` and, with ``target_ratio``, one FLOPs ratio across all
+            sites, spent cheapest error per saved FLOP first; ``compensation=lsq`` only).
         other arguments: see :class:`Compressor`.
     """
 
@@ -398,8 +410,10 @@ class HashCompressor(Compressor):
                  max_rounds: int = 8, n_threads: int = 0, candidates: str = "activations",
                  representative: str | None = None, max_error: float | None = None, block_frac: float = 0.01,
                  auto_width: int | None = None, order: str = "exact", order_width: int | None = None,
-                 bucket_size: int = 128, per_step: int = 1, **kw) -> None:
+                 bucket_size: int = 128, per_step: int = 8, budget: str = "site", **kw) -> None:
         super().__init__(**kw)
+        self.budget = check_budget(budget)
+        self._global_removed: dict[str, tuple[torch.Tensor, int]] = {}
         check_order_knobs(order, order_width, bucket_size, per_step)
         self.order, self.order_width = order, None if order_width is None else int(order_width)
         self.bucket_size, self.per_step = int(bucket_size), int(per_step)
@@ -466,6 +480,8 @@ class HashCompressor(Compressor):
                   capture: cal.SiteCapture | None = None) -> MergePlan | None:
         if self.compensation == "lsq":
             return self._plan_by_error(site, index, mass, capture)
+        if self.budget == "global":
+            raise ConfigError("hashing.budget=global spends measured errors; it needs hashing.compensation=lsq")
         if self.representative == "keep" and not site.homogeneous:
             raise ConfigError(f"site {site.name} ({site.activation}): representative=keep with compensation="
                               f"{self.compensation} folds members by a positive scale, which needs a ReLU-like "
@@ -475,24 +491,36 @@ class HashCompressor(Compressor):
     def _plan_by_error(self, site: MergeSite, index: int, mass: torch.Tensor | None,
                        cap: cal.SiteCapture) -> MergePlan | None:
         """Remove candidate neurons cheapest-first by measured error, within budget and target."""
+        if site.name in self._global_removed:  # budget=global: _prepare chose this site's removals
+            removed, candidates = self._global_removed.pop(site.name)
+            return self._removal_plan(site, mass, cap, removed, candidates, None)
         width = site.width
         target = self.target(site)
         floor = max(self._min_width(site), target if target is not None else 0)
         if width <= floor:
             return None
         eligible = self.eligible(site, index, cap)
-        order = removal_order(cap, eligible, floor, self.ridge, self.max_error, self.block_frac, self.order,
-                              self.order_width, self.bucket_size, self.per_step,
-                              seed=derive_seed(self.seed, index, scale=P7919, weights=(1,)))
+        order = self._order(site, index, cap, eligible, floor, self.max_error)
         nb = len(order.blocks)
         if self.max_error is not None:
             while nb > 0 and order.rel_error(nb) > self.max_error:
                 nb -= 1
-        removed = order.removed(nb)
+        return self._removal_plan(site, mass, cap, order.removed(nb), int(eligible.sum()), order.rel_error(nb))
+
+    def _order(self, site: MergeSite, index: int, cap: cal.SiteCapture, eligible: torch.Tensor, floor: int,
+               max_error: float | None):
+        return removal_order(cap, eligible, floor, self.ridge, max_error, self.block_frac, self.order,
+                             self.order_width, self.bucket_size, self.per_step,
+                             seed=derive_seed(self.seed, index, scale=P7919, weights=(1,)))
+
+    def _removal_plan(self, site: MergeSite, mass, cap: cal.SiteCapture, removed: torch.Tensor, candidates: int,
+                      estimated: float | None) -> MergePlan | None:
+        """The plan that removes ``removed`` (a prefix of an order, rounded to ``round_to``)."""
+        width = site.width
         if self.round_to > 1:  # keep a prefix of the order: a subset of a block never costs more
             removed = removed[:width - self._round(width - len(removed), width)]
-        self.last_stats[site.name] = {"candidates": int(eligible.sum()), "removed": int(len(removed)),
-                                      "estimated_error": order.rel_error(nb)}
+        self.last_stats[site.name] = {"candidates": candidates, "removed": int(len(removed)),
+                                      "estimated_error": estimated}
         if len(removed) == 0:
             return None
         keep = torch.ones(width, dtype=torch.bool)
@@ -502,6 +530,34 @@ class HashCompressor(Compressor):
             return prune_plan(site, keep.to(dev))
         labels = _nearest_survivor(cap, keep)
         return merge_plan(site, labels.to(dev), None if mass is None else mass.to(dev))
+
+    def _prepare(self, model, sites: list[MergeSite], calib: torch.Tensor,
+                 overrides: Mapping[str, Mapping[str, Any]] | None) -> None:
+        """``budget=global``: order every site's removals on the network before this rehash, then
+        spend one budget across them (:func:`hashexp.merge.budget.allocate`)."""
+        self._global_removed = {}
+        if self.budget != "global" or self.compensation != "lsq" or not sites:
+            return
+        index_of = {s.name: i for i, s in enumerate(model.merge_sites())}
+        orders, widths, candidates = {}, {}, {}
+        for site in sites:
+            idx = index_of[site.name]
+            cap = cal.capture_site(model, site, calib, derive_seed(self.seed, idx, scale=P1009, weights=(1,)))
+            with self._overridden(self._site_knobs(site.name, overrides)):
+                saved, self.target_ratio = self.target_ratio, None  # the ratio is global here
+                try:
+                    t = self.target(site)
+                    floor = max(self._min_width(site), t if t is not None else 0)
+                    eligible = self.eligible(site, idx, cap)
+                    candidates[site.name] = int(eligible.sum())
+                    orders[site.name] = self._order(site, idx, cap, eligible, floor, None)
+                finally:
+                    self.target_ratio = saved
+            widths[site.name] = site.width
+        flops = neuron_flops(model, sites, calib)
+        take = allocate(orders, flops, widths, self.max_error, self.target_ratio)
+        self._global_removed = {n: (orders[n].removed(k), candidates[n]) for n, k in take.items()}
+        self.last_budget = {"blocks": take, "flops_per_neuron": flops}
 
     def eligible(self, site: MergeSite, index: int, cap: cal.SiteCapture) -> torch.Tensor:
         """(width,) bool: neurons in at least one candidate pair (that passes the pre-filter)."""
@@ -739,7 +795,7 @@ def verify_groups(u: torch.Tensor, labels: torch.Tensor, mass: torch.Tensor, thr
 #: between hashing=simhash and hashing=magnitude/random with a single override
 HASH_ONLY_KNOBS = frozenset({"threshold", "bits", "tables", "min_tables", "transform", "max_group_size", "max_pairs",
                              "max_rounds", "n_threads", "candidates", "representative", "max_error", "block_frac",
-                             "auto_width", "order", "order_width", "bucket_size", "per_step"})
+                             "auto_width", "order", "order_width", "bucket_size", "per_step", "budget"})
 
 
 class _Baseline(Compressor):

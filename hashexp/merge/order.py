@@ -355,7 +355,7 @@ def check_order_knobs(order: str, order_width: int | None, bucket_size: int, per
 
 def removal_order(cap: SiteCapture, eligible: torch.Tensor, floor: int, ridge: float, max_error: float | None,
                   block_frac: float, order: str = "exact", order_width: int | None = None,
-                  bucket_size: int = 128, per_step: int = 1, seed: int = 0) -> RemovalOrder:
+                  bucket_size: int = 128, per_step: int = 8, seed: int = 0) -> RemovalOrder:
     """The site's removal order: ``exact`` (whole-width OBS), ``restricted`` (inside LSH buckets) or
     ``auto`` (restricted from ``order_width`` neurons on, exact below; None: ``AUTO_WIDTH``)."""
     from hashexp.merge.calibration import obs_removal_order
