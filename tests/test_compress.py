@@ -108,3 +108,16 @@ def test_finetune_takes_exactly_its_steps_and_learns():
     finetune(model, data, 25, opt, 64, torch.Generator().manual_seed(0))  # 25 steps: more than one epoch of 8
     assert calls["n"] == 25 and model.training
     assert accuracy(model, data.x_test, data.y_test) > before + 0.1
+
+
+def test_api_global_budget_keeps_the_flops_share_and_restricted_order_runs():
+    model, data = _trained_mlp()
+    fpn = {"fc1": data.input_shape[0] + 64, "fc2": 64 + data.num_classes}  # producer fan-in + consumer fan-out
+    small, rep = compress_model(model, data, method="simhash", keep=0.5, seed=0, budget="global", order="restricted",
+                                bucket_size=16)
+    w = small.widths()
+    removed = sum((64 - w[s]) * fpn[s] for s in fpn)
+    total = 64 * sum(fpn.values())
+    assert total * 0.5 - max(fpn.values()) < removed <= total * 0.5  # the global ratio, to within one neuron
+    assert w != {"fc1": 32, "fc2": 32}  # the ratio is global: the sites differ
+    assert rep["after"]["test_acc"] > 0.6
