@@ -1,6 +1,6 @@
 """Merge-cost scaling: one-shot merge of a trained layer pair at width 512 ... 16k.
 
-    nice -n 10 .venv/bin/python benchmarks/bench_merge_cost.py            # writes bench_merge_cost.md
+    nice -n 10 .venv/bin/python benchmarks/bench_merge_cost.py --repeats 2   # writes bench_merge_cost.md
     .venv/bin/python benchmarks/bench_merge_cost.py --widths 512 1024 --repeats 1 --smoke   # quick check
 
 The layer pair is fc1 -> fc2 of an MLP 784-W-2048-10 *synthesized* from a trained one: hashexp's
@@ -161,8 +161,10 @@ def main() -> None:
     p.add_argument("--widths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
     p.add_argument("--keep", type=float, default=0.25)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--exact-max", type=int, default=8192, help="skip exact/blocked above this width (too slow)")
-    p.add_argument("--repeats-large", type=int, default=1, help="repeats from 8192 on")
+    p.add_argument("--exact-max", type=int, default=4096, help="skip exact/blocked above this width (too slow)")
+    p.add_argument("--repeats-large", type=int, default=1, help="repeats from --large-from on")
+    p.add_argument("--large-from", type=int, default=4096, help="width from which --repeats-large applies")
+    p.add_argument("--resume", action="store_true", help="keep the widths already in <cache>/results.json")
     p.add_argument("--cache", type=Path, default=Path("/tmp/hashexp_bench_merge_cost"))
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "bench_merge_cost.md")
     p.add_argument("--smoke", action="store_true", help="do not write the markdown")
@@ -171,11 +173,14 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(int(args.child[0]), args.child[1], args.keep, args.cache)))
         return
-    results: list[dict] = []
+    done = args.cache / "results.json"
+    results: list[dict] = json.loads(done.read_text()) if args.resume and done.exists() else []
     for w in args.widths:
+        if any(r["width"] == w for r in results):
+            continue
         base_model(args.cache)
         methods = [m for m in METHODS if m == "restricted" or w <= args.exact_max]
-        reps = args.repeats if w < 8192 else args.repeats_large
+        reps = args.repeats if w < args.large_from else args.repeats_large
         for r in range(reps):
             for m in methods:  # interleaved: every method once per repeat
                 res = run_child(w, m, args)
@@ -200,7 +205,7 @@ def report(results: list[dict], args) -> str:
     for r in results:
         by.setdefault((r["width"], r["method"]), []).append(r)
     widths = sorted({r["width"] for r in results})
-    cmd = "nice -n 10 .venv/bin/python benchmarks/bench_merge_cost.py"
+    cmd = "nice -n 10 .venv/bin/python benchmarks/bench_merge_cost.py --repeats 2"
     lines = [
         "# Merge-cost scaling: exact vs blocked vs LSH-restricted removal order", "",
         f"Command: `{cmd}`", "",
@@ -210,7 +215,7 @@ def report(results: list[dict], args) -> str:
         f"(W neurons, consumer fc2 with 2048 outputs) merged in one shot to keep {args.keep:.0%} of its width "
         "(least squares on 1024 calibration samples, candidates=exact, no fine-tuning). Each merge in a fresh "
         "process, methods interleaved per repeat; times median [min, max] over repeats "
-        f"({args.repeats} below 8192, {args.repeats_large} from 8192), one torch thread per merge, on a shared 2-core machine. "
+        f"({args.repeats} below {args.large_from}, {args.repeats_large} from {args.large_from}), one torch thread per merge, on a shared 2-core machine. "
         f"exact and blocked are skipped above width {args.exact_max} (their width^3 cost). "
         "Speed columns are ratios of medians measured side by side in the same run.", "",
         "| width | method | order s | merge s | exact/method order time | peak MB | test acc % (before) | Δ acc vs exact pp | refit error |",
