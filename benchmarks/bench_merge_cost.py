@@ -110,7 +110,7 @@ def child(width: int, method: str, keep: float, cache: Path) -> dict:
     import torch
 
     from hashexp.merge import calibration as cal
-    from hashexp.merge import compressor as comp_mod
+    from hashexp.merge import hashed as comp_mod
     from hashexp.metrics import accuracy
 
     torch.set_num_threads(1)  # a shared machine: two threads under oversubscription are 10-40x slower

@@ -131,8 +131,8 @@ def collision_study(p: dict, log) -> list[dict]:
     import torch
     import torch.nn.functional as F
     from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
 
+    from hashexp.app import build_rehasher
     from hashexp.data import BatchIterator, build_dataset
     from hashexp.models import build_model
 
@@ -141,7 +141,7 @@ def collision_study(p: dict, log) -> list[dict]:
     torch.manual_seed(0)
     data = build_dataset(cfg.dataset, seed=0)
     model = build_model(cfg.model, data.input_shape, data.num_classes)
-    comp = instantiate(cfg.hashing, seed=0)
+    comp = build_rehasher(cfg.hashing, 0).compressor
     opt = torch.optim.Adam(model.parameters(), lr=float(cfg.trainer.optimizer.lr))
     steps = sorted(p["pr_steps"])
     out, step = [], 0

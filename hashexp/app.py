@@ -18,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from hashexp.data import build_dataset
 from hashexp.errors import ConfigError, HashexpError
+from hashexp.merge.rehasher import Rehasher
+from hashexp.merge.rehasher import build_rehasher as build_rehasher_from
 from hashexp.metrics import peak_rss_mb
 from hashexp.models import build_model, save_model
 from hashexp.utils.io import write_json_atomic
@@ -26,12 +28,13 @@ from hashexp.utils.seeding import seed_everything
 log = logging.getLogger("hashexp")
 
 
-def build_hashing(cfg_hashing: DictConfig, seed: int):
-    """The compressor of ``cfg.hashing``, or None for vanilla training (``hashing=none``)."""
-    if cfg_hashing is None or cfg_hashing.get("_target_") in (None, "null", "None"):
+def build_rehasher(cfg_hashing: DictConfig | None, seed: int) -> Rehasher | None:
+    """The :class:`~hashexp.merge.rehasher.Rehasher` of ``cfg.hashing`` (its own keys split off,
+    the rest the compressor), or None for vanilla training (``hashing=none``)."""
+    if cfg_hashing is None:
         return None
-    kwargs = {"seed": seed} if cfg_hashing.get("seed") is None else {}
-    return _instantiate(cfg_hashing, "hashing", **kwargs)
+    node = OmegaConf.to_container(cfg_hashing, resolve=True) if isinstance(cfg_hashing, DictConfig) else cfg_hashing
+    return build_rehasher_from(node, seed, lambda rest, **kw: _instantiate(OmegaConf.create(rest), "hashing", **kw))
 
 
 # Groups whose `name` is a label for configs, run records and tables only: their classes do not take it.
@@ -83,13 +86,13 @@ def train_run(cfg: DictConfig, run_dir: str | None = None, dist=None) -> dict[st
     seed_everything(seed)
     data = build_dataset(cfg.dataset, seed=seed)
     model = build_model(cfg.model, data.input_shape, data.num_classes)
-    hashing = build_hashing(cfg.hashing, seed)
-    schedule = _instantiate(cfg.schedule, "schedule") if hashing is not None else None
+    rehasher = build_rehasher(cfg.hashing, seed)
+    schedule = _instantiate(cfg.schedule, "schedule") if rehasher is not None else None
     resolved = OmegaConf.to_container(cfg, resolve=True)
     # the resolved config holds _target_ keys: pass it after instantiation so it stays data
     logger = _instantiate(cfg.logger, "logger", _partial_=True)(run_dir=run_dir, run_config=resolved) if is_main else None
     factory = _instantiate(cfg.trainer, "trainer")
-    trainer = factory(model=model, data=data, hashing=hashing, schedule=schedule, logger=logger,
+    trainer = factory(model=model, data=data, rehasher=rehasher, schedule=schedule, logger=logger,
                       run_dir=run_dir, seed=seed, config=resolved, dist=dist)
     summary = trainer.fit()
     metrics = {

@@ -30,7 +30,7 @@ from torch import nn
 
 from hashexp.data import BatchIterator, DataBundle
 from hashexp.errors import ConfigError, HashexpError
-from hashexp.merge.stats import ActivationStats
+from hashexp.merge.rehasher import Rehasher
 from hashexp.metrics import accuracy, count_flops, count_params
 
 METHODS = ("simhash", "mips", "neuron_merging", "magnitude", "random")
@@ -45,7 +45,8 @@ def make_compressor(method: str, keep: float | None, threshold: float | None = N
     (``weights``). Baselines need ``keep``; ``compensation`` None is each method's own default
     (lsq for simhash, the weight rule for the baselines).
     """
-    from hashexp.merge.compressor import HashCompressor, MagnitudePruner, NeuronMerging, RandomMerger
+    from hashexp.merge.baselines import MagnitudePruner, NeuronMerging, RandomMerger
+    from hashexp.merge.hashed import HashCompressor
 
     if method not in METHODS:
         raise ConfigError(f"method={method!r}; choose one of {', '.join(METHODS)}")
@@ -76,36 +77,23 @@ def compress_model(model: nn.Module, data: DataBundle, method: str = "simhash", 
     ``calib_samples`` training samples (seeded by ``seed``; None: 1024 or the whole split) are
     the calibration set of the least-squares compensation and of the measured errors.
     """
-    from hashexp.merge.calibration import DEFAULT_SAMPLES, calibration_index
-
     comp = make_compressor(method, keep, threshold, seed=seed, compensation=compensation, max_error=max_error,
                            **hash_kw)
-    n_train = len(data.x_train)
-    calib = data.x_train[calibration_index(n_train, calib_samples or min(DEFAULT_SAMPLES, n_train), seed)]
-    gen = torch.Generator().manual_seed(seed)
+    rehasher = Rehasher(comp, window=0, calib_samples=calib_samples, bn_recalib_batches=calib_batches)
     before = {"widths": dict(model.widths()), "flops": count_flops(model, data.input_shape),
               "params": count_params(model), "test_acc": accuracy(model, data.x_test, data.y_test)}
-    stats = ActivationStats(model.merge_sites(), window=0)
-    model.train()
-    it = BatchIterator(data.x_train, data.y_train, batch_size, shuffle=True, generator=gen)
-    bn = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in bn]
-    for m in bn:  # statistics passes must not move BatchNorm running stats
-        m.momentum = 0.0
-    with torch.no_grad():
-        for _, (xb, _) in zip(range(calib_batches), it):
-            model(xb)
-    for m, mom in zip(bn, momenta):
-        m.momentum = mom
-    t0 = time.perf_counter()
-    reports = comp.compress(model, None, stats, None, 0, calib=calib)
-    hash_time = time.perf_counter() - t0
-    stats.remove()
-    if bn:
-        from hashexp.merge.recalibrate import recalibrate_bn
+    rehasher.attach(model, data, seed, batch_size)
+    gen = torch.Generator().manual_seed(seed)
 
+    def batches():
         it = BatchIterator(data.x_train, data.y_train, batch_size, shuffle=True, generator=gen)
-        recalibrate_bn(model, (xb for _, (xb, _) in zip(range(calib_batches), it)))
+        return (xb for _, (xb, _) in zip(range(calib_batches), it))
+
+    rehasher.collect(model, batches())
+    t0 = time.perf_counter()
+    reports = rehasher.compress(model)
+    hash_time = time.perf_counter() - t0
+    rehasher.finish(model, batches())
     after_merge_acc = accuracy(model, data.x_test, data.y_test)
     if finetune_epochs > 0:
         from hashexp.train.finetune import finetune

@@ -15,7 +15,7 @@ from hashexp.lsh import SimHash
 from hashexp.lsh.learnable import LearnableSimHash, collision_pr, mine_pairs
 from hashexp.merge.learnable import LearnableHashCompressor
 from hashexp.models import build_model
-from hashexp.train import ActivationStats
+from hashexp.merge.stats import ActivationStats
 
 K, L, THRESHOLD = 10, 4, 0.8
 

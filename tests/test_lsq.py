@@ -14,7 +14,9 @@ from torch import nn
 
 from hashexp.errors import ConfigError
 from hashexp.merge import calibration as cal
-from hashexp.merge.compressor import HashCompressor, MagnitudePruner, NeuronMerging, neuron_merging_coefficients
+from hashexp.merge.rehasher import Rehasher
+from hashexp.merge.baselines import MagnitudePruner, NeuronMerging, neuron_merging_coefficients
+from hashexp.merge.hashed import HashCompressor
 from hashexp.merge.sites import Consumer, HasMergeSites, MergeSite, Producer
 from hashexp.models import build_model
 from test_merge import MLP, planted_mlp, rel_err
@@ -237,7 +239,7 @@ def test_bad_input_is_one_clear_error():
     with pytest.raises(ConfigError, match=r"max_error must be a relative error in \(0, 1\]"):
         HashCompressor(max_error=0.0)
     with pytest.raises(ConfigError, match="calib_samples must be >= 1"):
-        HashCompressor(calib_samples=0)
+        Rehasher(HashCompressor(), calib_samples=0)
     with pytest.raises(ConfigError, match="calib_samples=500 exceeds the 300 training samples"):
         cal.calibration_index(300, 500, seed=0)
     with pytest.raises(ConfigError, match="compensation='bogus'"):

@@ -11,10 +11,12 @@ import torch
 
 from conftest import TINY, read_metrics, run_app, run_dirs
 from hashexp.errors import ConfigError
-from hashexp.merge.compressor import HashCompressor, MagnitudePruner, RandomMerger, verify_groups
+from hashexp.merge.baselines import MagnitudePruner, RandomMerger
+from hashexp.merge.cosine import verify_groups
+from hashexp.merge.hashed import HashCompressor
 from hashexp.merge.surgery import apply_plan, merge_plan
 from hashexp.models import build_model
-from hashexp.train import ActivationStats
+from hashexp.merge.stats import ActivationStats
 
 MLP = {"_target_": "hashexp.models.mlp.MLP"}
 

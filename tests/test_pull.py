@@ -12,8 +12,10 @@ import torch
 from conftest import Killed, compose, die_at_checkpoint
 
 from hashexp.errors import ConfigError
-from hashexp.merge.compressor import HashCompressor, proposal_groups
+from hashexp.merge.compressor import proposal_groups
+from hashexp.merge.hashed import HashCompressor
 from hashexp.merge.pull import Pull, PullConfig
+from hashexp.merge.rehasher import Rehasher
 from hashexp.models.mlp import MLP
 
 # in-process runs: 1024 train samples, batch 32 (32 steps an epoch); proposals every 20 steps,
@@ -146,7 +148,7 @@ def test_proposal_groups_send_each_dropped_neuron_to_its_most_correlated_survivo
 ])
 def test_bad_pull_values_are_one_clear_error(bad, match):
     with pytest.raises(ConfigError, match=match):
-        HashCompressor(pull=bad)
+        Rehasher(HashCompressor(), pull=bad)
 
 
 def _events(m: dict) -> list[tuple]:

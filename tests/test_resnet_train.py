@@ -20,12 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import CONF, compose, read_metrics, run_app, run_dirs
-from hashexp.app import build_hashing
+from hashexp.app import build_rehasher
 from hashexp.compress import compress_model
 from hashexp.metrics import accuracy
 from hashexp.data import BatchIterator
 from hashexp.data.npz import load_npz
-from hashexp.merge.compressor import HashCompressor, MagnitudePruner
+from hashexp.merge.baselines import MagnitudePruner
+from hashexp.merge.hashed import HashCompressor
 from hashexp.metrics import count_flops
 from hashexp.models import build_model, load_model
 
@@ -66,11 +67,11 @@ def test_preset_composes_with_its_command():
     assert 10 <= cfg.trainer.bn_recalib_batches <= 50 and cfg.hashing.bn_recalib_batches == cfg.trainer.bn_recalib_batches
     assert cfg.hashing.name == "simhash" and cfg.hashing.min_width >= 4
     assert cfg.schedule.max_rehashes >= 1
-    assert isinstance(build_hashing(cfg.hashing, 0), HashCompressor)
+    assert isinstance(build_rehasher(cfg.hashing, 0).compressor, HashCompressor)
     # the baselines the preset's comment names compose and build (they accept and ignore the hash knobs)
-    assert build_hashing(compose(["experiment=resnet20_fmnist", "hashing=none"]).hashing, 0) is None
+    assert build_rehasher(compose(["experiment=resnet20_fmnist", "hashing=none"]).hashing, 0) is None
     c = compose(["experiment=resnet20_fmnist", "hashing=magnitude", "hashing.width_plan=null"])
-    mp = build_hashing(c.hashing, 0)
+    mp = build_rehasher(c.hashing, 0).compressor
     assert isinstance(mp, MagnitudePruner) and c.model.name == "resnet20" and mp.ignored_knobs == {"bits": 4, "tables": 16}
 
 

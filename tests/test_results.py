@@ -36,7 +36,7 @@ def config(hashing: str, seed: int, widths=(256, 256), n_samples=1000, tag="", t
                     "n_samples": n_samples, "seed": None},
         "model": {"_target_": "hashexp.models.mlp.MLP", "name": "mlp", "widths": list(widths), "activation": "relu"},
         "hashing": hcfg,
-        "schedule": {"_target_": "hashexp.schedule.FixedSchedule", "name": "fixed", "every": 1},
+        "schedule": {"_target_": "hashexp.schedules.fixed.FixedSchedule", "name": "fixed", "every": 1},
         "trainer": {"_target_": "hashexp.train.Trainer", "name": "adam", "epochs": 2, "batch_size": 64,
                     "progress": "none", "log_every": 10, "optimizer": {"_target_": "torch.optim.Adam", "lr": 0.001}},
         "logger": {"_target_": "hashexp.loggers.CsvLogger", "name": "csv"},

@@ -158,7 +158,7 @@ def test_kill_during_mid_epoch_checkpoint_write_resumes_exactly_into_a_new_dir(t
         train_run(compose([*MID_RUN, "trainer.batch_size=16", f"trainer.checkpoint.resume={tmp_path / 'old'}"]), str(tmp_path / "bs"))
 
     # the activation statistics in the checkpoint matter: without them the next merge differs
-    monkeypatch.setattr(Trainer, "_load_stats", lambda self, saved: None)
+    monkeypatch.setattr(Trainer, "_rank_stats", lambda self, saved: None)
     lossy = train_run(compose([*MID_RUN, f"trainer.checkpoint.resume={killed}"]), str(tmp_path / "lossy"))
     assert lossy["train_loss"] != ref["train_loss"]
 
@@ -216,7 +216,7 @@ def test_resume_refuses_another_model_or_input_size_and_bad_optimizer_values_are
 
 def _trainer(overrides: list[str], run_dir: Path):
     """A Trainer built as hashexp.app.train_run builds it, without fitting."""
-    from hashexp.app import _instantiate, build_hashing
+    from hashexp.app import _instantiate, build_rehasher
     from hashexp.data import build_dataset
     from hashexp.models import build_model
     from hashexp.utils.seeding import seed_everything
@@ -226,10 +226,10 @@ def _trainer(overrides: list[str], run_dir: Path):
     seed_everything(seed)
     data = build_dataset(cfg.dataset, seed=seed)
     model = build_model(cfg.model, data.input_shape, data.num_classes)
-    compressor = build_hashing(cfg.hashing, seed)
+    rehasher = build_rehasher(cfg.hashing, seed)
     schedule = _instantiate(cfg.schedule, "schedule")
     run_dir.mkdir(parents=True, exist_ok=True)
-    return _instantiate(cfg.trainer, "trainer")(model=model, data=data, hashing=compressor, schedule=schedule,
+    return _instantiate(cfg.trainer, "trainer")(model=model, data=data, rehasher=rehasher, schedule=schedule,
                                                  logger=None, run_dir=str(run_dir), seed=seed, dist=None)
 
 
@@ -262,8 +262,8 @@ def test_checkpoint_round_trip_in_process(tmp_path):
             assert torch.equal(torch.as_tensor(v), torch.as_tensor(ob["state"][i][k])), (i, k)
     assert (b.step, b.epoch, b.rehashes, b.batch_in_epoch) == (a.step, a.epoch, a.rehashes, a.batch_in_epoch)
     assert b.schedule.state_dict() == a.schedule.state_dict()
-    assert json.dumps(b.hashing.state_dict(), sort_keys=True, default=str) == \
-        json.dumps(a.hashing.state_dict(), sort_keys=True, default=str)
+    assert json.dumps(b.rehasher.compressor.state_dict(), sort_keys=True, default=str) == \
+        json.dumps(a.rehasher.compressor.state_dict(), sort_keys=True, default=str)
     assert b.rehash_log == a.rehash_log and b.widths_before == a.widths_before
     assert torch.equal(torch.get_rng_state(), rng[0]) and random.getstate() == rng[1]
     assert np.array_equal(np.random.get_state()[1], rng[2])

@@ -13,10 +13,11 @@ import torch
 from conftest import compose
 from hashexp.data.synthetic import load_synthetic
 from hashexp.errors import ConfigError
-from hashexp.merge.compressor import HashCompressor
+from hashexp.merge.hashed import HashCompressor
 from hashexp.models import build_model
-from hashexp.schedule import DriftSchedule, FixedSchedule, GradualSchedule, PerLayerSchedule, RehashContext
-from hashexp.train import RehashEvent, Trainer
+from hashexp.schedules import DriftSchedule, FixedSchedule, GradualSchedule, PerLayerSchedule, RehashContext
+from hashexp.merge.reports import RehashEvent
+from hashexp.train import Trainer
 
 MLP = {"_target_": "hashexp.models.mlp.MLP"}
 SPE = 15  # steps per epoch: 960 training samples / batch 64
@@ -46,7 +47,7 @@ def tiny_trainer(tmp_path, compressor, schedule, epochs=3, widths=(32, 32), seed
     data = load_synthetic(n_samples=1200, seed=seed)
     model = build_model({**MLP, "widths": list(widths)}, data.input_shape, data.num_classes)
     return Trainer(model, data, optimizer=lambda p: torch.optim.Adam(p, lr=lr), epochs=epochs, batch_size=64,
-                   hashing=compressor, schedule=schedule, run_dir=str(tmp_path), seed=seed, progress="none",
+                   rehasher=compressor, schedule=schedule, run_dir=str(tmp_path), seed=seed, progress="none",
                    checkpoint=False, log_every=1000)
 
 
@@ -276,7 +277,7 @@ def test_per_layer_and_drift_run_in_the_app(tmp_path):
 # ------------------------------------------------------------------------------ gradual
 def test_gradual_targets_are_reached_at_the_scheduled_steps(tmp_path):
     """Cubic ramp 32 -> 8 over steps 5..45 every 10: targets 32, 22, 15, 10, 8 (hand-computed)."""
-    from hashexp.merge.compressor import MagnitudePruner
+    from hashexp.merge.baselines import MagnitudePruner
 
     sched = GradualSchedule(start=5, end=45, every=10, final_ratio=0.25)
     # w(t) = 8 + 24 (1 - p)^3, p = (t - 5) / 40: t=5 -> 32, 15 -> 8 + 24 * 0.421875 = 18.125 -> 18,

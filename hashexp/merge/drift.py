@@ -12,7 +12,7 @@ Per site, two numbers (:meth:`DriftMeter.measure`):
   those was measured slower on CPU: gathering the candidate rows costs more than the dense BLAS
   product it saves.)
 
-The meter measures; :class:`hashexp.schedule.DriftSchedule` decides.
+The meter measures; :class:`hashexp.schedules.drift.DriftSchedule` decides.
 """
 
 from __future__ import annotations

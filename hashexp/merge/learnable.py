@@ -1,6 +1,6 @@
 """Hashed merging with a learned hash per site (``hashing=learnable``).
 
-Same pipeline as :class:`~hashexp.merge.compressor.HashCompressor` (fingerprints -> clsh
+Same pipeline as :class:`~hashexp.merge.hashed.HashCompressor` (fingerprints -> clsh
 candidates -> exact cosine -> verified groups -> merge); only the hash family differs. Each
 site keeps one :class:`~hashexp.lsh.learnable.LearnableSimHash` across rehashes (MONGOOSE,
 ICLR 2021: learn the LSH from the data it indexes), and before each rehash it is trained for
@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from hashexp.errors import ConfigError
-from hashexp.merge.compressor import WEIGHTS_THRESHOLD, HashCompressor
+from hashexp.merge.cosine import WEIGHTS_THRESHOLD
+from hashexp.merge.hashed import HashCompressor
 from hashexp.merge.sites import MergeSite
 from hashexp.utils.seeding import P1000003, P104729, P7919, derive_seed
 

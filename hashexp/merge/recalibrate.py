@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from hashexp.merge.sites import MergeSite
+from hashexp.merge.sites import MergeSite, model_sites
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -30,7 +30,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor | Sequence[t
         momentum: ``None`` (default) gives the exact cumulative average over the batches given;
             a float uses an exponential moving average with that momentum instead.
         sites: only the norms of these sites' producers (MergeSite objects or site names of
-            ``model.merge_sites()``); all BNs of the model when ``None``.
+            ``model_sites(model)``); all BNs of the model when ``None``.
 
     Only the selected BNs run in train mode; everything else stays in eval mode, so dropout or
     other BNs do not disturb the estimate. Runs under ``torch.no_grad``: weights never change.
@@ -80,7 +80,7 @@ def _select_norms(model: nn.Module, sites) -> list[_BN]:
         for s in sites:
             if isinstance(s, str):
                 if by_name is None:
-                    by_name = {x.name: x for x in model.merge_sites()}
+                    by_name = {x.name: x for x in model_sites(model)}
                 if s not in by_name:
                     raise ValueError(f"recalibrate_bn: unknown site {s!r}; the model has {list(by_name)}")
                 s = by_name[s]

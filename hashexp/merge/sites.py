@@ -154,3 +154,9 @@ class HasMergeSites:
 
     def widths(self) -> dict[str, int]:
         return {s.name: s.width for s in self.merge_sites()}
+
+
+def model_sites(model: nn.Module) -> list[MergeSite]:
+    """The merge sites of ``model``: the one place every caller asks for them (today the model's
+    own ``merge_sites()``; site discovery by tracing extends this)."""
+    return model.merge_sites()

@@ -27,17 +27,18 @@ and PNG plots. The same steps as a Python API for benchmarks::
     print(markdown_table(rows))
     make_plots(runs, "outputs/results")
 
-The package, bottom up: vocab (shared names, colours), pairing (vanilla twins, ratios), summary
-(groups, mean ± std), runs (discovery, :class:`RunRecord`, the metrics.json and history.csv
-readers), plots, report (markdown, CSV), cli.
+The package, bottom up: vocab (shared names, colours), runs (discovery, :class:`RunRecord`, the
+metrics.json and history.csv readers), pairing (vanilla twins, ratios), summary (groups,
+mean ± std), collect (load, pair, label: :func:`collect_runs`), plots, report (markdown, CSV), cli.
 """
 
 from hashexp.results.cli import main
+from hashexp.results.collect import collect_runs
 from hashexp.results.pairing import pair, pair_signature, ratio
 from hashexp.results.plots import make_plots, plot_figures
 from hashexp.results.report import (RUN_FIELDS, markdown_table, problems_section, report_markdown, summary_fields,
                                     write_csv, write_results)
-from hashexp.results.runs import (RunRecord, collect_runs, find_run_dirs, latest_sweep, load_run, measure_latencies,
+from hashexp.results.runs import (RunRecord, find_run_dirs, latest_sweep, load_run, measure_latencies,
                                   read_history, read_metrics)
 from hashexp.results.summary import AGG, group_key, summarize
 from hashexp.results.vocab import VANILLA

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from hashexp.results.report import markdown_table, problems, problems_section, write_results
-from hashexp.results.runs import collect_runs
+from hashexp.results.collect import collect_runs
 
 NO_RUNS_HINT = "run `make run` (or python -m hashexp) first"
 

@@ -2,9 +2,10 @@
 
 A run dir is any directory holding .hydra/, metrics.json or status.json. :func:`load_run` reads
 one into a record (ok: metrics.json; failed: status.json or an unreadable metrics.json;
-unfinished: only .hydra/ and perhaps history.csv); :func:`collect_runs` finds, loads, pairs
-(hashexp.results.pairing), labels and filters all of them. :func:`read_metrics` and
-:func:`read_history` are the readers of metrics.json and history.csv that benchmarks use too.
+unfinished: only .hydra/ and perhaps history.csv). :func:`read_metrics` and :func:`read_history`
+are the readers of metrics.json and history.csv that benchmarks use too. Loading sits below
+pairing and summarizing: this module imports neither (:mod:`hashexp.results.collect` finds,
+loads, pairs, labels and filters all runs).
 """
 
 from __future__ import annotations
@@ -17,15 +18,13 @@ import os
 import re
 import shlex
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
-from hashexp.results.pairing import pair
-from hashexp.results.summary import label, mark_superseded, variant_config
-from hashexp.results.vocab import SKIP_DIRS
+from hashexp.results.vocab import SKIP_DIRS, VANILLA, is_noise
 
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _DATE_RE = re.compile(r"(?<!\d)(\d{4})-(\d{2})-(\d{2})(?!\d)([_T ](\d{2})-(\d{2})-(\d{2}))?")
@@ -64,7 +63,7 @@ class RunRecord:
     variant_config: dict[str, Any] = field(default_factory=dict)  # the config keys variants are named by
     latency_ms: float | None = None  # from metrics.json or measured by measure_latencies
     latency_batch: int | None = None
-    # set by collect_runs (summary.label, summary.mark_superseded)
+    # set by collect.collect_runs (summary.label, summary.mark_superseded)
     hashing_label: str = ""  # the hashing name in tables: `hashing` (vanilla: none), + /schedule when several schedules are in play
     variant: str = ""  # the differing config keys inside its hashing, e.g. "hashing.threshold=0.8"
     superseded: bool = False  # a newer finished run of the same group and seed exists
@@ -231,6 +230,19 @@ def _hydra_choices(hydra_dir: str) -> dict[str, str]:
         return {}
 
 
+def variant_config(r: RunRecord) -> dict[str, Any]:
+    """The config keys a run's variant is named by: its config without noise keys (and, for a
+    vanilla run, without compressor and schedule settings, which do nothing there)."""
+    c = {k: v for k, v in r.config.items() if not is_noise(k)}
+    if r.hashing == VANILLA:
+        c = {k: v for k, v in c.items() if not k.startswith(("hashing.", "schedule."))}
+    if c.get("hashing.width_plan") is not None:
+        c["hashing.width_plan"] = "<a run's widths>"  # one path per seed: the same variant
+    if not c:  # no .hydra/config.yaml: what metrics.json says about the setup
+        c = {"widths": r.get("widths_before"), "epochs": r.epochs}
+    return c
+
+
 def load_run(run_dir: str) -> RunRecord:
     """One run dir as a :class:`RunRecord`: its metrics.json joined with its group choices and
     overrides (setup fields come from metrics.json first, then .hydra/config.yaml)."""
@@ -285,16 +297,6 @@ def load_run(run_dir: str) -> RunRecord:
     return r
 
 
-def _parse_date(s: str | None, end: bool = False) -> dt.datetime | None:
-    if s is None:
-        return None
-    try:
-        d = dt.datetime.strptime(s, "%Y-%m-%d")
-    except ValueError:
-        raise ValueError(f"date {s!r} is not YYYY-MM-DD") from None
-    return d + dt.timedelta(days=1) - dt.timedelta(microseconds=1) if end else d
-
-
 def latest_sweep(paths: Iterable[str]) -> str | None:
     """The newest multirun dir (one holding multirun.yaml) under ``paths``."""
     best, best_t = None, -1.0
@@ -308,55 +310,6 @@ def latest_sweep(paths: Iterable[str]) -> str | None:
             else:
                 subdirs[:] = [s for s in subdirs if s not in SKIP_DIRS]
     return best
-
-
-def collect_runs(paths: Sequence[str], sweep: str | None = None, since: str | None = None,
-                 until: str | None = None, latency_batch: int | None = None,
-                 latency_repeats: int = 20) -> list[RunRecord]:
-    """All runs under ``paths`` (ok, failed and unfinished), finished ones paired with vanilla.
-
-    Args:
-        paths: directories to scan recursively (run dirs, multirun dirs or whole output trees).
-        sweep: keep only the runs of this multirun dir ("latest": the newest one under paths);
-            vanilla twins are still looked up in all of ``paths``.
-        since, until: keep runs started on or after / on or before this date (YYYY-MM-DD), taken
-            from the run dir's name, else its mtime.
-        latency_batch: measure every finished run's forward latency (``latency_ms``) at this batch
-            size from its model.pt, all models side by side in this process (see
-            :func:`measure_latencies`); None: only where metrics.json already has ``latency_ms``.
-        latency_repeats: timed rounds for that measurement.
-    Returns:
-        one :class:`RunRecord` per run, with hashing_label and variant set and, where a vanilla twin
-        exists, vanilla_dir, flops_reduction, params_reduction, wall_speedup, train_speedup,
-        acc_delta and (with latencies) latency_speedup.
-    """
-    paths = list(paths)
-    if sweep == "latest":
-        sweep = latest_sweep(paths)
-        if sweep is None:
-            raise FileNotFoundError(f"no multirun dir (with multirun.yaml) under {', '.join(paths)}")
-    if sweep is not None:
-        if not os.path.isdir(sweep):
-            raise FileNotFoundError(f"--sweep {sweep}: no such directory")
-        sweep = os.path.abspath(sweep)
-        paths = paths + [sweep]
-    runs = [load_run(d) for d in find_run_dirs(paths)]
-    if latency_batch is not None:
-        measure_latencies(runs, int(latency_batch), repeats=latency_repeats)
-    pair(runs)
-    label(runs)
-    lo, hi = _parse_date(since), _parse_date(until, end=True)
-    keep = []
-    for r in runs:
-        if sweep is not None and not (r.run_dir + os.sep).startswith(sweep + os.sep):
-            continue
-        if lo is not None and r.date < lo:
-            continue
-        if hi is not None and r.date > hi:
-            continue
-        keep.append(r)
-    mark_superseded(keep)
-    return keep
 
 
 def measure_latencies(runs: list[RunRecord], batch_size: int = 256, repeats: int = 20) -> None:

@@ -15,7 +15,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from hashexp.results.vocab import VANILLA, fmt_value, is_noise, num, stats
+from hashexp.results.vocab import VANILLA, fmt_value, num, stats
 
 if TYPE_CHECKING:
     from hashexp.results.runs import RunRecord
@@ -24,19 +24,6 @@ if TYPE_CHECKING:
 AGG = ["test_acc", "train_acc", "majority_acc", "acc_delta", "flops", "params", "flops_reduction",
        "params_reduction", "latency_ms", "latency_speedup", "wall_speedup", "train_speedup", "wall_time_s",
        "train_time_s", "hash_time_s", "rehashes", "peak_rss_mb"]
-
-
-def variant_config(r: RunRecord) -> dict[str, Any]:
-    """The config keys a run's variant is named by: its config without noise keys (and, for a
-    vanilla run, without compressor and schedule settings, which do nothing there)."""
-    c = {k: v for k, v in r.config.items() if not is_noise(k)}
-    if r.hashing == VANILLA:
-        c = {k: v for k, v in c.items() if not k.startswith(("hashing.", "schedule."))}
-    if c.get("hashing.width_plan") is not None:
-        c["hashing.width_plan"] = "<a run's widths>"  # one path per seed: the same variant
-    if not c:  # no .hydra/config.yaml: what metrics.json says about the setup
-        c = {"widths": r.get("widths_before"), "epochs": r.epochs}
-    return c
 
 
 def label(runs: list[RunRecord]) -> None:

@@ -137,9 +137,22 @@ def _under(key: str, prefixes: tuple[str, ...]) -> bool:
                for p in prefixes)
 
 
+#: ``_target_`` classes that moved: an older checkpoint's config names them by their old home
+MOVED_TARGETS = {
+    **{f"hashexp.merge.compressor.{c}": f"hashexp.merge.{m}.{c}" for m, c in (
+        ("hashed", "HashCompressor"), ("baselines", "MagnitudePruner"), ("baselines", "RandomMerger"),
+        ("baselines", "NeuronMerging"))},
+    **{f"hashexp.schedule.{c}": f"hashexp.schedules.{m}.{c}" for m, c in (
+        ("fixed", "FixedSchedule"), ("per_layer", "PerLayerSchedule"), ("gradual", "GradualSchedule"),
+        ("drift", "DriftSchedule"))},
+}
+
+
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, list], dict[str, list]]:
-    """(refused, allowed) differences between two resolved run configs: ``{dotted key: [old, new]}``."""
+    """(refused, allowed) differences between two resolved run configs: ``{dotted key: [old, new]}``
+    (a moved ``_target_`` counts as its new home, :data:`MOVED_TARGETS`)."""
     a, b = _flatten(old), _flatten(new)
+    a = {k: MOVED_TARGETS.get(v, v) if k.endswith("_target_") and isinstance(v, str) else v for k, v in a.items()}
     refused, allowed = {}, {}
     for k in sorted(set(a) | set(b)):
         va, vb = a.get(k, _UNSET), b.get(k, _UNSET)

@@ -1,11 +1,11 @@
 """The training loop. It knows *that* the network is compressed, not *how*.
 
-Per step: forward, backward, optimizer step; forward hooks on each merge site's tap collect
-activation mass (:class:`hashexp.merge.stats.ActivationStats`); every ``log_every`` steps a
-history.csv row (loss, step time, per-site width, per-layer weight and gradient norm). After every
-step and at every epoch end the schedule decides (:meth:`Trainer._maybe_rehash`); when it names
-sites, the compressor rewrites them (model and optimizer state together) and training simply
-continues on the smaller network. Each epoch ends with an evaluation row and an atomic checkpoint
+Per step: forward, backward, optimizer step; every ``log_every`` steps a history.csv row (loss,
+step time, per-site width, per-layer weight and gradient norm). After every step and at every
+epoch end the schedule decides (:meth:`Trainer._maybe_rehash`); when it names sites, the
+:class:`~hashexp.merge.rehasher.Rehasher` (which owns the activation statistics, the calibration
+set, the pull and BN re-estimation) rewrites them, model and optimizer state together, and
+training simply continues on the smaller network. Each epoch ends with an evaluation row and an atomic checkpoint
 (hashexp/train/checkpoint.py; optionally also every ``trainer.checkpoint.every_steps`` steps), from which
 a killed run resumes with the same widths, optimizer, LR schedule, rehash schedule, compressor,
 activation statistics, position in the epoch and RNG state, and ends with exactly the metrics of
@@ -32,14 +32,13 @@ from torch import nn
 
 from hashexp.data import BatchIterator, DataBundle
 from hashexp.errors import ConfigError
-from hashexp.merge.pull import Pull
-from hashexp.merge.stats import ActivationStats
+from hashexp.merge.rehasher import Rehasher
+from hashexp.merge.reports import RehashEvent
+from hashexp.merge.sites import model_sites
 from hashexp.metrics import Stopwatch, count_flops, count_params, evaluate
-from hashexp.schedule import RehashContext
+from hashexp.schedules.base import RehashContext
 from hashexp.train import checkpoint as ckpt
 from hashexp.train.history import History
-from hashexp.train.records import RehashEvent
-from hashexp.utils.seeding import P7919, derive_seed
 
 log = logging.getLogger("hashexp")
 
@@ -59,14 +58,16 @@ class Trainer:
     """Trains a model with optional compression during training.
 
     Args:
-        model: an ``nn.Module`` that declares ``merge_sites()``.
+        model: an ``nn.Module`` with merge sites (:func:`hashexp.merge.sites.model_sites`).
         data: the in-memory dataset.
         optimizer: factory ``params -> torch.optim.Optimizer`` (a Hydra partial).
         epochs, batch_size, eval_batch_size: the usual.
         lr_schedule: factory ``optimizer -> LRScheduler`` stepped once per epoch, or None.
-        hashing: the compressor that ``cfg.hashing`` instantiates (``compress``, ``propose``), or None
-            for vanilla training.
-        schedule: a :class:`hashexp.schedule.Schedule`: ``decide(ctx) -> RehashDecision`` names the
+        rehasher: the :class:`~hashexp.merge.rehasher.Rehasher` that ``cfg.hashing`` builds
+            (it owns the statistics, the calibration set, the pull and BN re-estimation, and calls
+            the compressor), or None for vanilla training. A bare compressor is wrapped in a
+            Rehasher with its default knobs.
+        schedule: a :class:`hashexp.schedules.Schedule`: ``decide(ctx) -> RehashDecision`` names the
             sites to rehash now (and the history rows to log), ``notify(ctx, event)`` after a rehash.
         run_dir: where history.csv and checkpoint.pt go.
         seed: seeds batches, augmentation and the compressor's randomness.
@@ -82,7 +83,7 @@ class Trainer:
             for Python callers (the nested groups win where both are given).
         bn_recalib_batches: the older spelling of ``hashing.bn_recalib_batches`` (BatchNorm
             re-estimated on this many training batches after each rehash), used when the
-            compressor does not set it.
+            Rehasher does not set it.
         config: the composed, resolved run config (a plain dict). Checkpoints record it; a resume
             refuses a run whose model, data, compressor, schedule, seed, optimizer or batch size
             differ, and records the other changes (``summary()["resumed"]``).
@@ -92,7 +93,7 @@ class Trainer:
 
     def __init__(self, model: nn.Module, data: DataBundle, optimizer: Callable, epochs: int = 10,
                  batch_size: int = 256, eval_batch_size: int = 4096, lr_schedule: Callable | None = None,
-                 hashing=None, schedule=None, logger=None, run_dir: str = ".", seed: int = 0,
+                 rehasher=None, schedule=None, logger=None, run_dir: str = ".", seed: int = 0,
                  log_every: int = 20, device: str = "cpu", num_threads: int | None = None,
                  progress: str = "auto", augment: bool = True, checkpoint: bool | Mapping[str, Any] = True,
                  resume: str | None = None, bn_recalib_batches: int | None = 0,
@@ -137,32 +138,23 @@ class Trainer:
         self._lr_factory = lr_schedule
         self.lr_schedule = lr_schedule(self.optimizer) if lr_schedule is not None else None
         self.epochs, self.batch_size, self.eval_batch_size = int(epochs), int(batch_size), int(eval_batch_size)
-        self.hashing, self.schedule, self.logger = hashing, schedule, logger
+        if rehasher is not None and not isinstance(rehasher, Rehasher):
+            rehasher = Rehasher(rehasher)
+        self.rehasher, self.schedule, self.logger = rehasher, schedule, logger
         self.run_dir, self.seed, self.log_every = run_dir, int(seed), int(log_every)
         self.progress = progress
         self.checkpoint_enabled = bool(checkpoint)
         self.checkpoint_every_steps = int(checkpoint_every_steps) if checkpoint_every_steps else None
         self.resume = resume
-        bn = getattr(hashing, "bn_recalib_batches", None)
-        self.bn_recalib_batches = int(bn if bn is not None else bn_recalib_batches or 0)
         self.config = config
         self.resumed: dict[str, Any] | None = None  # {from, changed} after a resume
         self.augment = None
         if augment and data.is_image and getattr(data, "augment", None) is not None:
             self.augment = data.augment
-        self.sites = model.merge_sites()
-        self.stats = ActivationStats(self.sites, window=getattr(hashing, "window", 50), enabled=hashing is not None)
-        # the calibration set: fixed training samples (seeded, identical on every rank and resume)
-        self.calib_index = None
-        if hashing is not None and hasattr(hashing, "calib_samples"):
-            from hashexp.merge.calibration import DEFAULT_SAMPLES, calibration_index
-
-            n_train = len(self.data.x_train)
-            n_calib = hashing.calib_samples or min(DEFAULT_SAMPLES, n_train)
-            self.calib_index = calibration_index(n_train, n_calib, self.seed)
-        # centripetal pull (hashing.pull.steps > 0): rehashes propose, merges follow `steps` later
-        pull_cfg = getattr(hashing, "pull", None)
-        self.pull = Pull(pull_cfg) if pull_cfg is not None and pull_cfg.enabled else None
+        self.sites = model_sites(self.model)
+        if rehasher is not None:
+            rehasher.attach(self.model, self.data, self.seed, self.batch_size, dist=dist,
+                            bn_recalib_batches=bn_recalib_batches)
         self.timer = Stopwatch()
         self.step = 0
         self.epoch = 0
@@ -193,8 +185,8 @@ class Trainer:
         cols = ["kind", "step", "epoch", "loss", "step_time_s", "lr", "params", "rehash", "hash_time_s"]
         cols += [f"width/{s.name}" for s in self.sites]
         cols += [f"error/{s.name}" for s in self.sites]
-        if self.pull is not None:
-            cols += [f"pull/{s.name}" for s in self.sites]
+        if self.rehasher is not None:
+            cols += self.rehasher.history_columns(self.sites)
         cols += [f"wnorm/{n}" for n in self.layer_names] + [f"gnorm/{n}" for n in self.layer_names]
         cols += ["train_loss", "train_acc", "test_loss", "test_acc", "flops"]
         if self.schedule is not None and hasattr(self.schedule, "history_columns"):
@@ -322,11 +314,11 @@ class Trainer:
                                          "lower trainer.optimizer.lr or check the data")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if self.pull is not None and self.pull.active:
-                self.pull.average_grads(self.model.merge_sites())
+            if self.rehasher is not None:
+                self.rehasher.after_backward(self.model)
             self.optimizer.step()
-            if self.pull is not None and self.pull.active:
-                self.pull.contract(self.model.merge_sites())
+            if self.rehasher is not None:
+                self.rehasher.after_step(self.model)
         return loss_value
 
     def _end_epoch(self, use_bar: bool) -> None:
@@ -359,13 +351,13 @@ class Trainer:
 
         ``final``: the run's last step or epoch end (a pull then merges at once).
         """
-        if self.hashing is None or self.schedule is None:
+        if self.rehasher is None or self.schedule is None:
             return None
         decision = self.schedule.decide(self._ctx(epoch_end))
         if self._hist is not None:
             for row in decision.rows:
                 self._hist.write(row)
-        pull_due = not epoch_end and self.pull is not None and self.pull.due(self.step, final=final)
+        pull_due = not epoch_end and self.rehasher.pull_due(self.step, final)
         if not decision.sites and not pull_due:
             return None
         event = self._rehash(decision.sites, final=final)
@@ -397,77 +389,20 @@ class Trainer:
         return loss, (total / n_global)[0]
 
     def _ctx(self, epoch_end: bool) -> RehashContext:
-        return RehashContext(step=self.step, epoch=self.epoch, epoch_end=epoch_end, sites=self.model.merge_sites(),
-                             model=self.model, stats=self.stats, rehashes=self.rehashes,
+        return RehashContext(step=self.step, epoch=self.epoch, epoch_end=epoch_end, sites=model_sites(self.model),
+                             model=self.model, stats=self.rehasher.stats, rehashes=self.rehashes,
                              steps_per_epoch=math.ceil(len(self.data.x_train) / self.batch_size))
 
     # ------------------------------------------------------------------ compression
     def _rehash(self, names: list[str], final: bool = False) -> RehashEvent:
-        """Run the compressor on ``names``; rebuild whatever holds the old parameters.
-
-        With the pull on, pulls that are due (or all of them at the last step, ``final``) merge
-        first, then ``names`` not under pull are proposed; a proposal made at the last step merges
-        at once (there is no step left to pull).
-        """
+        """The Rehasher compresses ``names`` (``final``: the run's last step or epoch end); logged."""
         with self.timer("hash"):
-            t0 = time.perf_counter()
-            before = dict(self.model.widths())
             overrides = self.schedule.site_overrides() if hasattr(self.schedule, "site_overrides") else None
-            if self.dist is not None:  # every rank merges the same network: rank 0's BN statistics
-                self.dist.sync_buffers(self.model)
-            calib = None
-            if self.calib_index is not None:
-                calib = self.data.x_train[self.calib_index.to(self.data.x_train.device)]
-            extra: dict[str, Any] = {}
-            if self.pull is None or (final and not self.pull.active):
-                reports = self.hashing.compress(self.model, names, self.stats, self.optimizer, self.step,
-                                                dist=self.dist, overrides=overrides, calib=calib)
-            else:
-                reports = self._pull_rehash(names, final, overrides, calib, extra)
-            after = dict(self.model.widths())
-            for r in reports:
-                self.stats.reset(r["site"])
-            # LR schedulers hold param groups, not params: they need no rebuild after surgery
-            if self.bn_recalib_batches > 0 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
-                from hashexp.merge.recalibrate import recalibrate_bn
-
-                gen = torch.Generator().manual_seed(derive_seed(self.seed, self.rehashes + 1, weights=(P7919,)))
-                it = BatchIterator(self.data.x_train, self.data.y_train, self.batch_size, shuffle=True, generator=gen)
-                batches = (xb for _, (xb, _) in zip(range(self.bn_recalib_batches), it))
-                recalibrate_bn(self.model, batches)
-            dt = time.perf_counter() - t0
+            event = self.rehasher.rehash(self.model, self.optimizer, names, self.step, self.epoch, self.rehashes,
+                                         final=final, overrides=overrides)
         self.rehashes += 1
-        event = RehashEvent(step=self.step, epoch=self.epoch, before=before, after=after, time_s=dt,
-                            sites=[r["site"] for r in reports], reports=reports,
-                            error={r["site"]: r["error"] for r in reports if "error" in r}, **extra)
         self.rehash_log.append(event)
         return event
-
-    def _pull_rehash(self, names: list[str], final: bool, overrides, calib, extra: dict[str, Any]) -> list:
-        """With the pull on: merge the pulls that are due (all of them when ``final``), then propose
-        ``names`` not under pull (merged at once when ``final``). Fills ``extra`` with the event's
-        pull keys; returns the merge reports."""
-        kw = dict(dist=self.dist, overrides=overrides, calib=calib)
-        extra["merge_only"] = not names
-        reports = []
-        due = self.pull.due(self.step, final=final)
-        sites = {s.name: s for s in self.model.merge_sites()}
-        if due:
-            extra["pull_distance"] = {n: self.pull.distance(sites[n]) for n in due}
-            fixed = {n: self.pull.pop(n) for n in due}
-            reports = self.hashing.compress(self.model, due, self.stats, self.optimizer, self.step, fixed=fixed, **kw)
-        fresh = [n for n in names if not self.pull.busy(n)]
-        if fresh and final:
-            reports += self.hashing.compress(self.model, fresh, self.stats, self.optimizer, self.step, **kw)
-        elif fresh:
-            proposals = self.hashing.propose(self.model, fresh, self.stats, self.step, **kw)
-            sites = {s.name: s for s in self.model.merge_sites()}  # the merges above rebuilt the due sites
-            for n, p in proposals.items():
-                self.pull.start(n, p["groups"], p["keep"], self.step)
-                self.pull.share_state(sites[n], self.optimizer)
-            extra["proposed"] = sorted(proposals)
-            extra["proposed_width"] = {n: int(p["keep"].sum()) for n, p in proposals.items()}
-        return reports
 
     def _step_row(self, losses, step_times, event) -> dict[str, Any]:
         row: dict[str, Any] = {"kind": "step", "step": self.step, "epoch": self.epoch,
@@ -479,13 +414,8 @@ class Trainer:
         row.update({f"width/{k}": v for k, v in self.model.widths().items()})
         if event is not None:
             row.update({f"error/{k}": v for k, v in event.error.items()})
-        if self.pull is not None:  # member-to-representative distance of the sites under pull
-            for site in self.model.merge_sites():
-                d = self.pull.distance(site)
-                if d is None and event is not None:
-                    d = (event.pull_distance or {}).get(site.name)
-                if d is not None:
-                    row[f"pull/{site.name}"] = d
+        if self.rehasher is not None:  # member-to-representative distance of the sites under pull
+            row.update(self.rehasher.row(self.model, event))
         row.update(self._layer_norms())
         return row
 
@@ -540,21 +470,22 @@ class Trainer:
 
         # mid-epoch: the state the epoch's permutation was drawn from, to draw it again
         gen_state = self._epoch_gen_state if self.batch_in_epoch else self.gen.get_state()
+        own = self.rehasher.state_dict() if self.rehasher is not None else {}
         return ckpt.CheckpointState(
             model=model_payload(self.model),
             optimizer=self.optimizer.state_dict(),
             lr_schedule=self.lr_schedule.state_dict() if self.lr_schedule is not None else None,
-            schedule=_state(self.schedule),
-            compressor=_state(self.hashing),
+            schedule=self.schedule.state_dict() if hasattr(self.schedule, "state_dict") else None,
+            compressor=own.get("compressor"),
             step=self.step, epoch=self.epoch, rehashes=self.rehashes,
             batch_in_epoch=self.batch_in_epoch, batch_size=self.batch_size, n_train=len(self.data.x_train),
             pending_losses=[float(v) for v in self._pending_losses],
             history_rows=self._history_rows,
-            stats=stats if stats is not None else [self.stats.state_dict()],
+            stats=stats if stats is not None else [own.get("stats", {})],
             world_size=self.dist.world_size if self.dist is not None else 1,
             rehash_log=[e.to_dict() for e in self.rehash_log], widths_before=self.widths_before,
-            calib_index=self.calib_index,
-            pull=self.pull.state_dict() if self.pull is not None else None,
+            calib_index=own.get("calib_index"),
+            pull=own.get("pull"),
             times=dict(self.timer.totals),
             rng=ckpt.capture_rng(gen_state, self.aug_gen, self.device),
             config=self.config,
@@ -570,17 +501,13 @@ class Trainer:
         with self.timer("checkpoint"):
             stats = None
             if self.dist is not None:
-                stats = self.dist.all_gather_object(self.stats.state_dict())
+                stats = self.dist.all_gather_object(self.rehasher.state_dict()["stats"] if self.rehasher else {})
             if not self.is_main:
                 return
             if self._hist is not None:
                 self._hist.flush()
                 self._history_rows = self._hist.rows
             ckpt.save(self.checkpoint_state(stats), self.run_dir)
-
-    @staticmethod
-    def checkpoint_path(path: str) -> str:
-        return ckpt.checkpoint_path(path)
 
     def load_checkpoint(self, path: str) -> None:
         """Continue from the checkpoint at ``path`` (a file or a run dir), after checking it fits this run."""
@@ -593,11 +520,12 @@ class Trainer:
         model = build_model({"_target_": spec["target"], **spec["kwargs"]}, spec["input_shape"], spec["num_classes"],
                             site_widths=spec["widths"])
         model.load_state_dict(spec["state_dict"])
-        self.stats.remove()
         self.model = model.to(self.device)
-        self.sites = self.model.merge_sites()
-        self.stats = ActivationStats(self.sites, window=self.stats.window, enabled=self.hashing is not None)
-        self._load_stats(ck.stats)
+        self.sites = model_sites(self.model)
+        if self.rehasher is not None:
+            self.rehasher.watch(self.model)
+            self.rehasher.load_state_dict({"compressor": ck.compressor, "calib_index": ck.calib_index,
+                                           "pull": ck.pull, "stats": self._rank_stats(ck.stats)}, self.device)
         self.optimizer = self.make_optimizer(self.model.parameters())
         self.optimizer.load_state_dict(ck.optimizer)
         if ck.lr_schedule is not None and self._lr_factory is not None:
@@ -605,8 +533,6 @@ class Trainer:
             self.lr_schedule.load_state_dict(ck.lr_schedule)
         if self.schedule is not None and ck.schedule is not None:
             self.schedule.load_state_dict(ck.schedule)
-        if self.hashing is not None and ck.compressor is not None:
-            self.hashing.load_state_dict(ck.compressor)
         self.step, self.epoch, self.rehashes = ck.step, ck.epoch, ck.rehashes
         self.batch_in_epoch = int(ck.batch_in_epoch)
         if self.batch_in_epoch and (ck.batch_size, ck.n_train) != (self.batch_size, len(self.data.x_train)):
@@ -616,10 +542,6 @@ class Trainer:
         self._pending_losses = [float(v) for v in ck.pending_losses]
         self._history_rows = ck.history_rows
         self.rehash_log = [RehashEvent.from_dict(e) for e in ck.rehash_log]
-        if ck.calib_index is not None and self.calib_index is not None:
-            self.calib_index = ck.calib_index
-        if self.pull is not None:
-            self.pull.load_state_dict(ck.pull or {})
         self.widths_before = ck.widths_before
         self.timer.totals.update(ck.times)
         ckpt.restore_rng(ck.rng, self.gen, self.aug_gen, self.device)
@@ -635,10 +557,10 @@ class Trainer:
         ckpt.check_model_spec(path, ck.model, getattr(self.model, "_hashexp_spec", None))
         self.resumed = {"from": path, "changed": changed}
 
-    def _load_stats(self, saved: list[dict[str, torch.Tensor]] | None) -> None:
+    def _rank_stats(self, saved: list[dict[str, torch.Tensor]] | None) -> dict[str, torch.Tensor] | None:
         """This rank's activation statistics; with another world size, rank 0 takes their sum."""
-        if not saved or not self.stats.enabled:
-            return
+        if not saved:
+            return None
         rank, ws = (self.dist.rank, self.dist.world_size) if self.dist is not None else (0, 1)
         if len(saved) == ws:
             mine = saved[rank]
@@ -646,8 +568,5 @@ class Trainer:
             mine = {k: sum(s[k] for s in saved) for k in saved[0]}
         else:
             mine = {k: torch.zeros_like(v) for k, v in saved[0].items()}
-        self.stats.load_state_dict(mine, self.device)
+        return mine
 
-
-def _state(obj) -> dict[str, Any] | None:
-    return obj.state_dict() if obj is not None and hasattr(obj, "state_dict") else None

@@ -1,14 +1,38 @@
-"""Typed records the trainer keeps: one per rehash (metrics.json ``rehash_events``, checkpoints)."""
+"""What a rehash did: one :class:`SiteReport` per site, one :class:`RehashEvent` per rehash
+(metrics.json ``rehash_events``, checkpoints)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 # optional fields, present in the JSON only when set (the centripetal pull's), in this order
 _OPTIONAL = ("merge_only", "pull_distance", "proposed", "proposed_width")
+
+
+@dataclass
+class SiteReport:
+    """What one rehash did to one site: its width before and after, the step, and the measured
+    relative error of its consumers' pre-activation on the calibration set (0 without one).
+
+    Indexable like the dicts of older checkpoints (``report["site"]``)."""
+
+    site: str
+    before: int
+    after: int
+    step: int
+    error: float = 0.0
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.__dataclass_fields__
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass
@@ -57,8 +81,6 @@ class RehashEvent:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RehashEvent:
-        from hashexp.merge.compressor import SiteReport
-
         reports = [SiteReport(**r) if isinstance(r, dict) else r for r in d.get("reports", [])]
         return cls(**{**d, "reports": reports})
 

@@ -1,0 +1,295 @@
+"""The hashed network's compressor: LSH proposes, data decides, least squares absorbs.
+
+With ``compensation=lsq`` (the default; hashexp/merge/calibration.py):
+
+1. candidates: SimHash of each neuron's centred calibration activations (``activations``:
+   neurons that fire together), of its weights [w; b] (``weights``), or all pairs (``exact``,
+   the ablation that shows what hashing changed); an optional cosine pre-filter (``threshold``);
+2. eligibility: every neuron in a candidate pair may go; they go cheapest first by the measured
+   error of the consumers' pre-activation after a least-squares refit (the error-ordered plan:
+   structured OBS costs on the calibration set), until the site's error budget ``max_error`` or
+   its target width is reached;
+3. representatives: ``keep`` leaves each survivor unchanged, ``mean`` replaces it by the
+   activation-weighted mean of its group (each removed neuron joins its most correlated
+   survivor);
+4. the consumers are refit by ridge least squares on the calibration set, in forward order (the
+   base, :mod:`hashexp.merge.compressor`).
+
+``candidates=auto`` lists all pairs below the width where hashing starts to pay (the crossover
+modelled in :mod:`hashexp.lsh.params`). With ``compensation=weights`` or ``none`` the plan is the
+data-free cosine path of the first version (:mod:`hashexp.merge.cosine`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from hashexp.errors import ConfigError
+from hashexp.merge import calibration as cal
+from hashexp.merge.budget import allocate, check_budget, neuron_flops
+from hashexp.merge.compressor import Compressor, nearest_survivor
+from hashexp.merge.cosine import pair_cosines, plan_by_cosine
+from hashexp.merge.order import check_order_knobs, removal_order
+from hashexp.merge.sites import MergeSite, model_sites
+from hashexp.merge.surgery import MergePlan, merge_plan, prune_plan
+from hashexp.utils.checks import check_at_least, check_cosine
+from hashexp.utils.seeding import P1009, P7919, derive_seed
+
+CANDIDATES = ("activations", "weights", "exact", "auto")
+REPRESENTATIVES = ("keep", "mean")
+#: calibration rows used as a neuron's activation signature for hashing
+_MAX_SIGNATURE = 2048
+
+
+class HashCompressor(Compressor):
+    """The hashed network: LSH proposes, data (or, data-free, the cosine) decides.
+
+    Args:
+        candidates: what LSH hashes to propose pairs: ``activations`` (each neuron's centred
+            calibration activations), ``weights`` ([w; b], norms folded in) or ``exact`` (all
+            pairs, no hashing), or ``auto``: exact below ``auto_width`` neurons, activations above.
+            ``compensation=weights/none`` always hash weights.
+        auto_width: the width from which ``candidates=auto`` hashes (None: the crossover that
+            hashexp.lsh.params models for the pre-filter cosine, 0.9 without one).
+        representative: ``keep`` (survivors stay unchanged, the consumers absorb the rest) or
+            ``mean`` (activation-weighted mean of the group); None: keep with ``lsq``, mean otherwise.
+        max_error: per-site, per-rehash budget on the relative error of the consumers'
+            pre-activation on the calibration set (``compensation=lsq``; None: only the target
+            width or ``min_width`` stops merging).
+        threshold: cosine pre-filter. With ``lsq``: a candidate pair must reach it (None: every
+            candidate counts). With ``weights``/``none``: the least cosine of every member to its
+            group's representative (None: 0.7), the data-free verification.
+        bits, tables: K bits per table, L tables of SimHash.
+        min_tables: a pair is a candidate when it collides in at least this many tables.
+        transform: ``auto`` (SimHash for ReLU-like sites, MIPS otherwise), ``simhash`` or ``mips``
+            (weight candidates only).
+        max_group_size: largest group (0: unlimited; data-free path).
+        max_rounds: rounds of pairwise merging per rehash (data-free path).
+        max_pairs: refuse to verify more candidate pairs than this (raise bits instead).
+        block_frac: share of the width removed per step of the error-ordered removal.
+        order: the removal order (:mod:`hashexp.merge.order`): ``exact`` (structured OBS over the
+            whole width), ``restricted`` (OBS inside LSH buckets of ``bucket_size`` neurons,
+            linear in width) or ``auto`` (restricted from ``order_width`` neurons on).
+        order_width, bucket_size, per_step: see ``order``; ``per_step`` neurons leave each bucket
+            per factorization update.
+        budget: ``site`` (every site stops at ``max_error`` and keeps ``target_ratio`` of its
+            width) or ``global`` (:mod:`hashexp.merge.budget`: one error budget of
+            ``n_sites * max_error^2`` and, with ``target_ratio``, one FLOPs ratio across all
+            sites, spent cheapest error per saved FLOP first; ``compensation=lsq`` only).
+        other arguments: see :class:`Compressor`.
+    """
+
+    name = "simhash"
+
+    def __init__(self, threshold: float | None = None, bits: int = 8, tables: int = 8, min_tables: int = 1,
+                 transform: str = "auto", max_group_size: int = 0, max_pairs: int = 20_000_000,
+                 max_rounds: int = 8, n_threads: int = 0, candidates: str = "activations",
+                 representative: str | None = None, max_error: float | None = None, block_frac: float = 0.01,
+                 auto_width: int | None = None, order: str = "exact", order_width: int | None = None,
+                 bucket_size: int = 128, per_step: int = 8, budget: str = "site", **kw) -> None:
+        super().__init__(**kw)
+        check_order_knobs(order, order_width, bucket_size, per_step)
+        self.order, self.order_width = order, None if order_width is None else int(order_width)
+        self.bucket_size, self.per_step = int(bucket_size), int(per_step)
+        self.budget = check_budget(budget)
+        self._global_removed: dict[str, tuple[torch.Tensor, int]] = {}
+        check_cosine("hashing.threshold", threshold, nullable=True)
+        if transform not in ("auto", "simhash", "mips"):
+            raise ConfigError(f"hashing.transform={transform!r}; choose auto, simhash or mips")
+        if not (1 <= int(bits) <= 64):
+            raise ConfigError(f"hashing.bits must be in 1..64, got {bits}")
+        if int(tables) < 1 or not (1 <= int(min_tables) <= int(tables)):
+            raise ConfigError(f"hashing.tables must be >= 1 and 1 <= min_tables <= tables, got {tables}, {min_tables}")
+        if max_group_size < 0:
+            raise ConfigError(f"hashing.max_group_size must be >= 0 (0: unlimited), got {max_group_size}")
+        if candidates not in CANDIDATES:
+            raise ConfigError(f"hashing.candidates={candidates!r}; choose {', '.join(CANDIDATES)}")
+        if representative is None:  # survivors stay with least squares; the data-free rule takes the mean
+            representative = "keep" if self.compensation == "lsq" else "mean"
+        if representative not in REPRESENTATIVES:
+            raise ConfigError(f"hashing.representative={representative!r}; choose {', '.join(REPRESENTATIVES)}")
+        if max_error is not None and not (0.0 < float(max_error) <= 1.0):
+            raise ConfigError(f"hashing.max_error must be a relative error in (0, 1] or null, got {max_error}")
+        if not (0.0 < float(block_frac) <= 0.5):
+            raise ConfigError(f"hashing.block_frac must be in (0, 0.5], got {block_frac}")
+        self.threshold = None if threshold is None else float(threshold)
+        self.bits, self.tables, self.min_tables = int(bits), int(tables), int(min_tables)
+        self.transform = transform
+        self.max_group_size = int(max_group_size)
+        self.max_pairs = int(max_pairs)
+        if int(max_rounds) < 1:
+            raise ConfigError(f"hashing.max_rounds must be >= 1, got {max_rounds}")
+        self.max_rounds = int(max_rounds)
+        self.n_threads = int(n_threads)
+        self.candidates = candidates
+        self.representative = representative
+        self.max_error = None if max_error is None else float(max_error)
+        self.block_frac = float(block_frac)
+        self.auto_width = check_at_least("hashing.auto_width", auto_width, 1, nullable=True)
+        self.last_stats: dict[str, dict[str, Any]] = {}
+
+    def hash_vectors(self, site: MergeSite) -> torch.Tensor:
+        x = site.neuron_vectors()
+        use_mips = self.transform == "mips" or (self.transform == "auto" and not site.homogeneous)
+        if use_mips:
+            from hashexp.lsh import mips_transform
+
+            x = mips_transform(x)
+        return x
+
+    def make_hasher(self, site: MergeSite, index: int, dim: int):
+        from hashexp.lsh import SimHash
+
+        seed = int(torch.randint(0, 2**62, (1,), generator=self._generator(index)))
+        return SimHash(dim, self.bits, self.tables, seed=seed)
+
+    def candidate_pairs(self, site: MergeSite, index: int, x: torch.Tensor) -> np.ndarray:
+        import clsh
+
+        hasher = self.make_hasher(site, index, x.shape[1])
+        codes = hasher.fingerprint(x.detach().cpu())
+        t = clsh.LSHTables(self.tables, n_threads=self.n_threads)
+        t.build(codes)
+        return t.candidate_pairs(self.min_tables)
+
+    def plan_site(self, site: MergeSite, index: int, mass: torch.Tensor | None,
+                  capture: cal.SiteCapture | None = None) -> MergePlan | None:
+        if self.compensation == "lsq":
+            return self._plan_by_error(site, index, mass, capture)
+        if self.budget == "global":
+            raise ConfigError("hashing.budget=global spends measured errors; it needs hashing.compensation=lsq")
+        if self.representative == "keep" and not site.homogeneous:
+            raise ConfigError(f"site {site.name} ({site.activation}): representative=keep with compensation="
+                              f"{self.compensation} folds members by a positive scale, which needs a ReLU-like "
+                              "activation; use compensation=lsq or representative=mean")
+        return self._finish(self._plan_by_cosine(site, index, mass))
+
+    def _plan_by_error(self, site: MergeSite, index: int, mass: torch.Tensor | None,
+                       cap: cal.SiteCapture) -> MergePlan | None:
+        """Remove candidate neurons cheapest-first by measured error, within budget and target."""
+        if site.name in self._global_removed:  # budget=global: _prepare chose this site's removals
+            removed, candidates = self._global_removed.pop(site.name)
+            return self._removal_plan(site, mass, cap, removed, candidates, None)
+        width = site.width
+        target = self.target(site)
+        floor = max(self._min_width(site), target if target is not None else 0)
+        if width <= floor:
+            return None
+        eligible = self.eligible(site, index, cap)
+        order = self._order(site, index, cap, eligible, floor, self.max_error)
+        nb = len(order.blocks)
+        if self.max_error is not None:
+            while nb > 0 and order.rel_error(nb) > self.max_error:
+                nb -= 1
+        return self._removal_plan(site, mass, cap, order.removed(nb), int(eligible.sum()), order.rel_error(nb))
+
+    def _order(self, site: MergeSite, index: int, cap: cal.SiteCapture, eligible: torch.Tensor, floor: int,
+               max_error: float | None) -> cal.RemovalOrder:
+        """The site's removal order (``hashing.order``), down to ``floor``, cut at ``max_error``."""
+        return removal_order(cap, eligible, floor, self.ridge, max_error, self.block_frac, self.order,
+                             self.order_width, self.bucket_size, self.per_step,
+                             seed=derive_seed(self.seed, index, scale=P7919, weights=(1,)))
+
+    def _removal_plan(self, site: MergeSite, mass, cap: cal.SiteCapture, removed: torch.Tensor, candidates: int,
+                      estimated: float | None) -> MergePlan | None:
+        """The plan that removes ``removed`` (a prefix of an order, rounded to ``round_to``)."""
+        width = site.width
+        if self.round_to > 1:  # keep a prefix of the order: a subset of a block never costs more
+            removed = removed[:width - self._round(width - len(removed), width)]
+        self.last_stats[site.name] = {"candidates": candidates, "removed": int(len(removed)),
+                                      "estimated_error": estimated}
+        if len(removed) == 0:
+            return None
+        keep = torch.ones(width, dtype=torch.bool)
+        keep[removed] = False
+        dev = site.device
+        if self.representative == "keep":
+            return prune_plan(site, keep.to(dev))
+        labels = nearest_survivor(cap, keep)
+        return merge_plan(site, labels.to(dev), None if mass is None else mass.to(dev))
+
+    def _prepare(self, model, sites: list[MergeSite], calib: torch.Tensor,
+                 overrides: Mapping[str, Mapping[str, Any]] | None) -> None:
+        """``budget=global``: order every site's removals on the network before this rehash, then
+        spend one budget across them (:func:`hashexp.merge.budget.allocate`)."""
+        self._global_removed = {}
+        if self.budget != "global" or self.compensation != "lsq" or not sites:
+            return
+        index_of = {s.name: i for i, s in enumerate(model_sites(model))}
+        orders, widths, candidates = {}, {}, {}
+        for site in sites:
+            idx = index_of[site.name]
+            cap = cal.capture_site(model, site, calib, derive_seed(self.seed, idx, scale=P1009, weights=(1,)))
+            with self._overridden(self._site_knobs(site.name, overrides)):
+                saved, self.target_ratio = self.target_ratio, None  # the ratio is global here
+                try:
+                    t = self.target(site)
+                    floor = max(self._min_width(site), t if t is not None else 0)
+                    eligible = self.eligible(site, idx, cap)
+                    candidates[site.name] = int(eligible.sum())
+                    orders[site.name] = self._order(site, idx, cap, eligible, floor, None)
+                finally:
+                    self.target_ratio = saved
+            widths[site.name] = site.width
+        flops = neuron_flops(model, sites, calib)
+        take = allocate(orders, flops, widths, self.max_error, self.target_ratio)
+        self._global_removed = {n: (orders[n].removed(k), candidates[n]) for n, k in take.items()}
+        self.last_budget = {"blocks": take, "flops_per_neuron": flops}
+
+    def eligible(self, site: MergeSite, index: int, cap: cal.SiteCapture) -> torch.Tensor:
+        """(width,) bool: neurons in at least one candidate pair (that passes the pre-filter)."""
+        width = site.width
+        candidates = self.candidates
+        if candidates == "auto":
+            candidates = "exact" if width < self.crossover(min(cap.inputs[0].shape[0], _MAX_SIGNATURE)) \
+                else "activations"
+        self.last_candidates = candidates
+        if candidates == "exact" and self.threshold is None:
+            return torch.ones(width, dtype=torch.bool)
+        if candidates == "activations":
+            x = cap.inputs[0]
+            if x.shape[0] > _MAX_SIGNATURE:  # rows are samples (or sampled positions): a fixed subset
+                x = x[torch.linspace(0, x.shape[0] - 1, _MAX_SIGNATURE).long()]
+            v = (x - x.mean(0)).T.contiguous().float()
+        else:
+            v = self.hash_vectors(site).cpu().float()
+        u = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        if candidates == "exact":
+            pairs = _exact_pairs(u, self.threshold)
+        else:
+            pairs = self.candidate_pairs(site, index, u)
+            if self.threshold is not None and len(pairs):
+                pairs = pairs[pair_cosines(u, pairs) >= self.threshold]
+        out = torch.zeros(width, dtype=torch.bool)
+        if len(pairs):
+            out[torch.as_tensor(pairs, dtype=torch.long).flatten()] = True
+        return out
+
+    def crossover(self, dim: int) -> int:
+        """Width from which ``candidates=auto`` hashes instead of listing all pairs."""
+        if self.auto_width is not None:
+            return self.auto_width
+        from hashexp.lsh.params import crossover_width
+
+        return crossover_width(0.9 if self.threshold is None else self.threshold, dim=dim)
+
+    def _plan_by_cosine(self, site: MergeSite, index: int, mass: torch.Tensor | None) -> MergePlan | None:
+        """The data-free path (``compensation=weights/none``): :func:`hashexp.merge.cosine.plan_by_cosine`."""
+        return plan_by_cosine(self, site, index, mass)
+
+
+def _exact_pairs(u: torch.Tensor, threshold: float, block: int = 1024) -> np.ndarray:
+    """All pairs i < j with cosine >= ``threshold`` (rows of ``u`` unit), from a blocked Gram."""
+    n = u.shape[0]
+    out = []
+    for i0 in range(0, n, block):
+        g = u[i0:i0 + block] @ u.T
+        i, j = (g >= threshold).nonzero(as_tuple=True)
+        i = i + i0
+        sel = i < j
+        out.append(torch.stack([i[sel], j[sel]], 1))
+    return torch.cat(out).numpy() if out else np.zeros((0, 2), dtype=np.int64)

@@ -1,0 +1,101 @@
+"""What every rehash schedule shares: the question (:class:`RehashContext`), the answer
+(:class:`RehashDecision`), the :class:`Schedule` interface and its small validations.
+
+A schedule is a policy. It is asked after every optimizer step and at every epoch end
+(``decide(ctx)``); it answers with the names of the sites to rehash now (none: an empty list) and
+the history.csv rows it wants logged, which the trainer writes. The trainer calls ``notify`` with
+the :class:`~hashexp.merge.reports.RehashEvent` after the Rehasher ran. Schedules are
+checkpointed with the run, so a resumed run rehashes at the same steps as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hashexp.errors import ConfigError
+
+
+@dataclass
+class RehashContext:
+    """What a schedule sees when asked: where training is and the network's sites now.
+
+    ``epoch`` counts finished epochs at an epoch end (``epoch_end``) and the running epoch's
+    index after a step.
+    """
+
+    step: int
+    epoch: int
+    epoch_end: bool
+    sites: list = field(default_factory=list)
+    model: Any = None
+    stats: Any = None
+    rehashes: int = 0
+    steps_per_epoch: int = 0
+
+
+@dataclass
+class RehashDecision:
+    """A schedule's answer: the sites to rehash now and the history.csv rows to log (in order)."""
+
+    sites: list[str] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.sites)
+
+
+class Schedule:
+    """Interface. Subclasses implement ``decide``."""
+
+    name = "base"
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.per_site: dict[str, int] = {}
+
+    def decide(self, ctx: RehashContext) -> RehashDecision:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def notify(self, ctx: RehashContext, event) -> None:
+        """Count the rehash this schedule decided (a pulled proposal counts; its later merge does not).
+
+        ``event`` is the trainer's :class:`~hashexp.merge.reports.RehashEvent`.
+        """
+        if event.merge_only:
+            return
+        self.count += 1
+        for s in list(event.sites) + list(event.proposed or []):
+            self.per_site[s] = self.per_site.get(s, 0) + 1
+
+    def history_columns(self, sites) -> list[str]:
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "per_site": dict(self.per_site)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.count = int(state["count"])
+        self.per_site = dict(state["per_site"])
+
+
+def check_unit(unit: str) -> str:
+    if unit not in ("step", "epoch"):
+        raise ConfigError(f"schedule.unit={unit!r}; choose step or epoch")
+    return unit
+
+
+def due(t: int, start: int, every: int, stop: int | None) -> bool:
+    return t >= start and (stop is None or t <= stop) and (t - start) % every == 0
+
+
+def site_names(ctx: RehashContext) -> list[str]:
+    return [s.name for s in ctx.sites]
+
+
+def check_known(configured, ctx: RehashContext, key: str) -> None:
+    """ConfigError naming the model's sites when ``configured`` names a site the model lacks."""
+    names = site_names(ctx)
+    unknown = sorted(set(configured) - set(names))
+    if unknown:
+        raise ConfigError(f"{key} names unknown site(s) {unknown}; this model's sites are {names}")

@@ -1,0 +1,44 @@
+"""``schedule=fixed``: every site on one clock, every few steps or epochs."""
+
+from __future__ import annotations
+
+from hashexp.errors import ConfigError
+from hashexp.schedules.base import RehashContext, RehashDecision, Schedule, check_unit, due, site_names
+
+
+class FixedSchedule(Schedule):
+    """Rehash every site every ``every`` steps or epochs from ``start`` to ``stop``.
+
+    Args:
+        unit: ``step`` (checked after each optimizer step) or ``epoch`` (at each epoch end).
+        every: interval in that unit.
+        start: first rehash at this step/epoch count (epoch k means after k epochs).
+        stop: no rehash after this step/epoch (None: no limit).
+        max_rehashes: stop after this many rehashes (None: no limit).
+        sites: restrict to these site names (None: all sites).
+    """
+
+    name = "fixed"
+
+    def __init__(self, unit: str = "epoch", every: int = 1, start: int = 1, stop: int | None = None,
+                 max_rehashes: int | None = None, sites: list[str] | None = None) -> None:
+        super().__init__()
+        self.unit = check_unit(unit)
+        if every < 1:
+            raise ConfigError(f"schedule.every must be >= 1, got {every}")
+        if start < 0:
+            raise ConfigError(f"schedule.start must be >= 0, got {start}")
+        if max_rehashes is not None and max_rehashes < 0:
+            raise ConfigError(f"schedule.max_rehashes must be >= 0 or null, got {max_rehashes}")
+        self.every, self.start, self.stop, self.max_rehashes = int(every), int(start), stop, max_rehashes
+        self.sites = list(sites) if sites else None
+
+    def decide(self, ctx: RehashContext) -> RehashDecision:
+        if self.max_rehashes is not None and self.count >= self.max_rehashes:
+            return RehashDecision()
+        if self.unit == "epoch":
+            if not ctx.epoch_end or not due(ctx.epoch, self.start, self.every, self.stop):
+                return RehashDecision()
+        elif ctx.epoch_end or not due(ctx.step, self.start, self.every, self.stop):
+            return RehashDecision()
+        return RehashDecision([n for n in site_names(ctx) if self.sites is None or n in self.sites])
