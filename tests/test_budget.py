@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hashexp.errors import ConfigError
-from hashexp.merge.budget import allocate, neuron_flops
+from hashexp.merge.budget import LayerFlops, allocate, layer_flops, neuron_flops, total_flops
 from hashexp.merge.calibration import RemovalOrder
 from hashexp.models import build_model
 from test_lsq import lsq
@@ -61,26 +61,43 @@ def test_allocation_spends_exactly_the_flops_ratio():
     assert take == {"a": 1, "b": 10}
 
 
-def test_neuron_flops_match_layer_shapes():
+def test_layer_and_neuron_flops_match_layer_shapes():
     torch.manual_seed(0)
     m = build_model({**MLP, "widths": [24, 16]}, (12,), 5)
-    f = neuron_flops(m, m.merge_sites(), torch.randn(4, 12))
-    assert f == {"fc1": 12 + 1 * 16, "fc2": 24 + 5}  # producer fan-in + consumer fan-out per neuron
+    layers = layer_flops(m, m.merge_sites(), torch.randn(4, 12))
+    assert sorted((lf.flops, lf.out_site, lf.in_site) for lf in layers) == sorted(
+        [(12 * 24, "fc1", None), (24 * 16, "fc2", "fc1"), (16 * 5, None, "fc2")])
+    assert neuron_flops(layers, {"fc1": 24, "fc2": 16}) == {"fc1": 12 + 16, "fc2": 24 + 5}
+    kept = total_flops(layers, {"fc1": 24, "fc2": 16}, {"fc1": torch.tensor([24, 12]), "fc2": torch.tensor([16, 8])})
+    assert kept.tolist() == [12 * 24 + 24 * 16 + 16 * 5, 12 * 12 + 12 * 8 + 8 * 5]
+
+
+def test_allocation_with_layers_counts_the_shared_layer_exactly():
+    # two sites of width 10 in a chain: in (100 FLOPs) -> fc1 -> mid (100) -> fc2 -> out (100)
+    layers = [LayerFlops(100.0, "a", None), LayerFlops(100.0, "b", "a"), LayerFlops(100.0, None, "b")]
+    widths = {"a": 10, "b": 10}
+    orders = {n: order([1e-3 * (i + 1) for i in range(9)], [1] * 9) for n in widths}
+    take = allocate(orders, neuron_flops(layers, widths), widths, None, 0.5, layers)
+    ka, kb = 10 - take["a"], 10 - take["b"]
+    kept = 10 * ka + ka * kb + 10 * kb
+    assert kept >= 150  # the true FLOPs, with the mid layer shrinking in both widths
+    assert min(10 * (ka - 1) + (ka - 1) * kb + 10 * kb, 10 * ka + ka * (kb - 1) + 10 * (kb - 1)) < 150
 
 
 def test_global_ratio_in_the_compressor_removes_the_share_it_is_given():
     torch.manual_seed(0)
     m = build_model({**MLP, "widths": [64, 48]}, (12,), 5)
     x = torch.randn(512, 12)
-    fpn = {"fc1": 12 + 48, "fc2": 64 + 5}
-    total = 64 * fpn["fc1"] + 48 * fpn["fc2"]
+
+    def flops(w1, w2):
+        return 12 * w1 + w1 * w2 + w2 * 5
+
     comp = lsq(candidates="exact", max_error=None, target_ratio=0.6, budget="global", block_frac=1 / 64)
     comp.compress(m, None, None, None, step=0, calib=x)
-    w = m.widths()
-    removed = (64 - w["fc1"]) * fpn["fc1"] + (48 - w["fc2"]) * fpn["fc2"]
-    assert removed <= 0.4 * total
-    assert removed > 0.4 * total - max(fpn.values())  # within one block (one neuron) of the ratio
-    assert comp.last_budget["flops_per_neuron"] == fpn
+    w1, w2 = m.widths()["fc1"], m.widths()["fc2"]
+    assert flops(w1, w2) >= 0.6 * flops(64, 48)
+    assert min(flops(w1 - 1, w2), flops(w1, w2 - 1)) < 0.6 * flops(64, 48)  # within one neuron of the ratio
+    assert comp.last_budget["flops_per_neuron"] == {"fc1": 12 + 48, "fc2": 64 + 5}
 
 
 def test_global_error_budget_in_the_compressor_stays_within_what_it_is_given():

@@ -30,7 +30,7 @@ import torch
 
 from hashexp.errors import ConfigError
 from hashexp.merge import calibration as cal
-from hashexp.merge.budget import allocate, check_budget, neuron_flops
+from hashexp.merge.budget import allocate, check_budget, layer_flops, neuron_flops
 from hashexp.merge.compressor import Compressor, nearest_survivor
 from hashexp.merge.cosine import pair_cosines, plan_by_cosine
 from hashexp.merge.order import check_order_knobs, removal_order
@@ -235,8 +235,9 @@ class HashCompressor(Compressor):
                 finally:
                     self.target_ratio = saved
             widths[site.name] = site.width
-        flops = neuron_flops(model, sites, calib)
-        take = allocate(orders, flops, widths, self.max_error, self.target_ratio)
+        layers = layer_flops(model, sites, calib)
+        flops = neuron_flops(layers, widths)
+        take = allocate(orders, flops, widths, self.max_error, self.target_ratio, layers)
         self._global_removed = {n: (orders[n].removed(k), candidates[n]) for n, k in take.items()}
         self.last_budget = {"blocks": take, "flops_per_neuron": flops}
 
