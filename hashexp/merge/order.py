@@ -36,7 +36,7 @@ from hashexp.merge.calibration import RemovalOrder, SiteCapture
 MAX_SIGNATURE_ROWS = 2048
 ORDERS = ("exact", "restricted", "auto")
 #: width from which ``order=auto`` restricts the order to buckets (measured: benchmarks/bench_merge_cost.md)
-AUTO_WIDTH = 2048
+AUTO_WIDTH = 1024
 
 
 def balanced_buckets(v: torch.Tensor, bucket_size: int, seed: int = 0, window: float = 0.2) -> torch.Tensor:
