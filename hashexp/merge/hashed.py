@@ -89,7 +89,7 @@ class HashCompressor(Compressor):
                  transform: str = "auto", max_group_size: int = 0, max_pairs: int = 20_000_000,
                  max_rounds: int = 8, n_threads: int = 0, candidates: str = "activations",
                  representative: str | None = None, max_error: float | None = None, block_frac: float = 0.01,
-                 auto_width: int | None = None, order: str = "exact", order_width: int | None = None,
+                 auto_width: int | None = None, order: str = "auto", order_width: int | None = None,
                  bucket_size: int = 128, per_step: int = 8, budget: str = "site", **kw) -> None:
         super().__init__(**kw)
         check_order_knobs(order, order_width, bucket_size, per_step)
