@@ -25,7 +25,6 @@ stays the reference.
 
 from __future__ import annotations
 
-import math
 
 import torch
 
