@@ -36,8 +36,8 @@ from hashexp.merge.cosine import pair_cosines, plan_by_cosine
 from hashexp.merge.order import check_order_knobs, removal_order
 from hashexp.merge.sites import MergeSite, model_sites
 from hashexp.merge.surgery import MergePlan, merge_plan, prune_plan
-from hashexp.utils.checks import check_at_least, check_cosine
-from hashexp.utils.seeding import P1009, P7919, derive_seed
+from hashexp.utils.checks import check_at_least, check_bits, check_cosine
+from hashexp.utils.seeding import EVENT_MIX, SITE_MIX, derive_seed
 
 CANDIDATES = ("activations", "weights", "exact", "auto")
 REPRESENTATIVES = ("keep", "mean")
@@ -100,8 +100,7 @@ class HashCompressor(Compressor):
         check_cosine("hashing.threshold", threshold, nullable=True)
         if transform not in ("auto", "simhash", "mips"):
             raise ConfigError(f"hashing.transform={transform!r}; choose auto, simhash or mips")
-        if not (1 <= int(bits) <= 64):
-            raise ConfigError(f"hashing.bits must be in 1..64, got {bits}")
+        check_bits("hashing.bits", bits)
         if int(tables) < 1 or not (1 <= int(min_tables) <= int(tables)):
             raise ConfigError(f"hashing.tables must be >= 1 and 1 <= min_tables <= tables, got {tables}, {min_tables}")
         if max_group_size < 0:
@@ -133,6 +132,8 @@ class HashCompressor(Compressor):
         self.last_stats: dict[str, dict[str, Any]] = {}
 
     def hash_vectors(self, site: MergeSite) -> torch.Tensor:
+        """The vectors weight candidates hash: [w; b], MIPS-transformed for sites that are not ReLU-like
+        (``transform``)."""
         x = site.neuron_vectors()
         use_mips = self.transform == "mips" or (self.transform == "auto" and not site.homogeneous)
         if use_mips:
@@ -142,12 +143,14 @@ class HashCompressor(Compressor):
         return x
 
     def make_hasher(self, site: MergeSite, index: int, dim: int):
+        """A SimHash of ``bits`` x ``tables`` for site ``index``, seeded per rehash."""
         from hashexp.lsh import SimHash
 
         seed = int(torch.randint(0, 2**62, (1,), generator=self._generator(index)))
         return SimHash(dim, self.bits, self.tables, seed=seed)
 
     def candidate_pairs(self, site: MergeSite, index: int, x: torch.Tensor) -> np.ndarray:
+        """Pairs (i < j) of rows of ``x`` that collide in at least ``min_tables`` clsh tables."""
         import clsh
 
         hasher = self.make_hasher(site, index, x.shape[1])
@@ -158,6 +161,7 @@ class HashCompressor(Compressor):
 
     def plan_site(self, site: MergeSite, index: int, mass: torch.Tensor | None,
                   capture: cal.SiteCapture | None = None) -> MergePlan | None:
+        """The error-ordered plan (``compensation=lsq``) or the data-free cosine path."""
         if self.compensation == "lsq":
             return self._plan_by_error(site, index, mass, capture)
         if self.budget == "global":
@@ -192,7 +196,7 @@ class HashCompressor(Compressor):
         """The site's removal order (``hashing.order``), down to ``floor``, cut at ``max_error``."""
         return removal_order(cap, eligible, floor, self.ridge, max_error, self.block_frac, self.order,
                              self.order_width, self.bucket_size, self.per_step,
-                             seed=derive_seed(self.seed, index, scale=P7919, weights=(1,)))
+                             seed=derive_seed(self.seed, index, scale=EVENT_MIX, weights=(1,)))
 
     def _removal_plan(self, site: MergeSite, mass, cap: cal.SiteCapture, removed: torch.Tensor, candidates: int,
                       estimated: float | None) -> MergePlan | None:
@@ -223,7 +227,7 @@ class HashCompressor(Compressor):
         orders, widths, candidates = {}, {}, {}
         for site in sites:
             idx = index_of[site.name]
-            cap = cal.capture_site(model, site, calib, derive_seed(self.seed, idx, scale=P1009, weights=(1,)))
+            cap = cal.capture_site(model, site, calib, derive_seed(self.seed, idx, scale=SITE_MIX, weights=(1,)))
             with self._overridden(self._site_knobs(site.name, overrides)):
                 saved, self.target_ratio = self.target_ratio, None  # the ratio is global here
                 try:

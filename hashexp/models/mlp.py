@@ -56,12 +56,14 @@ class MLP(nn.Module, HasMergeSites):
         self.acts = nn.ModuleList(_ACT[activation]() for _ in widths)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch."""
         x = x.flatten(1)
         for layer, act in zip(self.layers[:-1], self.acts):
             x = act(layer(x))
         return self.layers[-1](x)
 
     def merge_sites(self) -> list[MergeSite]:
+        """One site per hidden layer: its Linear produces the width, the next Linear consumes it."""
         return [
             MergeSite(name=f"fc{i + 1}", producers=[Producer(self.layers[i])], consumers=[Consumer(self.layers[i + 1])],
                       activation=self.activation, tap=self.acts[i])
