@@ -12,10 +12,11 @@ Python API (imported on first use, so ``import hashexp`` stays light)::
 """
 
 __version__ = "0.1.0"
-__all__ = ["compress_model", "find_sites"]
+__all__ = ["compress_model", "export_model", "find_sites"]
 
 
 def __getattr__(name: str):
+    """Lazy public names, so ``import hashexp`` stays light (nothing heavy imported until used)."""
     if name == "compress_model":
         from hashexp.compress import compress_model
 
@@ -24,4 +25,8 @@ def __getattr__(name: str):
         from hashexp.merge.discovery import find_sites
 
         return find_sites
+    if name == "export_model":
+        from hashexp.export import export_model
+
+        return export_model
     raise AttributeError(f"module 'hashexp' has no attribute {name!r}")
