@@ -66,7 +66,7 @@ import torch
 import clsh
 from hashexp.lsh import SimHash
 from hashexp.lsh.params import choose_bits_tables, collision_probability, crossover_width, expected_background_pairs
-from hashexp.utils.seeding import P1009, derive_seed
+from hashexp.utils.seeding import SITE_MIX, derive_seed
 
 HERE = Path(__file__).resolve().parent
 THRESHOLD = 0.9
@@ -158,7 +158,7 @@ def planted(n: int, d: int, seed: int, frac: float = 0.1, cluster: int = 4,
 def real_layers(steps: int = 300, seed: int = 0) -> dict[str, torch.Tensor]:
     """[w; b] rows of both hidden layers of an MLP 784-2048-1024-10 after ``steps`` Adam steps
     on Fashion-MNIST (batch 256, lr 1e-3)."""
-    from _common import trained_mlp_layers
+    from harness import trained_mlp_layers
 
     return trained_mlp_layers((2048, 1024), steps, seed)
 
@@ -246,7 +246,7 @@ def lsh_pairs(u: torch.Tensor, t: float, K: int, L: int, seed: int = 0) -> tuple
     for gi, l0 in enumerate(range(0, L, per)):
         lg = min(per, L - l0)
         t0 = time.perf_counter()
-        h = SimHash(u.shape[1], K, lg, seed=derive_seed(seed, gi, scale=P1009, weights=(1,)))
+        h = SimHash(u.shape[1], K, lg, seed=derive_seed(seed, gi, scale=SITE_MIX, weights=(1,)))
         codes = np.empty((n, lg), dtype=np.uint64)
         for s in range(0, n, FP_CHUNK):
             codes[s:s + FP_CHUNK] = h.fingerprint(u[s:s + FP_CHUNK])

@@ -23,7 +23,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from _common import ROOT, fmt, read_history, run  # noqa: E402  (benchmarks/ is the script's dir)
+from harness import ROOT, fmt, read_history, run, write_markdown  # noqa: E402  (benchmarks/ is the script's dir)
 
 SETTINGS = {
     "fmnist": ["model=mlp"],
@@ -56,16 +56,13 @@ def main() -> None:
     ap.add_argument("--hashed", nargs="*", default=[], help="extra overrides for the hashed runs")
     a = ap.parse_args()
     out = Path(a.out_dir)
-    lines = ["# The headline command vs vanilla", "",
-             "Command: `.venv/bin/python benchmarks/bench_headline.py`"
-             + (f" `--hashed {' '.join(a.hashed)}`" if a.hashed else ""), "",
-             "Each hashed row is `python -m hashexp <setting> hashing=simhash seed=S` with no other override (the "
+    lines = ["Each hashed row is `python -m hashexp <setting> hashing=simhash seed=S` with no other override (the "
              "default compressor: LSH on calibration activations proposes, the measured error orders the removals, "
              "the model's per-site error budget stops them (MLP 2%, ResNet-20 10% of the consumers' pre-activation "
              "per rehash), least squares refits the consumers); vanilla is "
              "`hashing=none`; small is the same network trained from scratch at the hashed run's final widths. "
-             f"Seeds {a.seeds} (resnet20: {a.resnet_seeds or a.seeds}). Wall-time ratios are per seed, vanilla over hashed, runs one after the other on "
-             "a shared 2-core machine (noisy). The regularization columns: train minus test accuracy, and the "
+             f"Seeds {a.seeds} (resnet20: {a.resnet_seeds or a.seeds}). No wall-time ratio: the runs go one after "
+             "the other, not side by side (benchmarks/harness.py times side by side). The regularization columns: train minus test accuracy, and the "
              "sums over layers of the weight and gradient norms in the last logged step (history.csv).", ""]
     for name in a.settings:
         over = SETTINGS[name]
@@ -83,7 +80,7 @@ def main() -> None:
         mins = {k: 8 for k in hsh[seeds[0]]["widths"]}
         lines += [f"## {TITLES[name]}", "",
                   "| run | test acc % | Δ vs vanilla pp | FLOPs/sample | FLOPs ↓ | final widths (per seed) | "
-                  "wall ratio | train − test pp | Σ‖W‖ | Σ‖∇W‖ |", "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+                  "train − test pp | Σ‖W‖ | Σ‖∇W‖ |", "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
         for kind in ("vanilla", "hashed", "small"):
             if not res[kind]:
                 continue
@@ -92,13 +89,12 @@ def main() -> None:
             d = [r[s]["test_acc"] - van[s]["test_acc"] for s in seeds]
             fl = [r[s]["flops"] for s in seeds]
             red = [van[s]["flops"] / r[s]["flops"] for s in seeds]
-            wall = [van[s]["wall_time_s"] / r[s]["wall_time_s"] for s in seeds]
             widths = "; ".join("-".join(str(v) for v in r[s]["widths"].values()) for s in seeds) \
                 if len(r[seeds[0]]["widths"]) <= 3 else f"{sum(r[seeds[0]]['widths'].values())} channels (seed {seeds[0]})"
             gap = [100 * (r[s]["train_acc"] - r[s]["test_acc"]) for s in seeds]
             norms = [final_norms(out / name / f"seed{s}" / kind) for s in seeds]
             lines.append(f"| {kind} | {fmt(acc, pct=True)} | {fmt([100 * x for x in d])} | "
-                         f"{statistics.mean(fl) / 1e6:.3f} M | {fmt(red)}x | {widths} | {fmt(wall)} | {fmt(gap)} | "
+                         f"{statistics.mean(fl) / 1e6:.3f} M | {fmt(red)}x | {widths} | {fmt(gap)} | "
                          f"{fmt([n[0] for n in norms], digits=1)} | {fmt([n[1] for n in norms])} |")
         at_min = [s for s in seeds for k, v in hsh[s]["widths"].items() if v <= mins[k]]
         errs = [max(e["error"].values()) for s in seeds for e in hsh[s]["rehash_events"] if e.get("error")]
@@ -108,8 +104,7 @@ def main() -> None:
                   f"sites at min_width (8): {len(at_min)}; largest measured per-rehash site error "
                   f"{max(errs) if errs else 0:.4f} (estimated within budget; measured after the refit); hash + calibration + surgery {100 * statistics.mean(hash_share):.1f}% "
                   f"of the hashed run's wall time; majority class {100 * van[seeds[0]]['majority_acc']:.1f}%.", ""]
-    Path(a.md).write_text("\n".join(lines))
-    print("\n".join(lines))
+    print(write_markdown(a.md, "The headline command vs vanilla", lines))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Benchmark: do fewer FLOPs become time? Merged vs vanilla MLPs, forward and training step, CPU.
 
-Command (writes benchmarks/bench_latency.md; about 6 minutes):
+Command (writes benchmarks/bench_latency.md; about 6 minutes; ``--batches 1 32 --budget 0.05 --out X`` is a
+quick check):
 
     taskset -c 1 .venv/bin/python benchmarks/bench_latency.py
 
@@ -22,16 +23,16 @@ benchmarks on the other core of this 2-core machine. "time ratio" = vanilla time
 
 from __future__ import annotations
 
-import os
-import platform
+import argparse
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from hashexp.metrics import compare_latency, count_flops
-from hashexp.models.mlp import MLP
+from harness import command_line, load_average, write_markdown  # noqa: E402  (puts this checkout on sys.path)
+from hashexp.metrics import compare_latency, count_flops  # noqa: E402
+from hashexp.models.mlp import MLP  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 NETS = {"vanilla": (2048, 2048), "4x": (870, 870), "4x, x8": (872, 872), "12x": (401, 389), "12x, x8": (400, 392)}
@@ -45,33 +46,35 @@ def build() -> dict[str, torch.nn.Module]:
 
 
 def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    ap.add_argument("--budget", type=float, default=BUDGET_S, help="seconds per cell for vanilla (0.05: a quick check)")
+    ap.add_argument("--out", default=str(HERE / "bench_latency.md"))
+    a = ap.parse_args()
     torch.set_num_threads(1)
     t_start = time.perf_counter()
-    load0 = os.getloadavg()[0]
+    load0 = load_average()
     models = build()
     flops = {k: count_flops(m, (784,)) for k, m in models.items()}
     cells = []
     for mode in ("forward", "train"):
-        for b in BATCHES:
+        for b in a.batches:
             pilot = compare_latency({"vanilla": models["vanilla"]}, (784,), b, mode, repeats=3, warmup=1)
             per = pilot["vanilla"]["median_ms"] / 1e3
-            repeats = int(min(300, max(7, BUDGET_S / max(per, 1e-6))))
+            repeats = int(min(300, max(7, a.budget / max(per, 1e-6))))
             res = compare_latency(models, (784,), b, mode, repeats=repeats, warmup=3)
             cells.append((mode, b, repeats, res))
             print(mode, b, repeats, {k: round(v["median_ms"], 3) for k, v in res.items()}, flush=True)
-    write_md(models, flops, cells, load0, time.perf_counter() - t_start)
+    write_md(a.out, flops, cells, load0, time.perf_counter() - t_start)
     return 0
 
 
-def write_md(models, flops, cells, load0, total) -> None:
+def write_md(out, flops, cells, load0, total) -> None:
     van = flops["vanilla"]
-    L = ["# Latency: merged vs vanilla MLPs on the CPU, side by side\n",
-         "Command: `taskset -c 1 .venv/bin/python benchmarks/bench_latency.py`\n",
-         f"{platform.machine()}, {os.cpu_count()} cores, **one thread** (taskset -c 1, torch.set_num_threads(1): "
-         f"another process benchmarks on the other core); python {platform.python_version()}, torch {torch.__version__}; "
-         f"load average (1 min) at start / end {load0:.1f} / {os.getloadavg()[0]:.1f}; total {total / 60:.1f} min. "
-         "See the script's docstring for the networks and the method.\n",
-         "| network | widths | FLOPs / sample | FLOPs ratio |", "|---|---|---:|---:|"]
+    note = ("**One thread** (taskset -c 1, torch.set_num_threads(1): another process benchmarks on the other core); "
+            f"load average (1 min) at start / end {load0:.1f} / {load_average():.1f}; total {total / 60:.1f} min. "
+            "See the script's docstring for the networks and the method.")
+    L = ["| network | widths | FLOPs / sample | FLOPs ratio |", "|---|---|---:|---:|"]
     for k, w in NETS.items():
         L.append(f"| {k} | 784-{w[0]}-{w[1]}-10 | {flops[k] / 1e6:.2f} M | {van / flops[k]:.2f}x |")
     L.append("")
@@ -99,9 +102,9 @@ def write_md(models, flops, cells, load0, total) -> None:
                       for m, b, _, res in cells if m == mode]
             L.append(f"- {mode}, {k} fewer FLOPs: " + ", ".join(f"batch {b}: {100 * s:.0f}%" for b, s in shares)
                      + " of the FLOP reduction became time.")
-    L.append("")
-    (HERE / "bench_latency.md").write_text("\n".join(L) + "\n")
-    print(f"wrote {HERE / 'bench_latency.md'}")
+    write_markdown(out, "Latency: merged vs vanilla MLPs on the CPU, side by side", L, notes=[note],
+                   command="taskset -c 1 " + command_line())
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def load_before():
 
 
 def trained_layers(steps: int = 100, seed: int = 0) -> dict[str, torch.Tensor]:
-    from _common import trained_mlp_layers
+    from harness import trained_mlp_layers
 
     return trained_mlp_layers((2048, 2048), steps, seed)
 

@@ -36,7 +36,7 @@ import statistics
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _common import ROOT, fmt, mean_std, run  # noqa: E402  (benchmarks/ is the script's dir)
+from harness import ROOT, fmt, mean_std, run  # noqa: E402  (benchmarks/ is the script's dir)
 from bench_headline import final_norms  # noqa: E402
 
 BASE = ["experiment=pareto_mlp2048", "trainer.num_threads=1"]

@@ -18,6 +18,7 @@ import time
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point: the comparison table of a sweep dir (see the module docstring); the exit code."""
     extra = list(sys.argv[1:] if argv is None else argv)
     outputs = os.environ.get("HASHEXP_OUTPUTS", "outputs")
     sweep_dir = os.path.join(outputs, "multirun", time.strftime("compare_%Y-%m-%d_%H-%M-%S"))

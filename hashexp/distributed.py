@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 import torch.distributed as tdist
+import torch.nn.functional as F
 from torch import nn
 
 from hashexp.errors import ConfigError
@@ -47,6 +48,7 @@ _FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
 def world_size_from_env() -> int:
+    """torchrun's ``WORLD_SIZE`` (1 outside torchrun)."""
     try:
         return int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
@@ -54,6 +56,7 @@ def world_size_from_env() -> int:
 
 
 def rank_from_env() -> int:
+    """torchrun's ``RANK`` (0 outside torchrun)."""
     return int(os.environ.get("RANK", "0") or 0)
 
 
@@ -106,6 +109,7 @@ class Dist:
 
     @property
     def is_main(self) -> bool:
+        """Rank 0: the rank that writes files."""
         return self.rank == 0
 
     def __repr__(self) -> str:
@@ -178,6 +182,30 @@ class Dist:
             lo, hi = self.bounds(len(xb))
             yield xb[lo:hi], yb[lo:hi]
 
+    def loss(self, net: nn.Module, xb: torch.Tensor, yb: torch.Tensor, n_global: int):
+        """(loss to backpropagate, global mean loss) for this rank's slice of a global batch.
+
+        DDP averages gradients over the ranks; scaling the local loss sum by
+        world_size / n_global makes that average the gradient of the mean over the global
+        batch, whatever the slice sizes (an empty slice contributes zeros and still joins the
+        all-reduce). The reported loss is summed over ranks, so every rank sees the same value.
+        """
+        out = net(xb)
+        ws = self.world_size
+        if len(yb):
+            if len(yb) * ws == n_global:  # equal slices: the plain mean, scaled by exactly 1
+                loss = F.cross_entropy(out, yb)
+                local_sum = loss.detach() * len(yb)
+            else:
+                local_sum = F.cross_entropy(out, yb, reduction="sum")
+                loss = local_sum * (ws / n_global)
+                local_sum = local_sum.detach()
+        else:
+            loss = out.sum() * 0.0
+            local_sum = loss.detach()
+        total = self.all_reduce_sum(local_sum.float().reshape(1))
+        return loss, (total / n_global)[0]
+
     # ------------------------------------------------------------------ collectives
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over ranks (a new tensor on ``tensor``'s device and dtype; the input is untouched)."""
@@ -192,6 +220,7 @@ class Dist:
         return box[0]
 
     def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank."""
         out: list[Any] = [None] * self.world_size
         tdist.all_gather_object(out, obj)
         return out

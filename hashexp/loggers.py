@@ -1,8 +1,8 @@
 """Loggers: where a run reports besides its own files.
 
 The run dir always gets history.csv, metrics.json and model.pt; a logger adds a remote view.
-``CsvLogger`` adds nothing (the local files are the record). ``WandbLogger`` logs the resolved
-config, every history row and the final summary; offline by default.
+``LocalLogger`` (``logger=csv``) adds nothing: the local files are the record. ``WandbLogger``
+logs the resolved config, every history row and the final summary; offline by default.
 """
 
 from __future__ import annotations
@@ -11,23 +11,23 @@ import os
 from typing import Any
 
 
-class CsvLogger:
+class LocalLogger:
     """Local files only (written by the trainer and the app)."""
 
     def __init__(self, run_dir: str = ".", run_config: dict | None = None, **_: Any) -> None:
         self.run_dir = run_dir
 
     def log_row(self, row: dict[str, Any], step: int) -> None:
-        pass
+        """One history row (the trainer already wrote it to history.csv)."""
 
     def log_summary(self, metrics: dict[str, Any]) -> None:
-        pass
+        """The final metrics (the app already wrote metrics.json)."""
 
     def finish(self) -> None:
-        pass
+        """End of the run: nothing to close."""
 
 
-class WandbLogger(CsvLogger):
+class WandbLogger(LocalLogger):
     """Weights & Biases run: config, history, summary. ``finish()`` after each job."""
 
     def __init__(self, run_dir: str = ".", run_config: dict | None = None, project: str = "hashexp",
@@ -46,14 +46,17 @@ class WandbLogger(CsvLogger):
                               reinit="finish_previous")
 
     def log_row(self, row: dict[str, Any], step: int) -> None:
+        """One history row's numbers at ``step``."""
         clean = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
         self.run.log(clean, step=step)
 
     def log_summary(self, metrics: dict[str, Any]) -> None:
+        """The final metrics (and each site's final width) as the run summary."""
         flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
         for k, v in (metrics.get("widths") or {}).items():
             flat[f"final_width/{k}"] = v
         self.run.summary.update(flat)
 
     def finish(self) -> None:
+        """Close the W&B run (after each job of a multirun)."""
         self.run.finish()

@@ -13,7 +13,7 @@ from conftest import read_metrics, run_app, run_dirs
 from hashexp.errors import ConfigError
 from hashexp.lsh import SimHash
 from hashexp.lsh.learnable import LearnableSimHash, collision_pr, mine_pairs
-from hashexp.merge.learnable import LearnableHashCompressor
+from hashexp.merge.learned import LearnableHashCompressor
 from hashexp.models import build_model
 from hashexp.merge.stats import ActivationStats
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hashexp.lsh.learnable import LearnableSimHash, collision_pr, gram, mine_pairs
-from hashexp.merge.learnable import LearnableHashCompressor
+from hashexp.merge.learned import LearnableHashCompressor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

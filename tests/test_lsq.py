@@ -315,7 +315,7 @@ def test_neuron_merging_folds_a_rescaled_conv_bn_channel_exactly():
 
 
 def test_learnable_hash_proposes_candidates_for_lsq():
-    from hashexp.merge.learnable import LearnableHashCompressor
+    from hashexp.merge.learned import LearnableHashCompressor
 
     m = planted_mlp("relu")
     x = torch.randn(512, 12)

@@ -47,8 +47,8 @@ def tiny_trainer(tmp_path, compressor, schedule, epochs=3, widths=(32, 32), seed
     data = load_synthetic(n_samples=1200, seed=seed)
     model = build_model({**MLP, "widths": list(widths)}, data.input_shape, data.num_classes)
     return Trainer(model, data, optimizer=lambda p: torch.optim.Adam(p, lr=lr), epochs=epochs, batch_size=64,
-                   rehasher=compressor, schedule=schedule, run_dir=str(tmp_path), seed=seed, progress="none",
-                   checkpoint=False, log_every=1000)
+                   rehasher=compressor, schedule=schedule, run_dir=str(tmp_path), seed=seed,
+                   checkpoint=False, logging={"every": 1000, "progress": "none"})
 
 
 def steps_of(trainer) -> dict[str, list[int]]:
@@ -125,9 +125,9 @@ def test_schedule_configs_compose_and_instantiate():
                    "schedule.sites={fc1:{start:100,every:200,threshold:0.8,target_ratio:0.6},fc2:{every:50}}"])
     s = instantiate(cfg.schedule)
     assert isinstance(s, PerLayerSchedule)
-    assert s.plan("fc1") == {"unit": "step", "every": 200, "start": 100, "stop": None, "max_rehashes": None,
+    assert s.site_settings("fc1") == {"unit": "step", "every": 200, "start": 100, "stop": None, "max_rehashes": None,
                              "threshold": 0.8, "target_ratio": 0.6, "target_width": None, "enabled": True}
-    assert s.plan("fc2")["every"] == 50 and s.plan("fc2")["start"] == 1
+    assert s.site_settings("fc2")["every"] == 50 and s.site_settings("fc2")["start"] == 1
     cfg = compose(["schedule=drift", "schedule.every=30", "schedule.start=7", "schedule.max_rehashes=3",
                    "hashing=simhash", "hashing.threshold=0.85"])
     d = instantiate(cfg.schedule)
@@ -136,7 +136,7 @@ def test_schedule_configs_compose_and_instantiate():
     for sched in ("drift", "per_layer"):  # presets that set schedule.unit/start/every compose with both
         exp = compose(["experiment=fmnist_mlp2048", f"schedule={sched}", "hashing=learnable"])
         s = instantiate(exp.schedule)
-        assert s.name == sched and (s.check_every if sched == "drift" else s.plan("fc1")["every"]) == exp.schedule.every
+        assert s.name == sched and (s.check_every if sched == "drift" else s.site_settings("fc1")["every"]) == exp.schedule.every
     assert instantiate(compose(["schedule=drift", "schedule.check_every=7"]).schedule).check_every == 7
     for name in ("per_layer", "drift"):
         text = (compose.__globals__["CONF"] / "schedule" / f"{name}.yaml").read_text().splitlines()[0]

@@ -9,7 +9,7 @@ import torch
 from hashexp.errors import ConfigError
 from hashexp.utils.checks import check_at_least, check_cosine, check_fraction
 from hashexp.utils.io import atomic_write, torch_save_atomic, write_json_atomic
-from hashexp.utils.seeding import P1009, P7919, P104729, P1000003, derive_seed
+from hashexp.utils.seeding import EVENT_MIX, SEED_MIX, SITE_MIX, VERSION_MIX, derive_seed
 
 SEEDS = [0, 1, 7, 12345, 2**31 - 1, 2**40 + 3]
 
@@ -18,24 +18,24 @@ SEEDS = [0, 1, 7, 12345, 2**31 - 1, 2**40 + 3]
 @pytest.mark.parametrize("a", [0, 1, 5, 63])
 @pytest.mark.parametrize("b", [0, 2, 17, 1000])
 def test_derive_seed_equals_the_inline_formulas_it_replaced(seed, a, b):
-    # schedule.DriftSchedule reference hashes, merge.learnable hashers
-    assert derive_seed(seed, a, b, scale=P1000003, weights=(P7919, P104729), modulus=2**62) == \
+    # schedule.DriftSchedule reference hashes, merge.learned hashers
+    assert derive_seed(seed, a, b, scale=SEED_MIX, weights=(EVENT_MIX, VERSION_MIX), modulus=2**62) == \
         (seed * 1_000_003 + a * 7919 + b * 104_729) % (2**62)
     # schedule.DriftSchedule partner sample (a = step, b = site index)
-    assert derive_seed(seed, a, b, scale=P1000003, weights=(31, 1), modulus=2**62) == \
+    assert derive_seed(seed, a, b, scale=SEED_MIX, weights=(31, 1), modulus=2**62) == \
         (seed * 1_000_003 + a * 31 + b) % (2**62)
     # compressor: per-site calibration capture seed
-    assert derive_seed(seed, a, scale=P1009, weights=(1,)) == seed * 1009 + a
+    assert derive_seed(seed, a, scale=SITE_MIX, weights=(1,)) == seed * 1009 + a
     # compressor: random merger generator (a = calls, b = index)
-    assert derive_seed(seed, a, b, scale=P1000003, weights=(P1009, 1), modulus=2**63) == \
+    assert derive_seed(seed, a, b, scale=SEED_MIX, weights=(SITE_MIX, 1), modulus=2**63) == \
         (seed * 1_000_003 + a * 1009 + b) % (2**63)
     # compressor: candidate index of round b
-    assert derive_seed(a, b, weights=(P7919,)) == a + 7919 * b
+    assert derive_seed(a, b, weights=(EVENT_MIX,)) == a + 7919 * b
     # calibration: sample draw, and per-consumer position generators
     assert derive_seed(seed, scale=2_654_435_761, offset=97, modulus=2**63) == (seed * 2_654_435_761 + 97) % (2**63)
-    assert derive_seed(seed, a, b, scale=P7919, weights=(31, 1)) == seed * 7919 + 31 * a + b
+    assert derive_seed(seed, a, b, scale=EVENT_MIX, weights=(31, 1)) == seed * 7919 + 31 * a + b
     # trainer: BatchNorm re-estimation batches after rehash a
-    assert derive_seed(seed, a + 1, weights=(P7919,)) == seed + 7919 * (a + 1)
+    assert derive_seed(seed, a + 1, weights=(EVENT_MIX,)) == seed + 7919 * (a + 1)
 
 
 def test_derive_seed_needs_one_weight_per_part():

@@ -81,6 +81,7 @@ class Augment:
 
     @property
     def enabled(self) -> bool:
+        """Whether any augmentation is switched on."""
         return self.crop_padding > 0 or self.hflip
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -50,14 +50,17 @@ class DataBundle:
 
     @property
     def input_dim(self) -> int:
+        """Features per sample (the product of ``input_shape``)."""
         return math.prod(self.input_shape)
 
     @property
     def n_train(self) -> int:
+        """Training samples."""
         return int(self.y_train.shape[0])
 
     @property
     def n_test(self) -> int:
+        """Test samples."""
         return int(self.y_test.shape[0])
 
     def _split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,6 +79,7 @@ class DataBundle:
         return float(counts.max().item() / y.numel())
 
     def class_counts(self, split: str = "train") -> torch.Tensor:
+        """Samples per class of a split (``train`` or ``test``)."""
         _, y = self._split(split)
         return torch.bincount(y.detach().cpu(), minlength=self.num_classes)
 
@@ -157,6 +161,7 @@ def check_seed(seed: Any) -> int:
 
 
 def check_subset(value: Any, key: str) -> int | None:
+    """``dataset.subset_train/subset_test``: a positive integer, or None for all samples."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:

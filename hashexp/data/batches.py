@@ -50,6 +50,7 @@ class BatchIterator:
 
     @property
     def num_samples(self) -> int:
+        """Samples the iterator draws from."""
         return int(self.x.shape[0])
 
     def __len__(self) -> int:

@@ -18,6 +18,7 @@ CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shi
 
 
 def read_fashion_mnist(root: str | None, download: bool) -> RawImages:
+    """Fashion-MNIST's IDX files from ``root`` or the system dataset dir (downloaded when asked)."""
     return read_idx_dataset(
         pretty="Fashion-MNIST",
         tv_class="FashionMNIST",

@@ -110,6 +110,7 @@ def read_idx_dataset(
 
 
 def read_mnist(root: str | None, download: bool) -> RawImages:
+    """MNIST's IDX files from ``root`` or the system dataset dir (downloaded when asked)."""
     return read_idx_dataset(pretty="MNIST", tv_class="MNIST", root=root, download=download)
 
 

@@ -70,6 +70,49 @@ def _check_y(path: Path, key: str, y: np.ndarray, n: int) -> np.ndarray:
     raise DataError(f"{path}: {key} must hold integer class labels, got dtype {y.dtype}")
 
 
+def _resolve_path(path: str | None, root: str | None) -> Path:
+    """``dataset.path``, relative to ``root`` when it is relative and a root is given."""
+    if path is None or str(path) == "":
+        raise ConfigError("dataset.path is required for the npz dataset: dataset.path=/path/to/data.npz")
+    p = Path(str(path)).expanduser()
+    if root is not None and not p.is_absolute():
+        p = Path(root).expanduser() / p
+    return p
+
+
+def _checked_arrays(p: Path, a: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Check the four arrays against each other; the labels as int64 (y_train, y_test)."""
+    for key in ("x_train", "x_test"):
+        _check_x(p, key, a[key])
+    if a["x_train"].shape[1:] != a["x_test"].shape[1:]:
+        raise DataError(
+            f"{p}: x_train per-sample shape {a['x_train'].shape[1:]} != x_test per-sample shape {a['x_test'].shape[1:]}"
+        )
+    if len(a["x_train"]) == 0:
+        raise DataError(f"{p}: x_train is empty")
+    return _check_y(p, "y_train", a["y_train"], len(a["x_train"])), _check_y(p, "y_test", a["y_test"], len(a["x_test"]))
+
+
+def _check_classes(p: Path, y_train: np.ndarray, y_test: np.ndarray, num_classes: Any) -> int:
+    """``num_classes`` (None: max label + 1 over both splits), checked against the labels."""
+    labels_max = int(max(y_train.max(), y_test.max() if y_test.size else 0))
+    if num_classes is None:
+        num_classes = labels_max + 1
+    elif isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"dataset.num_classes must be a positive integer or null, got {num_classes!r}")
+    for key, y in (("y_train", y_train), ("y_test", y_test)):
+        if y.size and y.min() < 0:
+            raise DataError(f"{p}: {key} has negative label {int(y.min())}; labels must be 0..num_classes-1")
+        if y.size and y.max() >= num_classes:
+            raise DataError(
+                f"{p}: {key} has label {int(y.max())} >= num_classes={num_classes}; "
+                f"raise dataset.num_classes or fix the labels"
+            )
+    if num_classes < 2:
+        raise DataError(f"{p}: only one class present (num_classes={num_classes}); classification needs >= 2")
+    return num_classes
+
+
 def load_npz(
     path: str,
     name: str = "npz",
@@ -90,39 +133,10 @@ def load_npz(
         augment: {crop_padding, hflip} or null; only for (N, C, H, W) image data.
     """
     seed = check_seed(seed)
-    if path is None or str(path) == "":
-        raise ConfigError("dataset.path is required for the npz dataset: dataset.path=/path/to/data.npz")
-    p = Path(str(path)).expanduser()
-    if root is not None and not p.is_absolute():
-        p = Path(root).expanduser() / p
+    p = _resolve_path(path, root)
     a = _load_arrays(p)
-
-    for key in ("x_train", "x_test"):
-        _check_x(p, key, a[key])
-    if a["x_train"].shape[1:] != a["x_test"].shape[1:]:
-        raise DataError(
-            f"{p}: x_train per-sample shape {a['x_train'].shape[1:]} != x_test per-sample shape {a['x_test'].shape[1:]}"
-        )
-    if len(a["x_train"]) == 0:
-        raise DataError(f"{p}: x_train is empty")
-    y_train = _check_y(p, "y_train", a["y_train"], len(a["x_train"]))
-    y_test = _check_y(p, "y_test", a["y_test"], len(a["x_test"]))
-
-    labels_max = int(max(y_train.max(), y_test.max() if y_test.size else 0))
-    if num_classes is None:
-        num_classes = labels_max + 1
-    elif isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ConfigError(f"dataset.num_classes must be a positive integer or null, got {num_classes!r}")
-    for key, y in (("y_train", y_train), ("y_test", y_test)):
-        if y.size and y.min() < 0:
-            raise DataError(f"{p}: {key} has negative label {int(y.min())}; labels must be 0..num_classes-1")
-        if y.size and y.max() >= num_classes:
-            raise DataError(
-                f"{p}: {key} has label {int(y.max())} >= num_classes={num_classes}; "
-                f"raise dataset.num_classes or fix the labels"
-            )
-    if num_classes < 2:
-        raise DataError(f"{p}: only one class present (num_classes={num_classes}); classification needs >= 2")
+    y_train, y_test = _checked_arrays(p, a)
+    num_classes = _check_classes(p, y_train, y_test, num_classes)
 
     x_train, x_test = a["x_train"], a["x_test"]
     is_image = x_train.ndim == 4

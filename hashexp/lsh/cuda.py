@@ -16,6 +16,8 @@ import functools
 
 import torch
 
+from hashexp.utils.checks import check_bits
+
 _SOURCE = r"""
 extern "C" __global__
 void pack_signs(const float* __restrict__ proj, long long* __restrict__ out,
@@ -65,8 +67,7 @@ def pack_signs(proj: torch.Tensor, K: int) -> torch.Tensor:
     if not (proj.is_cuda and proj.dtype == torch.float32 and proj.ndim == 2 and proj.shape[1] % K == 0):
         raise ValueError(f"pack_signs: need a float32 CUDA tensor (N, L*K) with K={K}, "
                          f"got {proj.dtype} {tuple(proj.shape)} on {proj.device}")
-    if not 1 <= K <= 64:
-        raise ValueError(f"pack_signs: K must be in 1..64, got {K}")
+    check_bits("pack_signs: K", K)
     proj = proj.contiguous()
     n, L = proj.shape[0], proj.shape[1] // K
     out = torch.empty((n, L), dtype=torch.int64, device=proj.device)

@@ -46,6 +46,7 @@ from __future__ import annotations
 import math
 
 from hashexp.errors import ConfigError
+from hashexp.utils.checks import check_bits
 
 # Cost of one bucket entry (one neuron in one table) and of one dimension of one verified
 # candidate pair, each in multiply-adds of the fingerprint matmul; see the module docstring.
@@ -119,8 +120,7 @@ def choose_bits_tables(threshold: float, width: int, recall: float = 0.95, dim: 
         raise ConfigError(f"threshold must be a cosine in (-1, 1), got {threshold}")
     if int(width) < 2:
         raise ConfigError(f"width must be >= 2 neurons, got {width}")
-    if not 1 <= int(max_bits) <= 64:
-        raise ConfigError(f"max_bits must be in 1..64, got {max_bits}")
+    check_bits("max_bits", max_bits)
     if float(background_cos) >= float(threshold):
         raise ConfigError(f"background_cos ({background_cos}) must be below the threshold ({threshold})")
     best = min(range(1, int(max_bits) + 1),

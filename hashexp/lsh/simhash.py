@@ -22,12 +22,7 @@ from torch import nn
 
 from hashexp.errors import ConfigError
 from hashexp.lsh import cuda as _cuda
-
-
-def _check_bits(K) -> int:
-    if isinstance(K, bool) or not isinstance(K, numbers.Integral) or not 1 <= K <= 64:
-        raise ConfigError(f"bits per table must be an integer in 1..64 (codes are uint64), got {K!r}")
-    return int(K)
+from hashexp.utils.checks import check_bits
 
 
 def _bit_weights(K: int, device) -> torch.Tensor:
@@ -78,7 +73,7 @@ def pack_bits(bits: torch.Tensor, K: int) -> torch.Tensor:
     Returns:
         int64 tensor (N, L) on the same device (reinterpret as uint64 for K = 64).
     """
-    K = _check_bits(K)
+    K = check_bits("bits per table", K)
     if isinstance(bits, np.ndarray):
         bits = torch.from_numpy(bits)
     if not torch.is_tensor(bits) or bits.dtype != torch.bool:
@@ -113,18 +108,14 @@ class SimHash(nn.Module):
             raise ConfigError(f"SimHash: tables must be an integer >= 1, got {tables!r}")
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ConfigError(f"SimHash: seed must be an integer, got {seed!r}")
-        self.dim, self.bits, self.tables, self.seed = int(dim), _check_bits(bits), int(tables), int(seed)
+        self.dim, self.bits, self.tables, self.seed = int(dim), check_bits("bits per table", bits), int(tables), int(seed)
         # Generated on the CPU, then moved: device RNGs differ, seeds must not.
         g = torch.Generator(device="cpu").manual_seed(self.seed)
         p = torch.randn(self.dim, self.bits * self.tables, generator=g, dtype=torch.float32)
         self.register_buffer("projections", p.to(device))
 
-    @property
-    def n_bits(self) -> int:
-        """K * L, the width of :meth:`signs`."""
-        return self.bits * self.tables
-
     def extra_repr(self) -> str:
+        """The shape of the hash in ``repr``."""
         return f"dim={self.dim}, bits={self.bits}, tables={self.tables}, seed={self.seed}"
 
     def _check_input(self, x) -> torch.Tensor:

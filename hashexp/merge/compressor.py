@@ -36,7 +36,7 @@ from hashexp.merge.sites import MergeSite, model_sites
 from hashexp.merge.surgery import MergePlan, apply_consumers, apply_producers, check_plan, refit_consumer
 from hashexp.merge.width_plan import load_width_plan
 from hashexp.utils.checks import check_cosine, check_fraction
-from hashexp.utils.seeding import P1000003, P1009, derive_seed
+from hashexp.utils.seeding import SEED_MIX, SITE_MIX, derive_seed
 
 COMPENSATIONS = ("lsq", "weights", "none")
 
@@ -87,7 +87,8 @@ class Compressor:
         self.target_ratio = None if target_ratio is None else float(target_ratio)
         self.target_width = dict(target_width) if isinstance(target_width, Mapping) else target_width
         self.min_width = dict(min_width) if isinstance(min_width, Mapping) else int(min_width)
-        self.plan = load_width_plan(width_plan) if width_plan else None
+        # the width plan: widths after each rehash of the run it follows (None: targets decide)
+        self.followed_widths = load_width_plan(width_plan) if width_plan else None
         self.sites = list(sites) if sites else None
         self.seed = int(seed)
         self.calls = 0
@@ -103,22 +104,22 @@ class Compressor:
         """Width this site should reach now, or None for threshold-only grouping."""
         width = site.width
         t = None
-        if self.plan is not None:
-            if self.calls >= len(self.plan):
+        if self.followed_widths is not None:
+            if self.calls >= len(self.followed_widths):
                 return width
-            t = self.plan[self.calls].get(site.name, width)
+            t = self.followed_widths[self.calls].get(site.name, width)
         elif self.target_width is not None:
             tw = self.target_width.get(site.name) if isinstance(self.target_width, dict) else self.target_width
             if tw is not None:
                 t = int(tw)
                 if t < 1:
                     raise ConfigError(f"hashing.target_width for site {site.name} must be >= 1, got {t}")
-        if self.target_ratio is not None and self.plan is None:
+        if self.target_ratio is not None and self.followed_widths is None:
             r = max(1, int(round(width * self.target_ratio)))
             t = r if t is None else max(t, r)
         if t is None:
             return None
-        if t > width and self.plan is None:
+        if t > width and self.followed_widths is None:
             raise ConfigError(f"target width {t} for site {site.name} is above its current width {width}; "
                               f"choose a target <= {width}")
         return self._round(max(min(t, width), self._min_width(site)), width)
@@ -152,12 +153,16 @@ class Compressor:
         main = dist is None or dist.is_main
         reports = []
         sites = model_sites(model)
+        self.before_compress(sites)
         unknown = sorted(set(self.site_overrides) - {s.name for s in sites})
         if unknown:
             raise ConfigError(f"hashing.site_overrides names {unknown}, which are not sites of this model "
                               f"({', '.join(s.name for s in sites)})")
         # the norm after each layer (a consumer of one site is often a producer of another)
         norm_of = {id(p.module): p.norm for s in sites for p in s.producers if p.norm is not None}
+        if main and calib is not None:
+            self._prepare(model, [s for s in sites if (names is None or s.name in names)
+                                  and (self.sites is None or s.name in self.sites)], calib, overrides)
         for idx, site in enumerate(sites):
             if names is not None and site.name not in names:
                 continue
@@ -167,7 +172,7 @@ class Compressor:
             if dist is not None and mass is not None:
                 mass = dist.all_reduce_sum(mass)
             before = site.width
-            seed = derive_seed(self.seed, idx, scale=P1009, weights=(1,))
+            seed = derive_seed(self.seed, idx, scale=SITE_MIX, weights=(1,))
             cap = cal.capture_site(model, site, calib, seed) if calib is not None and main else None
             if fixed is not None and site.name in fixed:
                 plan = fixed_plan(site, fixed[site.name]["groups"], fixed[site.name]["keep"])
@@ -198,6 +203,7 @@ class Compressor:
                         error = dist.broadcast_object(error)
             reports.append(SiteReport(site=site.name, before=before, after=site.width, step=step,
                                       error=round(float(error), 6)))
+        self.before_compress(None)
         self.calls += 1
         return reports
 
@@ -216,11 +222,12 @@ class Compressor:
         main = dist is None or dist.is_main
         out: dict[str, dict[str, torch.Tensor]] = {}
         if main:
+            self.before_compress(model_sites(model))
             for idx, site in enumerate(model_sites(model)):
                 if (names is not None and site.name not in names) or (self.sites is not None and site.name not in self.sites):
                     continue
                 mass = stats.mass(site.name) if stats is not None else None
-                cap = cal.capture_site(model, site, calib, derive_seed(self.seed, idx, scale=P1009, weights=(1,))) \
+                cap = cal.capture_site(model, site, calib, derive_seed(self.seed, idx, scale=SITE_MIX, weights=(1,))) \
                     if calib is not None else None
                 knobs = self._site_knobs(site.name, overrides)
                 if max_error is not None and hasattr(self, "max_error"):
@@ -230,6 +237,7 @@ class Compressor:
                 if plan is None or plan.new_width >= site.width:
                     continue
                 out[site.name] = proposal_groups(plan, cap)
+            self.before_compress(None)
         if dist is not None:
             out = dist.broadcast_object(out)
         return out
@@ -256,7 +264,21 @@ class Compressor:
 
     def plan_site(self, site: MergeSite, index: int, mass: torch.Tensor | None,
                   capture: cal.SiteCapture | None = None) -> MergePlan | None:
+        """The plan of one site (None: leave it), from its activation ``mass`` and calibration ``capture``; one per
+        method."""
         raise NotImplementedError
+
+    def _prepare(self, model, sites: list[MergeSite], calib: torch.Tensor,
+                 overrides: Mapping[str, Mapping[str, Any]] | None) -> None:
+        """Called once per rehash (rank 0) before the sites are planned; a global budget plans here."""
+
+    # --- the pre-compression network (baselines score every site on it, as their papers do)
+    def before_compress(self, sites: list[MergeSite] | None) -> None:
+        """Called with all sites before a compression step changes any of them, and with None after it.
+
+        The base class records nothing (the hashed compressor measures each site through the
+        already-merged upstream network); baselines record each site's weights here.
+        """
 
     def _finish(self, plan: MergePlan | None) -> MergePlan | None:
         """``compensation=none``: consumer columns of a group are summed unscaled (m = 1)."""
@@ -291,14 +313,16 @@ class Compressor:
                 setattr(self, k, v)
 
     def state_dict(self) -> dict[str, Any]:
+        """What a resume needs: the number of rehashes so far (width plans follow it)."""
         return {"calls": self.calls}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
         self.calls = int(state["calls"])
 
     def _generator(self, index: int) -> torch.Generator:
-        return torch.Generator().manual_seed(derive_seed(self.seed, self.calls, index, scale=P1000003,
-                                                         weights=(P1009, 1), modulus=2**63))
+        return torch.Generator().manual_seed(derive_seed(self.seed, self.calls, index, scale=SEED_MIX,
+                                                         weights=(SITE_MIX, 1), modulus=2**63))
 
 
 def proposal_groups(plan: MergePlan, cap: cal.SiteCapture | None) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ import torch
 from hashexp.errors import ConfigError
 from hashexp.merge.sites import MergeSite
 from hashexp.merge.surgery import MergePlan, merge_plan
-from hashexp.utils.seeding import P7919, derive_seed
+from hashexp.utils.seeding import EVENT_MIX, derive_seed
 
 _PAIR_CHUNK = 1 << 18
 #: member-to-representative cosine of the data-free path when hashing.threshold is null
@@ -58,7 +58,7 @@ def plan_by_cosine(comp, site: MergeSite, index: int, mass: torch.Tensor | None)
         rep = torch.zeros(g, u.shape[1]).index_add_(0, labels, a[:, None] * u)
         rep = rep / rep.norm(dim=1, keepdim=True).clamp_min(1e-12)
         size = torch.bincount(labels, minlength=g)
-        pairs = comp.candidate_pairs(site, derive_seed(index, rnd, weights=(P7919,)), rep)
+        pairs = comp.candidate_pairs(site, derive_seed(index, rnd, weights=(EVENT_MIX,)), rep)
         if len(pairs) > comp.max_pairs:
             raise ConfigError(f"site {site.name}: {len(pairs)} candidate pairs exceed hashing.max_pairs="
                               f"{comp.max_pairs}; raise hashing.bits or hashing.min_tables")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from hashexp.merge.sites import MergeSite
-from hashexp.utils.seeding import P104729, P1000003, P7919, derive_seed
+from hashexp.utils.seeding import EVENT_MIX, SEED_MIX, VERSION_MIX, derive_seed
 
 
 class DriftMeter:
@@ -49,7 +49,7 @@ class DriftMeter:
             x = site.neuron_vectors().detach().cpu()
         v = self.versions.get(site.name, 0)
         self.versions[site.name] = v + 1
-        seed = derive_seed(self.seed, index, v, scale=P1000003, weights=(P7919, P104729), modulus=2**62)
+        seed = derive_seed(self.seed, index, v, scale=SEED_MIX, weights=(EVENT_MIX, VERSION_MIX), modulus=2**62)
         h = SimHash(x.shape[1], self.bits, 1, seed=seed)
         ref = {"hasher": h, "codes": h.fingerprint(x)[:, 0].copy(), "dim": int(x.shape[1]), "width": int(x.shape[0])}
         self.refs[site.name] = ref
@@ -61,13 +61,14 @@ class DriftMeter:
         return ref is None or ref["width"] != x.shape[0] or ref["dim"] != x.shape[1]
 
     def partner_frac(self, x: torch.Tensor, index: int, step: int) -> float:
+        """Share of (sampled) neurons with a partner at cosine >= ``threshold``."""
         n = x.shape[0]
         if n < 2:
             return 0.0
         if n <= self.sample:
             idx = torch.arange(n)
         else:
-            g = torch.Generator().manual_seed(derive_seed(self.seed, step, index, scale=P1000003, weights=(31, 1),
+            g = torch.Generator().manual_seed(derive_seed(self.seed, step, index, scale=SEED_MIX, weights=(31, 1),
                                                          modulus=2**62))
             idx = torch.randperm(n, generator=g)[: self.sample]
         norms = x.norm(dim=1).clamp_min(1e-12)
@@ -89,12 +90,14 @@ class DriftMeter:
         return flip, self.partner_frac(x, index, step)
 
     def state_dict(self) -> dict[str, Any]:
+        """Per site the reference projections and codes, and each site's hasher version."""
         refs = {n: {"projections": r["hasher"].projections.detach().clone(),
                     "codes": torch.from_numpy(r["codes"].view(np.int64).copy()),
                     "dim": r["dim"], "width": r["width"]} for n, r in self.refs.items()}
         return {"versions": dict(self.versions), "refs": refs}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
         from hashexp.lsh import SimHash
 
         self.versions = {k: int(v) for k, v in state["versions"].items()}

@@ -44,6 +44,7 @@ class PullConfig:
 
     @classmethod
     def parse(cls, value: Any) -> PullConfig:
+        """From ``hashing.pull`` (a mapping, None for the defaults, or an instance); checked."""
         if value is None:
             return cls()
         if isinstance(value, PullConfig):
@@ -69,6 +70,7 @@ class PullConfig:
 
     @property
     def enabled(self) -> bool:
+        """Whether rehashes propose and pull (``steps > 0``)."""
         return self.steps > 0
 
 
@@ -89,6 +91,7 @@ class Pull:
 
     # ---------------------------------------------------------------- proposals
     def start(self, name: str, groups: torch.Tensor, keep: torch.Tensor, step: int) -> None:
+        """Start pulling ``name``'s proposal (``groups``, survivors ``keep``) at ``step``."""
         groups = groups.detach().long()
         self.active[name] = {"groups": groups, "keep": keep.detach().bool(), "start": int(step),
                              "end": int(step) + self.cfg.steps,
@@ -109,6 +112,7 @@ class Pull:
                     v.copy_(_group_mean(v, g.to(v.device), c.to(v.device)))
 
     def busy(self, name: str) -> bool:
+        """Whether ``name`` is under pull."""
         return name in self.active
 
     def due(self, step: int, final: bool = False) -> list[str]:
@@ -116,6 +120,7 @@ class Pull:
         return [n for n, a in self.active.items() if final or step >= a["end"]]
 
     def pop(self, name: str) -> dict[str, Any]:
+        """End ``name``'s pull; its proposal."""
         return self.active.pop(name)
 
     def _sites(self, sites: list[MergeSite]):
@@ -163,10 +168,12 @@ class Pull:
 
     # ---------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
+        """The proposals in flight (for checkpoints)."""
         return {n: {"groups": a["groups"].cpu(), "keep": a["keep"].cpu(), "start": a["start"], "end": a["end"]}
                 for n, a in self.active.items()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
         self.active = {}
         for n, a in state.items():
             self.active[n] = {"groups": a["groups"].long(), "keep": a["keep"].bool(), "start": int(a["start"]),

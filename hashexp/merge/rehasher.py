@@ -41,7 +41,7 @@ from hashexp.merge.sites import MergeSite, model_sites
 from hashexp.merge.stats import ActivationStats
 from hashexp.merge.reports import RehashEvent
 from hashexp.utils.checks import check_at_least
-from hashexp.utils.seeding import P7919, derive_seed
+from hashexp.utils.seeding import EVENT_MIX, derive_seed
 
 __all__ = ["REHASHER_KNOBS", "RehashEvent", "Rehasher", "build_rehasher"]
 
@@ -174,7 +174,7 @@ class Rehasher:
             self.stats.reset(r["site"])
         # LR schedulers hold param groups, not params: they need no rebuild after surgery
         if self.bn_recalib_batches and _has_bn(model):
-            gen = torch.Generator().manual_seed(derive_seed(self.seed, rehashes + 1, weights=(P7919,)))
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, rehashes + 1, weights=(EVENT_MIX,)))
             it = BatchIterator(self.data.x_train, self.data.y_train, self.batch_size, shuffle=True, generator=gen)
             recalibrate_bn(model, (xb for _, (xb, _) in zip(range(self.bn_recalib_batches), it)))
         return RehashEvent(step=step, epoch=epoch, before=before, after=after, time_s=time.perf_counter() - t0,

@@ -32,6 +32,7 @@ class SiteReport:
         return key in self.__dataclass_fields__
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as a plain dict (checkpoints, compress.json)."""
         return asdict(self)
 
 
@@ -81,6 +82,7 @@ class RehashEvent:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RehashEvent:
+        """An event from :meth:`to_dict` (a checkpoint's ``rehash_log``)."""
         reports = [SiteReport(**r) if isinstance(r, dict) else r for r in d.get("reports", [])]
         return cls(**{**d, "reports": reports})
 

@@ -56,12 +56,14 @@ class ActivationStats:
         self.handles.append(site.tap.register_forward_hook(hook))
 
     def mass(self, name: str) -> torch.Tensor | None:
+        """Summed |activation| per neuron of site ``name`` over the window (None before any batch)."""
         buf = self.buffers.get(name)
         if not buf:
             return None
         return torch.stack(list(buf)).sum(0)
 
     def reset(self, name: str | None = None) -> None:
+        """Forget the sums of site ``name`` (all sites when None), e.g. after its width changed."""
         for k, buf in self.buffers.items():
             if name is None or k == name:
                 buf.clear()
@@ -75,6 +77,7 @@ class ActivationStats:
         return {k: torch.stack(list(buf)).cpu() if buf else torch.zeros(0) for k, buf in self.buffers.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> None:
+        """Continue from :meth:`state_dict` on ``device``."""
         for k, t in state.items():
             buf = self.buffers.get(k)
             if buf is None:
@@ -84,6 +87,7 @@ class ActivationStats:
                 buf.append(row)
 
     def remove(self) -> None:
+        """Unhook from the model."""
         for h in self.handles:
             h.remove()
         self.handles = []

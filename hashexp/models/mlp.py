@@ -59,6 +59,7 @@ class MLP(nn.Module, HasMergeSites):
         self.acts = nn.ModuleList(_ACT[activation]() for _ in widths)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch."""
         x = x.flatten(1)
         for layer, act in zip(self.layers[:-1], self.acts):
             x = act(layer(x))

@@ -89,6 +89,7 @@ class BasicBlock(nn.Module):
         self.project = project
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Two 3x3 convs with BN, added to the (projected) residual stream."""
         h = self.act1(self.bn1(self.conv1(x)))
         # not in place: the tap (act_out of the previous block) may hold x for the hook
         return self.act_out(self.bn2(self.conv2(h)) + self.shortcut(x))
@@ -181,9 +182,11 @@ class ResNet(nn.Module, HasMergeSites):
 
     @property
     def stages(self) -> list[nn.Sequential]:
+        """The residual stages, in order."""
         return [getattr(self, f"layer{k + 1}") for k in range(len(self.stage_specs))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch."""
         x = self.stream_acts[0](self.bn1(self.conv1(x)))
         for stage in self.stages:
             x = stage(x)

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from hashexp.results.vocab import SKIP_DIRS, VANILLA, is_noise
+from hashexp.utils.dicts import flatten
 
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _DATE_RE = re.compile(r"(?<!\d)(\d{4})-(\d{2})-(\d{2})(?!\d)([_T ](\d{2})-(\d{2})-(\d{2}))?")
@@ -86,6 +87,7 @@ class RunRecord:
         return self.metrics[key]
 
     def get(self, key: str, default: Any = None) -> Any:
+        """A field, else a metrics.json key, else ``default``."""
         if key in _FIELDS:
             return getattr(self, key)
         return self.metrics.get(key, default)
@@ -166,19 +168,6 @@ def _read_yaml(path: str) -> Any:
         return None
 
 
-def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists and scalars are leaves."""
-    out: dict[str, Any] = {}
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            key = f"{prefix}.{k}" if prefix else str(k)
-            if isinstance(v, dict) and v:
-                out.update(_flatten(v, key))
-            else:
-                out[key] = v
-    return out
-
-
 def _run_date(path: str) -> dt.datetime:
     """Start time from the Hydra dir names (.../<YYYY-MM-DD>/<HH-MM-SS>...), else the dir's mtime."""
     parts = os.path.normpath(path).split(os.sep)
@@ -251,7 +240,7 @@ def load_run(run_dir: str) -> RunRecord:
     cfg = cfg if isinstance(cfg, dict) else {}
     overrides = _read_yaml(os.path.join(hyd, "overrides.yaml"))
     overrides = [str(o) for o in overrides] if isinstance(overrides, list) else []
-    r = RunRecord(run_dir=run_dir, sweep_dir=_sweep_dir(run_dir), overrides=overrides, config=_flatten(cfg))
+    r = RunRecord(run_dir=run_dir, sweep_dir=_sweep_dir(run_dir), overrides=overrides, config=flatten(cfg))
     metrics_path = os.path.join(run_dir, "metrics.json")
     status_path = os.path.join(run_dir, "status.json")
     metrics = None

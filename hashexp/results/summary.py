@@ -50,6 +50,7 @@ def label(runs: list[RunRecord]) -> None:
 
 
 def group_key(r: RunRecord) -> tuple:
+    """The runs one summary row averages over seeds: dataset, model, hashing, tag, variant."""
     return (r.dataset, r.model, r.hashing_label, r.tag, r.variant)
 
 

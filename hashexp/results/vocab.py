@@ -32,6 +32,7 @@ SPARE_COLORS = ["tab:cyan", "tab:olive", "tab:pink", "tab:gray", "gold", "navy"]
 
 
 def is_noise(key: str) -> bool:
+    """Whether a config key only watches or places a run (not a variant of it)."""
     return any(key == n or (n.endswith(".") and key.startswith(n)) for n in NOISE_KEYS)
 
 

@@ -55,6 +55,7 @@ class Schedule:
         self.per_site: dict[str, int] = {}
 
     def decide(self, ctx: RehashContext) -> RehashDecision:  # pragma: no cover - interface
+        """The sites to rehash now and the history rows to log."""
         raise NotImplementedError
 
     def notify(self, ctx: RehashContext, event) -> None:
@@ -69,27 +70,49 @@ class Schedule:
             self.per_site[s] = self.per_site.get(s, 0) + 1
 
     def history_columns(self, sites) -> list[str]:
+        """Extra history.csv columns this schedule writes (none by default)."""
         return []
 
     def state_dict(self) -> dict[str, Any]:
+        """What a resume needs: rehashes decided so far, in all and per site."""
         return {"count": self.count, "per_site": dict(self.per_site)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
         self.count = int(state["count"])
         self.per_site = dict(state["per_site"])
 
 
-def check_unit(unit: str) -> str:
+def check_unit(unit: str, key: str = "schedule") -> str:
+    """``step`` or ``epoch``: what a schedule's clock counts."""
     if unit not in ("step", "epoch"):
-        raise ConfigError(f"schedule.unit={unit!r}; choose step or epoch")
+        raise ConfigError(f"{key}.unit={unit!r}; choose step or epoch")
     return unit
 
 
+def check_max_rehashes(value, key: str = "schedule") -> int | None:
+    """At most this many rehashes (an integer >= 0), or None for no limit."""
+    if value is not None and int(value) < 0:
+        raise ConfigError(f"{key}.max_rehashes must be >= 0 or null, got {value}")
+    return None if value is None else int(value)
+
+
+def check_clock(key: str, unit: str, every, start) -> tuple[str, int, int]:
+    """A clock's ``unit``, ``every`` (>= 1) and ``start`` (>= 0), checked and converted."""
+    check_unit(unit, key)
+    for k, v, low in (("every", every, 1), ("start", start, 0)):
+        if v is None or int(v) < low:
+            raise ConfigError(f"{key}.{k} must be an integer >= {low}, got {v!r}")
+    return unit, int(every), int(start)
+
+
 def due(t: int, start: int, every: int, stop: int | None) -> bool:
+    """Whether count ``t`` is a tick of the clock (start, start + every, ... up to stop)."""
     return t >= start and (stop is None or t <= stop) and (t - start) % every == 0
 
 
 def site_names(ctx: RehashContext) -> list[str]:
+    """The names of the network's sites now."""
     return [s.name for s in ctx.sites]
 
 

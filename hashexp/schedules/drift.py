@@ -9,8 +9,8 @@ from typing import Any
 
 from hashexp.errors import ConfigError
 from hashexp.merge.drift import DriftMeter
-from hashexp.schedules.base import RehashContext, RehashDecision, Schedule, check_known
-from hashexp.utils.checks import check_cosine
+from hashexp.schedules.base import RehashContext, RehashDecision, Schedule, check_known, check_max_rehashes
+from hashexp.utils.checks import check_bits, check_cosine
 
 
 class DriftSchedule(Schedule):
@@ -30,7 +30,7 @@ class DriftSchedule(Schedule):
     ICLR 2021, rebuilds its LSH tables on a similar drift test). Each measurement is a
     history.csv row of kind ``drift`` (``drift/metric_s``: that site's measurement seconds), handed
     to the trainer in the decision. The metric's own cost, re-referencing after rehashes included,
-    is ``metric_time_s`` over ``metric_calls`` checks (``metric_avg_s``).
+    is ``metric_time_s`` over ``metric_calls`` checks.
 
     Args:
         check_every: steps between checks (``every`` is its alias, so presets that set
@@ -72,13 +72,11 @@ class DriftSchedule(Schedule):
         if threshold is None:  # hashing.threshold is null (no pre-filter): partners at the data-free default
             threshold = 0.7
         check_cosine("schedule.threshold", threshold)
-        if not (1 <= int(bits) <= 64):
-            raise ConfigError(f"schedule.bits must be in 1..64, got {bits}")
+        check_bits("schedule.bits", bits)
         if int(sample) < 1 or int(min_interval) < 0 or int(start) < 0:
             raise ConfigError(f"schedule.sample must be >= 1, min_interval and start >= 0; got {sample}, "
                               f"{min_interval}, {start}")
-        if max_rehashes is not None and int(max_rehashes) < 0:
-            raise ConfigError(f"schedule.max_rehashes must be >= 0 or null, got {max_rehashes}")
+        check_max_rehashes(max_rehashes)
         self.check_every = int(ce)
         self.flip_threshold = None if flip_threshold is None else float(flip_threshold)
         self.partner_threshold = None if partner_threshold is None else float(partner_threshold)
@@ -100,11 +98,6 @@ class DriftSchedule(Schedule):
         """The partner cosine (the meter's)."""
         return self.meter.threshold
 
-    @property
-    def metric_avg_s(self) -> float:
-        """Mean seconds per check (all sites together)."""
-        return self.metric_time_s / max(self.metric_calls, 1)
-
     def measure(self, site, index: int, step: int) -> tuple[float, float]:
         """(bit-flip fraction since the site's reference codes, estimated partner fraction)."""
         return self.meter.measure(site, index, step)
@@ -113,6 +106,7 @@ class DriftSchedule(Schedule):
         return self.sites is None or name in self.sites
 
     def decide(self, ctx: RehashContext) -> RehashDecision:
+        """Every ``check_every`` steps: measure each watched site, rehash those that fire; a ``drift`` row per site."""
         if not self._checked:
             if self.sites:
                 check_known(self.sites, ctx, "schedule.sites")
@@ -164,6 +158,7 @@ class DriftSchedule(Schedule):
                           or settled)
 
     def notify(self, ctx: RehashContext, event) -> None:
+        """Count the rehash; new reference codes for rehashed sites and for those the surgery changed."""
         super().notify(ctx, event)
         t0 = time.perf_counter()
         done = set(event.sites) | set(event.proposed or [])
@@ -180,15 +175,18 @@ class DriftSchedule(Schedule):
         self.metric_time_s += time.perf_counter() - t0
 
     def history_columns(self, sites) -> list[str]:
+        """The ``drift/*`` columns of its measurement rows."""
         return ["drift/site", "drift/bit_flip", "drift/partner_frac", "drift/rehashed", "drift/metric_s"]
 
     def state_dict(self) -> dict[str, Any]:
+        """The base state plus the meter's references, last rehashes and measurements."""
         meter = self.meter.state_dict()
         return {**super().state_dict(), "last_rehash": dict(self.last_rehash), "versions": meter["versions"],
                 "refs": meter["refs"], "metric_time_s": self.metric_time_s, "metric_calls": self.metric_calls,
                 "last": {n: dict(v) for n, v in self.last.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
         super().load_state_dict(state)
         self.last_rehash = {k: int(v) for k, v in state["last_rehash"].items()}
         self.meter.load_state_dict(state)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from hashexp.errors import ConfigError
-from hashexp.schedules.base import RehashContext, RehashDecision, Schedule, check_unit, due, site_names
+from hashexp.schedules.base import (RehashContext, RehashDecision, Schedule, check_clock, check_max_rehashes, due,
+                                    site_names)
 
 
 class FixedSchedule(Schedule):
@@ -23,17 +23,12 @@ class FixedSchedule(Schedule):
     def __init__(self, unit: str = "epoch", every: int = 1, start: int = 1, stop: int | None = None,
                  max_rehashes: int | None = None, sites: list[str] | None = None) -> None:
         super().__init__()
-        self.unit = check_unit(unit)
-        if every < 1:
-            raise ConfigError(f"schedule.every must be >= 1, got {every}")
-        if start < 0:
-            raise ConfigError(f"schedule.start must be >= 0, got {start}")
-        if max_rehashes is not None and max_rehashes < 0:
-            raise ConfigError(f"schedule.max_rehashes must be >= 0 or null, got {max_rehashes}")
-        self.every, self.start, self.stop, self.max_rehashes = int(every), int(start), stop, max_rehashes
+        self.unit, self.every, self.start = check_clock("schedule", unit, every, start)
+        self.stop, self.max_rehashes = stop, check_max_rehashes(max_rehashes)
         self.sites = list(sites) if sites else None
 
     def decide(self, ctx: RehashContext) -> RehashDecision:
+        """Every (allowed) site on a tick of the clock, until ``max_rehashes``."""
         if self.max_rehashes is not None and self.count >= self.max_rehashes:
             return RehashDecision()
         if self.unit == "epoch":

@@ -59,6 +59,7 @@ class GradualSchedule(Schedule):
         return int(round(wf + (w0 - wf) * frac))
 
     def decide(self, ctx: RehashContext) -> RehashDecision:
+        """Every site on each ``every``-th step of the ramp (widths taken at the first call)."""
         if not self.initial:
             self.initial = {s.name: s.width for s in ctx.sites}
             if self.sites is not None:
@@ -70,13 +71,16 @@ class GradualSchedule(Schedule):
         return RehashDecision([n for n in site_names(ctx) if self.sites is None or n in self.sites])
 
     def site_overrides(self) -> dict[str, dict[str, Any]]:
+        """Each site's ramp width now, as its ``target_width``."""
         return {n: {"target_width": self.target(n, self.step)} for n in self.initial
                 if self.sites is None or n in self.sites}
 
     def state_dict(self) -> dict[str, Any]:
+        """The base state plus the initial widths and the last ramp step."""
         return {**super().state_dict(), "initial": dict(self.initial), "step": self.step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
         super().load_state_dict(state)
         self.initial = {k: int(v) for k, v in state.get("initial", {}).items()}
         self.step = int(state.get("step", 0))

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from hashexp.errors import ConfigError
-from hashexp.schedules.base import RehashContext, RehashDecision, Schedule, check_known, due, site_names
+from hashexp.schedules.base import (RehashContext, RehashDecision, Schedule, check_clock, check_known,
+                                    check_max_rehashes, due, site_names)
 from hashexp.utils.checks import check_at_least, check_cosine, check_fraction
 
 _PLAN_KEYS = ("unit", "every", "start", "stop", "max_rehashes", "threshold", "target_ratio", "target_width", "enabled")
@@ -55,32 +56,27 @@ class PerLayerSchedule(Schedule):
     @staticmethod
     def _validate(p: dict[str, Any], key: str) -> dict[str, Any]:
         p = dict(p)
-        if p["unit"] not in ("step", "epoch"):
-            raise ConfigError(f"{key}.unit={p['unit']!r}; choose step or epoch")
-        for k, low in (("every", 1), ("start", 0)):
-            if p[k] is None or int(p[k]) < low:
-                raise ConfigError(f"{key}.{k} must be an integer >= {low}, got {p[k]!r}")
-            p[k] = int(p[k])
-        if p["max_rehashes"] is not None and int(p["max_rehashes"]) < 0:
-            raise ConfigError(f"{key}.max_rehashes must be >= 0 or null, got {p['max_rehashes']}")
+        p["unit"], p["every"], p["start"] = check_clock(key, p["unit"], p["every"], p["start"])
+        check_max_rehashes(p["max_rehashes"], key)
         check_cosine(f"{key}.threshold", p["threshold"], nullable=True)
         check_fraction(f"{key}.target_ratio", p["target_ratio"], nullable=True)
         check_at_least(f"{key}.target_width", p["target_width"], 1, nullable=True)
         p["enabled"] = bool(p["enabled"])
         return p
 
-    def plan(self, site: str) -> dict[str, Any]:
+    def site_settings(self, site: str) -> dict[str, Any]:
         """The resolved settings of one site (its own keys over the group's defaults)."""
         return self.site_cfg.get(site, self.defaults)
 
     def decide(self, ctx: RehashContext) -> RehashDecision:
+        """The enabled sites whose own clock ticks now (within their ``max_rehashes``)."""
         names = site_names(ctx)
         if self._known is None:
             check_known(self.site_cfg, ctx, "schedule.sites")
             self._known = names
         out = []
         for n in names:
-            p = self.plan(n)
+            p = self.site_settings(n)
             if not p["enabled"]:
                 continue
             if p["max_rehashes"] is not None and self.per_site.get(n, 0) >= int(p["max_rehashes"]):
@@ -103,7 +99,7 @@ class PerLayerSchedule(Schedule):
         names = set(self._known or []) | set(self.site_cfg)
         out = {}
         for n in sorted(names):
-            kv = {k: self.plan(n)[k] for k in _OVERRIDE_KEYS if self.plan(n)[k] is not None}
+            kv = {k: self.site_settings(n)[k] for k in _OVERRIDE_KEYS if self.site_settings(n)[k] is not None}
             if kv:
                 out[n] = kv
         return out

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from hashexp.errors import ConfigError, DataError
+from hashexp.utils.dicts import flatten
 from hashexp.utils.io import torch_save_atomic
 
 FORMAT = "hashexp.checkpoint/1"
@@ -29,6 +30,33 @@ REFUSED = ("model", "dataset", "hashing", "schedule", "seed", "trainer.optimizer
 ALLOWED = ("trainer.epochs", "trainer.logging", "trainer.resume", "trainer.progress", "trainer.log_every", "trainer.checkpoint",
            "trainer.num_threads", "trainer.device", "logger", "tag", "dataset.root", "dataset.download",
            "hashing.n_threads", "hydra")
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """``trainer.checkpoint``: ``enabled`` (checkpoint.pt at every epoch end), ``every_steps`` (also
+    every N optimizer steps inside an epoch; None: epoch ends only), ``resume`` (a run dir or
+    checkpoint.pt to continue from, ``auto``: this run dir's own checkpoint if any, None: start)."""
+
+    enabled: bool = True
+    every_steps: int | None = None
+    resume: str | None = None
+
+    @classmethod
+    def parse(cls, value: Any) -> CheckpointSettings:
+        """From the config group (a mapping), a bool (``enabled``) or an instance; checked."""
+        if isinstance(value, CheckpointSettings):
+            return value
+        if value is None or isinstance(value, bool):
+            return cls(enabled=value is not False)
+        unknown = sorted(set(value) - {"enabled", "every_steps", "resume"})
+        if unknown:
+            raise ConfigError(f"trainer.checkpoint: unknown key(s) {unknown}; known: enabled, every_steps, resume")
+        every = value.get("every_steps")
+        if every is not None and int(every) < 1:
+            raise ConfigError(f"trainer.checkpoint.every_steps must be >= 1 or null, got {every}")
+        return cls(enabled=bool(value.get("enabled", True)), every_steps=int(every) if every else None,
+                   resume=value.get("resume"))
 
 
 @dataclass
@@ -67,10 +95,12 @@ class CheckpointState:
               "rehash_log", "widths_before", "calib_index", "pull", "times", "rng", "config")
 
     def to_dict(self) -> dict[str, Any]:
+        """The on-disk dict (plain values and tensors, in a fixed order)."""
         return {k: getattr(self, k) for k in self._ORDER}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CheckpointState:
+        """From the on-disk dict (keys of newer checkpoints this code does not know are dropped)."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -122,16 +152,6 @@ def check_model_spec(path: str, spec: dict[str, Any], mine: dict[str, Any] | Non
 _UNSET = "<unset>"
 
 
-def _flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(cfg, dict):
-        out: dict[str, Any] = {}
-        for k, v in cfg.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        if cfg or not prefix:
-            return out
-    return {prefix[:-1]: cfg}
-
-
 def _under(key: str, prefixes: tuple[str, ...]) -> bool:
     return any(key == p or key.startswith(p + ".") or (p == "trainer.checkpoint" and key.startswith(p))
                for p in prefixes)
@@ -145,13 +165,14 @@ MOVED_TARGETS = {
     **{f"hashexp.schedule.{c}": f"hashexp.schedules.{m}.{c}" for m, c in (
         ("fixed", "FixedSchedule"), ("per_layer", "PerLayerSchedule"), ("gradual", "GradualSchedule"),
         ("drift", "DriftSchedule"))},
+    "hashexp.merge.learnable.LearnableHashCompressor": "hashexp.merge.learned.LearnableHashCompressor",
 }
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, list], dict[str, list]]:
     """(refused, allowed) differences between two resolved run configs: ``{dotted key: [old, new]}``
     (a moved ``_target_`` counts as its new home, :data:`MOVED_TARGETS`)."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten(old), flatten(new)
     a = {k: MOVED_TARGETS.get(v, v) if k.endswith("_target_") and isinstance(v, str) else v for k, v in a.items()}
     refused, allowed = {}, {}
     for k in sorted(set(a) | set(b)):
@@ -190,6 +211,7 @@ def capture_rng(gen_state: torch.Tensor, aug_gen: torch.Generator, device: torch
 
 
 def restore_rng(rng: dict[str, Any], gen: torch.Generator, aug_gen: torch.Generator, device: torch.device) -> None:
+    """Set the five RNG streams (and CUDA's) back to what :func:`capture_rng` saw."""
     gen.set_state(rng["gen"])
     aug_gen.set_state(rng["aug"])
     torch.set_rng_state(rng["torch"])

@@ -4,9 +4,39 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
+from hashexp.errors import ConfigError
 from hashexp.utils.io import atomic_write
+
+PROGRESS = ("auto", "bar", "log", "none")
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    """``trainer.logging``: ``every`` (steps between history.csv rows) and ``progress`` (``auto``:
+    a tqdm bar when interactive, else log lines; ``bar``; ``log``; ``none``)."""
+
+    every: int = 20
+    progress: str = "auto"
+
+    @classmethod
+    def parse(cls, value: Mapping[str, Any] | LoggingSettings | None) -> LoggingSettings:
+        """From the config group (a mapping) or an instance (None: the defaults); checked."""
+        if isinstance(value, LoggingSettings):
+            return value
+        value = value or {}
+        unknown = sorted(set(value) - {"every", "progress"})
+        if unknown:
+            raise ConfigError(f"trainer.logging: unknown key(s) {unknown}; known: every, progress")
+        every, progress = value.get("every", 20), value.get("progress", "auto")
+        if int(every) < 1:
+            raise ConfigError(f"trainer.logging.every must be >= 1, got {every}")
+        if progress not in PROGRESS:
+            raise ConfigError(f"trainer.logging.progress={progress!r}; choose auto, bar, log or none")
+        return cls(every=int(every), progress=progress)
 
 
 class History:
@@ -48,6 +78,7 @@ class History:
         self.rows = len(rows)
 
     def write(self, row: dict[str, Any]) -> None:
+        """One row (missing columns stay empty)."""
         self.w.writerow({k: _fmt(v) for k, v in row.items()})
         self.rows += 1
         self.rows_since_flush += 1
@@ -55,10 +86,12 @@ class History:
             self.flush()
 
     def flush(self) -> None:
+        """Flush to disk (epoch ends, checkpoints)."""
         self.f.flush()
         self.rows_since_flush = 0
 
     def close(self) -> None:
+        """Close the file."""
         self.f.close()
 
 

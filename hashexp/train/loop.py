@@ -1,15 +1,15 @@
-"""The training loop. It knows *that* the network is compressed, not *how*.
+"""The training loop: fit, step, evaluate. It knows *that* the network is compressed, not *how*.
 
-Per step: forward, backward, optimizer step; every ``log_every`` steps a history.csv row (loss,
-step time, per-site width, per-layer weight and gradient norm). After every step and at every
-epoch end the schedule decides (:meth:`Trainer._maybe_rehash`); when it names sites, the
+Per step: forward, backward, optimizer step; every ``trainer.logging.every`` steps a history.csv
+row (loss, step time, per-site width, per-layer weight and gradient norm). After every step and at
+every epoch end the schedule decides (:meth:`Trainer._maybe_rehash`); when it names sites, the
 :class:`~hashexp.merge.rehasher.Rehasher` (which owns the activation statistics, the calibration
 set, the pull and BN re-estimation) rewrites them, model and optimizer state together, and
-training simply continues on the smaller network. Each epoch ends with an evaluation row and an atomic checkpoint
-(hashexp/train/checkpoint.py; optionally also every ``trainer.checkpoint.every_steps`` steps), from which
-a killed run resumes with the same widths, optimizer, LR schedule, rehash schedule, compressor,
-activation statistics, position in the epoch and RNG state, and ends with exactly the metrics of
-an uninterrupted run.
+training simply continues on the smaller network. Each epoch ends with an evaluation row and an
+atomic checkpoint (hashexp/train/resume.py; optionally also every
+``trainer.checkpoint.every_steps`` steps), from which a killed run resumes with the same widths,
+optimizer, LR schedule, rehash schedule, Rehasher state, position in the epoch and RNG state, and
+ends with exactly the metrics of an uninterrupted run.
 
 Under torchrun (``dist``, see hashexp/distributed.py) each rank trains on its slice of every
 global batch of ``batch_size``; rank 0 alone writes history.csv and checkpoints.
@@ -38,12 +38,14 @@ from hashexp.merge.sites import model_sites
 from hashexp.metrics import Stopwatch, count_flops, count_params, evaluate
 from hashexp.schedules.base import RehashContext
 from hashexp.train import checkpoint as ckpt
-from hashexp.train.history import History
+from hashexp.train.history import History, LoggingSettings
+from hashexp.train.resume import Checkpointing
 
 log = logging.getLogger("hashexp")
 
 
 def resolve_device(device: str) -> torch.device:
+    """``trainer.device`` as a torch device (``auto``: CUDA when available); one clear error otherwise."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -54,7 +56,7 @@ def resolve_device(device: str) -> torch.device:
         raise ConfigError(f"trainer.device={device!r} is not a device; use cpu, cuda or auto") from None
 
 
-class Trainer:
+class Trainer(Checkpointing):
     """Trains a model with optional compression during training.
 
     Args:
@@ -71,16 +73,14 @@ class Trainer:
             sites to rehash now (and the history rows to log), ``notify(ctx, event)`` after a rehash.
         run_dir: where history.csv and checkpoint.pt go.
         seed: seeds batches, augmentation and the compressor's randomness.
-        checkpoint: the config group ``trainer.checkpoint``: ``enabled`` (write checkpoint.pt
-            atomically at every epoch end), ``every_steps`` (also every N optimizer steps inside an
-            epoch; None: epoch ends only; a resume then skips the epoch's batches already trained
-            on), ``resume`` (a run dir or checkpoint.pt to continue from, or ``auto``: this run dir's
-            own checkpoint, if any; the resumed run ends with the same metrics as an uninterrupted
-            one). A bool means ``enabled``.
-        logging: the config group ``trainer.logging``: ``every`` (steps between history.csv rows)
-            and ``progress`` (auto | bar | log | none).
-        log_every, progress, checkpoint_every_steps, resume: the same knobs as plain arguments,
-            for Python callers (the nested groups win where both are given).
+        checkpoint: the group ``trainer.checkpoint``, typed as
+            :class:`~hashexp.train.checkpoint.CheckpointSettings` (a mapping or an instance; a bool
+            means ``enabled``): ``enabled``, ``every_steps`` (a mid-epoch resume skips the epoch's
+            batches already trained on), ``resume`` (the resumed run ends with the same metrics as
+            an uninterrupted one).
+        logging: the group ``trainer.logging``, typed as
+            :class:`~hashexp.train.history.LoggingSettings`: ``every`` (steps between history.csv
+            rows) and ``progress`` (auto | bar | log | none).
         bn_recalib_batches: the older spelling of ``hashing.bn_recalib_batches`` (BatchNorm
             re-estimated on this many training batches after each rehash), used when the
             Rehasher does not set it.
@@ -94,34 +94,16 @@ class Trainer:
     def __init__(self, model: nn.Module, data: DataBundle, optimizer: Callable, epochs: int = 10,
                  batch_size: int = 256, eval_batch_size: int = 4096, lr_schedule: Callable | None = None,
                  rehasher=None, schedule=None, logger=None, run_dir: str = ".", seed: int = 0,
-                 log_every: int = 20, device: str = "cpu", num_threads: int | None = None,
-                 progress: str = "auto", augment: bool = True, checkpoint: bool | Mapping[str, Any] = True,
-                 resume: str | None = None, bn_recalib_batches: int | None = 0,
-                 checkpoint_every_steps: int | None = None, config: dict[str, Any] | None = None,
-                 logging: Mapping[str, Any] | None = None, dist=None) -> None:
-        if isinstance(checkpoint, Mapping):
-            unknown = sorted(set(checkpoint) - {"enabled", "every_steps", "resume"})
-            if unknown:
-                raise ConfigError(f"trainer.checkpoint: unknown key(s) {unknown}; known: enabled, every_steps, resume")
-            checkpoint_every_steps = checkpoint.get("every_steps", checkpoint_every_steps)
-            resume = checkpoint.get("resume", resume)
-            checkpoint = checkpoint.get("enabled", True)
-        if logging is not None:
-            unknown = sorted(set(logging) - {"every", "progress"})
-            if unknown:
-                raise ConfigError(f"trainer.logging: unknown key(s) {unknown}; known: every, progress")
-            log_every = logging.get("every", log_every)
-            progress = logging.get("progress", progress)
+                 device: str = "cpu", num_threads: int | None = None, augment: bool = True,
+                 checkpoint: bool | Mapping[str, Any] | ckpt.CheckpointSettings = True,
+                 logging: Mapping[str, Any] | LoggingSettings | None = None, bn_recalib_batches: int | None = 0,
+                 config: dict[str, Any] | None = None, dist=None) -> None:
+        self.checkpointing = ckpt.CheckpointSettings.parse(checkpoint)
+        self.logging = LoggingSettings.parse(logging)
         if epochs < 0:
             raise ConfigError(f"trainer.epochs must be >= 0, got {epochs}")
         if batch_size < 1 or eval_batch_size < 1:
             raise ConfigError(f"trainer.batch_size and eval_batch_size must be >= 1, got {batch_size}, {eval_batch_size}")
-        if log_every < 1:
-            raise ConfigError(f"trainer.logging.every must be >= 1, got {log_every}")
-        if checkpoint_every_steps is not None and int(checkpoint_every_steps) < 1:
-            raise ConfigError(f"trainer.checkpoint.every_steps must be >= 1 or null, got {checkpoint_every_steps}")
-        if progress not in ("auto", "bar", "log", "none"):
-            raise ConfigError(f"trainer.logging.progress={progress!r}; choose auto, bar, log or none")
         if num_threads:
             torch.set_num_threads(int(num_threads))
         self.device = resolve_device(device)
@@ -141,11 +123,7 @@ class Trainer:
         if rehasher is not None and not isinstance(rehasher, Rehasher):
             rehasher = Rehasher(rehasher)
         self.rehasher, self.schedule, self.logger = rehasher, schedule, logger
-        self.run_dir, self.seed, self.log_every = run_dir, int(seed), int(log_every)
-        self.progress = progress
-        self.checkpoint_enabled = bool(checkpoint)
-        self.checkpoint_every_steps = int(checkpoint_every_steps) if checkpoint_every_steps else None
-        self.resume = resume
+        self.run_dir, self.seed = run_dir, int(seed)
         self.config = config
         self.resumed: dict[str, Any] | None = None  # {from, changed} after a resume
         self.augment = None
@@ -176,12 +154,15 @@ class Trainer:
     # ------------------------------------------------------------------ helpers
     @property
     def is_main(self) -> bool:
+        """Rank 0 (or no DDP): the rank that writes files."""
         return self.dist is None or self.dist.is_main
 
     def _train_module(self) -> nn.Module:
         return self.dist.wrap(self.model) if self.dist is not None else self.model
 
     def history_columns(self) -> list[str]:
+        """history.csv's header: step fields, per-site widths, errors (and pull distances), per-layer norms, epoch
+        metrics, the schedule's own."""
         cols = ["kind", "step", "epoch", "loss", "step_time_s", "lr", "params", "rehash", "hash_time_s"]
         cols += [f"width/{s.name}" for s in self.sites]
         cols += [f"error/{s.name}" for s in self.sites]
@@ -209,6 +190,15 @@ class Trainer:
         self.model.train()
         return result
 
+    def _evaluate_splits(self) -> None:
+        """``epoch_metrics``: loss and accuracy on the train and test splits (every rank evaluates
+        the network rank 0 writes)."""
+        if self.dist is not None:
+            self.dist.sync_buffers(self.model)
+        tr_loss, tr_acc = self.evaluate(self.data.x_train, self.data.y_train)
+        te_loss, te_acc = self.evaluate(self.data.x_test, self.data.y_test)
+        self.epoch_metrics = {"train_loss": tr_loss, "train_acc": tr_acc, "test_loss": te_loss, "test_acc": te_acc}
+
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
         """Train ``epochs`` epochs (from the checkpoint, when resuming); returns :meth:`summary`."""
@@ -218,7 +208,8 @@ class Trainer:
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         self._hist = self._open_history(resume_from) if self.is_main else None
-        use_bar = self.progress == "bar" or (self.progress == "auto" and sys.stderr.isatty())
+        progress = self.logging.progress
+        use_bar = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
         total_t0 = time.perf_counter()
         self._step_times = []
         self.model.train()
@@ -232,14 +223,6 @@ class Trainer:
             self._hist = None
         self.timer.totals["fit"] = self.timer.totals.get("fit", 0.0) + time.perf_counter() - total_t0
         return self.summary()
-
-    def _resume_path(self) -> str | None:
-        if not self.resume:
-            return None
-        if self.resume != "auto":
-            return self.resume
-        path = os.path.join(self.run_dir, "checkpoint.pt")
-        return path if os.path.exists(path) else None
 
     def _open_history(self, resume_from: str | None) -> History:
         """history.csv, cut back to the checkpoint's rows when resuming (carried over from its run dir)."""
@@ -255,6 +238,8 @@ class Trainer:
 
     def _batches(self, skip: int):
         """This epoch's shuffled batches from the ``skip``-th on (this rank's slices under DDP)."""
+        if hasattr(self.data, "train_batches"):  # streamed from disk: DataLoader workers, this rank's slices
+            return self.data.train_batches(self.batch_size, self.gen, skip, self.dist)
         it = BatchIterator(self.data.x_train, self.data.y_train, self.batch_size, shuffle=True, generator=self.gen)
         if self.dist is not None:
             # augmentation on the whole global batch, then each rank's slice
@@ -290,10 +275,10 @@ class Trainer:
             event = self._maybe_rehash(epoch_end=False, final=last)
             if event is not None:
                 net = self._train_module()  # the wrapper holds the old parameters
-            if self.step % self.log_every == 0 or event is not None:
+            if self.step % self.logging.every == 0 or event is not None:
                 self._log(self._step_row(self._pending_losses, self._step_times, event))
                 self._pending_losses, self._step_times = [], []
-            k = self.checkpoint_every_steps
+            k = self.checkpointing.every_steps
             if k is not None and self.step % k == 0 and i + 1 < n_batches:
                 self.save_checkpoint()
         if bar is not None:
@@ -308,7 +293,7 @@ class Trainer:
                 loss = F.cross_entropy(net(xb), yb)
                 loss_value = loss.detach()
             else:
-                loss, loss_value = self._dist_loss(net, xb, yb, n_global)
+                loss, loss_value = self.dist.loss(net, xb, yb, n_global)
             if not torch.isfinite(loss_value):
                 raise FloatingPointError(f"loss became {float(loss_value)} at step {self.step}; "
                                          "lower trainer.optimizer.lr or check the data")
@@ -331,7 +316,7 @@ class Trainer:
         with self.timer("eval"):
             row = self._epoch_row(event)
         self._log(row, flush=True)
-        if self.is_main and not use_bar and self.progress != "none":
+        if self.is_main and not use_bar and self.logging.progress != "none":
             log.info("epoch %d/%d  step %d  train_loss %.4f  train_acc %.4f  test_acc %.4f  widths %s",
                      self.epoch, self.epochs, self.step, row["train_loss"], row["train_acc"], row["test_acc"],
                      self.model.widths())
@@ -363,30 +348,6 @@ class Trainer:
         event = self._rehash(decision.sites, final=final)
         self.schedule.notify(self._ctx(epoch_end), event)
         return event
-
-    def _dist_loss(self, net: nn.Module, xb: torch.Tensor, yb: torch.Tensor, n_global: int):
-        """(loss to backpropagate, global mean loss) for this rank's slice of a global batch.
-
-        DDP averages gradients over the ranks; scaling the local loss sum by
-        world_size / n_global makes that average the gradient of the mean over the global
-        batch, whatever the slice sizes (an empty slice contributes zeros and still joins the
-        all-reduce). The reported loss is summed over ranks, so every rank sees the same value.
-        """
-        out = net(xb)
-        ws = self.dist.world_size
-        if len(yb):
-            if len(yb) * ws == n_global:  # equal slices: the plain mean, scaled by exactly 1
-                loss = F.cross_entropy(out, yb)
-                local_sum = loss.detach() * len(yb)
-            else:
-                local_sum = F.cross_entropy(out, yb, reduction="sum")
-                loss = local_sum * (ws / n_global)
-                local_sum = local_sum.detach()
-        else:
-            loss = out.sum() * 0.0
-            local_sum = loss.detach()
-        total = self.dist.all_reduce_sum(local_sum.float().reshape(1))
-        return loss, (total / n_global)[0]
 
     def _ctx(self, epoch_end: bool) -> RehashContext:
         return RehashContext(step=self.step, epoch=self.epoch, epoch_end=epoch_end, sites=model_sites(self.model),
@@ -420,11 +381,7 @@ class Trainer:
         return row
 
     def _epoch_row(self, event) -> dict[str, Any]:
-        if self.dist is not None:  # every rank evaluates the network rank 0 writes
-            self.dist.sync_buffers(self.model)
-        tr_loss, tr_acc = self.evaluate(self.data.x_train, self.data.y_train)
-        te_loss, te_acc = self.evaluate(self.data.x_test, self.data.y_test)
-        self.epoch_metrics = {"train_loss": tr_loss, "train_acc": tr_acc, "test_loss": te_loss, "test_acc": te_acc}
+        self._evaluate_splits()
         row: dict[str, Any] = {"kind": "epoch", "step": self.step, "epoch": self.epoch,
                                "params": count_params(self.model), "rehash": int(event is not None),
                                "hash_time_s": event.time_s if event is not None else 0.0,
@@ -436,12 +393,10 @@ class Trainer:
         return row
 
     def summary(self) -> dict[str, Any]:
+        """metrics.json's training part: final metrics, FLOPs, params, widths, times, rehash events (and the resume
+        record)."""
         if not self.epoch_metrics:
-            if self.dist is not None:
-                self.dist.sync_buffers(self.model)
-            tr_loss, tr_acc = self.evaluate(self.data.x_train, self.data.y_train)
-            te_loss, te_acc = self.evaluate(self.data.x_test, self.data.y_test)
-            self.epoch_metrics = {"train_loss": tr_loss, "train_acc": tr_acc, "test_loss": te_loss, "test_acc": te_acc}
+            self._evaluate_splits()
         t = self.timer.totals
         return {
             **self.epoch_metrics,
@@ -459,114 +414,3 @@ class Trainer:
             "steps": self.step,
             **({"resumed": self.resumed} if self.resumed is not None else {}),
         }
-
-    # ------------------------------------------------------------------ checkpoint
-    def checkpoint_state(self, stats: list[dict[str, torch.Tensor]] | None = None) -> ckpt.CheckpointState:
-        """Everything a resume needs to continue exactly: weights at their merged widths,
-        optimizer, LR schedule, rehash schedule, compressor, activation statistics (one entry
-        per rank, ``stats``), the position in the epoch, pending step losses, every RNG and the
-        run config."""
-        from hashexp.models import model_payload
-
-        # mid-epoch: the state the epoch's permutation was drawn from, to draw it again
-        gen_state = self._epoch_gen_state if self.batch_in_epoch else self.gen.get_state()
-        own = self.rehasher.state_dict() if self.rehasher is not None else {}
-        return ckpt.CheckpointState(
-            model=model_payload(self.model),
-            optimizer=self.optimizer.state_dict(),
-            lr_schedule=self.lr_schedule.state_dict() if self.lr_schedule is not None else None,
-            schedule=self.schedule.state_dict() if hasattr(self.schedule, "state_dict") else None,
-            compressor=own.get("compressor"),
-            step=self.step, epoch=self.epoch, rehashes=self.rehashes,
-            batch_in_epoch=self.batch_in_epoch, batch_size=self.batch_size, n_train=len(self.data.x_train),
-            pending_losses=[float(v) for v in self._pending_losses],
-            history_rows=self._history_rows,
-            stats=stats if stats is not None else [own.get("stats", {})],
-            world_size=self.dist.world_size if self.dist is not None else 1,
-            rehash_log=[e.to_dict() for e in self.rehash_log], widths_before=self.widths_before,
-            calib_index=own.get("calib_index"),
-            pull=own.get("pull"),
-            times=dict(self.timer.totals),
-            rng=ckpt.capture_rng(gen_state, self.aug_gen, self.device),
-            config=self.config,
-        )
-
-    def save_checkpoint(self) -> None:
-        """Atomic checkpoint.pt (temp file, fsync, rename): a kill mid-write keeps the previous one.
-
-        Under DDP every rank must call this (the activation statistics are gathered); rank 0 writes.
-        """
-        if not self.checkpoint_enabled:
-            return
-        with self.timer("checkpoint"):
-            stats = None
-            if self.dist is not None:
-                stats = self.dist.all_gather_object(self.rehasher.state_dict()["stats"] if self.rehasher else {})
-            if not self.is_main:
-                return
-            if self._hist is not None:
-                self._hist.flush()
-                self._history_rows = self._hist.rows
-            ckpt.save(self.checkpoint_state(stats), self.run_dir)
-
-    def load_checkpoint(self, path: str) -> None:
-        """Continue from the checkpoint at ``path`` (a file or a run dir), after checking it fits this run."""
-        from hashexp.models import build_model
-
-        path = ckpt.checkpoint_path(path)
-        ck = ckpt.load(path)
-        self._check_resume(path, ck)
-        spec = ck.model
-        model = build_model({"_target_": spec["target"], **spec["kwargs"]}, spec["input_shape"], spec["num_classes"],
-                            site_widths=spec["widths"])
-        model.load_state_dict(spec["state_dict"])
-        self.model = model.to(self.device)
-        self.sites = model_sites(self.model)
-        if self.rehasher is not None:
-            self.rehasher.watch(self.model)
-            self.rehasher.load_state_dict({"compressor": ck.compressor, "calib_index": ck.calib_index,
-                                           "pull": ck.pull, "stats": self._rank_stats(ck.stats)}, self.device)
-        self.optimizer = self.make_optimizer(self.model.parameters())
-        self.optimizer.load_state_dict(ck.optimizer)
-        if ck.lr_schedule is not None and self._lr_factory is not None:
-            self.lr_schedule = self._lr_factory(self.optimizer)
-            self.lr_schedule.load_state_dict(ck.lr_schedule)
-        if self.schedule is not None and ck.schedule is not None:
-            self.schedule.load_state_dict(ck.schedule)
-        self.step, self.epoch, self.rehashes = ck.step, ck.epoch, ck.rehashes
-        self.batch_in_epoch = int(ck.batch_in_epoch)
-        if self.batch_in_epoch and (ck.batch_size, ck.n_train) != (self.batch_size, len(self.data.x_train)):
-            raise ConfigError(f"{path} was written {self.batch_in_epoch} batches into an epoch with batch_size="
-                              f"{ck.batch_size} on {ck.n_train} training samples; resume it with the "
-                              f"same trainer.batch_size and dataset (here {self.batch_size}, {len(self.data.x_train)})")
-        self._pending_losses = [float(v) for v in ck.pending_losses]
-        self._history_rows = ck.history_rows
-        self.rehash_log = [RehashEvent.from_dict(e) for e in ck.rehash_log]
-        self.widths_before = ck.widths_before
-        self.timer.totals.update(ck.times)
-        ckpt.restore_rng(ck.rng, self.gen, self.aug_gen, self.device)
-        self._epoch_gen_state = ck.rng["gen"]
-        log.info("resumed from %s at epoch %d (step %d, batch %d of the epoch), widths %s", path, self.epoch,
-                 self.step, self.batch_in_epoch, self.model.widths())
-
-    def _check_resume(self, path: str, ck: ckpt.CheckpointState) -> None:
-        """Refuse a checkpoint made for another experiment; remember what this run changed."""
-        changed = None
-        if ck.config is not None and self.config is not None:
-            changed = ckpt.check_config(path, ck.config, self.config)
-        ckpt.check_model_spec(path, ck.model, getattr(self.model, "_hashexp_spec", None))
-        self.resumed = {"from": path, "changed": changed}
-
-    def _rank_stats(self, saved: list[dict[str, torch.Tensor]] | None) -> dict[str, torch.Tensor] | None:
-        """This rank's activation statistics; with another world size, rank 0 takes their sum."""
-        if not saved:
-            return None
-        rank, ws = (self.dist.rank, self.dist.world_size) if self.dist is not None else (0, 1)
-        if len(saved) == ws:
-            mine = saved[rank]
-        elif rank == 0:
-            mine = {k: sum(s[k] for s in saved) for k in saved[0]}
-        else:
-            mine = {k: torch.zeros_like(v) for k, v in saved[0].items()}
-        return mine
-

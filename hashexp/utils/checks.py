@@ -6,6 +6,7 @@ and says so in the message (``... or null``).
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 from hashexp.errors import ConfigError
@@ -31,6 +32,13 @@ def check_fraction(name: str, value: Any, *, nullable: bool = False) -> float | 
     if value is None or not (0.0 < float(value) <= 1.0):
         raise ConfigError(f"{name} must be in (0, 1]{_or_null(nullable)}, got {value}")
     return float(value)
+
+
+def check_bits(name: str, value: Any) -> int:
+    """Bits of one SimHash code: an integer in 1..64 (codes are packed into one uint64)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= 64:
+        raise ConfigError(f"{name} must be an integer in 1..64 (codes are uint64), got {value!r}")
+    return int(value)
 
 
 def check_at_least(name: str, value: Any, low: int = 1, *, nullable: bool = False) -> int | None:

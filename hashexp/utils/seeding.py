@@ -14,8 +14,16 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-#: primes the derivations use as multipliers
-P1009, P7919, P104729, P1000003 = 1009, 7919, 104_729, 1_000_003
+# Multipliers of the linear seed mixes, named by the part they scale (primes, so that distinct
+# parts rarely land on one seed). Their values are fixed: changing one changes every run.
+#: scales the run seed in mixes of several parts
+SEED_MIX = 1_000_003
+#: scales the run seed against a site index (``seed * SITE_MIX + site``) and a rehash count
+SITE_MIX = 1009
+#: scales an event: a rehash count, a round of merging, a site among several parts
+EVENT_MIX = 7919
+#: scales a version: a hasher re-created after its fan-in changed
+VERSION_MIX = 104_729
 
 
 def derive_seed(seed: int, *parts: int, scale: int = 1, weights: Sequence[int] = (), offset: int = 0,
@@ -41,3 +49,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+#: the older spelling that hashexp/merge/calibration.py still imports (its owners rename it)
+P7919 = EVENT_MIX

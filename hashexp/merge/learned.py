@@ -21,7 +21,7 @@ from hashexp.errors import ConfigError
 from hashexp.merge.cosine import WEIGHTS_THRESHOLD
 from hashexp.merge.hashed import HashCompressor
 from hashexp.merge.sites import MergeSite
-from hashexp.utils.seeding import P1000003, P104729, P7919, derive_seed
+from hashexp.utils.seeding import EVENT_MIX, SEED_MIX, VERSION_MIX, derive_seed
 
 
 def pair_threshold(threshold: float) -> float:
@@ -83,6 +83,7 @@ class LearnableHashCompressor(HashCompressor):
     # ---------------------------------------------------------------- plumbing
     def compress(self, model, names, stats, optimizer, step: int, dist=None,
                  overrides: Mapping[str, Mapping[str, Any]] | None = None, calib=None) -> list[dict[str, Any]]:
+        """As :meth:`Compressor.compress`, with the activation statistics at hand for activation positives."""
         self._stats = stats  # activation positives read the per-batch sums
         try:
             return super().compress(model, names, stats, optimizer, step, dist=dist, overrides=overrides,
@@ -91,6 +92,7 @@ class LearnableHashCompressor(HashCompressor):
             self._stats = None
 
     def candidate_pairs(self, site: MergeSite, index: int, x: torch.Tensor) -> np.ndarray:
+        """Candidate pairs from this site's learned hash, trained first on ``x``."""
         self._x = x
         try:
             return super().candidate_pairs(site, index, x)
@@ -104,13 +106,14 @@ class LearnableHashCompressor(HashCompressor):
         h = self.hashers.get(site.name)
         if h is None or h.dim != dim or h.bits != self.bits or h.tables != self.tables:
             n = self.created.get(site.name, 0)
-            seed = derive_seed(self.seed, index, n, scale=P1000003, weights=(P7919, P104729), modulus=2**62)
+            seed = derive_seed(self.seed, index, n, scale=SEED_MIX, weights=(EVENT_MIX, VERSION_MIX), modulus=2**62)
             h = LearnableSimHash(dim, self.bits, self.tables, seed=seed)
             self.hashers[site.name] = h
             self.created[site.name] = n + 1
         return h
 
     def make_hasher(self, site: MergeSite, index: int, dim: int):
+        """This site's learned hash, re-created when its fan-in changed."""
         h = self.hasher(site, index, dim)
         # trained once per rehash, on the site's neurons (the first merging round); later rounds
         # hash the round's representatives with the same hyperplanes
@@ -137,6 +140,8 @@ class LearnableHashCompressor(HashCompressor):
         return gram(u), "cosine"  # bf16 where that is faster: |error| < 0.005, fine for mining
 
     def train_hasher(self, site: MergeSite, index: int, h, x: torch.Tensor) -> dict[str, Any]:
+        """A few Adam steps on the site's hash: similar pairs collide, random dissimilar ones do not; the training
+        stats."""
         from hashexp.lsh.learnable import random_pairs, rescore_pairs, top_pairs
 
         sim, kind = self.similarity(site, x)
@@ -166,12 +171,14 @@ class LearnableHashCompressor(HashCompressor):
 
     # ---------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
+        """The base state plus every site's learned hyperplanes."""
         return {**super().state_dict(),
                 "hashers": {n: {"projections": h.projections.detach().clone(), "dim": int(h.dim),
                                 "bits": int(h.bits), "tables": int(h.tables)} for n, h in self.hashers.items()},
                 "created": dict(self.created), "trained": dict(self.trained)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
         from hashexp.lsh.learnable import LearnableSimHash
 
         super().load_state_dict(state)
