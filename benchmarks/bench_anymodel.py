@@ -161,13 +161,14 @@ def main(argv=None) -> int:
             row["hx"] = {"error": f"{type(e).__name__}: {str(e)[:80]}"}
             traceback.print_exc(limit=2)
         signal.signal(signal.SIGALRM, _timeout)
-        signal.alarm(int(a.tp_timeout))
         try:
-            row["tp"] = tp_row(name, copy.deepcopy(m), x)
-        except (Exception, MemoryError) as e:
+            try:
+                signal.alarm(int(a.tp_timeout))
+                row["tp"] = tp_row(name, copy.deepcopy(m), x)
+            finally:
+                signal.alarm(0)
+        except (Exception, MemoryError) as e:  # the alarm may also land in the finally
             row["tp"] = {"error": f"{type(e).__name__}: {str(e)[:80]}"}
-        finally:
-            signal.alarm(0)
         print(name, row, flush=True)
         write(a.out, rows, a)
     return 0

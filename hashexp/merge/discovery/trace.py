@@ -216,6 +216,7 @@ def trace(model: nn.Module, example_input: Any, train: bool = False) -> Trace:
     if train:
         saved = [(m, n, b.clone()) for m in model.modules() for n, b in m.named_buffers(recurse=False)
                  if b is not None]
+        modes = [(m, m.training) for m in model.modules()]
         with torch.random.fork_rng(devices=[]):
             try:
                 model.train()
@@ -224,6 +225,8 @@ def trace(model: nn.Module, example_input: Any, train: bool = False) -> Trace:
                 with torch.no_grad():
                     for m, n, b in saved:
                         getattr(m, n).copy_(b)
+                for m, tr in modes:
+                    m.training = tr
     return _trace(model, example_input)
 
 
