@@ -27,7 +27,7 @@ import statistics
 import time
 from pathlib import Path
 
-from harness import ROOT, fmt, run  # noqa: E402  (benchmarks/ is the script's dir)
+from harness import ROOT, fmt, run, write_markdown  # noqa: E402  (benchmarks/ is the script's dir)
 
 REMOVE = (0.5, 0.6, 0.7, 0.8, 0.9)
 NM_T = (0.1, 0.3, 0.45, 0.6, 0.8)
@@ -102,10 +102,6 @@ def main() -> None:
 
     seeds = a.seeds
     lines = [
-        "# One-shot compression without fine-tuning (MLP 784-300-100-10, Fashion-MNIST)",
-        "",
-        "Command: `.venv/bin/python benchmarks/bench_oneshot.py`" + (" `--smoke`" if a.smoke else ""),
-        "",
         f"Each seed's network is trained by `python -m hashexp model.widths=[300,100] trainer.epochs={a.epochs} "
         f"seed=S` (Adam 1e-3, batch 256); trained test accuracy {fmt([trained[s] for s in seeds], pct=True)}% "
         f"(seeds {seeds}; majority class {100 * majority:.1f}%). Each method removes the given share of *each* "
@@ -142,8 +138,7 @@ def main() -> None:
                                             for rm in REMOVE) + " |")
     lines += ["", "Mean time per one-shot compression (both sites, incl. calibration forward; s): "
               + ", ".join(f"{n} {statistics.mean(timing[n]):.2f}" for n in methods()), ""]
-    Path(a.md).write_text("\n".join(lines))
-    print("\n".join(lines))
+    print(write_markdown(a.md, "One-shot compression without fine-tuning (MLP 784-300-100-10, Fashion-MNIST)", lines))
 
 
 if __name__ == "__main__":
