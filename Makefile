@@ -13,7 +13,7 @@ CLSH_SOURCES := $(wildcard clsh/*.pyx clsh/*.pxd clsh/src/*.cpp clsh/src/*.hpp c
 .PHONY: install data test test-fast run results-table bench bench-deps clean help
 
 help:
-	@echo "make test           set up .venv, install hashexp[dev,search] (builds clsh), fetch data, run the whole test suite"
+	@echo "make test           set up .venv, install hashexp[dev,search,deploy] (builds clsh), fetch data, run the whole test suite"
 	@echo "make test-fast      the suite without the end-to-end runs (pytest -m \"not slow\")"
 	@echo "make run            set up, get Fashion-MNIST, compare vanilla vs hashed MLP and print the table"
 	@echo "make results-table  tables and plots from everything under outputs/"
@@ -26,7 +26,7 @@ $(PY):
 $(STAMP): pyproject.toml $(CLSH_SOURCES) | $(PY)
 	$(BIN)/pip install --upgrade-strategy only-if-needed $(TORCH_SPEC)
 	$(BIN)/pip install "setuptools>=69" wheel "Cython>=3.0" "numpy>=1.24"
-	$(BIN)/pip install --no-build-isolation -e ".[dev,search]"
+	$(BIN)/pip install --no-build-isolation -e ".[dev,search,deploy]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -15,6 +15,14 @@ fine-tuning, to keep 50/40/30/20/10% of each hidden layer's neurons (i.e. remove
   t in {0.1, 0.3, 0.45, 0.6, 0.8} chosen per seed and ratio on the test set (an upper bound);
 - magnitude (L1), magnitude + lsq, random, random + lsq.
 
+The baselines score every site on the network before compression, as their papers do
+(`hashing.scoring=original`, issue 22). The rows marked `[old: sequential]` are the same
+baselines scored site by site after the upstream sites were cut (`scoring=sequential`, hashexp
+before issue 22), kept for one release. The row `hashed lsq activations/keep [probe: original
+capture]` asks the same question of the hashed compressor: each site is planned on, and its
+consumers refit to, the activations of the *original* network (captured on a copy before any
+site changes) instead of the already-merged upstream network.
+
 Accuracy is on the full test split; the drop is against the trained model of the same seed.
 """
 
@@ -25,6 +33,7 @@ import copy
 import json
 import statistics
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from harness import ROOT, fmt, run, write_markdown  # noqa: E402  (benchmarks/ is the script's dir)
@@ -33,7 +42,8 @@ REMOVE = (0.5, 0.6, 0.7, 0.8, 0.9)
 NM_T = (0.1, 0.3, 0.45, 0.6, 0.8)
 
 
-def methods() -> dict[str, dict]:
+def methods(affected: bool = False) -> dict[str, dict]:
+    """The table's rows (``affected``: only those issue 22 changes, and the headline hashed row)."""
     out = {}
     for cand, rep in (("activations", "keep"), ("activations", "mean"), ("weights", "keep"), ("exact", "keep")):
         out[f"hashed lsq {cand}/{rep}"] = dict(method="simhash", candidates=cand, representative=rep)
@@ -43,7 +53,54 @@ def methods() -> dict[str, dict]:
     out["magnitude + lsq"] = dict(method="magnitude", compensation="lsq")
     out["random"] = dict(method="random")
     out["random + lsq"] = dict(method="random", compensation="lsq")
+    out["hashed lsq activations/keep [probe: original capture]"] = dict(method="simhash", candidates="activations",
+                                                                       representative="keep", probe=True)
+    for name in ("neuron_merging t=0.45", "magnitude", "magnitude + lsq", "random", "random + lsq"):
+        out[f"{name} {OLD}"] = dict(out[name], scoring="sequential")
+    if affected:
+        out = {k: v for k, v in out.items() if k.startswith(("hashed lsq activations/keep", "neuron_merging", "magnitude",
+                                                             "random"))}
     return out
+
+
+OLD = "[old: sequential]"
+
+
+@contextmanager
+def original_capture():
+    """Probe: the hashed compressor plans each site on (and refits its consumers to) the original
+    network's activations, captured on a copy made before the first site changes."""
+    import hashexp.compress as hc
+    from hashexp.merge import compressor as mc
+    from hashexp.merge.hashed import HashCompressor
+
+    make, capture = hc.make_compressor, mc.cal.capture_site
+    state: dict = {}
+
+    class OriginalCapture(HashCompressor):
+        def compress(self, model, *a, **kw):
+            state["orig"] = copy.deepcopy(model)
+            state["sites"] = {s.name: s for s in state["orig"].merge_sites()}
+            try:
+                return super().compress(model, *a, **kw)
+            finally:
+                state.clear()
+
+    def capture_original(model, site, x, seed=0, before_consumer=None):
+        if before_consumer is None and state:  # the "before" capture of lsq: from the original copy
+            return capture(state["orig"], state["sites"][site.name], x, seed)
+        return capture(model, site, x, seed, before_consumer)
+
+    def make_probe(*a, **kw):
+        comp = make(*a, **kw)
+        comp.__class__ = OriginalCapture
+        return comp
+
+    hc.make_compressor, mc.cal.capture_site = make_probe, capture_original
+    try:
+        yield
+    finally:
+        hc.make_compressor, mc.cal.capture_site = make, capture
 
 
 def main() -> None:
@@ -53,6 +110,9 @@ def main() -> None:
     ap.add_argument("--out-dir", default=str(ROOT / "outputs" / "bench_oneshot"))
     ap.add_argument("--md", default=str(Path(__file__).with_suffix(".md")))
     ap.add_argument("--smoke", action="store_true", help="subset data, for checking the script")
+    ap.add_argument("--affected", action="store_true",
+                    help="only the rows issue 22 changes: the baselines (new and old) and the headline hashed row "
+                         "with its original-capture probe")
     a = ap.parse_args()
 
     import torch
@@ -78,16 +138,20 @@ def main() -> None:
         model0, cfg = load_run(str(rd))
         data = build_dataset(cfg.dataset, seed=seed)
         majority = data.majority_acc("test")
-        variants = {**methods(), **{f"neuron_merging t={t}": dict(method="neuron_merging", threshold=t) for t in NM_T}}
+        variants = {**methods(a.affected), **{f"neuron_merging t={t}": dict(method="neuron_merging", threshold=t) for t in NM_T},
+                    **{f"neuron_merging t={t} {OLD}": dict(method="neuron_merging", threshold=t, scoring="sequential")
+                       for t in NM_T}}
         for name, kw in variants.items():
             for rm in REMOVE:
                 key = f"{seed}|{name}|{rm}"
                 if key not in done:
                     kw2 = dict(kw)
                     method = kw2.pop("method")
+                    probe = kw2.pop("probe", False)
                     t0 = time.perf_counter()
-                    _, rep = compress_model(copy.deepcopy(model0), data, method=method, keep=round(1 - rm, 2),
-                                            seed=seed, **kw2)
+                    with original_capture() if probe else nullcontext():
+                        _, rep = compress_model(copy.deepcopy(model0), data, method=method, keep=round(1 - rm, 2),
+                                                seed=seed, **kw2)
                     done[key] = {"acc": rep["after"]["test_acc"], "time_s": time.perf_counter() - t0,
                                  "widths": rep["after"]["widths"]}
                     print(f"seed {seed} {name:34s} remove {rm:.0%}: {100 * done[key]['acc']:.2f}% "
@@ -97,8 +161,9 @@ def main() -> None:
                 timing.setdefault(name, []).append(done[key]["time_s"])
         # Neuron Merging's best threshold per ratio (chosen on the test split: an upper bound for it)
         for rm in REMOVE:
-            best = max(res[f"neuron_merging t={t}"][rm][seed] for t in NM_T)
-            res.setdefault("neuron_merging, best t per ratio", {}).setdefault(rm, {})[seed] = best
+            for tag in ("", f" {OLD}"):
+                best = max(res[f"neuron_merging t={t}{tag}"][rm][seed] for t in NM_T)
+                res.setdefault(f"neuron_merging, best t per ratio{tag}", {}).setdefault(rm, {})[seed] = best
 
     seeds = a.seeds
     lines = [
@@ -114,7 +179,7 @@ def main() -> None:
         "| method | " + " | ".join(f"-{int(100 * r)}%" for r in REMOVE) + " |",
         "|---|" + "---:|" * len(REMOVE),
     ]
-    order = [*methods(), "neuron_merging, best t per ratio"]
+    order = [*methods(a.affected), "neuron_merging, best t per ratio", f"neuron_merging, best t per ratio {OLD}"]
     best = {rm: min(order, key=lambda n: statistics.mean(trained[s] - res[n][rm][s] for s in seeds)) for rm in REMOVE}
     for name in order:
         cells = []
@@ -134,10 +199,12 @@ def main() -> None:
     lines += ["", "Neuron Merging per threshold (mean accuracy %):", "",
               "| t | " + " | ".join(f"-{int(100 * r)}%" for r in REMOVE) + " |", "|---|" + "---:|" * len(REMOVE)]
     for t in NM_T:
-        lines.append(f"| {t} | " + " | ".join(f"{100 * statistics.mean(res[f'neuron_merging t={t}'][rm][s] for s in seeds):.2f}"
-                                            for rm in REMOVE) + " |")
+        for tag in ("", f" {OLD}"):
+            lines.append(f"| {t}{tag} | " + " | ".join(
+                f"{100 * statistics.mean(res[f'neuron_merging t={t}{tag}'][rm][s] for s in seeds):.2f}" for rm in REMOVE)
+                + " |")
     lines += ["", "Mean time per one-shot compression (both sites, incl. calibration forward; s): "
-              + ", ".join(f"{n} {statistics.mean(timing[n]):.2f}" for n in methods()), ""]
+              + ", ".join(f"{n} {statistics.mean(timing[n]):.2f}" for n in methods(a.affected)), ""]
     print(write_markdown(a.md, "One-shot compression without fine-tuning (MLP 784-300-100-10, Fashion-MNIST)", lines))
 
 

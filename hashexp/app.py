@@ -23,6 +23,7 @@ from hashexp.merge.rehasher import build_rehasher as build_rehasher_from
 from hashexp.metrics import peak_rss_mb
 from hashexp.models import build_model, save_model
 from hashexp.utils.io import write_json_atomic
+from hashexp.utils.knobs import check_knob_types
 from hashexp.utils.seeding import seed_everything
 
 log = logging.getLogger("hashexp")
@@ -84,6 +85,7 @@ def train_run(cfg: DictConfig, run_dir: str | None = None, dist=None) -> dict[st
     is_main = dist is None or dist.is_main
     if is_main:
         os.makedirs(run_dir, exist_ok=True)
+    check_knob_types(cfg)  # a bad-typed knob: one line naming it, before any data is read
     seed = int(cfg.seed)
     seed_everything(seed)
     data = build_dataset(cfg.dataset, seed=seed)

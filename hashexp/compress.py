@@ -52,6 +52,9 @@ def make_compressor(method: str, keep: float | None, threshold: float | None = N
         raise ConfigError(f"method={method!r}; choose one of {', '.join(METHODS)}")
     comp = {} if compensation is None else {"compensation": compensation}
     if method in ("simhash", "mips"):
+        if "scoring" in hash_kw:
+            raise ConfigError(f"scoring is a knob of the baselines (magnitude, random, neuron_merging), not of {method}; "
+                              "drop --scoring")
         if keep is None and threshold is None and max_error is None:
             raise ConfigError("give --keep (share of neurons kept), --max-error or --threshold")
         if comp.get("compensation", "lsq") != "lsq" and threshold is None:
@@ -62,9 +65,9 @@ def make_compressor(method: str, keep: float | None, threshold: float | None = N
         raise ConfigError(f"method={method} needs --keep")
     if method == "neuron_merging":
         return NeuronMerging(target_ratio=keep, seed=seed, min_width=1,
-                             **({} if threshold is None else {"threshold": threshold}), **comp)
+                             **({} if threshold is None else {"threshold": threshold}), **comp, **hash_kw)
     cls = MagnitudePruner if method == "magnitude" else RandomMerger
-    return cls(target_ratio=keep, seed=seed, min_width=1, **comp)
+    return cls(target_ratio=keep, seed=seed, min_width=1, **comp, **hash_kw)
 
 
 def compress_model(model: nn.Module, data: DataBundle, method: str = "simhash", keep: float | None = 0.5,
@@ -142,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-error", type=float, default=None,
                    help="simhash: per-site budget on the consumers' relative pre-activation error")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration samples (default 1024)")
+    p.add_argument("--scoring", default=None, choices=("original", "sequential"),
+                   help="baselines: score every site on the network before compression (original, the papers' "
+                        "default) or each site after its upstream sites were cut (sequential)")
     p.add_argument("--finetune-epochs", type=float, default=0.0)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--calib-batches", type=int, default=20)
@@ -160,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         model, report = compress_model(model, data, a.hashing, a.keep, a.threshold, a.calib_batches,
                                        finetune_epochs=a.finetune_epochs, lr=a.lr, seed=a.seed,
                                        compensation=a.compensation, max_error=a.max_error,
-                                       calib_samples=a.calib_samples)
+                                       calib_samples=a.calib_samples,
+                                       **({} if a.scoring is None else {"scoring": a.scoring}))
         out = a.out or os.path.join(a.run if os.path.isdir(a.run) else os.path.dirname(a.run),
                                     f"compressed_{a.hashing}_{a.keep if a.keep is not None else a.max_error}")
         os.makedirs(out, exist_ok=True)

@@ -15,3 +15,7 @@ class ConfigError(HashexpError, ValueError):
 
 class DataError(HashexpError):
     """A dataset is missing, corrupt or has the wrong shape/dtype/range."""
+
+
+class ExportError(HashexpError):
+    """An exported model (ONNX, torch.export) failed, or its outputs differ from the PyTorch model's."""

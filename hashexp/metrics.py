@@ -37,13 +37,17 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     Puts the model in eval mode and leaves it there (callers that keep training call ``train()``).
     """
     model.eval()
-    loss_sum, correct = 0.0, 0
-    for i in range(0, len(x), batch_size):
-        out = model(x[i:i + batch_size])
-        yb = y[i:i + batch_size]
+    loss_sum, correct, n = 0.0, 0, 0
+    if hasattr(x, "eval_batches"):  # images streamed from disk (hashexp.data.imagefolder): loader workers
+        batches = x.eval_batches(y, batch_size)
+    else:
+        batches = ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size))
+    for xb, yb in batches:
+        out = model(xb)
         loss_sum += float(F.cross_entropy(out, yb, reduction="sum"))
         correct += int((out.argmax(1) == yb).sum())
-    n = max(len(x), 1)
+        n += len(yb)
+    n = max(n, 1)
     return loss_sum / n, correct / n
 
 

@@ -42,8 +42,10 @@ def run_app(tmp_path: Path, overrides: list[str], multirun: bool = False, check:
             cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `python -m hashexp` in a subprocess with outputs under tmp_path."""
     tmp_path.mkdir(parents=True, exist_ok=True)
+    # PYTHONPATH: this checkout's hashexp, also where the venv holds another checkout's editable install
     env = dict(os.environ, HASHEXP_OUTPUTS=str(tmp_path / "outputs"), WANDB_MODE="disabled",
-               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, "-m", "hashexp", *(["-m"] if multirun else []), *overrides]
     proc = subprocess.run(cmd, cwd=str(cwd or tmp_path), env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

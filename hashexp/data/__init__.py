@@ -1,8 +1,9 @@
-"""Data layer: every source yields a DataBundle of in-memory tensors.
+"""Data layer: every source yields a DataBundle of in-memory tensors (imagefolder: streamed).
 
 Sources (one module each, one conf/dataset/<name>.yaml each): fashion_mnist, mnist, cifar10
-(image files in their original formats), synthetic (make_classification-style generator) and
-npz (bring your own arrays). BatchIterator batches by indexing; augment.py holds the
+(image files in their original formats), synthetic (make_classification-style generator),
+npz (bring your own arrays) and imagefolder (root/train/<class>/*, streamed from disk by
+DataLoader workers: data beyond RAM). BatchIterator batches by indexing; augment.py holds the
 vectorized train-time image augmentation.
 """
 

@@ -1,5 +1,9 @@
 """The baselines: the classic alternatives, with the same schedule, targets, compensation and surgery.
 
+They follow their papers: every site is scored on the network before the compression step and all
+are cut at once (``scoring=original``; ``sequential`` is hashexp's behaviour before issue 22);
+tests/test_baselines_reference.py checks them against numpy references of the papers' equations.
+
 ``MagnitudePruner`` (structured L1 pruning of whole neurons, Li et al. 2017), ``RandomMerger``
 (random groups) and ``NeuronMerging`` (Kim et al., NeurIPS 2020, with
 :func:`neuron_merging_coefficients`). A ``width_plan`` (a hashed run's metrics.json) makes a
@@ -24,15 +28,50 @@ HASH_ONLY_KNOBS = frozenset({"threshold", "bits", "tables", "min_tables", "trans
                              "auto_width"})
 
 
+#: how baselines score a compression step's sites: on the network before the step (the papers) or
+#: each site after the upstream sites were cut (hashexp before issue 22)
+SCORINGS = ("original", "sequential")
+
+
 class _Baseline(Compressor):
-    """Target-driven baselines; their classic form compensates by the weight rule."""
+    """Target-driven baselines; their classic form compensates by the weight rule.
+
+    Args:
+        scoring: ``original`` (the papers: every site's scores, cosine matches and norm ratios
+            come from the network as it was before this compression step, and all sites are cut
+            at once) or ``sequential`` (each site is scored after the sites upstream of it were
+            cut, so its producers have already lost their input columns).
+        other arguments: see :class:`Compressor`.
+    """
 
     own_knobs: frozenset = frozenset()
 
-    def __init__(self, compensation: str = "weights", **kw) -> None:
+    def __init__(self, compensation: str = "weights", scoring: str = "original", **kw) -> None:
         ignored = {k: kw.pop(k) for k in list(kw) if k in HASH_ONLY_KNOBS and k not in self.own_knobs}
         super().__init__(compensation=compensation, **kw)
+        if scoring not in SCORINGS:
+            raise ConfigError(f"hashing.scoring={scoring!r}; choose original (score every site on the network "
+                              "before this compression step, as the papers do) or sequential (score each site "
+                              "after the sites upstream of it were cut)")
+        self.scoring = scoring
         self.ignored_knobs = ignored
+        self._before: dict[str, dict[str, torch.Tensor]] = {}
+
+    def before_compress(self, sites: list[MergeSite] | None) -> None:
+        """``scoring=original``: record each site's weight rows before any site of this step changes."""
+        self._before = {} if sites is None or self.scoring != "original" else {
+            s.name: {"raw": producer_vectors(s), "folded": s.neuron_vectors()} for s in sites}
+
+    def vectors(self, site: MergeSite, kind: str) -> torch.Tensor:
+        """(width, D) rows of the site's neurons: ``raw`` (each producer's own [w; b]) or ``folded``
+        ([w; b] with the norm folded in), as recorded before this step (``original``) or now."""
+        rec = self._before.get(site.name)
+        if rec is None:
+            return producer_vectors(site) if kind == "raw" else site.neuron_vectors()
+        if rec[kind].shape[0] != site.width:
+            raise RuntimeError(f"site {site.name}: recorded {rec[kind].shape[0]} neurons before this step, "
+                               f"it has {site.width}; a site changed before it was planned")
+        return rec[kind]
 
     def _target_or_fail(self, site: MergeSite) -> int | None:
         target = self.target(site)
@@ -41,9 +80,28 @@ class _Baseline(Compressor):
         return None if target >= site.width else target
 
 
+def producer_vectors(site: MergeSite) -> torch.Tensor:
+    """(width, D): each neuron's own [w; b] over all producers, norms *not* folded in.
+
+    Li et al. (2017) rank a conv filter by the sum of its absolute kernel weights and Kim et al.
+    (2020) a Linear neuron by the L1 norm of [w; b]; a BatchNorm after the layer is not part of
+    either score (a bias-free conv contributes b = 0).
+    """
+    parts = []
+    for p in site.producers:
+        w = p.module.weight.detach().flatten(1)
+        b = p.module.bias.detach() if p.module.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype,
+                                                                                 device=w.device)
+        parts += [w, b[:, None]]
+    return torch.cat(parts, dim=1).float()
+
+
 class MagnitudePruner(_Baseline):
     """Structured L1-norm pruning of whole neurons (Li et al., ICLR 2017), same targets.
 
+    A neuron's score is the L1 norm of its producers' own [w; b] (kernel weights for a bias-free
+    conv; a BatchNorm is not folded in), on the network before this compression step
+    (``scoring=original``): the ``target`` largest stay, every site is cut at once.
     With ``compensation=lsq`` the survivors' consumers are refit on the calibration set, which
     separates *which* neurons go from *how* the survivors compensate.
     """
@@ -55,13 +113,14 @@ class MagnitudePruner(_Baseline):
         target = self._target_or_fail(site)
         if target is None:
             return None
-        score = site.neuron_vectors().abs().sum(1)
+        score = self.vectors(site, "raw").abs().sum(1)
         keep = torch.topk(score, target).indices
         return prune_plan(site, keep)
 
 
 class RandomMerger(_Baseline):
-    """Random groups of near-equal size, merged with the same activation-weighted rule."""
+    """Random groups of near-equal size, merged with the same activation-weighted rule (its
+    directions and norms from the network before this step with ``scoring=original``)."""
 
     name = "random"
 
@@ -75,7 +134,8 @@ class RandomMerger(_Baseline):
         labels = torch.empty(width, dtype=torch.long)
         labels[perm] = torch.arange(width) % target
         dev = site.device
-        return self._finish(merge_plan(site, labels.to(dev), None if mass is None else mass.to(dev)))
+        return self._finish(merge_plan(site, labels.to(dev), None if mass is None else mass.to(dev),
+                                       vectors=self.vectors(site, "folded")))
 
 
 class NeuronMerging(_Baseline):
@@ -85,12 +145,19 @@ class NeuronMerging(_Baseline):
     (BN folded in for conv+BN sites). Each pruned neuron j goes to the survivor i whose
     direction is most cosine-similar; when that cosine reaches ``threshold`` its consumer
     column is added to i's, scaled by the norm ratio |p_j| / |p_i| (exact when p_j is a positive
-    multiple of p_i and the activation is ReLU-like), otherwise it is dropped.
+    multiple of p_i and the activation is ReLU-like), otherwise it is dropped. With
+    ``scoring=original`` (the paper's algorithm) selection, cosines and norm ratios come from every
+    site's rows before this step, and the scaling folds into the consumer's current columns (the
+    next layer's rows are the already-merged ones, Z_l applied to W_{l+1} after Z_{l-1}).
+
+    On Linear sites this is the paper's rule exactly. On conv+BN sites it is the same rule on the
+    BN-folded filters (exact for a BN-rescaled channel); the paper instead selects by the raw
+    kernel L1 and matches by a blend of the raw-kernel cosine and a BN bias term (its lambda).
 
     Args:
         threshold: the cosine a pruned neuron needs to its survivor to be merged (the paper
             tunes it per architecture).
-        other arguments: see :class:`Compressor`.
+        other arguments: see :class:`_Baseline` and :class:`Compressor`.
     """
 
     name = "neuron_merging"
@@ -109,7 +176,7 @@ class NeuronMerging(_Baseline):
         target = self._target_or_fail(site)
         if target is None:
             return None
-        p = site.neuron_vectors()
+        p = self.vectors(site, "folded")
         labels, m, survivor = neuron_merging_coefficients(p, target, self.threshold)
         one = survivor.to(p.device, p.dtype)
         return self._finish(MergePlan(labels=labels.to(p.device), r=one, m=m.to(p.device), a=one, new_width=target))

@@ -153,6 +153,7 @@ class Compressor:
         main = dist is None or dist.is_main
         reports = []
         sites = model_sites(model)
+        self.before_compress(sites)
         unknown = sorted(set(self.site_overrides) - {s.name for s in sites})
         if unknown:
             raise ConfigError(f"hashing.site_overrides names {unknown}, which are not sites of this model "
@@ -198,6 +199,7 @@ class Compressor:
                         error = dist.broadcast_object(error)
             reports.append(SiteReport(site=site.name, before=before, after=site.width, step=step,
                                       error=round(float(error), 6)))
+        self.before_compress(None)
         self.calls += 1
         return reports
 
@@ -216,6 +218,7 @@ class Compressor:
         main = dist is None or dist.is_main
         out: dict[str, dict[str, torch.Tensor]] = {}
         if main:
+            self.before_compress(model_sites(model))
             for idx, site in enumerate(model_sites(model)):
                 if (names is not None and site.name not in names) or (self.sites is not None and site.name not in self.sites):
                     continue
@@ -230,6 +233,7 @@ class Compressor:
                 if plan is None or plan.new_width >= site.width:
                     continue
                 out[site.name] = proposal_groups(plan, cap)
+            self.before_compress(None)
         if dist is not None:
             out = dist.broadcast_object(out)
         return out
@@ -259,6 +263,14 @@ class Compressor:
         """The plan of one site (None: leave it), from its activation ``mass`` and calibration ``capture``; one per
         method."""
         raise NotImplementedError
+
+    # --- the pre-compression network (baselines score every site on it, as their papers do)
+    def before_compress(self, sites: list[MergeSite] | None) -> None:
+        """Called with all sites before a compression step changes any of them, and with None after it.
+
+        The base class records nothing (the hashed compressor measures each site through the
+        already-merged upstream network); baselines record each site's weights here.
+        """
 
     def _finish(self, plan: MergePlan | None) -> MergePlan | None:
         """``compensation=none``: consumer columns of a group are summed unscaled (m = 1)."""

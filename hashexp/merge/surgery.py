@@ -54,14 +54,16 @@ class MergePlan:
 
 
 def merge_plan(site: MergeSite, labels: torch.Tensor, act_mass: torch.Tensor | None = None,
-               representative: str = "mean") -> MergePlan:
+               representative: str = "mean", vectors: torch.Tensor | None = None) -> MergePlan:
     """Coefficients that merge each group of ``labels`` into its representative.
 
     ``mean``: the activation-weighted mean direction (below). ``keep``: the member with the
     largest activation mass stays unchanged and the others fold into it with s_i c_i / s_r
-    (ReLU-like sites only).
+    (ReLU-like sites only). ``vectors``: the (width, D) neuron rows the coefficients come from
+    (None: the site's current ``neuron_vectors()``; a baseline passes the rows recorded before
+    the compression step).
     """
-    p = site.neuron_vectors()
+    p = site.neuron_vectors() if vectors is None else vectors
     width = p.shape[0]
     labels = torch.as_tensor(labels, dtype=torch.long, device=p.device)
     if labels.shape != (width,):

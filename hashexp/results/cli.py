@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths = []  # a sweep dir alone: its vanilla runs are the only twins
     elif not a.paths and not a.sweep and not os.path.isdir(default_root):
         print(f"hashexp.results: no runs yet ({default_root}/ does not exist); {NO_RUNS_HINT}", file=sys.stderr)
-        return 1
+        return 0  # nothing to tabulate yet is not a failure: `make results-table` must not fail
     for path in paths:
         if not os.path.isdir(path):
             print(f"hashexp.results: error: {path} is not a directory; pass the outputs dir "
@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = a.sweep or ", ".join(paths)
         print(f"hashexp.results: no run directories (with .hydra/, metrics.json or status.json) under {where}"
               + (" in that date range" if a.since or a.until else f"; {NO_RUNS_HINT}"), file=sys.stderr)
-        return 1
+        return 0  # nothing to tabulate yet is not a failure: `make results-table` must not fail
     out = a.out or os.path.join(paths[0] if paths else a.sweep, "results")
     res = write_results(runs, out, plots=not a.no_plots)
     print(markdown_table(res["rows"]))

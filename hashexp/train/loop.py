@@ -238,6 +238,8 @@ class Trainer(Checkpointing):
 
     def _batches(self, skip: int):
         """This epoch's shuffled batches from the ``skip``-th on (this rank's slices under DDP)."""
+        if hasattr(self.data, "train_batches"):  # streamed from disk: DataLoader workers, this rank's slices
+            return self.data.train_batches(self.batch_size, self.gen, skip, self.dist)
         it = BatchIterator(self.data.x_train, self.data.y_train, self.batch_size, shuffle=True, generator=self.gen)
         if self.dist is not None:
             # augmentation on the whole global batch, then each rank's slice
