@@ -29,7 +29,7 @@ import argparse
 import copy
 from pathlib import Path
 
-from _common import ROOT, run  # noqa: E402  (benchmarks/ is the script's dir)
+from harness import ROOT, run  # noqa: E402  (benchmarks/ is the script's dir)
 
 KEEP = (0.5, 0.4, 0.3, 0.2, 0.1)
 #: ResNet-20 is evaluated on the first N_TEST test samples (a shared 2-core CPU)

@@ -145,6 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-error", type=float, default=None,
                    help="simhash: per-site budget on the consumers' relative pre-activation error")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration samples (default 1024)")
+    p.add_argument("--order", default=None, choices=("exact", "restricted", "auto"),
+                   help="simhash: removal order (exact OBS, OBS inside LSH buckets, or auto by width)")
+    p.add_argument("--budget", default=None, choices=("site", "global"),
+                   help="simhash: site (keep --keep of every site) or global (keep --keep of the sites' FLOPs, "
+                        "and one error budget across sites)")
     p.add_argument("--scoring", default=None, choices=("original", "sequential"),
                    help="baselines: score every site on the network before compression (original, the papers' "
                         "default) or each site after its upstream sites were cut (sequential)")
@@ -167,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                                        finetune_epochs=a.finetune_epochs, lr=a.lr, seed=a.seed,
                                        compensation=a.compensation, max_error=a.max_error,
                                        calib_samples=a.calib_samples,
-                                       **({} if a.scoring is None else {"scoring": a.scoring}))
+                                       **{k: v for k, v in (("order", a.order), ("budget", a.budget),
+                                                            ("scoring", a.scoring)) if v is not None})
         out = a.out or os.path.join(a.run if os.path.isdir(a.run) else os.path.dirname(a.run),
                                     f"compressed_{a.hashing}_{a.keep if a.keep is not None else a.max_error}")
         os.makedirs(out, exist_ok=True)

@@ -108,3 +108,19 @@ def test_finetune_takes_exactly_its_steps_and_learns():
     finetune(model, data, 25, opt, 64, torch.Generator().manual_seed(0))  # 25 steps: more than one epoch of 8
     assert calls["n"] == 25 and model.training
     assert accuracy(model, data.x_test, data.y_test) > before + 0.1
+
+
+def test_api_global_budget_keeps_the_flops_share_and_restricted_order_runs():
+    model, data = _trained_mlp()
+    n_in, n_out = data.input_shape[0], data.num_classes
+
+    def flops(w):
+        return n_in * w["fc1"] + w["fc1"] * w["fc2"] + w["fc2"] * n_out
+
+    small, rep = compress_model(model, data, method="simhash", keep=0.5, seed=0, budget="global", order="restricted",
+                                bucket_size=16)
+    w = small.widths()
+    full = flops({"fc1": 64, "fc2": 64})
+    assert 0.5 * full <= flops(w) < 0.5 * full + max(n_in + w["fc2"], w["fc1"] + n_out)  # within one neuron
+    assert w["fc1"] != w["fc2"]  # the ratio is global: the sites differ
+    assert rep["after"]["test_acc"] > 0.6

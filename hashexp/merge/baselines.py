@@ -25,7 +25,7 @@ from hashexp.utils.checks import check_cosine
 #: between hashing=simhash and hashing=magnitude/random with a single override
 HASH_ONLY_KNOBS = frozenset({"threshold", "bits", "tables", "min_tables", "transform", "max_group_size", "max_pairs",
                              "max_rounds", "n_threads", "candidates", "representative", "max_error", "block_frac",
-                             "auto_width"})
+                             "auto_width", "order", "order_width", "bucket_size", "per_step", "budget"})
 
 
 #: how baselines score a compression step's sites: on the network before the step (the papers) or

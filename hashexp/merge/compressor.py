@@ -160,6 +160,9 @@ class Compressor:
                               f"({', '.join(s.name for s in sites)})")
         # the norm after each layer (a consumer of one site is often a producer of another)
         norm_of = {id(p.module): p.norm for s in sites for p in s.producers if p.norm is not None}
+        if main and calib is not None:
+            self._prepare(model, [s for s in sites if (names is None or s.name in names)
+                                  and (self.sites is None or s.name in self.sites)], calib, overrides)
         for idx, site in enumerate(sites):
             if names is not None and site.name not in names:
                 continue
@@ -263,6 +266,10 @@ class Compressor:
         """The plan of one site (None: leave it), from its activation ``mass`` and calibration ``capture``; one per
         method."""
         raise NotImplementedError
+
+    def _prepare(self, model, sites: list[MergeSite], calib: torch.Tensor,
+                 overrides: Mapping[str, Mapping[str, Any]] | None) -> None:
+        """Called once per rehash (rank 0) before the sites are planned; a global budget plans here."""
 
     # --- the pre-compression network (baselines score every site on it, as their papers do)
     def before_compress(self, sites: list[MergeSite] | None) -> None:

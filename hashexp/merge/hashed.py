@@ -22,6 +22,7 @@ data-free cosine path of the first version (:mod:`hashexp.merge.cosine`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -29,11 +30,14 @@ import torch
 
 from hashexp.errors import ConfigError
 from hashexp.merge import calibration as cal
+from hashexp.merge.budget import allocate, check_budget, layer_flops, neuron_flops
 from hashexp.merge.compressor import Compressor, nearest_survivor
 from hashexp.merge.cosine import pair_cosines, plan_by_cosine
-from hashexp.merge.sites import MergeSite
+from hashexp.merge.order import check_order_knobs, removal_order
+from hashexp.merge.sites import MergeSite, model_sites
 from hashexp.merge.surgery import MergePlan, merge_plan, prune_plan
 from hashexp.utils.checks import check_at_least, check_bits, check_cosine
+from hashexp.utils.seeding import EVENT_MIX, SITE_MIX, derive_seed
 
 CANDIDATES = ("activations", "weights", "exact", "auto")
 REPRESENTATIVES = ("keep", "mean")
@@ -67,6 +71,15 @@ class HashCompressor(Compressor):
         max_rounds: rounds of pairwise merging per rehash (data-free path).
         max_pairs: refuse to verify more candidate pairs than this (raise bits instead).
         block_frac: share of the width removed per step of the error-ordered removal.
+        order: the removal order (:mod:`hashexp.merge.order`): ``exact`` (structured OBS over the
+            whole width), ``restricted`` (OBS inside LSH buckets of ``bucket_size`` neurons,
+            linear in width) or ``auto`` (restricted from ``order_width`` neurons on).
+        order_width, bucket_size, per_step: see ``order``; ``per_step`` neurons leave each bucket
+            per factorization update.
+        budget: ``site`` (every site stops at ``max_error`` and keeps ``target_ratio`` of its
+            width) or ``global`` (:mod:`hashexp.merge.budget`: one error budget of
+            ``n_sites * max_error^2`` and, with ``target_ratio``, one FLOPs ratio across all
+            sites, spent cheapest error per saved FLOP first; ``compensation=lsq`` only).
         other arguments: see :class:`Compressor`.
     """
 
@@ -76,8 +89,14 @@ class HashCompressor(Compressor):
                  transform: str = "auto", max_group_size: int = 0, max_pairs: int = 20_000_000,
                  max_rounds: int = 8, n_threads: int = 0, candidates: str = "activations",
                  representative: str | None = None, max_error: float | None = None, block_frac: float = 0.01,
-                 auto_width: int | None = None, **kw) -> None:
+                 auto_width: int | None = None, order: str = "auto", order_width: int | None = None,
+                 bucket_size: int = 128, per_step: int = 8, budget: str = "site", **kw) -> None:
         super().__init__(**kw)
+        check_order_knobs(order, order_width, bucket_size, per_step)
+        self.order, self.order_width = order, None if order_width is None else int(order_width)
+        self.bucket_size, self.per_step = int(bucket_size), int(per_step)
+        self.budget = check_budget(budget)
+        self._global_removed: dict[str, tuple[torch.Tensor, int]] = {}
         check_cosine("hashing.threshold", threshold, nullable=True)
         if transform not in ("auto", "simhash", "mips"):
             raise ConfigError(f"hashing.transform={transform!r}; choose auto, simhash or mips")
@@ -145,6 +164,8 @@ class HashCompressor(Compressor):
         """The error-ordered plan (``compensation=lsq``) or the data-free cosine path."""
         if self.compensation == "lsq":
             return self._plan_by_error(site, index, mass, capture)
+        if self.budget == "global":
+            raise ConfigError("hashing.budget=global spends measured errors; it needs hashing.compensation=lsq")
         if self.representative == "keep" and not site.homogeneous:
             raise ConfigError(f"site {site.name} ({site.activation}): representative=keep with compensation="
                               f"{self.compensation} folds members by a positive scale, which needs a ReLU-like "
@@ -154,22 +175,37 @@ class HashCompressor(Compressor):
     def _plan_by_error(self, site: MergeSite, index: int, mass: torch.Tensor | None,
                        cap: cal.SiteCapture) -> MergePlan | None:
         """Remove candidate neurons cheapest-first by measured error, within budget and target."""
+        if site.name in self._global_removed:  # budget=global: _prepare chose this site's removals
+            removed, candidates = self._global_removed.pop(site.name)
+            return self._removal_plan(site, mass, cap, removed, candidates, None)
         width = site.width
         target = self.target(site)
         floor = max(self._min_width(site), target if target is not None else 0)
         if width <= floor:
             return None
         eligible = self.eligible(site, index, cap)
-        order = cal.obs_removal_order(cap, eligible, floor, self.ridge, self.max_error, self.block_frac)
+        order = self._order(site, index, cap, eligible, floor, self.max_error)
         nb = len(order.blocks)
         if self.max_error is not None:
             while nb > 0 and order.rel_error(nb) > self.max_error:
                 nb -= 1
-        removed = order.removed(nb)
+        return self._removal_plan(site, mass, cap, order.removed(nb), int(eligible.sum()), order.rel_error(nb))
+
+    def _order(self, site: MergeSite, index: int, cap: cal.SiteCapture, eligible: torch.Tensor, floor: int,
+               max_error: float | None) -> cal.RemovalOrder:
+        """The site's removal order (``hashing.order``), down to ``floor``, cut at ``max_error``."""
+        return removal_order(cap, eligible, floor, self.ridge, max_error, self.block_frac, self.order,
+                             self.order_width, self.bucket_size, self.per_step,
+                             seed=derive_seed(self.seed, index, scale=EVENT_MIX, weights=(1,)))
+
+    def _removal_plan(self, site: MergeSite, mass, cap: cal.SiteCapture, removed: torch.Tensor, candidates: int,
+                      estimated: float | None) -> MergePlan | None:
+        """The plan that removes ``removed`` (a prefix of an order, rounded to ``round_to``)."""
+        width = site.width
         if self.round_to > 1:  # keep a prefix of the order: a subset of a block never costs more
             removed = removed[:width - self._round(width - len(removed), width)]
-        self.last_stats[site.name] = {"candidates": int(eligible.sum()), "removed": int(len(removed)),
-                                      "estimated_error": order.rel_error(nb)}
+        self.last_stats[site.name] = {"candidates": candidates, "removed": int(len(removed)),
+                                      "estimated_error": estimated}
         if len(removed) == 0:
             return None
         keep = torch.ones(width, dtype=torch.bool)
@@ -179,6 +215,35 @@ class HashCompressor(Compressor):
             return prune_plan(site, keep.to(dev))
         labels = nearest_survivor(cap, keep)
         return merge_plan(site, labels.to(dev), None if mass is None else mass.to(dev))
+
+    def _prepare(self, model, sites: list[MergeSite], calib: torch.Tensor,
+                 overrides: Mapping[str, Mapping[str, Any]] | None) -> None:
+        """``budget=global``: order every site's removals on the network before this rehash, then
+        spend one budget across them (:func:`hashexp.merge.budget.allocate`)."""
+        self._global_removed = {}
+        if self.budget != "global" or self.compensation != "lsq" or not sites:
+            return
+        index_of = {s.name: i for i, s in enumerate(model_sites(model))}
+        orders, widths, candidates = {}, {}, {}
+        for site in sites:
+            idx = index_of[site.name]
+            cap = cal.capture_site(model, site, calib, derive_seed(self.seed, idx, scale=SITE_MIX, weights=(1,)))
+            with self._overridden(self._site_knobs(site.name, overrides)):
+                saved, self.target_ratio = self.target_ratio, None  # the ratio is global here
+                try:
+                    t = self.target(site)
+                    floor = max(self._min_width(site), t if t is not None else 0)
+                    eligible = self.eligible(site, idx, cap)
+                    candidates[site.name] = int(eligible.sum())
+                    orders[site.name] = self._order(site, idx, cap, eligible, floor, None)
+                finally:
+                    self.target_ratio = saved
+            widths[site.name] = site.width
+        layers = layer_flops(model, sites, calib)
+        flops = neuron_flops(layers, widths)
+        take = allocate(orders, flops, widths, self.max_error, self.target_ratio, layers)
+        self._global_removed = {n: (orders[n].removed(k), candidates[n]) for n, k in take.items()}
+        self.last_budget = {"blocks": take, "flops_per_neuron": flops}
 
     def eligible(self, site: MergeSite, index: int, cap: cal.SiteCapture) -> torch.Tensor:
         """(width,) bool: neurons in at least one candidate pair (that passes the pre-filter)."""

@@ -1,0 +1,369 @@
+"""Removal orders that scale: LSH buckets bound the structured OBS order.
+
+The exact order (:func:`hashexp.merge.calibration.obs_removal_order`) inverts the site's whole
+calibration Gram G = X^T X and updates it after every block: width^3 to start and width^2 per
+removed neuron, so a 4k-wide layer costs about 8x a 2k-wide one. Yet a neuron's removal is
+absorbed almost entirely by the few survivors that compute nearly the same thing. So:
+
+- :func:`balanced_buckets` hashes each neuron's centred calibration activations with random
+  hyperplanes, each split at its bucket's median instead of at zero (SimHash with balanced
+  buckets: a random-projection tree). Neurons that fire together share a bucket, and no bucket
+  holds more than ``bucket_size`` neurons;
+- :func:`restricted_removal_order` runs the structured OBS order on the block-diagonal part of
+  G that the buckets select: each bucket's Gram (bucket_size^2), its inverse and its rank-b
+  updates, batched over all buckets at once. Every bucket removes its ``per_step`` cheapest
+  neurons per step with one factorization update per block. The per-bucket sequences are then
+  merged into one global order by their (running-max) cost per neuron, so each bucket's own
+  order is kept. Cost: rows * width * bucket_size for the Grams plus width * bucket_size^2 for
+  the order, linear in width for a fixed bucket size.
+
+The block-diagonal costs are upper bounds of the exact ones (a removed neuron is compensated
+only by its bucket's survivors, the final least-squares refit uses all of them), so an error
+budget stops no later than the exact order's would. ``candidates=exact`` with ``order=exact``
+stays the reference.
+"""
+
+from __future__ import annotations
+
+
+import torch
+
+from hashexp.errors import ConfigError
+from hashexp.merge.calibration import RemovalOrder, SiteCapture
+
+#: calibration rows used to hash a neuron's activations into a bucket
+MAX_SIGNATURE_ROWS = 2048
+ORDERS = ("exact", "restricted", "auto")
+#: width from which ``order=auto`` restricts the order to buckets (measured: benchmarks/bench_merge_cost.md)
+AUTO_WIDTH = 1024
+
+
+def balanced_buckets(v: torch.Tensor, bucket_size: int, seed: int = 0, window: float = 0.2) -> torch.Tensor:
+    """Bucket label of each row of ``v`` (n, d): random hyperplanes that split buckets near their median.
+
+    Every bucket larger than ``bucket_size`` is split in two by the projection of its rows on a
+    fresh random direction, at the widest gap between consecutive projections within
+    ``window`` of its median (not at the median itself: near-duplicates project side by side,
+    and a cut through them would separate the neurons that compensate each other best). Each
+    split leaves both halves at least (0.5 - window) of the bucket, so there are O(log(n /
+    bucket_size)) rounds. Vectorized: one sort per round, no loop over buckets. Deterministic for
+    a given ``seed``.
+    """
+    n = v.shape[0]
+    if bucket_size < 2:
+        raise ConfigError(f"hashing.bucket_size must be >= 2, got {bucket_size}")
+    node = torch.zeros(n, dtype=torch.long)
+    if n <= bucket_size:
+        return node
+    gen = torch.Generator().manual_seed(int(seed))
+    pos = torch.arange(n)
+    while True:
+        count = torch.bincount(node)
+        big = count > bucket_size
+        if not bool(big.any()):
+            break
+        proj = v @ torch.randn(v.shape[1], generator=gen, dtype=v.dtype)
+        order = torch.argsort(proj, stable=True)
+        order = order[torch.argsort(node[order], stable=True)]  # by node, then by projection
+        ns = node[order]
+        start = torch.cumsum(count, 0) - count
+        rank = pos - start[ns]  # position of each row inside its node
+        c = count[ns]
+        p = proj[order]
+        # gap before each row (to the previous row of the same node); only cut inside the window
+        gap = torch.zeros(n, dtype=p.dtype)
+        gap[1:] = p[1:] - p[:-1]
+        lo = torch.floor((0.5 - window) * c).clamp_min(1)
+        hi = torch.ceil((0.5 + window) * c).clamp_max(c - 1)
+        ok = (rank >= lo) & (rank <= hi) & big[ns]
+        gap = torch.where(ok, gap, torch.full_like(gap, -1.0))
+        # cut of each node: the rank with the widest gap (ties: the one nearest the median)
+        tie = (rank.double() - c.double() / 2).abs() / (n + 1.0)
+        best = torch.full((len(count),), -2.0, dtype=torch.float64).scatter_reduce(
+            0, ns, gap.double() - 1e-12 * tie * gap.abs().max().double(), reduce="amax")
+        is_cut = ok & ((gap.double() - 1e-12 * tie * gap.abs().max().double()) == best[ns])
+        cut = torch.full((len(count),), n, dtype=torch.long).scatter_reduce(0, ns, torch.where(is_cut, rank, n),
+                                                                         reduce="amin")
+        upper = (big[ns] & (rank >= cut[ns])).long()
+        new = torch.empty_like(node)
+        new[order] = 2 * ns + upper
+        node = torch.unique(new, return_inverse=True)[1]
+    return node
+
+
+def _signature(x: torch.Tensor) -> torch.Tensor:
+    """(width, rows) unit vectors: each neuron's centred activations on a fixed subset of rows."""
+    if x.shape[0] > MAX_SIGNATURE_ROWS:
+        x = x[torch.linspace(0, x.shape[0] - 1, MAX_SIGNATURE_ROWS).long()]
+    v = (x - x.mean(0)).T.contiguous().float()
+    return v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def _padded_members(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(buckets, size) member indices of each bucket (padding -1) and the validity mask."""
+    n = len(labels)
+    nb = int(labels.max()) + 1
+    count = torch.bincount(labels, minlength=nb)
+    size = int(count.max())
+    order = torch.argsort(labels, stable=True)
+    start = torch.cumsum(count, 0) - count
+    slot = torch.arange(n) - start[labels[order]]
+    members = torch.full((nb, size), -1, dtype=torch.long)
+    members[labels[order], slot] = order
+    return members, members >= 0
+
+
+def _bucket_factors(x: torch.Tensor, w: torch.Tensor, members: torch.Tensor, valid: torch.Tensor,
+                    ridge: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Inverse ridged Grams H (nb, s, s), weight Grams A = W_b^T W_b (nb, s, s) of one consumer, and
+    its centred output energy |X_c W^T|^2.
+
+    The ridge is the exact order's (per neuron, relative to the mean energy of the whole width),
+    so each bucket's diagonal block equals the same block of the full ridged Gram. Padding slots
+    get an identity Gram and zero weights: inert. Working on A instead of W makes every later
+    step independent of the consumer's output count.
+    """
+    xc = x.float() - x.float().mean(0)
+    d = (xc.double() ** 2).sum(0)
+    lam = float(ridge) * d + 1e-12 * float(d.mean().clamp_min(1e-30))
+    idx = members.clamp_min(0)
+    xb = (xc[:, idx] * valid).permute(1, 0, 2).double()  # (nb, rows, s)
+    g = xb.transpose(1, 2) @ xb
+    diag = torch.where(valid, lam[idx], torch.ones_like(lam[idx]))
+    g = g + torch.diag_embed(diag)
+    h = torch.cholesky_inverse(torch.linalg.cholesky(g))
+    wf = w.float()
+    wb = wf[:, idx].permute(1, 0, 2) * valid[:, None, :]  # (nb, out, s)
+    energy = float(((xc @ wf.T).double() ** 2).sum())
+    return h.float(), wb.transpose(1, 2) @ wb, energy
+
+
+def _pick_block(hs: list[torch.Tensor], gs: list[torch.Tensor], alive: torch.Tensor, m: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each bucket's next ``m`` removals, chosen one by one as the per-neuron greedy order would.
+
+    After picks P the scores need only the diagonals of the updated H and A:
+    diag(H)_i - H_iP H_PP^-1 H_Pi and diag(A)_i - 2 A_iP C_.i + C_.i^T A_PP C_.i with
+    C = H_PP^-1 H_P., so choosing a block costs m^2 * bucket_size per bucket and the
+    factorization is updated once per block, not once per neuron. Returns the picks (nb, m) and
+    which of them are real (a bucket may run out of candidates), and each pick's marginal cost
+    (the greedy score when it was chosen; they add up to the block's cost).
+    """
+    nb, s = alive.shape
+    rows = torch.arange(nb)[:, None]
+    picks = torch.zeros(nb, 0, dtype=torch.long)
+    oks = torch.zeros(nb, 0, dtype=torch.bool)
+    costs = torch.zeros(nb, 0, dtype=torch.float64)
+    free = alive.clone()
+    for t in range(m):
+        score = torch.zeros(nb, s, dtype=torch.float64)
+        for h, a in zip(hs, gs):
+            dh = h.diagonal(dim1=1, dim2=2).double()
+            da = a.diagonal(dim1=1, dim2=2).double()
+            if t:
+                okf = oks.double()
+                hp = h[rows, picks].double() * okf[..., None]  # (nb, t, s)
+                hpp = torch.gather(hp, 2, picks[:, None, :].expand(nb, t, t)) * (okf[:, :, None] * okf[:, None, :])
+                hpp = hpp + torch.diag_embed(1.0 - okf)
+                c = torch.linalg.solve(hpp, hp)
+                ap = a[rows, picks].double() * okf[..., None]
+                app = torch.gather(ap, 2, picks[:, None, :].expand(nb, t, t))
+                dh = dh - (hp * c).sum(1)
+                da = da - 2 * (ap * c).sum(1) + (c * (app @ c)).sum(1)
+            score += da / dh.clamp_min(1e-30)
+        score[~free] = float("inf")
+        best = score.argmin(1, keepdim=True)
+        ok = torch.isfinite(score.gather(1, best))
+        free[rows[ok[:, 0]], best[ok[:, 0]]] = False
+        picks = torch.cat([picks, best], 1)
+        oks = torch.cat([oks, ok], 1)
+        costs = torch.cat([costs, torch.where(ok, score.gather(1, best), 0.0).clamp_min(0.0)], 1)
+    return picks, oks, costs
+
+
+def restricted_removal_order(cap: SiteCapture, eligible: torch.Tensor, floor: int, ridge: float = 1e-3,
+                             max_error: float | None = None, block_frac: float = 0.01,
+                             bucket_size: int = 128, per_step: int = 1, seed: int = 0) -> RemovalOrder:
+    """The structured OBS order inside LSH buckets; same contract as ``obs_removal_order``.
+
+    Buckets come from :func:`balanced_buckets` on the first consumer's input activations. Each
+    step removes, in every bucket at once, its ``per_step`` cheapest eligible neurons with one
+    block update of that bucket's inverse Gram H and weight Gram A (the compensated weights
+    W <- W - W_B C with C = H_BB^-1 H_B. give A <- A - A_.B C - C^T A_B. + C^T A_BB C; a block
+    costs tr(H_BB^-1 A_BB)). The per-bucket sequences are merged by running-max cost per neuron
+    into one order, cut at ``floor`` and at the first block past ``max_error``, and returned in
+    blocks of ``block_frac`` of the width.
+    """
+    if per_step < 1:
+        raise ConfigError(f"hashing.per_step must be >= 1, got {per_step}")
+    width = int(cap.inputs[0].shape[1])
+    labels = balanced_buckets(_signature(cap.inputs[0]), bucket_size, seed)
+    members, valid = _padded_members(labels)
+    nb, s = members.shape
+    factors = [_bucket_factors(x, w, members, valid, ridge) for x, w in zip(cap.inputs, cap.weights)]
+    energy = sum(f[2] for f in factors)
+    hs = [f[0] for f in factors]
+    gs = [f[1] for f in factors]
+    alive = valid & eligible.bool()[members.clamp_min(0)]
+    steps_cost, steps_who = [], []
+    rows = torch.arange(nb)[:, None]
+    m = min(per_step, s)
+    for _ in range(-(-s // m)):
+        if not bool(alive.any()):
+            break
+        pick, ok, marginal = _pick_block(hs, gs, alive, m)
+        okf = ok.float()
+        pair = okf[:, :, None] * okf[:, None, :]
+        eye = torch.diag_embed(1.0 - okf)
+        step_cost = torch.zeros(nb, dtype=torch.float64)
+        for i, (h, a) in enumerate(zip(hs, gs)):
+            hb = h[rows, pick] * okf[..., None]  # (nb, m, s): rows of the removed, zero where invalid
+            hbb = torch.gather(hb, 2, pick[:, None, :].expand(nb, m, m)) * pair + eye
+            hbb_inv = torch.linalg.inv(hbb.double())
+            ab = a[rows, pick] * okf[..., None]  # (nb, m, s)
+            abb = torch.gather(ab, 2, pick[:, None, :].expand(nb, m, m)) * pair
+            step_cost += (hbb_inv * abb.double().transpose(1, 2)).sum((1, 2))
+            c = hbb_inv.float() @ hb  # (nb, m, s)
+            hs[i] = h - hb.transpose(1, 2) @ c
+            ac = ab.transpose(1, 2) @ c  # A_.B C
+            gs[i] = a - ac - ac.transpose(1, 2) + c.transpose(1, 2) @ (abb @ c)
+        done = torch.zeros(nb, s, dtype=torch.bool)
+        done[rows.expand_as(pick)[ok], pick[ok]] = True
+        alive &= ~done
+        # marginal costs of the picks, rescaled so they add up to the block's exact joint cost
+        total = marginal.sum(1)
+        marginal = marginal * torch.where(total > 0, step_cost.clamp_min(0.0) / total.clamp_min(1e-300), 1.0)[:, None]
+        steps_cost.append(marginal)
+        steps_who.append(torch.where(ok, members.gather(1, pick), torch.full_like(pick, -1)))
+    return _merge_sequences(steps_cost, steps_who, width, floor, energy, max_error, block_frac)
+
+
+def _merge_sequences(steps_cost, steps_who, width: int, floor: int, energy: float,
+                     max_error: float | None, block_frac: float) -> RemovalOrder:
+    """One global order from the buckets' sequences of (neuron, marginal cost), in blocks of
+    ``block_frac`` of the width. Sorting by each bucket's running-max cost keeps every bucket's
+    own order; ties go to the earlier position."""
+    room = width - int(floor)
+    if not steps_cost or room <= 0:
+        return RemovalOrder(blocks=[], cost=[], energy=energy)
+    cost = torch.cat(steps_cost, 1)  # (nb, L)
+    who = torch.cat(steps_who, 1)
+    real = who >= 0
+    env = torch.cummax(torch.where(real, cost, torch.zeros_like(cost)), 1).values
+    env = torch.where(real, env, torch.full_like(env, float("inf")))
+    t = torch.arange(cost.shape[1]).expand_as(cost).flatten()
+    first = torch.argsort(t, stable=True)
+    order = first[torch.argsort(env.flatten()[first], stable=True)]
+    order = order[real.flatten()[order]][:room]
+    flat = who.flatten()[order]
+    cum = torch.cumsum(cost.flatten()[order], 0)
+    if len(flat) == 0:
+        return RemovalOrder(blocks=[], cost=[], energy=energy)
+    chunk = max(1, int(block_frac * width))
+    cuts = list(range(chunk, len(flat), chunk)) + [len(flat)]
+    budget = None if max_error is None else float(max_error) ** 2 * energy
+    blocks, out_cost, prev = [], [], 0
+    for cut in cuts:
+        blocks.append(flat[prev:cut].clone())
+        out_cost.append(float(cum[cut - 1]))
+        prev = cut
+        if budget is not None and out_cost[-1] > budget:
+            break
+    return RemovalOrder(blocks=blocks, cost=out_cost, energy=energy)
+
+
+def removal_cost(cap: SiteCapture, removed: torch.Tensor, ridge: float = 1e-3) -> float:
+    """Exact structured-OBS cost of removing the neurons ``removed`` at once (summed over consumers).
+
+    With survivors K, Z = X_S W_S^T (centred) and the exact order's ridge Lambda, the cost
+    tr(W_S [H_SS]^-1 W_S^T) (H the inverse ridged Gram of the whole width) equals
+    tr(W_S Lambda_S W_S^T) + tr(Z^T (I + X_K Lambda_K^-1 X_K^T)^-1 Z)
+    (Schur complement, then the push-through identity). The kernel form costs rows^2 * |K|, the
+    primal form (G_KK + Lambda_K) |K|^2 * rows: whichever is smaller, so for a fixed calibration set
+    the cost is linear in width. It is the number an error budget is checked against.
+    """
+    width = int(cap.inputs[0].shape[1])
+    gone = torch.zeros(width, dtype=torch.bool)
+    gone[removed] = True
+    kept = (~gone).nonzero().flatten()
+    total = 0.0
+    for x, w in zip(cap.inputs, cap.weights):
+        xc = x.double() - x.double().mean(0)
+        d = (xc * xc).sum(0)
+        lam = float(ridge) * d + 1e-12 * float(d.mean().clamp_min(1e-30))
+        ws, xs, xk = w.double()[:, gone], xc[:, gone], xc[:, kept]
+        z = xs @ ws.T  # (rows, out)
+        total += float((ws * ws * lam[gone]).sum())
+        lk = lam[kept]
+        if xk.shape[0] <= xk.shape[1]:  # fewer rows than survivors: kernel form
+            xs_k = xk / lk.sqrt()
+            kmat = xs_k @ xs_k.T
+            kmat.diagonal().add_(1.0)
+            chol = torch.linalg.cholesky(kmat)
+            total += float((torch.linalg.solve_triangular(chol, z, upper=False) ** 2).sum())
+        else:
+            g = xk.T @ xk
+            g.diagonal().add_(lk)
+            chol = torch.linalg.cholesky(g)
+            proj = torch.linalg.solve_triangular(chol, xk.T @ z, upper=False)
+            total += float((z * z).sum() - (proj ** 2).sum())
+    return max(total, 0.0)
+
+
+def cut_by_budget(cap: SiteCapture, order: RemovalOrder, max_error: float, ridge: float = 1e-3) -> RemovalOrder:
+    """The longest prefix of ``order`` (in blocks) whose exact cost (:func:`removal_cost`) is within
+    ``max_error``, found by bisection (the exact cost of nested removals never decreases). The
+    estimated costs of an approximate order are upper bounds, so the cut never moves backwards:
+    the prefix within the estimate is taken as is, and blocks past it are checked exactly."""
+    budget = float(max_error) ** 2 * order.energy
+    costs = list(order.cost)
+    lo = 0  # blocks known to be within budget
+    while lo < len(costs) and costs[lo] <= budget:
+        lo += 1
+    hi = len(costs)
+    exact_at = {}
+    if lo < hi:
+        c = removal_cost(cap, order.removed(hi), ridge)
+        exact_at[hi] = c
+        if c <= budget:
+            lo = hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            exact_at[mid] = c = removal_cost(cap, order.removed(mid), ridge)
+            if c <= budget:
+                lo = mid
+            else:
+                hi = mid
+    # costs inside the prefix: the estimates, never above the exact cost at the cut
+    final = exact_at.get(lo, costs[lo - 1] if lo else 0.0)
+    out = [min(c, final) for c in costs[:lo]]
+    return RemovalOrder(blocks=order.blocks[:lo], cost=out, energy=order.energy)
+
+
+def check_order_knobs(order: str, order_width: int | None, bucket_size: int, per_step: int) -> None:
+    """One clear error for a bad ``hashing.order`` / ``order_width`` / ``bucket_size`` / ``per_step``."""
+    if order not in ORDERS:
+        raise ConfigError(f"hashing.order={order!r}; choose {', '.join(ORDERS)}")
+    if order_width is not None and int(order_width) < 1:
+        raise ConfigError(f"hashing.order_width must be >= 1 or null, got {order_width}")
+    if int(bucket_size) < 2:
+        raise ConfigError(f"hashing.bucket_size must be >= 2, got {bucket_size}")
+    if int(per_step) < 1:
+        raise ConfigError(f"hashing.per_step must be >= 1, got {per_step}")
+
+
+def removal_order(cap: SiteCapture, eligible: torch.Tensor, floor: int, ridge: float, max_error: float | None,
+                  block_frac: float, order: str = "exact", order_width: int | None = None,
+                  bucket_size: int = 128, per_step: int = 8, seed: int = 0) -> RemovalOrder:
+    """The site's removal order: ``exact`` (whole-width OBS), ``restricted`` (inside LSH buckets) or
+    ``auto`` (restricted from ``order_width`` neurons on, exact below; None: ``AUTO_WIDTH``)."""
+    from hashexp.merge.calibration import obs_removal_order
+
+    width = int(cap.inputs[0].shape[1])
+    if order == "auto":
+        order = "restricted" if width >= (AUTO_WIDTH if order_width is None else int(order_width)) else "exact"
+    if order == "restricted" and width > bucket_size:
+        est = restricted_removal_order(cap, eligible, floor, ridge, None, block_frac,
+                                       bucket_size=bucket_size, per_step=per_step, seed=seed)
+        return est if max_error is None else cut_by_budget(cap, est, max_error, ridge)
+    return obs_removal_order(cap, eligible, floor, ridge, max_error, block_frac)
