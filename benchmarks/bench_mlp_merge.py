@@ -21,7 +21,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from harness import ROOT, fmt, run  # noqa: E402  (benchmarks/ is the script's dir)
+from harness import ROOT, fmt, run, write_markdown  # noqa: E402  (benchmarks/ is the script's dir)
 
 
 def main() -> None:
@@ -53,10 +53,6 @@ def main() -> None:
                                  sd / "small")
     van = res["vanilla"]
     lines = [
-        "# Hashed merging vs vanilla, magnitude, random and small-from-scratch",
-        "",
-        "Command: `.venv/bin/python benchmarks/bench_mlp_merge.py`" + (f" `--hashed {' '.join(a.hashed)}`" if a.hashed else ""),
-        "",
         f"Fashion-MNIST (60k/10k), MLP 784-2048-2048-10, {a.epochs} epochs, batch 256, Adam 1e-3, seeds {a.seeds}; "
         "all runs of a seed one after the other in one sweep. Reductions are per-seed ratios "
         "against the vanilla run of the same seed (wall = whole process: data, training, evaluation, hashing; "
@@ -82,7 +78,7 @@ def main() -> None:
         f"step {e['step']}: {e['before']} -> {e['after']}" for e in h0["rehash_events"]), ""]
     if not a.skip_oneshot:
         lines += oneshot(a, out)
-    Path(a.md).write_text("\n".join(lines) + "\n")
+    write_markdown(a.md, "Hashed merging vs vanilla, magnitude, random and small-from-scratch", lines)
     print("\n".join(lines))
 
 

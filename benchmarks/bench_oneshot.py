@@ -36,7 +36,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from harness import ROOT, fmt, run  # noqa: E402  (benchmarks/ is the script's dir)
+from harness import ROOT, fmt, run, write_markdown  # noqa: E402  (benchmarks/ is the script's dir)
 
 REMOVE = (0.5, 0.6, 0.7, 0.8, 0.9)
 NM_T = (0.1, 0.3, 0.45, 0.6, 0.8)
@@ -167,14 +167,6 @@ def main() -> None:
 
     seeds = a.seeds
     lines = [
-        "# One-shot compression without fine-tuning (MLP 784-300-100-10, Fashion-MNIST)",
-        "",
-        "Command: `.venv/bin/python benchmarks/bench_oneshot.py" + "".join(
-            f" {f}" for f, on in ((f"--seeds {' '.join(map(str, a.seeds))}", a.seeds != [0, 1, 2]),
-                                  ("--affected", a.affected), ("--smoke", a.smoke),
-                                  (f"--md {Path(a.md).relative_to(ROOT) if Path(a.md).is_relative_to(ROOT) else a.md}",
-                                   Path(a.md) != Path(__file__).with_suffix(".md"))) if on) + "`",
-        "",
         f"Each seed's network is trained by `python -m hashexp model.widths=[300,100] trainer.epochs={a.epochs} "
         f"seed=S` (Adam 1e-3, batch 256); trained test accuracy {fmt([trained[s] for s in seeds], pct=True)}% "
         f"(seeds {seeds}; majority class {100 * majority:.1f}%). Each method removes the given share of *each* "
@@ -213,8 +205,7 @@ def main() -> None:
                 + " |")
     lines += ["", "Mean time per one-shot compression (both sites, incl. calibration forward; s): "
               + ", ".join(f"{n} {statistics.mean(timing[n]):.2f}" for n in methods(a.affected)), ""]
-    Path(a.md).write_text("\n".join(lines))
-    print("\n".join(lines))
+    print(write_markdown(a.md, "One-shot compression without fine-tuning (MLP 784-300-100-10, Fashion-MNIST)", lines))
 
 
 if __name__ == "__main__":
