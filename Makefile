@@ -10,10 +10,11 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 FMNIST_DEB_DIR := /usr/share/datasets/fashion-mnist
 CLSH_SOURCES := $(wildcard clsh/*.pyx clsh/*.pxd clsh/src/*.cpp clsh/src/*.hpp clsh/src/*.h)
 
-.PHONY: install data test test-fast run results-table bench bench-deps clean help
+.PHONY: install data test test-all test-fast run results-table bench bench-deps clean help
 
 help:
 	@echo "make test           set up .venv, install hashexp[dev,search,deploy] (builds clsh), fetch data, run the whole test suite"
+	@echo "make test-all       the suite plus the sweep over every torchvision classifier (slow)"
 	@echo "make test-fast      the suite without the end-to-end runs (pytest -m \"not slow\")"
 	@echo "make run            set up, get Fashion-MNIST, compare vanilla vs hashed MLP and print the table"
 	@echo "make results-table  tables and plots from everything under outputs/"
@@ -43,6 +44,9 @@ data:
 	fi
 
 test: install data
+	$(PY) -m pytest -q -n 2 -m "not sweep" tests
+
+test-all: install data
 	$(PY) -m pytest -q -n 2 tests
 
 test-fast: install

@@ -487,6 +487,7 @@ def _all_torchvision() -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.sweep
 @pytest.mark.parametrize("name", _all_torchvision())
 def test_every_torchvision_classifier(name):
     if _num_params(name) > 100e6:
