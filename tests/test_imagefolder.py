@@ -220,14 +220,16 @@ def test_torchrun_two_ranks_stream_their_slices_and_match_one_process(folder, tm
     import os
     import subprocess
     import sys
+    import tempfile
 
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
         pytest.skip("torchrun not installed next to the interpreter")
     root = Path(__file__).resolve().parents[1]
-    (tmp_path / "tmpdir").mkdir()
+    # a short TMPDIR: DataLoader workers bind AF_UNIX sockets under it (108-byte path limit)
+    scratch = tempfile.mkdtemp(prefix="hx", dir="/tmp")
     env = dict(os.environ, HASHEXP_OUTPUTS=str(tmp_path / "outputs"), WANDB_MODE="disabled", OMP_NUM_THREADS="1",
-               TMPDIR=str(tmp_path / "tmpdir"), PYTHONPATH=str(root))
+               TMPDIR=scratch, PYTHONPATH=str(root))
     args = ["dataset=imagefolder", f"dataset.root={folder}", "dataset.resize=null", "dataset.crop=16",
             "dataset.num_workers=1", *[a for a in MID if "checkpoint" not in a], "trainer.batch_size=10"]
     ddp = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "--monitor-interval=0.2", "-m",
