@@ -458,8 +458,9 @@ def check_torchvision(name: str, all_sites: bool) -> None:
 #: one model per family; the quick ones run in the default suite, the rest are marked slow
 FAMILIES_FAST = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf",
                  "shufflenet_v2_x0_5", "squeezenet1_1", "mnasnet0_5"]
-FAMILIES_SLOW = ["alexnet", "googlenet", "densenet121", "vgg11_bn", "resnext50_32x4d", "convnext_tiny", "swin_t",
-                 "wide_resnet50_2", "vit_b_32", "regnet_y_400mf", "inception_v3", "maxvit_t"]
+#: (alexnet, inception_v3, regnet_y, maxvit are in the `sweep` and in benchmarks/bench_anymodel.md)
+FAMILIES_SLOW = ["googlenet", "densenet121", "vgg11_bn", "resnext50_32x4d", "convnext_tiny", "swin_t",
+                 "wide_resnet50_2", "vit_b_32"]
 
 
 @pytest.mark.parametrize("name", FAMILIES_FAST)
