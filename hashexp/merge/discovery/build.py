@@ -131,23 +131,23 @@ def _norm_after(walk: Walk, n: Node):
     return None
 
 
+def _first_use(uses):
+    """(node, layout) pairs in forward order, one per module (its first use)."""
+    seen: set[int] = set()
+    out = []
+    for n, lay in sorted(uses, key=lambda nl: nl[0].idx):
+        if id(n.module) not in seen:
+            seen.add(id(n.module))
+            out.append((n, lay))
+    return out
+
+
 def _site(walk: Walk, tr: Trace, c: Candidate, name: str, kind: str) -> MergeSite:
     sp = c.root
     producers = [Producer(n.module, nrm) for n, nrm in c.producers]
-    consumers, seen = [], set()
-    for n, lay in sorted(sp.consumers, key=lambda nl: nl[0].idx):
-        if id(n.module) in seen:
-            continue
-        seen.add(id(n.module))
-        before, after = _split(walk, sp.idx, lay)
-        consumers.append(Consumer(n.module, before, after, lay.block, _norm_after(walk, n)))
-    members, seen = [], set()
-    for n, lay in sorted(sp.members, key=lambda nl: nl[0].idx):
-        if id(n.module) in seen:
-            continue
-        seen.add(id(n.module))
-        before, after = _split(walk, sp.idx, lay)
-        members.append(Member(n.module, before, after))
+    consumers = [Consumer(n.module, *_split(walk, sp.idx, lay), lay.block, _norm_after(walk, n))
+                 for n, lay in _first_use(sp.consumers)]
+    members = [Member(n.module, *_split(walk, sp.idx, lay)) for n, lay in _first_use(sp.members)]
     acts = list(dict.fromkeys(a for _, a in sp.acts))
     activation = "identity" if not acts else acts[0] if len(acts) == 1 else "mixed"
     return MergeSite(name=name, producers=producers, consumers=consumers, activation=activation,
