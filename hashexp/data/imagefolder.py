@@ -129,6 +129,7 @@ class LazyImages:
 
     @property
     def shape(self) -> torch.Size:
+        """(n_files, *input_shape): the shape the decoded tensor would have."""
         return torch.Size((len(self.files), *self.input_shape))
 
     def __len__(self) -> int:
@@ -184,10 +185,12 @@ class StreamedImages(DataBundle):
         yield from _load(self.train_files, batches, self.input_shape, self.x_train.loader_kw, self.x_train.device)
 
     def to(self, device: torch.device | str) -> "StreamedImages":
+        """A copy whose tensors (and lazy image lists) live on ``device``."""
         return dataclasses.replace(self, x_train=self.x_train.to(device), y_train=self.y_train.to(device),
                                    x_test=self.x_test.to(device), y_test=self.y_test.to(device), meta=dict(self.meta))
 
     def validate(self) -> "StreamedImages":
+        """Itself; raises DataError when the training split is empty."""
         if self.n_train == 0:
             raise DataError(f"dataset {self.name}: the training split is empty")
         return self

@@ -37,7 +37,7 @@ from torch import nn
 
 from hashexp.errors import ConfigError
 from hashexp.merge.sites import Consumer, MergeSite, consumer_output, site_input
-from hashexp.utils.seeding import P7919, derive_seed
+from hashexp.utils.seeding import EVENT_MIX, derive_seed
 
 #: calibration samples when hashing.calib_samples is null (or the whole split if smaller)
 DEFAULT_SAMPLES = 1024
@@ -140,7 +140,7 @@ def capture_site(model: nn.Module, site: MergeSite, x: torch.Tensor, seed: int =
     def gen_for(k: int, which: int) -> torch.Generator:
         key = (k, which)
         if key not in gens:
-            gens[key] = torch.Generator().manual_seed(derive_seed(seed, k, which, scale=P7919, weights=(31, 1)))
+            gens[key] = torch.Generator().manual_seed(derive_seed(seed, k, which, scale=EVENT_MIX, weights=(31, 1)))
         return gens[key]
 
     width = site.width
@@ -200,6 +200,7 @@ def _spd_inverse(a: torch.Tensor) -> torch.Tensor:
 
 
 def centred_gram(x: torch.Tensor) -> torch.Tensor:
+    """``Xc^T Xc`` in float64, ``Xc`` the columns of ``x`` (rows are samples) minus their mean."""
     xc = x.double() - x.double().mean(0)
     return xc.T @ xc
 
@@ -251,11 +252,13 @@ class RemovalOrder:
     energy: float
 
     def rel_error(self, n_blocks: int) -> float:
+        """Relative output error sqrt(cost / energy) after the first ``n_blocks`` blocks (0 for none)."""
         if n_blocks == 0:
             return 0.0
         return math.sqrt(max(self.cost[n_blocks - 1], 0.0) / max(self.energy, 1e-30))
 
     def removed(self, n_blocks: int) -> torch.Tensor:
+        """The neuron indices of the first ``n_blocks`` blocks, concatenated in removal order."""
         if n_blocks == 0:
             return torch.zeros(0, dtype=torch.long)
         return torch.cat(self.blocks[:n_blocks])

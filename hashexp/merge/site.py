@@ -113,6 +113,7 @@ class Member:
 
     @property
     def offset(self) -> int:
+        """Index of the site's first channel in the member's dim 0."""
         return span_width(self.before)
 
 
@@ -156,6 +157,7 @@ class MergeSite:
 
     @property
     def width(self) -> int:
+        """Number of channels of the site (its producers' output width)."""
         return out_width(self.producers[0].module)
 
     @property
@@ -209,10 +211,12 @@ class MergeSite:
 
 
 def out_width(m: nn.Module) -> int:
+    """Output width of a Linear/Conv: dim 0 of its weight."""
     return int(m.weight.shape[0])
 
 
 def in_width(m: nn.Module) -> int:
+    """Input width of a Linear/Conv: dim 1 of its weight (per group for a grouped conv)."""
     return int(m.weight.shape[1])
 
 

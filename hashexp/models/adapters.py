@@ -44,6 +44,7 @@ class Resized(nn.Module):
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Upsample ``x`` (bilinear) so its smaller side is at least ``min_size``, then run the wrapped net."""
         h, w = x.shape[-2:]
         if min(h, w) < self.min_size:
             s = self.min_size / min(h, w)

@@ -36,6 +36,7 @@ class Attention(nn.Module):
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Multi-head self-attention of ``x`` (batch, tokens, dim) through the fused qkv and output projections."""
         n, t, d = x.shape
         q, k, v = self.qkv(x).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
@@ -53,6 +54,7 @@ class FeedForward(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``fc2(dropout(act(fc1(x))))``."""
         return self.fc2(self.drop(self.act(self.fc1(x))))
 
 
@@ -67,6 +69,7 @@ class Block(nn.Module):
         self.mlp = FeedForward(dim, hidden, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-norm residual block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
@@ -122,6 +125,7 @@ class ViT(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of images ``x`` (batch, channels, H, W): patch embedding, blocks, the head on the class token or the mean."""
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)

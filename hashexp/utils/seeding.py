@@ -49,6 +49,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-#: the older spelling that hashexp/merge/calibration.py still imports (its owners rename it)
-P7919 = EVENT_MIX

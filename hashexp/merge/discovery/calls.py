@@ -56,6 +56,7 @@ class CallRules:
     """Mixin of :class:`~hashexp.merge.discovery.walk.Walk`: the rules for ``call`` nodes."""
 
     def visit_call(self, n: Node) -> None:
+        """Propagate (or refuse) the channel layouts through one function or method call."""
         op = canon(n.op)
         lays = [(v, self.lay(v)) for v in n.inputs]
         with_lay = [(v, lay) for v, lay in lays if lay is not None]
@@ -140,6 +141,7 @@ class CallRules:
         self.refuse_inputs(n, f"unknown op {n.op} at {n.path or '<model>'} on the channels")
 
     def arg(self, n: Node, pos: int, name: str, default):
+        """The call's argument at position ``pos`` or keyword ``name``, else ``default``."""
         if len(n.args) > pos:
             return n.args[pos]
         return n.kwargs.get(name, default)
@@ -150,6 +152,7 @@ class CallRules:
         return len(o.shape) < k or o.shape[len(o.shape) - k] == 1
 
     def binary(self, n: Node, kind: str) -> None:
+        """An elementwise op of ``kind`` (add, mul, div, ...): unify equal layouts, refuse mixing ones."""
         tensors = [v for v in n.inputs]
         if len(tensors) == 1:  # a scalar operand
             x = tensors[0]
@@ -193,6 +196,7 @@ class CallRules:
         self.pass_all(n, lay, len(n.outputs[0].shape) - (len(x.shape) - lay.axis) if n.outputs else None)
 
     def reduce(self, n: Node, x: Value, lay: Layout) -> None:
+        """A reduction (sum, mean, max, ...): passes when the channel axis is kept, refuses otherwise."""
         nd = len(x.shape)
         dim = self.arg(n, 1, "dim", None)
         if isinstance(dim, (bool,)) or (dim is None and canon(n.op) in ("max", "min")):
@@ -210,6 +214,7 @@ class CallRules:
         self.pass_all(n, lay, axis)
 
     def reshaped(self, n: Node, lay: Layout | None, x: Value, out: Value | None) -> None:
+        """A view/reshape: follow the channel axis when it stays whole (or splits into blocks), else refuse."""
         if lay is None or out is None:
             return
         ins, outs = x.shape, out.shape
@@ -237,6 +242,7 @@ class CallRules:
         self.refuse(lay, f"{self.where(n)} reshapes {tuple(ins)} -> {tuple(outs)} and splits or merges the channel axis")
 
     def permuted(self, n: Node, op: str, x: Value, lay: Layout) -> None:
+        """permute/transpose/t/movedim: move the layout's channel axis with the op."""
         nd = len(x.shape)
         if op == "permute":
             dims = n.args[1:] if len(n.args) > 2 or not isinstance(self.arg(n, 1, "dims", None), (tuple, list)) \
@@ -259,6 +265,7 @@ class CallRules:
         self.pass_all(n, lay, axis)
 
     def cat(self, n: Node) -> None:
+        """Concatenation: along the channels it chains the segments; along another axis it unifies them."""
         tensors = n.args[0] if n.args else n.kwargs.get("tensors", ())
         dim = self.arg(n, 1, "dim", 0)
         vals = [t for t in tensors if isinstance(t, Value)]
@@ -305,6 +312,7 @@ class CallRules:
         self.pass_all(n, ref)
 
     def getitem(self, n: Node, x: Value, lay: Layout) -> None:
+        """Indexing: follow the channel axis through basic slicing; refuse selecting part of it."""
         idx = n.args[1] if len(n.args) > 1 else None
         if not isinstance(idx, tuple):
             idx = (idx,)

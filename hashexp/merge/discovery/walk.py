@@ -70,15 +70,18 @@ class Walk(CallRules):
 
     # -------------------------------------------------------------- union-find
     def find(self, s: int) -> int:
+        """Union-find root of channel space ``s`` (with path halving)."""
         while self.parent[s] != s:
             self.parent[s] = self.parent[self.parent[s]]
             s = self.parent[s]
         return s
 
     def space(self, s: int) -> Space:
+        """The Space that channel space ``s`` belongs to (its root's)."""
         return self.spaces[self.find(s)]
 
     def unify(self, a: int, b: int) -> None:
+        """Merge two channel spaces into one: their producers, consumers, members, reasons and flags."""
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
             return
@@ -91,6 +94,7 @@ class Walk(CallRules):
         A.flags |= B.flags
 
     def new_space(self, node: Node, width: int, reason: str | None = None) -> int:
+        """A fresh channel space of ``width`` produced by ``node`` (refused with ``reason`` if given); its index."""
         s = Space(len(self.spaces), int(width), origin=node)
         self.spaces.append(s)
         self.parent.append(s.idx)
@@ -101,6 +105,7 @@ class Walk(CallRules):
         return s.idx
 
     def refuse(self, lay: Layout | None, reason: str) -> None:
+        """Record ``reason`` against every channel space of ``lay`` (no-op for None)."""
         if lay is None:
             return
         for s in lay.segs:
@@ -108,12 +113,14 @@ class Walk(CallRules):
                 self.space(s).reasons.append(reason)
 
     def each(self, lay: Layout, fn) -> None:
+        """Call ``fn`` on each channel space of ``lay``."""
         for s in lay.segs:
             if s >= 0:
                 fn(self.space(s))
 
     # -------------------------------------------------------------- helpers
     def depth_of(self, n: Node) -> None:
+        """Record the depth (producers passed on the way) of ``n``'s outputs."""
         d = max((self.depth.get(v.idx, 0) for v in n.inputs), default=0)
         if n.kind == "module" and isinstance(n.module, (nn.Linear, nn.modules.conv._ConvNd)):
             d += 1
@@ -121,21 +128,26 @@ class Walk(CallRules):
             self.depth[v.idx] = d
 
     def lay(self, v) -> Layout | None:
+        """The layout a traced value carries (None for constants and untracked values)."""
         return self.layout.get(v.idx) if isinstance(v, Value) else None
 
     def put(self, v: Value, lay: Layout | None) -> None:
+        """Attach ``lay`` to value ``v`` and list ``v`` under its channel spaces."""
         if lay is None:
             return
         self.layout[v.idx] = lay
         self.each(lay, lambda sp: sp.values.append(v))
 
     def where(self, n: Node) -> str:
+        """``op at path``: how refusal reasons name a node."""
         return f"{n.op} at {n.path or '<model>'}"
 
     def width_of(self, lay: Layout) -> int:
+        """Total width of a layout's segments (sites and foreign channels)."""
         return sum(self.spaces[self.find(s)].width if s >= 0 else -s for s in lay.segs)
 
     def pass_all(self, n: Node, lay: Layout | None, axis: int | None = None) -> None:
+        """Give every output of ``n`` the layout ``lay`` (with its channel axis moved to ``axis``)."""
         if lay is None:
             return
         out = lay if axis is None else Layout(axis, lay.segs, lay.block)
@@ -143,17 +155,20 @@ class Walk(CallRules):
             self.put(v, out)
 
     def refuse_inputs(self, n: Node, reason: str) -> None:
+        """Refuse every channel space that reaches ``n`` through its inputs."""
         for v in n.inputs:
             self.refuse(self.lay(v), reason)
 
     # -------------------------------------------------------------- dispatch
     def visit(self, n: Node) -> None:
+        """Dispatch one traced node to the module or the call rules."""
         if n.kind == "module":
             self.visit_module(n)
         else:
             self.visit_call(n)
 
     def visit_module(self, n: Node) -> None:
+        """Propagate the layouts through one module call (producers, norms, pass-through, refusals)."""
         m = n.module
         x = n.inputs[0] if n.inputs else None
         lay = self.lay(x)
@@ -224,6 +239,7 @@ class Walk(CallRules):
             self.put(v, Layout(len(v.shape) - 1, (self.new_space(n, v.shape[-1], f"produced by {kind} at {n.path}"),)))
 
     def visit_conv(self, n: Node, m, x: Value, lay: Layout | None, out: Value | None) -> None:
+        """A conv module: producer and consumer of channels, or depthwise member; transposed convs refuse."""
         depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
         transposed = getattr(m, "transposed", False)
         if transposed:
@@ -263,6 +279,7 @@ class Walk(CallRules):
         return len(self.uses.get(x.idx, [])) == 1
 
     def pooled(self, n: Node, lay: Layout | None, x: Value, k: int) -> None:
+        """A pool/interpolate/pad over the last ``k`` axes: passes unless it touches the channel axis."""
         if lay is None:
             return
         if lay.axis >= len(x.shape) - k:
