@@ -106,8 +106,7 @@ def compress_model(model: nn.Module, calib, hashing: str = "simhash", keep: floa
     The report holds widths, FLOPs per sample, parameters (and accuracy) before and after, the
     per-site results, the sites tracing skipped with why, and the time spent.
     """
-    from hashexp.api import calibration_data, model_sites_for
-    from hashexp.merge.calibration import DEFAULT_SAMPLES
+    from hashexp.api import model_sites_for
 
     hashing = method or hashing
     if keep is _DEFAULT_KEEP:
@@ -118,21 +117,7 @@ def compress_model(model: nn.Module, calib, hashing: str = "simhash", keep: floa
     if p is None:
         raise ConfigError(f"{type(model).__name__} has no parameters; nothing to compress")
     gen = torch.Generator().manual_seed(seed)
-    if isinstance(calib, DataBundle):
-        data, n_calib = calib, calib_samples
-        test = (data.x_test, data.y_test) if test is None else test
-
-        def batches():
-            it = BatchIterator(data.x_train, data.y_train, batch_size, shuffle=True, generator=gen)
-            return (xb for _, (xb, _) in zip(range(calib_batches), it))
-    else:
-        data = calibration_data(calib, max_samples=calib_samples or DEFAULT_SAMPLES, dtype=p.dtype, device=p.device)
-        n_calib = len(data.x)
-        if test is None and data.y is not None:
-            test = (data.x, data.y)
-
-        def batches():
-            return data.batches(batch_size, calib_batches)
+    data, n_calib, test, batches = _calibration_source(calib, test, p, gen, calib_samples, calib_batches, batch_size)
     test = test or None  # () skips the accuracy
     input_shape = tuple(data.x_train.shape[1:])
     if not inplace:
@@ -171,6 +156,35 @@ def compress_model(model: nn.Module, calib, hashing: str = "simhash", keep: floa
     if isinstance(data, DataBundle):
         report["majority_acc"] = data.majority_acc("test")
     return model, report
+
+
+def _calibration_source(calib, test, p: torch.Tensor, gen: torch.Generator, calib_samples: int | None,
+                        calib_batches: int, batch_size: int):
+    """``(data, n_calib, test, batches)`` of one-shot's ``calib`` argument.
+
+    ``data`` is the DataBundle given or the :func:`~hashexp.api.calibration_data` of anything else
+    (on ``p``'s device and dtype); ``test`` defaults to its test split or labelled inputs; ``batches()``
+    yields the ``calib_batches`` input batches that collect the statistics and re-estimate BatchNorm.
+    """
+    from hashexp.api import calibration_data
+    from hashexp.merge.calibration import DEFAULT_SAMPLES
+
+    if isinstance(calib, DataBundle):
+        data, n_calib = calib, calib_samples
+        test = (data.x_test, data.y_test) if test is None else test
+
+        def batches():
+            it = BatchIterator(data.x_train, data.y_train, batch_size, shuffle=True, generator=gen)
+            return (xb for _, (xb, _) in zip(range(calib_batches), it))
+    else:
+        data = calibration_data(calib, max_samples=calib_samples or DEFAULT_SAMPLES, dtype=p.dtype, device=p.device)
+        n_calib = len(data.x)
+        if test is None and data.y is not None:
+            test = (data.x, data.y)
+
+        def batches():
+            return data.batches(batch_size, calib_batches)
+    return data, n_calib, test, batches
 
 
 def _check_rules(comp, sites) -> None:
