@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+from hashexp.utils.conf import CONF_DIR
+
 log = logging.getLogger("hashexp")
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | tuple[float, ...] | None:
     """One run. Returns test_acc, or with ``objective: [key, ...]`` (a search preset) those
     metrics.json values as a tuple: what a Hydra sweeper (Optuna, multi-objective) optimizes."""

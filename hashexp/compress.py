@@ -33,7 +33,7 @@ from torch import nn
 
 from hashexp.data import BatchIterator, DataBundle
 from hashexp.errors import ConfigError, HashexpError
-from hashexp.merge.rehasher import Rehasher
+from hashexp.merge.rehasher import REHASHER_KNOBS, Rehasher
 from hashexp.merge.sites import model_widths
 from hashexp.metrics import accuracy, count_flops, count_params
 
@@ -44,34 +44,45 @@ def make_compressor(method: str, keep: float | None, threshold: float | None = N
                     compensation: str | None = None, max_error: float | None = None, **hash_kw):
     """A compressor for one-shot use: ``keep`` is the share of each site kept.
 
-    ``simhash``/``mips``: ``keep`` and/or ``max_error`` (relative error budget per site) decide,
-    ``threshold`` is the optional cosine pre-filter (``compensation=lsq``) or the member cosine
-    (``weights``). Baselines need ``keep``; ``compensation`` None is each method's own default
-    (lsq for simhash, the weight rule for the baselines).
+    Its defaults are those of a training run's ``hashing=<method>`` (``conf/hashing/<method>.yaml``,
+    read by :func:`~hashexp.utils.conf.group_option`); the Rehasher's own keys (window, calibration
+    samples, BatchNorm batches, pull) are left to :func:`compress_model`. The arguments override:
+    ``keep`` is ``target_ratio``, ``max_error`` the relative error budget per site (``simhash``/
+    ``mips``; None: ``keep`` alone decides), ``threshold`` the optional cosine pre-filter
+    (``compensation=lsq``), the member cosine (``weights``) or Neuron Merging's t, and ``hash_kw``
+    any other key of the YAML. Baselines need ``keep``.
     """
-    from hashexp.merge.baselines import MagnitudePruner, NeuronMerging, RandomMerger
-    from hashexp.merge.hashed import HashCompressor
+    from hydra.utils import get_class
+
+    from hashexp.utils.conf import group_option
 
     if method not in METHODS:
         raise ConfigError(f"method={method!r}; choose one of {', '.join(METHODS)}")
-    comp = {} if compensation is None else {"compensation": compensation}
+    node = {k: v for k, v in group_option("hashing", method).items() if k not in (*REHASHER_KNOBS, "name")}
+    cls = get_class(node.pop("_target_"))
+    node.update(seed=seed, target_ratio=keep)
+    if compensation is not None:
+        node["compensation"] = compensation
     if method in ("simhash", "mips"):
         if "scoring" in hash_kw:
             raise ConfigError(f"scoring is a knob of the baselines (magnitude, random, neuron_merging), not of {method}; "
                               "drop --scoring")
         if keep is None and threshold is None and max_error is None:
             raise ConfigError("give --keep (share of neurons kept), --max-error or --threshold")
-        if comp.get("compensation", "lsq") != "lsq" and threshold is None:
+        if node["compensation"] != "lsq" and threshold is None:
             threshold = -1.0  # data-free without a threshold: the target decides, most similar first
-        return HashCompressor(threshold=threshold, target_ratio=keep, seed=seed, max_error=max_error,
-                              transform="mips" if method == "mips" else "auto", min_width=1, **comp, **hash_kw)
-    if keep is None:
+        node.update(max_error=max_error, threshold=threshold)
+    elif keep is None:
         raise ConfigError(f"method={method} needs --keep")
-    if method == "neuron_merging":
-        return NeuronMerging(target_ratio=keep, seed=seed, min_width=1,
-                             **({} if threshold is None else {"threshold": threshold}), **comp, **hash_kw)
-    cls = MagnitudePruner if method == "magnitude" else RandomMerger
-    return cls(target_ratio=keep, seed=seed, min_width=1, **comp, **hash_kw)
+    elif threshold is not None:
+        if "threshold" not in node:
+            raise ConfigError(f"method={method} has no threshold; drop --threshold")
+        node["threshold"] = threshold
+    unknown = sorted(set(hash_kw) - set(node))
+    if unknown:
+        raise ConfigError(f"{', '.join(unknown)}: not keys of conf/hashing/{method}.yaml; choose among "
+                          f"{', '.join(sorted(node))}")
+    return cls(**{**node, **hash_kw})
 
 
 _DEFAULT_KEEP = object()
@@ -288,14 +299,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dataset_cfg(name: str):
-    from pathlib import Path
-
+    """``conf/dataset/<name>.yaml`` (unresolved: its ``seed: null`` and interpolations stay for the loader)."""
     from omegaconf import OmegaConf
 
-    path = Path(__file__).resolve().parent.parent / "conf" / "dataset" / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"--dataset {name}: no conf/dataset/{name}.yaml")
-    return OmegaConf.load(path)
+    from hashexp.utils.conf import group_option
+
+    return OmegaConf.create(group_option("dataset", name, resolve=False))
 
 
 if __name__ == "__main__":

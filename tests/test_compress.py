@@ -124,3 +124,56 @@ def test_api_global_budget_keeps_the_flops_share_and_restricted_order_runs():
     assert 0.5 * full <= flops(w) < 0.5 * full + max(n_in + w["fc2"], w["fc1"] + n_out)  # within one neuron
     assert w["fc1"] != w["fc2"]  # the ratio is global: the sites differ
     assert rep["after"]["test_acc"] > 0.6
+
+
+@pytest.mark.parametrize("option", ["simhash", "mips", "learnable", "magnitude", "random", "neuron_merging", "none"])
+def test_one_shot_reads_the_hashing_group_as_hydra_composes_it(option):
+    """group_option (no Hydra run) == Hydra's composition of `hashing=<option>`, every key."""
+    from conftest import compose
+    from omegaconf import OmegaConf
+
+    from hashexp.utils.conf import group_option
+
+    hydra_node = OmegaConf.to_container(compose([f"hashing={option}", "model.merge_budget=0.02",
+                                                 "trainer.bn_recalib_batches=0"]).hashing, resolve=True)
+    assert group_option("hashing", option) == hydra_node
+
+
+def test_one_shot_compressor_takes_the_training_defaults():
+    """make_compressor's knobs are conf/hashing's values; only its arguments override them."""
+    from hashexp.compress import make_compressor
+    from hashexp.utils.conf import group_option
+
+    yaml = group_option("hashing", "simhash")
+    comp = make_compressor("simhash", 0.4, seed=3)
+    assert (comp.bits, comp.tables, comp.min_width, comp.ridge, comp.block_frac) == (
+        yaml["bits"], yaml["tables"], yaml["min_width"], yaml["ridge"], yaml["block_frac"])
+    assert (comp.target_ratio, comp.max_error, comp.seed) == (0.4, None, 3)  # one-shot: keep decides
+    assert make_compressor("simhash", None, max_error=0.05, bits=10).bits == 10
+    assert make_compressor("mips", 0.5).transform == "mips"
+    nm = make_compressor("neuron_merging", 0.5)
+    assert (nm.threshold, nm.compensation, nm.scoring) == (0.45, "weights", "original")
+    assert make_compressor("neuron_merging", 0.5, threshold=0.3).threshold == 0.3
+    with pytest.raises(ConfigError, match="bitz: not keys of conf/hashing/simhash.yaml"):
+        make_compressor("simhash", 0.5, bitz=4)
+    with pytest.raises(ConfigError, match="magnitude has no threshold"):
+        make_compressor("magnitude", 0.5, threshold=0.3)
+
+
+def test_group_option_errors(tmp_path, monkeypatch):
+    from hashexp.utils import conf
+
+    with pytest.raises(ConfigError, match="no conf/hashing/bogus.yaml; choose one of .*simhash"):
+        conf.group_option("hashing", "bogus")
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "a.yaml").write_text("defaults:\n  - b\n  - _self_\nx: 1\n")
+    (tmp_path / "g" / "b.yaml").write_text("defaults:\n  - a\nx: 2\ny: 3\n")
+    (tmp_path / "g" / "c.yaml").write_text("defaults:\n  - /model: mlp\nx: 1\n")
+    (tmp_path / "g" / "d.yaml").write_text("defaults:\n  - _self_\n  - e\nx: 1\ny: 1\n")
+    (tmp_path / "g" / "e.yaml").write_text("y: 2\n")
+    monkeypatch.setattr(conf, "CONF_DIR", tmp_path)
+    with pytest.raises(ConfigError, match="loops through"):
+        conf.group_option("g", "a")
+    with pytest.raises(ConfigError, match="names another group"):
+        conf.group_option("g", "c")
+    assert conf.group_option("g", "d") == {"x": 1, "y": 2}  # merged in the defaults list's order
