@@ -7,6 +7,7 @@
   per-round ratio of two contenders. The 1-minute load average is read at start and end.
 - :func:`seeds`: the seeds of ``n`` repeats of an experiment, the same everywhere;
   :func:`trained_mlp_layers`: real trained layers (seeded) for the LSH benchmarks.
+- :class:`PeakRSS`: peak memory of a phase (RSS sampled by a thread).
 - :func:`write_markdown`: a result file that starts with the command that reproduces it and the
   machine it ran on.
 
@@ -16,12 +17,14 @@ in one process); times of separate runs are not divided by each other.
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
 import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,8 +36,8 @@ sys.path.insert(0, str(ROOT))  # hashexp from this checkout
 
 from hashexp.results import read_history, read_metrics  # noqa: E402  (re-exported for the scripts)
 
-__all__ = ["PY", "ROOT", "Timing", "Timings", "command_line", "fmt", "interleave", "load_average", "machine_line",
-           "mean_std", "read_history", "read_metrics", "run", "seeds", "trained_mlp_layers", "write_markdown"]
+__all__ = ["PY", "ROOT", "PeakRSS", "Timing", "Timings", "command_line", "fmt", "interleave", "load_average", "machine_line",
+           "mean_std", "read_history", "read_metrics", "rss_bytes", "run", "seeds", "trained_mlp_layers", "write_markdown"]
 
 
 # ------------------------------------------------------------------------------ app runs
@@ -162,6 +165,42 @@ def interleave(contenders: dict[str, Callable[[int], float | None]], repeats: in
             if r >= 0:
                 out[n].times.append(float(dt))
     return Timings(out, load0, load_average(), repeats)
+
+
+# ------------------------------------------------------------------------------ memory
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+class PeakRSS:
+    """``with PeakRSS() as m: ...`` then ``m.delta``: peak RSS above the RSS at entry, in bytes.
+
+    Sampled every 2 ms by a thread: torch and C extensions allocate outside Python's heap, where
+    tracemalloc does not see."""
+
+    def __enter__(self) -> "PeakRSS":
+        gc.collect()
+        self.base = self.peak = rss_bytes()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._poll, daemon=True)
+        self._t.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc) -> None:
+        self.peak = max(self.peak, rss_bytes())
+        self._stop.set()
+        self._t.join()
+        self.delta = self.peak - self.base
 
 
 # ------------------------------------------------------------------------------ formatting
