@@ -61,7 +61,7 @@ def _data():
 
 def base_model(cache: Path):
     """The trained MLP 784-2048-2048-10 (hashexp's trainer, hashing=none, 3 epochs, seed 0; cached)."""
-    from _common import run
+    from harness import run
 
     from hashexp.models import load_model
 

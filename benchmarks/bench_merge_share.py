@@ -16,7 +16,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from _common import PY, ROOT, fmt  # noqa: E402
+from harness import PY, ROOT, fmt  # noqa: E402
 
 VARIANTS = {"exact": ["hashing.order=exact"],
             "auto (restricted from 2048)": ["hashing.order=auto", "hashing.order_width=2048"],

@@ -27,7 +27,7 @@ import copy
 import json
 from pathlib import Path
 
-from _common import ROOT, fmt, run  # noqa: E402  (benchmarks/ is the script's dir)
+from harness import ROOT, fmt, run  # noqa: E402  (benchmarks/ is the script's dir)
 
 
 def bisect(fn, lo: float, hi: float, target: float, iters: int = 7):
