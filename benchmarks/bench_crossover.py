@@ -1,75 +1,57 @@
-"""Benchmark: LSH vs exact all-pairs candidate generation for one merge site, 1e3 to 1e6 neurons.
+"""Benchmark: LSH vs exact all-pairs candidate generation for one merge site, 1e2 to 1e6 neurons.
 
-Command (writes benchmarks/bench_crossover.md; about 15 minutes):
-
-    taskset -c 1 .venv/bin/python benchmarks/bench_crossover.py
+    nice -n 10 .venv/bin/python benchmarks/bench_crossover.py        # writes bench_crossover.md (~10 min, 4 GB)
+    .venv/bin/python benchmarks/bench_crossover.py --widths 100,1000 --thresholds 0.9 --no-real --out /tmp/x.md
 
 Question: from which width on is hashing cheaper than computing every pair's cosine? Both
 contenders return the pairs (i < j) whose cosine is >= the threshold (0.9, the goal's, and 0.7):
 
 - **exact**: blocked all-pairs Gram matrix of the unit vectors, tiles of 1024 x 8192 of the
   upper triangle (never N x N), ``>= threshold`` per tile. At 1e6 neurons the full run would
-  take hours: a few tiles are timed and the time per pair is extrapolated to N(N-1)/2 pairs
-  (the md says so); at 1e5 both the full run and the extrapolation are reported, which shows
-  how far the extrapolation can be trusted.
-- **lsh**: SimHash fingerprints (``hashexp.lsh.SimHash``, in row chunks so the (N, K*L)
-  projection never exists at once) -> clsh tables -> candidate pairs (>= 1 shared bucket) ->
-  exact cosine of each candidate (gathered rows, chunked) -> pairs >= threshold. K and L come
-  from ``hashexp.lsh.params.choose_bits_tables(threshold, N, recall=0.95, dim=d)``. Where
-  N x L exceeds 2e7 bucket entries the tables are streamed in groups (20 tables at 1e6): each
-  group is fingerprinted, indexed, listed and verified before the next, so only one group's
-  codes, tables and candidates are in memory.
+  take hours: 24 tiles at random places are timed and the time per pair is extrapolated to
+  N(N-1)/2 pairs; at 1e5 both the full run and the extrapolation are reported.
+- **lsh**: SimHash fingerprints (row chunks) -> clsh tables -> candidate pairs (>= 1 shared
+  bucket) -> exact cosine of each candidate -> pairs >= threshold. K and L from
+  ``hashexp.lsh.params.choose_bits_tables(threshold, N, recall=0.95, dim=d)``. Beyond 2e7
+  bucket entries (N x L) the tables are streamed in groups, so only one group's codes, tables
+  and candidates are in memory.
 
-Per cell: wall time (median over alternating rounds, lsh then exact, in one process), peak
-memory (RSS sampled every 2 ms by a thread, minus the RSS at the start of the phase: torch and
-clsh allocate outside Python's heap, where tracemalloc does not see), recall (found true pairs
-/ true pairs) and precision (true pairs / candidate pairs, before verification; after it every
-reported pair is true by construction).
+Per width, one fresh process (its peak RSS is that width's alone): the two contenders timed in
+the same rounds in a rotated order (benchmarks/harness.py ``interleave``; the ratio is the
+median per-round ratio), peak memory above the phase's start (``harness.PeakRSS``), recall
+(found true pairs / true pairs) and precision (true pairs / candidates, before verification).
 
-Data, d = 256 by default:
-- synthetic: 10% of the neurons in planted clusters of 4 (unit centre c, member =
-  a c + sqrt(1 - a^2) n, n a random unit vector, a uniform in [0.93, 0.995], so pair cosines
-  a_i a_j + O(1/sqrt d) spread over about 0.86-0.99 around the threshold; at threshold t,
-  a in [0.98 sqrt t, min(0.995, sqrt t + 0.05)]); the other 90% are
-  random Gaussian directions. The true pairs are the within-cluster pairs with cosine >= 0.9,
-  computed exactly; random directions in 256 dimensions never reach 0.9 (the largest cosine of
-  5e11 random pairs is about 0.45), and the exact contender confirms the set at every width up
-  to 1e5.
-- real: the hidden layers ([w; b] rows) of an MLP 784-2048-1024-10 trained for 300 Adam steps
-  on Fashion-MNIST (trained here, seed 0, about a minute). No pair of trained neurons reaches
-  0.7, so each layer is measured at the cosine of its 100th and 1000th most similar pair, with
-  the layer's mean pairwise cosine as the rule's ``background_cos``.
-
-The heavy work runs on one thread (torch.set_num_threads(1), clsh n_threads=1; run the script
-under ``taskset -c 1``): another process benchmarks on the other core of this 2-core machine.
+Data (seed 0), d = 256: synthetic, 10% of the neurons in planted clusters of 4 (member =
+a c + sqrt(1 - a^2) n around a unit centre c, a uniform in [0.98 sqrt t, min(0.995, sqrt t +
+0.05)] so pair cosines straddle the threshold t), the rest random Gaussian directions (which
+never reach 0.7 in 256 dimensions; the exact contender confirms the true set up to 1e5). Real:
+the hidden layers ([w; b] rows) of an MLP 784-2048-1024-10 after 300 Adam steps on
+Fashion-MNIST (``harness.trained_mlp_layers``), measured at the cosine of each layer's 100th and
+1000th most similar pair, with the layer's mean pairwise cosine as ``background_cos``.
+Everything runs on one thread (torch and clsh).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
-import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from harness import PeakRSS, interleave, load_average, trained_mlp_layers, write_markdown  # noqa: E402
 
 import clsh
 from hashexp.lsh import SimHash
 from hashexp.lsh.params import choose_bits_tables, collision_probability, crossover_width, expected_background_pairs
 from hashexp.utils.seeding import SITE_MIX, derive_seed
 
-HERE = Path(__file__).resolve().parent
-THRESHOLD = 0.9
 RECALL = 0.95
 TILE_R, TILE_C = 1024, 8192
 REAL_TOP = (100, 1000)  # real layers: thresholds at the 100th and 1000th most similar pair
@@ -78,43 +60,11 @@ PAIR_CHUNK = 1 << 16
 GROUP_ITEMS = 20_000_000  # bucket entries (neurons x tables) per streamed group of tables: 20 tables at 1e6
 
 
-# ----------------------------------------------------------------- memory
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakRSS:
-    """Peak RSS above the RSS at entry, sampled every 2 ms by a thread."""
-
-    def __enter__(self):
-        gc.collect()
-        self.base = rss_bytes()
-        self.peak = self.base
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._poll, daemon=True)
-        self._t.start()
-        return self
-
-    def _poll(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        self.peak = max(self.peak, rss_bytes())
-        self._stop.set()
-        self._t.join()
-        self.delta = self.peak - self.base
-
-
 # ----------------------------------------------------------------- data
 
 
 def planted(n: int, d: int, seed: int, frac: float = 0.1, cluster: int = 4,
-            threshold: float = THRESHOLD) -> tuple[torch.Tensor, np.ndarray]:
+            threshold: float = 0.9) -> tuple[torch.Tensor, np.ndarray]:
     """(n, d) float32 vectors with planted clusters, and the true pairs (P, 2), sorted i < j.
 
     Cluster members sit at random rows; see the module docstring for the construction. The
@@ -155,15 +105,8 @@ def planted(n: int, d: int, seed: int, frac: float = 0.1, cluster: int = 4,
     return x, pairs[order]
 
 
-def real_layers(steps: int = 300, seed: int = 0) -> dict[str, torch.Tensor]:
-    """[w; b] rows of both hidden layers of an MLP 784-2048-1024-10 after ``steps`` Adam steps
-    on Fashion-MNIST (batch 256, lr 1e-3)."""
-    from harness import trained_mlp_layers
-
-    return trained_mlp_layers((2048, 1024), steps, seed)
-
-
 def unit(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit norm."""
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
@@ -204,10 +147,6 @@ def exact_pairs(u: torch.Tensor, t: float, rows: int | None = None) -> np.ndarra
     return p[np.lexsort((p[:, 1], p[:, 0]))]
 
 
-def exact_pair_count(n: int) -> float:
-    return n * (n - 1) / 2
-
-
 def exact_tiles_time(u: torch.Tensor, t: float, n_tiles: int = 24) -> float:
     """Seconds for all N(N-1)/2 pairs, extrapolated from ``n_tiles`` full tiles at random
     places above the diagonal (min of 2 timings per tile, summed, scaled by the pair count)."""
@@ -226,7 +165,7 @@ def exact_tiles_time(u: torch.Tensor, t: float, n_tiles: int = 24) -> float:
         del nz
         secs += best
         done += TILE_R * TILE_C
-    return secs / done * exact_pair_count(n)
+    return secs / done * n * (n - 1) / 2
 
 
 def lsh_pairs(u: torch.Tensor, t: float, K: int, L: int, seed: int = 0) -> tuple[np.ndarray, int, dict]:
@@ -288,226 +227,196 @@ def overlap(a: np.ndarray, b: np.ndarray, n: int) -> int:
 
 
 # ----------------------------------------------------------------- one width
-
-
-def bench_width(n: int, d: int, rounds: int, exact_mode: str, seed: int = 0, x=None, truth=None,
-                threshold: float = THRESHOLD, background_cos: float = 0.0) -> dict:
-    """exact_mode: 'full', 'extrapolate' or 'both'."""
+def bench_width(n: int, d: int, rounds: int, exact_mode: str, x=None, truth=None, threshold: float = 0.9,
+                background_cos: float = 0.0) -> dict:
+    """Both contenders on one site of width n (exact_mode: 'full', 'extrapolate' or 'both')."""
     if x is None:
-        x, truth = planted(n, d, seed, threshold=threshold)
+        x, truth = planted(n, d, seed=0, threshold=threshold)
     u = x.div_(x.norm(dim=1, keepdim=True).clamp_min(1e-12))  # in place: one copy of the data (1 GiB at 1e6)
     K, L = choose_bits_tables(threshold, n, recall=RECALL, dim=d, background_cos=background_cos)
-    res = {"n": n, "d": d, "K": K, "L": L, "true": len(truth), "lsh_s": [], "exact_s": [], "lsh_mem": 0,
-           "exact_mem": 0, "phases": None}
+    res = {"n": n, "d": d, "K": K, "L": L, "true": len(truth), "lsh_mem": 0, "exact_mem": 0,
+           "recalls": [], "precisions": [], "cands": []}
     lsh_pairs(u[:2000], threshold, K, L)  # warm-up (first calls allocate and load code)
     exact_pairs(u[:2000], threshold)
-    for r in range(rounds):
-        gc.collect()
+
+    def lsh(r: int) -> float:
         with PeakRSS() as m:
             t0 = time.perf_counter()
-            found, n_cand, phases = lsh_pairs(u, threshold, K, L, seed=1000 + r)
-            res["lsh_s"].append(time.perf_counter() - t0)
+            found, n_cand, res["phases"] = lsh_pairs(u, threshold, K, L, seed=1000 + r)
+            dt = time.perf_counter() - t0
         res["lsh_mem"] = max(res["lsh_mem"], m.delta)
-        res.setdefault("recalls", []).append(overlap(found, truth, n) / max(1, len(truth)))
-        res.setdefault("precisions", []).append(len(found) / max(1, n_cand))
-        res.setdefault("cands", []).append(n_cand)
-        res["phases"] = phases
-        del found
-        if exact_mode in ("full", "both"):
-            gc.collect()
-            with PeakRSS() as m:
-                t0 = time.perf_counter()
-                ex = exact_pairs(u, threshold)
-                res["exact_s"].append(time.perf_counter() - t0)
-            res["exact_mem"] = max(res["exact_mem"], m.delta)
-            res["exact_found"] = len(ex)
-            res["exact_recall"] = overlap(ex, truth, n) / max(1, len(truth))
-            del ex
+        res["recalls"].append(overlap(found, truth, n) / max(1, len(truth)))
+        res["precisions"].append(len(found) / max(1, n_cand))
+        res["cands"].append(n_cand)
+        return dt
+
+    def exact(r: int) -> float:
+        with PeakRSS() as m:
+            t0 = time.perf_counter()
+            ex = exact_pairs(u, threshold)
+            dt = time.perf_counter() - t0
+        res["exact_mem"] = max(res["exact_mem"], m.delta)
+        res["exact_found"], res["exact_recall"] = len(ex), overlap(ex, truth, n) / max(1, len(truth))
+        return dt
+
+    t = interleave({"lsh": lsh, **({"exact": exact} if exact_mode != "extrapolate" else {})}, repeats=rounds, warmup=0)
+    res["lsh_s"] = t["lsh"].times
+    res["exact_s"] = t["exact"].times if "exact" in t.timings else []
+    if "exact" in t.timings:
+        res["ratio"] = t.ratio("exact", "lsh").median
     if exact_mode in ("extrapolate", "both"):
         with PeakRSS() as m:
             res["exact_extrap_s"] = exact_tiles_time(u, threshold)
         res["exact_mem"] = max(res["exact_mem"], m.delta)
+        res.setdefault("ratio", res["exact_extrap_s"] / statistics.median(res["lsh_s"]))
     return res
 
 
-# ----------------------------------------------------------------- report
+def one_width(n: int, d: int, threshold: float) -> dict:
+    """The measurement of one synthetic width, sized by n (run in its own process)."""
+    rounds = 9 if n <= 3_000 else 5 if n <= 10_000 else (2 if n <= 100_000 else 1)
+    mode = "full" if n <= 10_000 else ("both" if n <= 100_000 else "extrapolate")
+    r = bench_width(n, d, rounds, mode, threshold=threshold)
+    r["threshold"] = threshold
+    r["process_peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return r
 
 
-def fmt_s(s: float) -> str:
-    if s >= 100:
-        return f"{s:,.0f}"
-    if s >= 1:
-        return f"{s:.2f}"
-    return f"{s * 1000:.1f} ms"
-
-
-def mb(b: float) -> str:
-    return f"{b / 2**20:,.0f}"
+def real_rows() -> list[dict]:
+    """The trained layers, each at the cosines of its REAL_TOP most similar pairs."""
+    out = []
+    for name, w in trained_mlp_layers((2048, 1024), 300, 0).items():
+        uu = unit(w)
+        cos = (uu @ uu.T)[tuple(torch.triu_indices(len(uu), len(uu), 1))]
+        bg = float(cos.mean())
+        for q in REAL_TOP:  # threshold: the cosine of the q-th most similar pair, 2 decimals
+            t = math.floor(float(torch.topk(cos, q).values[-1]) * 100) / 100
+            r = bench_width(w.shape[0], w.shape[1], 5, "full", x=w.clone(), truth=exact_pairs(uu, t), threshold=t,
+                            background_cos=bg)
+            r.update(layer=name, threshold=t, bg=bg, cos_max=float(cos.max()))
+            print(f"  {name} t={t}: {r}", flush=True)
+            out.append(r)
+    return out
 
 
 def main(argv=None) -> int:
+    """Each width in a fresh process, then the real layers here; writes the markdown."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--widths", default="100,300,1000,3000,10000,100000,1000000")
+    p.add_argument("--widths", default="100,300,1000,3000,10000,100000,1000000", help="at the first threshold")
     p.add_argument("--thresholds", default="0.9,0.7", help="the first one is the goal's (all widths)")
     p.add_argument("--other-widths", default="100,300,1000,3000,10000,100000",
                    help="widths for the other thresholds (at 0.7 and 1e6, L ~ 1000 tables)")
-    p.add_argument("--threshold", type=float, default=THRESHOLD, help=argparse.SUPPRESS)
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--no-real", action="store_true", help="skip the trained Fashion-MNIST layers")
-    p.add_argument("--out", default=str(HERE / "bench_crossover.md"))
-    p.add_argument("--one-width", type=int, help=argparse.SUPPRESS)  # internal: one width, JSON to stdout
+    p.add_argument("--out", default=str(Path(__file__).with_suffix(".md")))
+    p.add_argument("--one-width", type=float, nargs=2, help=argparse.SUPPRESS)  # internal: N threshold -> JSON
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     if a.one_width:
-        n = a.one_width
-        rounds = 9 if n <= 3_000 else 5 if n <= 10_000 else (2 if n <= 100_000 else 1)
-        mode = "full" if n <= 10_000 else ("both" if n <= 100_000 else "extrapolate")
-        r = bench_width(n, a.dim, rounds, mode, threshold=a.threshold)
-        r["threshold"] = a.threshold
-        r["process_peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        print("RESULT " + json.dumps(r), flush=True)
+        print("RESULT " + json.dumps(one_width(int(a.one_width[0]), a.dim, a.one_width[1])), flush=True)
         return 0
-    t_start = time.perf_counter()
-    load0 = os.getloadavg()[0]
-    thresholds = [float(t) for t in a.thresholds.split(",")]
+    t_start, load0 = time.perf_counter(), load_average()
     rows: dict[float, list[dict]] = {}
-    for ti, t in enumerate(thresholds):
-        widths = [int(float(w)) for w in (a.widths if ti == 0 else a.other_widths).split(",")]
+    for ti, t in enumerate(float(t) for t in a.thresholds.split(",")):
         rows[t] = []
-        for n in widths:  # one fresh process per width: its peak RSS is that width's alone
+        for n in (int(float(w)) for w in (a.widths if ti == 0 else a.other_widths).split(",")):
             print(f"threshold {t} width {n:,}", flush=True)
-            proc = subprocess.run([sys.executable, __file__, "--one-width", str(n), "--dim", str(a.dim),
-                                   "--threshold", str(t)], capture_output=True, text=True)
+            proc = subprocess.run([sys.executable, __file__, "--one-width", str(n), str(t), "--dim", str(a.dim)],
+                                  capture_output=True, text=True)
             if proc.returncode != 0:
                 raise SystemExit(f"width {n} failed:\n{proc.stderr[-3000:]}")
-            r = json.loads(proc.stdout.split("RESULT ", 1)[1])
-            print(f"  {r}", flush=True)
-            rows[t].append(r)
-    real = []
-    if not a.no_real:
-        print("training the real layers ...", flush=True)
-        layers = real_layers()
-        for name, w in layers.items():
-            uu = unit(w)
-            cos = (uu @ uu.T)[tuple(torch.triu_indices(len(uu), len(uu), 1))]
-            bg = float(cos.mean())
-            for q in REAL_TOP:  # threshold: the cosine of the q-th most similar pair, 2 decimals
-                t = math.floor(float(torch.topk(cos, q).values[-1]) * 100) / 100
-                truth = exact_pairs(uu, t)
-                r = bench_width(w.shape[0], w.shape[1], 5, "full", x=w.clone(), truth=truth, threshold=t,
-                                background_cos=bg)
-                r["layer"], r["threshold"], r["bg"], r["cos_max"] = name, t, bg, float(cos.max())
-                print(f"  {name} t={t}: {r}", flush=True)
-                real.append(r)
-    write_md(a.out, rows, real, a.dim, load0, time.perf_counter() - t_start)
-    print(f"wrote {a.out}")
+            rows[t].append(json.loads(proc.stdout.split("RESULT ", 1)[1]))
+            print(f"  {rows[t][-1]}", flush=True)
+    real = [] if a.no_real else real_rows()
+    body = report(rows, real, a.dim, (load0, load_average()), time.perf_counter() - t_start)
+    print(write_markdown(a.out, "Crossover: LSH vs exact all-pairs candidate generation, one merge site", body))
     return 0
+
+
+# ----------------------------------------------------------------- report
+def fmt_s(s: float) -> str:
+    """Seconds, as ms below one second."""
+    return f"{s:,.0f}" if s >= 100 else f"{s:.2f}" if s >= 1 else f"{s * 1000:.1f} ms"
+
+
+def mib(b: float) -> str:
+    """Bytes in MiB."""
+    return f"{b / 2**20:,.0f}"
 
 
 def crossover(rows: list[dict]) -> str:
     """Width where LSH becomes faster: log-linear interpolation of the exact/LSH time ratio."""
-    pts = [(r["n"], exact_time(r) / statistics.median(r["lsh_s"])) for r in rows]
+    pts = [(r["n"], r["ratio"]) for r in rows]
     for (n0, q0), (n1, q1) in zip(pts, pts[1:]):
         if q0 < 1 <= q1:
-            f = (0 - math.log(q0)) / (math.log(q1) - math.log(q0))
+            f = -math.log(q0) / (math.log(q1) - math.log(q0))
             return f"{10 ** (math.log10(n0) + f * (math.log10(n1) - math.log10(n0))):,.0f} neurons"
     if pts and pts[0][1] >= 1:
         return f"below {pts[0][0]:,} neurons (LSH already faster there)"
     return f"above {pts[-1][0]:,} neurons (exact faster at every width measured)" if pts else "n/a"
 
 
-def exact_time(r: dict) -> float:
-    return statistics.median(r["exact_s"]) if r["exact_s"] else r["exact_extrap_s"]
+def synthetic_table(t: float, trows: list[dict], d: int) -> list[str]:
+    """One threshold's table, its crossover and its goal line."""
+    L = [f"## Synthetic: planted clusters, threshold {t}", "",
+         "| N | K x L | true pairs | candidates | LSH recall | LSH precision | LSH s (last round: fingerprint / tables / verify) "
+         "| exact s | exact / LSH | LSH peak MiB | exact peak MiB | process peak MiB |",
+         "|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in trows:
+        ph = r["phases"]
+        ex = fmt_s(statistics.median(r["exact_s"])) if r["exact_s"] else f"{fmt_s(r['exact_extrap_s'])} (extrapolated)"
+        if r["exact_s"] and "exact_extrap_s" in r:
+            ex += f" (extrapolated: {fmt_s(r['exact_extrap_s'])})"
+        L.append(f"| {r['n']:,} | {r['K']}x{r['L']} | {r['true']:,} | {int(statistics.median(r['cands'])):,} | "
+                 f"{min(r['recalls']):.4f} | {statistics.median(r['precisions']):.4f} | "
+                 f"{fmt_s(statistics.median(r['lsh_s']))} ({fmt_s(ph['fingerprint'])} / {fmt_s(ph['tables'])} / "
+                 f"{fmt_s(ph['verify'])}) | {ex} | **{r['ratio']:.2f}x** | {mib(r['lsh_mem'])} | {mib(r['exact_mem'])} | "
+                 f"{mib(r['process_peak_rss'])} |")
+    L += ["", f"**Crossover width at threshold {t}: {crossover(trows)}** (exact / LSH ratio interpolated log-linearly "
+          f"between widths); the cost model of `hashexp.lsh.params` puts it at {crossover_width(t, dim=d):,} "
+          f"(`crossover_width({t}, dim={d})`). LSH recall is the least over the rounds (at N <= 300 a site holds "
+          "under 40 true pairs: one miss costs 3-12%); the model's recall at the threshold and its background "
+          "candidates per width: " + ", ".join(
+              f"{r['n']:,}: {collision_probability(t, r['K'], r['L']):.3f} / "
+              f"{expected_background_pairs(r['n'], r['K'], r['L']):,.0f}" for r in trows) + ".", ""]
+    return L
 
 
-def write_md(path: str, rows: list[dict], real: list[dict], d: int, load0: float, total: float) -> None:
-    L = []
-    L.append("# Crossover: LSH vs exact all-pairs candidate generation, one merge site\n")
-    L.append("Command: `taskset -c 1 .venv/bin/python benchmarks/bench_crossover.py`\n")
-    L.append(f"{platform.machine()}, {os.cpu_count()} cores, **one thread** for both contenders (taskset -c 1, "
-             f"torch.set_num_threads(1), clsh n_threads=1: another process benchmarks on the other core); "
-             f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}; "
-             f"load average (1 min) at start / end {load0:.1f} / {os.getloadavg()[0]:.1f}; total {total / 60:.1f} min.\n")
-    L.append(f"Task: the pairs (i < j) of one site's N neuron vectors (d = {d}) with cosine >= the threshold. "
-             "exact = blocked Gram matrix of the unit vectors, 1024 x 8192 tiles of the upper triangle (never "
-             "N x N). lsh = SimHash fingerprints (row chunks) -> clsh tables -> candidates (>= 1 shared bucket) "
-             "-> exact cosine of each candidate -> pairs >= threshold; K bits x L tables from "
-             "`hashexp.lsh.params.choose_bits_tables(threshold, N, recall=0.95, dim=d)` (the collision model "
-             "P = 1 - (1 - (1 - θ/π)^K)^L >= 0.95 at the threshold, K at the least modelled cost). "
-             "Times: median of alternating rounds (lsh, exact, lsh, ...) in one process. Memory: peak RSS above "
-             "the RSS at the start of the phase (sampled every 2 ms; the data itself, N x d float32, is not "
-             "counted: it is 1 GiB at 1e6); each width runs in a fresh process whose first phase is an LSH round, "
-             "and process peak is that process's peak RSS (data, both contenders, python and torch). Recall: true pairs found / true pairs; precision: true pairs / "
-             "candidate pairs, before the exact check (after it, every pair reported is true).\n")
-    for ti, (t, trows) in enumerate(rows.items()):
-        L.append(f"## Synthetic: planted clusters, threshold {t}\n")
-        a_lo, a_hi = 0.98 * math.sqrt(t), min(0.995, math.sqrt(t) + 0.05)
-        L.append(f"10% of the neurons in clusters of 4 with member-to-centre cosines uniform in [{a_lo:.3f}, {a_hi:.3f}] "
-                 f"(pair cosines ~{a_lo * a_lo:.2f}-{a_hi * a_hi:.2f}, around the threshold), the rest random directions; "
-                 "see the script's docstring.\n")
-        L.append("| N | K x L | true pairs | candidates | LSH recall | LSH precision | LSH s | exact s | exact / LSH "
-                 "| LSH peak MiB | exact peak MiB | process peak MiB |")
-        L.append("|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for r in trows:
-            ex = exact_time(r)
-            ex_s = fmt_s(ex) if r["exact_s"] else f"{fmt_s(ex)} (extrapolated)"
-            if r["exact_s"] and "exact_extrap_s" in r:
-                ex_s += f" (extrapolated: {fmt_s(r['exact_extrap_s'])})"
-            ls = statistics.median(r["lsh_s"])
-            L.append(f"| {r['n']:,} | {r['K']}x{r['L']} | {r['true']:,} | {int(statistics.median(r['cands'])):,} | "
-                     f"{min(r['recalls']):.4f} | {statistics.median(r['precisions']):.4f} | {fmt_s(ls)} | {ex_s} | "
-                     f"**{ex / ls:.2f}x** | {mb(r['lsh_mem'])} | {mb(r['exact_mem'])} | {mb(r.get('process_peak_rss', 0))} |")
-        L.append("")
-        L.append(f"**Crossover width at threshold {t}: {crossover(trows)}** (exact / LSH time ratio interpolated "
-                 "log-linearly between the measured widths); below it, the exact blocked Gram is cheaper. The cost model "
-                 f"of `hashexp.lsh.params` puts it at {crossover_width(t, dim=d):,} neurons (`crossover_width({t}, dim={d})`). "
-                 "Below ~1,000 neurons both contenders take about a millisecond, so the crossover there moves with the "
-                 "machine's load. LSH recall is the least over the rounds; at N <= 300 a site holds 8-35 true pairs, "
-                 "so one missed pair costs 3-12%.\n")
-        for r in trows:
-            ph = r["phases"]
-            L.append(f"- N = {r['n']:,}: LSH phases (last round) fingerprint {fmt_s(ph['fingerprint'])}, tables + "
-                     f"candidates {fmt_s(ph['tables'])}, verification {fmt_s(ph['verify'])} ({ph.get('groups', 1)} group(s) of "
-                     f"tables); modelled background "
-                     f"candidates {expected_background_pairs(r['n'], r['K'], r['L']):,.0f}; model recall at cosine "
-                     f"{t}: {collision_probability(t, r['K'], r['L']):.3f}"
-                     + (f"; exact found {r['exact_found']:,} pairs, recall {r['exact_recall']:.4f}" if "exact_found" in r else ""))
-        L.append("")
-    rows = rows[next(iter(rows))]  # the goal's threshold
-    big = [r for r in rows if r["n"] >= 1_000_000]
+def report(rows: dict[float, list[dict]], real: list[dict], d: int, loads, total: float) -> list[str]:
+    """The markdown body: setting, one table per threshold, the 1e6 goal, the real layers."""
+    L = [f"One thread for both contenders (torch.set_num_threads(1), clsh n_threads=1); numpy {np.__version__}; "
+         f"load average (1 min) at start / end {loads[0]:.1f} / {loads[1]:.1f}; total {total / 60:.1f} min.", "",
+         f"Task: the pairs (i < j) of one site's N neuron vectors (d = {d}) with cosine >= the threshold; the "
+         "contenders, data and measures are in the script's docstring. Times: medians over rounds that time both "
+         "contenders in a rotated order; exact / LSH is the median per-round ratio (against the extrapolation "
+         "where exact is not run in full). Memory: peak RSS above the phase's start (the data itself, N x d "
+         "float32, is not counted: 1 GiB at 1e6); process peak: the width's own process.", ""]
+    for t, trows in rows.items():
+        L += synthetic_table(t, trows, d)
+    big = [r for r in next(iter(rows.values()), []) if r["n"] >= 1_000_000]
     if big:
-        r = big[0]
-        ls = statistics.median(r["lsh_s"])
-        ok = ls < 60 and min(r["recalls"]) >= 0.95 and r.get("process_peak_rss", 2**40) < 4 * 2**30
-        L.append(f"Goal at 1e6 (LSH < 60 s, recall >= 0.95 of pairs >= 0.9, memory < 4 GB): "
-                 f"{fmt_s(ls)} s, recall {min(r['recalls']):.4f}, peak {mb(r['lsh_mem'])} MiB above the data "
-                 f"({mb(r.get('process_peak_rss', 0))} MiB for the whole process) -> "
-                 f"**{'met' if ok else 'not met'}** (one thread). The exact time at 1e6 is extrapolated from 24 timed "
-                 f"tiles of 1024 x 8192 pairs at random places (per-pair time x N(N-1)/2); at 1e5 the table shows the "
-                 f"full run next to the same extrapolation.\n")
+        r, ls = big[0], statistics.median(big[0]["lsh_s"])
+        ok = ls < 60 and min(r["recalls"]) >= 0.95 and r["process_peak_rss"] < 4 * 2**30
+        L += [f"Goal at 1e6 (LSH < 60 s, recall >= 0.95 of pairs >= 0.9, memory < 4 GB): {fmt_s(ls)} s, recall "
+              f"{min(r['recalls']):.4f}, peak {mib(r['lsh_mem'])} MiB above the data ({mib(r['process_peak_rss'])} "
+              f"MiB for the whole process) -> **{'met' if ok else 'not met'}** (one thread).", ""]
     if real:
-        L.append("## Real layers: MLP 784-2048-1024-10, 300 Adam steps on Fashion-MNIST\n")
-        L.append("Rows [w; b] of each hidden layer (fc1: 2048 neurons, d = 785; fc2: 1024 neurons, d = 2049). "
-                 "Trained neurons are seldom near-duplicates (no pair reaches cosine 0.9 or even 0.7 here), so each "
-                 f"layer is measured at the cosine of its {REAL_TOP[0]}th and {REAL_TOP[1]}th most similar pair (2 decimals). "
-                 "Trained neurons are not random directions either: their mean pairwise cosine is the rule's "
-                 "`background_cos` here, which raises K and L.\n")
-        L.append("| layer | N | threshold | max cosine | mean cosine | K x L | true pairs | candidates | LSH recall (min of 5) "
-                 "| LSH precision | LSH ms | exact ms | exact / LSH | modelled crossover N |")
-        L.append("|---|---:|---:|---:|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        L += ["## Real layers: MLP 784-2048-1024-10, 300 Adam steps on Fashion-MNIST", "",
+              f"Each layer at the cosine of its {REAL_TOP[0]}th and {REAL_TOP[1]}th most similar pair (trained neurons "
+              "seldom reach 0.7); the mean pairwise cosine is the rule's `background_cos`.", "",
+              "| layer | N | threshold | max cosine | mean cosine | K x L | true pairs | candidates | LSH recall (min) "
+              "| LSH precision | LSH ms | exact ms | exact / LSH | modelled crossover N |",
+              "|---|---:|---:|---:|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in real:
-            ls, ex = statistics.median(r["lsh_s"]), statistics.median(r["exact_s"])
             L.append(f"| {r['layer']} | {r['n']:,} | {r['threshold']:.2f} | {r['cos_max']:.3f} | {r['bg']:.3f} | "
-                     f"{r['K']}x{r['L']} | {r['true']:,} | "
-                     f"{int(statistics.median(r['cands'])):,} | {min(r['recalls']):.3f} | "
-                     f"{statistics.median(r['precisions']):.3f} | {ls * 1000:.1f} | {ex * 1000:.1f} | **{ex / ls:.2f}x** | "
-                     f"{crossover_width(r['threshold'], dim=r['d'], background_cos=r['bg']):,} |")
-        L.append("")
-        L.append("Trained layers are where hashing does not pay at these widths: their most similar pairs sit at "
-                 "cosine ~0.3, where 95% recall needs hundreds of tables, and the exact Gram of a few thousand neurons "
-                 "takes well under a second. The modelled crossover (`crossover_width(threshold, dim, background_cos)`) "
-                 "is in the last column.\n")
-    Path(path).write_text("\n".join(L) + "\n")
+                     f"{r['K']}x{r['L']} | {r['true']:,} | {int(statistics.median(r['cands'])):,} | "
+                     f"{min(r['recalls']):.3f} | {statistics.median(r['precisions']):.3f} | "
+                     f"{statistics.median(r['lsh_s']) * 1000:.1f} | {statistics.median(r['exact_s']) * 1000:.1f} | "
+                     f"**{r['ratio']:.2f}x** | {crossover_width(r['threshold'], dim=r['d'], background_cos=r['bg']):,} |")
+        L += ["", "Trained layers are where hashing does not pay at these widths: their most similar pairs sit at "
+              "cosine ~0.3, where 95% recall needs hundreds of tables, and the exact Gram of a few thousand neurons "
+              "takes well under a second."]
+    return L
 
 
 if __name__ == "__main__":
