@@ -1,25 +1,29 @@
 """Rehash schedules and hash families: fixed vs per-layer vs drift, SimHash vs learnable.
 
-    .venv/bin/python benchmarks/bench_schedules.py            # full: writes benchmarks/bench_schedules.md
-    .venv/bin/python benchmarks/bench_schedules.py --smoke    # 1 seed, 1 epoch, data subset: proves it runs
+    nice -n 10 .venv/bin/python benchmarks/bench_schedules.py                 # quick preset: bench_schedules.md
+    nice -n 10 .venv/bin/python benchmarks/bench_schedules.py --preset full   # the 2048 setting, ~90 min of runs
+    .venv/bin/python benchmarks/bench_schedules.py --preset smoke             # proves it runs
 
-Setting: experiment=fmnist_mlp2048 (Fashion-MNIST, MLP 784-2048-2048-10, 10 epochs, batch 256,
-Adam; the preset's hashing target and threshold; at most 3 rehashes per site), 3 seeds.
-Contenders, each with hashing=simhash and hashing=learnable:
+Presets (``PRESETS``): ``full`` is experiment=fmnist_mlp2048 as shipped (Fashion-MNIST, MLP
+784-2048-2048-10, 10 epochs, batch 256, Adam, the preset's hashing target, at most 3 rehashes per
+site; 30 runs of about 2.5 minutes each on this machine); ``quick`` (the default, the committed
+table) is the same preset on MLP 784-512-512-10, 3 epochs on 15,000 training images, with the
+schedule steps scaled to its ~176 steps; ``smoke`` is one seed on a subset. Seeds from
+``harness.seeds``. Contenders, each with hashing=simhash and hashing=learnable:
 
-* fixed: every site every E steps from step 100, for E in a small grid (100, 300, 900); the
-  best E (mean test accuracy) is the fixed baseline;
-* per_layer: fc1 from step 100 every 200, fc2 from step 200 every 400;
-* drift: from step 100 a check every 50 steps, rehash on bit-flip >= 0.15 or partner
-  fraction >= 0.05, at least 100 steps apart.
+* fixed: every site every E steps from ``start``, for E in a small grid; the best E (mean test
+  accuracy) is the fixed baseline;
+* per_layer: fc1 early and often, fc2 later and half as often;
+* drift: a check every few steps from ``start``, rehash on bit-flip >= 0.15 or partner fraction
+  >= 0.05, at least ``min_interval`` steps apart.
 
 Every run is the app itself (``python -m hashexp -m ...``, one multirun per contender); the
 table is read from each run's metrics.json and history.csv only. Reported: final test accuracy
-(next to the majority-class accuracy), final FLOPs and parameters, rehash events, wall time,
-hash time, and the drift metric's own cost as a share of training time. Separately, in
-process: collision precision/recall of SimHash vs the learnable hash at equal K, L on the real
-sites of the same network at its first rehash (and later points), against the exact pairs
-with cosine >= threshold.
+(next to the majority-class accuracy), final FLOPs and parameters, rehash events, hash time and
+the drift metric's own cost as a share of training time (both measured inside one run; times of
+separate runs are not divided by each other). Separately, in process: collision precision/recall
+of SimHash vs the learnable hash at equal K, L on the real sites of the same network at a few
+steps, against the exact pairs with cosine >= threshold and the top-k most similar pairs.
 
 Goals: drift within 0.3 pp of the best fixed schedule's accuracy at equal or smaller final
 FLOPs with at most half as many rehashes; learnable hashing gives higher recall at equal
@@ -33,38 +37,36 @@ import datetime as dt
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from harness import PY, ROOT, command_line, read_history, read_metrics, seeds, write_markdown  # noqa: E402
 
-from hashexp.results import read_history, read_metrics  # noqa: E402
-
-FULL = {
-    "seeds": [0, 1, 2],
-    "common": ["experiment=fmnist_mlp2048"],
-    "fixed_every": [100, 300, 900],
-    "start": 100,
-    "per_layer": "{fc1:{start:100,every:200},fc2:{start:200,every:400}}",
-    "drift": ["schedule.check_every=50", "schedule.min_interval=100"],
-    "pr_steps": [100, 235, 1175],
-}
-SMOKE = {
-    "seeds": [0],
-    "common": ["experiment=fmnist_mlp2048", "trainer.epochs=1", "dataset.subset_train=4096",
-               "dataset.subset_test=2000", "model.widths=[512,512]"],
-    "fixed_every": [4, 8],
-    "start": 4,
-    "per_layer": "{fc1:{start:4,every:4},fc2:{start:6,every:8}}",
-    "drift": ["schedule.check_every=4", "schedule.min_interval=4", "schedule.flip_threshold=0.03"],
-    "pr_steps": [4, 16],
+PRESETS = {
+    "full": {
+        "seeds": 3, "common": ["experiment=fmnist_mlp2048"], "fixed_every": [100, 300, 900], "start": 100,
+        "per_layer": "{fc1:{start:100,every:200},fc2:{start:200,every:400}}",
+        "drift": ["schedule.check_every=50", "schedule.min_interval=100"], "pr_steps": [100, 235, 1175],
+    },
+    "quick": {
+        "seeds": 3, "common": ["experiment=fmnist_mlp2048", "model.widths=[512,512]", "trainer.epochs=3",
+                               "dataset.subset_train=15000", "trainer.num_threads=1"],
+        "fixed_every": [15, 30, 60], "start": 20, "per_layer": "{fc1:{start:20,every:30},fc2:{start:35,every:60}}",
+        "drift": ["schedule.check_every=10", "schedule.min_interval=20"], "pr_steps": [20, 60, 140],
+    },
+    "smoke": {
+        "seeds": 1, "common": ["experiment=fmnist_mlp2048", "trainer.epochs=1", "dataset.subset_train=4096",
+                               "dataset.subset_test=2000", "model.widths=[512,512]", "trainer.num_threads=1"],
+        "fixed_every": [4, 8], "start": 4, "per_layer": "{fc1:{start:4,every:4},fc2:{start:6,every:8}}",
+        "drift": ["schedule.check_every=4", "schedule.min_interval=4", "schedule.flip_threshold=0.03"],
+        "pr_steps": [4, 16],
+    },
 }
 HASHINGS = ["simhash", "learnable"]
+NEAR_DUP = 0.7  # near-duplicate cosine where hashing.threshold is null (the weight rule's default)
 
 
 def contenders(p: dict) -> dict[str, list[str]]:
@@ -81,8 +83,8 @@ def contenders(p: dict) -> dict[str, list[str]]:
 # ------------------------------------------------------------------------------ running
 def run_multirun(name: str, overrides: list[str], p: dict, out: Path, log) -> float:
     env = dict(os.environ, HASHEXP_OUTPUTS=str(out / name), WANDB_MODE="disabled")
-    cmd = [sys.executable, "-m", "hashexp", "-m", *p["common"], f"hashing={','.join(HASHINGS)}",
-           f"seed={','.join(map(str, p['seeds']))}", f"tag=bench_schedules/{name}", "trainer.logging.progress=none",
+    cmd = [PY, "-m", "hashexp", "-m", *p["common"], f"hashing={','.join(HASHINGS)}",
+           f"seed={','.join(map(str, seeds(p['seeds'])))}", f"tag=bench_schedules/{name}", "trainer.logging.progress=none",
            "trainer.checkpoint.enabled=false", *overrides]
     log(f"$ {' '.join(cmd)}")
     t0 = time.perf_counter()
@@ -163,7 +165,8 @@ def collision_study(p: dict, log) -> list[dict]:
 
 def pr_site(comp, site, index: int, step: int, log) -> dict:
     """P/R of SimHash and of the learnable hash (same initial projections) on one site, at two
-    definitions of the pairs to find: cosine >= hashing.threshold (near-duplicates), and the
+    definitions of the pairs to find: cosine >= hashing.threshold (near-duplicates; NEAR_DUP when it
+    is null, the member cosine the weight rule defaults to), and the
     max_pos most similar pairs (what a target width merges first; also what the hash trains on)."""
     import torch
 
@@ -182,9 +185,10 @@ def pr_site(comp, site, index: int, step: int, log) -> dict:
     t0 = time.perf_counter()
     rec = comp.train_hasher(site, index, lh, x)
     t_train = time.perf_counter() - t0
-    r = {"step": step, "site": site.name, "width": x.shape[0], "near_dup_pairs": int((pc >= comp.threshold).sum()),
+    dup = NEAR_DUP if comp.threshold is None else comp.threshold
+    r = {"step": step, "site": site.name, "width": x.shape[0], "near_dup_pairs": int((pc >= dup).sum()),
          "top_k": k, "top_cut": top_cut, "positives": rec["positives"], "train_s": t_train}
-    for tag, thr in (("dup", comp.threshold), ("top", top_cut)):
+    for tag, thr in (("dup", dup), ("top", top_cut)):
         r[f"{tag}_simhash"] = collision_pr(x, sim, thr, comp.min_tables)
         r[f"{tag}_learnable"] = collision_pr(x, lh, thr, comp.min_tables)
     log(f"  P/R step {step} {site.name}: near-dup ({r['near_dup_pairs']} pairs) simhash %.3f/%.3f learnable %.3f/%.3f; "
@@ -217,34 +221,38 @@ def summarize(rows: list[dict]) -> dict[tuple[str, str], dict]:
     return out
 
 
-def render(rows, pr, args, p, names, cmd_line, elapsed) -> str:
+def _same_runs(a: list[dict], b: list[dict]) -> bool:
+    """Two contenders' runs ended alike seed by seed (widths and test accuracy)."""
+    key = lambda rs: sorted((r["seed"], r["test_acc"], json.dumps(r["widths"], sort_keys=True)) for r in rs)  # noqa: E731
+    return key(a) == key(b)
+
+
+def render(rows, pr, args, p, names) -> list[str]:
+    """The markdown body: the runs' table, the goals, the collision study."""
     S = summarize(rows)
-    L = [f"# Rehash schedules and hash families{' (SMOKE: 1 seed, 1 epoch, subset; not a result)' if args.smoke else ''}",
-         "", f"Command: `{cmd_line}`", "",
-         f"{dt.date.today().isoformat()}, {platform.machine()}, {os.cpu_count()} CPU cores, "
-         f"torch {__import__('torch').__version__}; {len(rows)} runs, "
-         f"{sum(r.get('wall_time_s', 0.0) for r in rows) / 60:.0f} min of runs in all"
-         f"{' (table re-read from them with --reuse)' if args.reuse else ''}. "
-         f"Overrides common to all runs: `{' '.join(p['common'])}`; seeds {p['seeds']}.", "",
+    L = [*(["**SMOKE: 1 seed, 1 epoch, subset; not a result.**", ""] if args.preset == "smoke" else []),
+         f"Preset `{args.preset}`: overrides common to all runs `{' '.join(p['common'])}`; seeds "
+         f"{seeds(p['seeds'])}; {len(rows)} runs, {sum(r.get('train_time_s', 0.0) for r in rows) / 60:.0f} min of "
+         f"training in all{' (table re-read from them with --reuse)' if args.reuse else ''}.", "",
          "Mean ± sd over seeds. Accuracy is final test accuracy (majority-class accuracy of the split next to it). "
-         "Times are absolute seconds of sequential runs on one machine: compare them within this table only; wall "
-         "includes start-up and data loading (paid mostly by the first job of each multirun), train = the training "
-         "loop with its rehashes (hash s) and drift checks. Drift metric % = drift-check seconds (history.csv "
-         "drift/metric_s) / (train - hash - check seconds).",
-         "", "| contender | hashing | runs | test acc | majority | final MFLOPs | params | rehash steps | site rehashes | wall s | train s | hash s | drift metric % |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+         "train s = the training loop with its rehashes (hash s) and drift checks, absolute seconds of runs made one "
+         "after another on a shared machine (compare within this table only; no ratio is taken between runs). "
+         "Drift metric % = drift-check seconds (history.csv drift/metric_s) / (train - hash - check seconds), "
+         "measured inside each run.",
+         "", "| contender | hashing | runs | test acc | majority | final MFLOPs | params | rehash steps | site rehashes "
+         "| train s | hash s | drift metric % |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in names:
         for h in HASHINGS:
             s = S.get((name, h))
             if s is None:
-                L.append(f"| {name} | {h} | 0 | failed | | | | | | | | | |")
+                L.append(f"| {name} | {h} | 0 | failed | | | | | | | | |")
                 continue
             rs = s["rows"]
             L.append(f"| {name} | {h} | {s['n']} | {_ms([r['test_acc'] * 100 for r in rs], '.2f')} | "
                      f"{_ms([r['majority_acc'] * 100 for r in rs], '.1f')} | {_ms([r['flops'] / 1e6 for r in rs], '.3f')} | "
                      f"{_ms([r['params'] for r in rs], '.0f')} | {_ms([r['rehashes'] for r in rs], '.1f')} | "
-                     f"{_ms([r['site_rehashes'] for r in rs], '.1f')} | "
-                     f"{_ms([r['wall_time_s'] for r in rs], '.1f')} | {_ms([r['train_time_s'] for r in rs], '.1f')} | "
+                     f"{_ms([r['site_rehashes'] for r in rs], '.1f')} | {_ms([r['train_time_s'] for r in rs], '.1f')} | "
                      f"{_ms([r['hash_time_s'] for r in rs], '.2f')} | "
                      f"{_ms([r.get('drift_metric_pct') for r in rs], '.3f')} |")
     failed = [r for r in rows if r.get("status") != "ok"]
@@ -273,14 +281,20 @@ def render(rows, pr, args, p, names, cmd_line, elapsed) -> str:
         L.append("- learnable − simhash final accuracy per contender (pp): "
                  + ", ".join(f"{n} {d:+.2f}" for n, d in diffs.items())
                  + f" -> no worse on average: **{'met' if statistics.mean(diffs.values()) >= 0 else 'not met'}**")
+        if all(_same_runs(S[(n, "simhash")]["rows"], S[(n, "learnable")]["rows"]) for n in both):
+            L.append("- The hash family changed no run here: per seed, both hashings end at the same widths and the "
+                     "same test accuracy in every contender (only hash s differs). With compensation=lsq the hash "
+                     "only marks which neurons may go (those in any candidate pair); the error-ordered plan picks "
+                     "among them, and when every neuron collides with some other in one of the tables (likely at "
+                     "these widths with 16 tables of 6 bits), the hash has nothing left to decide.")
     if pr:
         L += ["", "## Collision precision / recall at equal K, L (real sites, seed 0)", "",
               "The network of the first contender trained (Adam, batch 256, no rehash) for `step` steps; per site, "
               "SimHash and the learnable hash start from the same projections (hashing=learnable's K, L, min_tables) "
               "and the learnable one is trained with the hashing=learnable settings. P/R of the pairs sharing a "
               "bucket in >= min_tables tables, against two sets of pairs to find: near-duplicates (cosine >= "
-              "hashing.threshold) and the top-k most similar pairs (k = hashing.max_pos: what a target width merges "
-              "first, and what the hash is trained on). P/R on a set with no pairs is reported as '-'.", "",
+              f"hashing.threshold, {NEAR_DUP} where it is null) and the top-k most similar pairs (k = "
+              "hashing.max_pos: what a target width merges first, and what the hash is trained on). P/R on a set with no pairs is reported as '-'.", "",
               "| step | site | width | near-dup pairs | top-k cos >= | SimHash P/R near-dup | learnable P/R near-dup "
               "| SimHash P/R top-k | learnable P/R top-k | train s |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -304,27 +318,29 @@ def render(rows, pr, args, p, names, cmd_line, elapsed) -> str:
             L.append(f"Same on near-duplicates (sites with any): **{'met' if ok else 'not met'}**")
         else:
             L.append("Near-duplicates: none at the first rehash step, not measurable there.")
-    L.append("")
-    return "\n".join(L)
+    return L
 
 
 def main() -> None:
+    """Run (or re-read) the contenders, the collision study, and write the markdown."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true", help="1 seed, 1 epoch, subset, MLP 512: proves the script runs")
-    ap.add_argument("--outputs", default=None, help="run directories go here (default outputs/bench_schedules[_smoke]/<time>)")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    ap.add_argument("--outputs", default=None, help="run directories go here (default outputs/bench_schedules_<preset>/<time>)")
     ap.add_argument("--reuse", action="store_true", help="only re-read --outputs and rewrite the table")
     ap.add_argument("--only", default=None, help="comma-separated contenders to run (default: all)")
     ap.add_argument("--no-pr", action="store_true", help="skip the collision precision/recall study")
-    ap.add_argument("--md", default=None, help="markdown output (default benchmarks/bench_schedules[_smoke].md)")
+    ap.add_argument("--md", default=None, help="markdown output (default benchmarks/bench_schedules.md; "
+                    "bench_schedules_<preset>.md for the other presets)")
     a = ap.parse_args()
-    p = SMOKE if a.smoke else FULL
-    suffix = "_smoke" if a.smoke else ""
-    out = Path(a.outputs or ROOT / "outputs" / f"bench_schedules{suffix}" / dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    md = Path(a.md or Path(__file__).with_name(f"bench_schedules{suffix}.md"))
+    import torch
+
+    torch.set_num_threads(1)  # the collision study; the runs set trainer.num_threads
+    p = PRESETS[a.preset]
+    out = Path(a.outputs or ROOT / "outputs" / f"bench_schedules_{a.preset}" / dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    md = Path(a.md or Path(__file__).with_name("bench_schedules.md" if a.preset == "quick" else f"bench_schedules_{a.preset}.md"))
     allc = contenders(p)
     names = [n for n in allc if a.only is None or n in a.only.split(",")]
     log = lambda s: print(s, flush=True)  # noqa: E731
-    t0 = time.perf_counter()
     if not a.reuse:
         out.mkdir(parents=True, exist_ok=True)
         for n in names:
@@ -332,11 +348,9 @@ def main() -> None:
             log(f"  {n}: {w:.0f}s")
     rows = collect(out, names)
     pr = [] if a.no_pr else collision_study(p, log)
-    cmd_line = ".venv/bin/python benchmarks/bench_schedules.py" + (" --smoke" if a.smoke else "")
-    text = render(rows, pr, a, p, names, cmd_line, time.perf_counter() - t0)
-    md.write_text(text)
     (out / "bench_schedules.json").write_text(json.dumps({"runs": rows, "pr": pr}, indent=1, default=str))
-    print(text)
+    cmd = command_line([arg for arg in sys.argv if arg != "--reuse"])  # what made the runs (a --reuse only re-reads)
+    print(write_markdown(md, "Rehash schedules and hash families", render(rows, pr, a, p, names), command=cmd))
     print(f"-> {md}")
 
 
