@@ -133,3 +133,32 @@ def test_stage_orders_on_cuda_match_cpu():
         assert t.is_cuda
     finally:
         torch.backends.cuda.matmul.allow_tf32 = flags
+
+
+def test_batch_sites_orders_a_resnet_stage_in_one_call(monkeypatch):
+    from hashexp.merge import greedy
+    from hashexp.models.resnet import ResNet20
+
+    calls = []
+    inner = greedy.greedy_steps
+
+    def spy(hs, gs, alive, *a, **kw):
+        calls.append(alive.shape[0])
+        return inner(hs, gs, alive, *a, **kw)
+
+    monkeypatch.setattr(greedy, "greedy_steps", spy)
+    x = torch.randn(32, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    kept = {}
+    for batch in (False, True):
+        torch.manual_seed(0)
+        m = ResNet20((3, 12, 12), 10).eval()
+        comp = lsq(candidates="exact", max_error=None, target_ratio=0.75, order="blocked", per_step=4,
+                   batch_sites=batch, min_width=4, ridge=1e-3)
+        reps = comp.compress(m, None, None, None, step=0, calib=x)
+        kept[batch] = {r.site: r.after for r in reps}
+        if batch:
+            assert sorted(calls) == [1, 1, 1, 3, 3, 3]  # 3 streams alone, each stage's 3 inner sites together
+        calls.clear()
+    # the ratio fixes every width, whichever way the orders were computed
+    assert kept[True] == kept[False]
+    assert kept[True]["layer3.0.inner"] == 48 and kept[True]["stream1"] == 12

@@ -151,18 +151,20 @@ def _group_key(cap: SiteCapture) -> tuple:
 
 
 def stage_removal_orders(caps: list[SiteCapture], eligibles: list[torch.Tensor], floors: list[int],
-                         ridge: float = 1e-3, max_error: float | None = None, block_frac: float = 0.01,
-                         per_step: int = 8, device: torch.device | str | None = None) -> list[RemovalOrder]:
+                         ridge: float = 1e-3, max_error: float | None | list[float | None] = None,
+                         block_frac: float = 0.01, per_step: int = 8,
+                         device: torch.device | str | None = None) -> list[RemovalOrder]:
     """The blocked whole-width OBS order of several sites, batched over sites of equal shapes.
 
     Sites whose consumers' inputs and weights have the same shapes (the blocks of a ResNet
     stage) are stacked: one batched Gram, Cholesky and greedy loop per group instead of one per
     site. Each site stops at its ``floor`` or once its cost passes ``max_error`` (relative,
-    as in ``obs_removal_order``). Runs on ``device`` (None: the captures' device). Returns one
+    as in ``obs_removal_order``; one value, or one per site). Runs on ``device`` (None: the captures' device). Returns one
     order per site, in the order given, identical to the order each site gets alone.
     """
     from hashexp.merge.order import _merge_sequences
 
+    errs = list(max_error) if isinstance(max_error, (list, tuple)) else [max_error] * len(caps)
     out: list[RemovalOrder | None] = [None] * len(caps)
     groups: dict[tuple, list[int]] = {}
     for i, cap in enumerate(caps):
@@ -183,11 +185,12 @@ def stage_removal_orders(caps: list[SiteCapture], eligibles: list[torch.Tensor],
         width = hs[0].shape[1]
         alive = torch.stack([eligibles[i].bool() for i in idx]).to(dev)
         quota = torch.tensor([max(width - int(floors[i]), 0) for i in idx], device=dev)
-        budget = None if max_error is None else float(max_error) ** 2 * energy
+        budget = torch.tensor([float("inf") if errs[i] is None else float(errs[i]) ** 2 for i in idx],
+                              dtype=torch.float64, device=dev) * energy
         costs, slots = greedy_steps(hs, gs, alive, per_step, quota, budget)
         for j, i in enumerate(idx):
             out[i] = _merge_sequences([c[j:j + 1].cpu() for c in costs], [p[j:j + 1].cpu() for p in slots],
-                                      width, int(floors[i]), float(energy[j]), max_error, block_frac)
+                                      width, int(floors[i]), float(energy[j]), errs[i], block_frac)
     return out  # type: ignore[return-value]
 
 
