@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from _common import ROOT, fmt, run  # noqa: E402
+from harness import ROOT, fmt, run  # noqa: E402
 
 #: row -> (run-dir prefix, budget, overrides); the global ratios bracket the per-site run's FLOPs
 ROWS = {
