@@ -140,6 +140,40 @@ def greedy_steps(hs: list[torch.Tensor], gs: list[torch.Tensor], alive: torch.Te
     return steps_cost, steps_slot
 
 
+def _merge_sequences(steps_cost, steps_who, width: int, floor: int, energy: float,
+                     max_error: float | None, block_frac: float) -> RemovalOrder:
+    """One global order from the buckets' sequences of (neuron, marginal cost), in blocks of
+    ``block_frac`` of the width. Sorting by each bucket's running-max cost keeps every bucket's
+    own order; ties go to the earlier position."""
+    room = width - int(floor)
+    if not steps_cost or room <= 0:
+        return RemovalOrder(blocks=[], cost=[], energy=energy)
+    cost = torch.cat(steps_cost, 1)  # (nb, L)
+    who = torch.cat(steps_who, 1)
+    real = who >= 0
+    env = torch.cummax(torch.where(real, cost, torch.zeros_like(cost)), 1).values
+    env = torch.where(real, env, torch.full_like(env, float("inf")))
+    t = torch.arange(cost.shape[1]).expand_as(cost).flatten()
+    first = torch.argsort(t, stable=True)
+    order = first[torch.argsort(env.flatten()[first], stable=True)]
+    order = order[real.flatten()[order]][:room]
+    flat = who.flatten()[order]
+    cum = torch.cumsum(cost.flatten()[order], 0)
+    if len(flat) == 0:
+        return RemovalOrder(blocks=[], cost=[], energy=energy)
+    chunk = max(1, int(block_frac * width))
+    cuts = list(range(chunk, len(flat), chunk)) + [len(flat)]
+    budget = None if max_error is None else float(max_error) ** 2 * energy
+    blocks, out_cost, prev = [], [], 0
+    for cut in cuts:
+        blocks.append(flat[prev:cut].clone())
+        out_cost.append(float(cum[cut - 1]))
+        prev = cut
+        if budget is not None and out_cost[-1] > budget:
+            break
+    return RemovalOrder(blocks=blocks, cost=out_cost, energy=energy)
+
+
 def _ridge_of(xc: torch.Tensor, ridge: float) -> torch.Tensor:
     """(..., s) the exact order's ridge of each column: ridge * G_jj + 1e-12 * mean G_jj."""
     d = (xc.double() ** 2).sum(-2)
@@ -162,8 +196,6 @@ def stage_removal_orders(caps: list[SiteCapture], eligibles: list[torch.Tensor],
     as in ``obs_removal_order``; one value, or one per site). Runs on ``device`` (None: the captures' device). Returns one
     order per site, in the order given, identical to the order each site gets alone.
     """
-    from hashexp.merge.order import _merge_sequences
-
     errs = list(max_error) if isinstance(max_error, (list, tuple)) else [max_error] * len(caps)
     out: list[RemovalOrder | None] = [None] * len(caps)
     groups: dict[tuple, list[int]] = {}

@@ -30,7 +30,7 @@ import torch
 
 from hashexp.errors import ConfigError
 from hashexp.merge.calibration import RemovalOrder, SiteCapture
-from hashexp.merge.greedy import _ridge_of, blocked_removal_order, factors, greedy_steps
+from hashexp.merge.greedy import _merge_sequences, _ridge_of, blocked_removal_order, factors, greedy_steps
 
 #: calibration rows used to hash a neuron's activations into a bucket
 MAX_SIGNATURE_ROWS = 2048
@@ -158,40 +158,6 @@ def restricted_removal_order(cap: SiteCapture, eligible: torch.Tensor, floor: in
     steps_cost, steps_slot = greedy_steps(hs, gs, alive, per_step)
     steps_who = [torch.where(p >= 0, members.gather(1, p.clamp_min(0)), p) for p in steps_slot]
     return _merge_sequences(steps_cost, steps_who, width, floor, energy, max_error, block_frac)
-
-
-def _merge_sequences(steps_cost, steps_who, width: int, floor: int, energy: float,
-                     max_error: float | None, block_frac: float) -> RemovalOrder:
-    """One global order from the buckets' sequences of (neuron, marginal cost), in blocks of
-    ``block_frac`` of the width. Sorting by each bucket's running-max cost keeps every bucket's
-    own order; ties go to the earlier position."""
-    room = width - int(floor)
-    if not steps_cost or room <= 0:
-        return RemovalOrder(blocks=[], cost=[], energy=energy)
-    cost = torch.cat(steps_cost, 1)  # (nb, L)
-    who = torch.cat(steps_who, 1)
-    real = who >= 0
-    env = torch.cummax(torch.where(real, cost, torch.zeros_like(cost)), 1).values
-    env = torch.where(real, env, torch.full_like(env, float("inf")))
-    t = torch.arange(cost.shape[1]).expand_as(cost).flatten()
-    first = torch.argsort(t, stable=True)
-    order = first[torch.argsort(env.flatten()[first], stable=True)]
-    order = order[real.flatten()[order]][:room]
-    flat = who.flatten()[order]
-    cum = torch.cumsum(cost.flatten()[order], 0)
-    if len(flat) == 0:
-        return RemovalOrder(blocks=[], cost=[], energy=energy)
-    chunk = max(1, int(block_frac * width))
-    cuts = list(range(chunk, len(flat), chunk)) + [len(flat)]
-    budget = None if max_error is None else float(max_error) ** 2 * energy
-    blocks, out_cost, prev = [], [], 0
-    for cut in cuts:
-        blocks.append(flat[prev:cut].clone())
-        out_cost.append(float(cum[cut - 1]))
-        prev = cut
-        if budget is not None and out_cost[-1] > budget:
-            break
-    return RemovalOrder(blocks=blocks, cost=out_cost, energy=energy)
 
 
 def removal_cost(cap: SiteCapture, removed: torch.Tensor, ridge: float = 1e-3) -> float:
