@@ -84,6 +84,31 @@ def pick_block(hs: list[torch.Tensor], gs: list[torch.Tensor], alive: torch.Tens
     return picks, oks, costs
 
 
+def _block_update(hs: list[torch.Tensor], gs: list[torch.Tensor], pick: torch.Tensor, ok: torch.Tensor
+                  ) -> torch.Tensor:
+    """Remove the block ``pick`` (real where ``ok``) from every consumer's H and A in place; returns
+    each row's exact joint cost of the block, tr(H_BB^-1 A_BB) summed over consumers. The removed
+    rows and columns of H and A become zero."""
+    nb, m = pick.shape
+    rows = torch.arange(nb, device=pick.device)[:, None]
+    okf = ok.float()
+    pair = okf[:, :, None] * okf[:, None, :]
+    eye = torch.diag_embed(1.0 - okf)
+    step_cost = torch.zeros(nb, dtype=torch.float64, device=pick.device)
+    for i, (h, a) in enumerate(zip(hs, gs)):
+        hb = h[rows, pick] * okf[..., None]  # (nb, m, s): rows of the removed, zero where invalid
+        hbb = torch.gather(hb, 2, pick[:, None, :].expand(nb, m, m)) * pair + eye
+        hbb_inv = torch.linalg.inv(hbb.double())
+        ab = a[rows, pick] * okf[..., None]
+        abb = torch.gather(ab, 2, pick[:, None, :].expand(nb, m, m)) * pair
+        step_cost += (hbb_inv * abb.double().transpose(1, 2)).sum((1, 2))
+        c = hbb_inv.float() @ hb  # (nb, m, s)
+        hs[i] = h - hb.transpose(1, 2) @ c
+        ac = ab.transpose(1, 2) @ c  # A_.B C
+        gs[i] = a - ac - ac.transpose(1, 2) + c.transpose(1, 2) @ (abb @ c)
+    return step_cost
+
+
 def greedy_steps(hs: list[torch.Tensor], gs: list[torch.Tensor], alive: torch.Tensor, per_step: int,
                  quota: torch.Tensor | None = None, budget: torch.Tensor | None = None
                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -93,8 +118,11 @@ def greedy_steps(hs: list[torch.Tensor], gs: list[torch.Tensor], alive: torch.Te
     of the row's H and A per consumer (W <- W - W_B C, C = H_BB^-1 H_B., gives
     A <- A - A_.B C - C^T A_B. + C^T A_BB C; a block costs tr(H_BB^-1 A_BB)). A row stops after
     ``quota`` removals or once its cumulative cost passes ``budget`` (the block that passes it
-    is still recorded). Returns per step the picks' costs (nb, m) (marginals rescaled to the
-    block's exact joint cost) and slots (nb, m) (-1: no pick). ``hs``/``gs`` are updated in place.
+    is still recorded). Once a quarter of the columns are gone, the removed (zero) rows and
+    columns of H and A are dropped, so later updates cost the survivors' size squared (per row
+    of the batch, padded to the largest). Returns per step the picks' costs (nb, m) (marginals
+    rescaled to the block's exact joint cost) and original slots (nb, m) (-1: no pick). ``hs`` and
+    ``gs`` are updated in place.
     """
     nb, s = alive.shape
     dev = alive.device
@@ -103,6 +131,8 @@ def greedy_steps(hs: list[torch.Tensor], gs: list[torch.Tensor], alive: torch.Te
     alive = alive.clone()
     left = None if quota is None else quota.clone().to(dev)
     spent = torch.zeros(nb, dtype=torch.float64, device=dev)
+    col = torch.arange(s, device=dev).expand(nb, s)  # original slot of each (compacted) column
+    gone = torch.zeros(nb, s, dtype=torch.bool, device=dev)
     steps_cost, steps_slot = [], []
     for _ in range(-(-s // m)):
         if left is not None:
@@ -110,33 +140,26 @@ def greedy_steps(hs: list[torch.Tensor], gs: list[torch.Tensor], alive: torch.Te
         if not bool(alive.any()):
             break
         pick, ok, marginal = pick_block(hs, gs, alive, m, left)
-        okf = ok.float()
-        pair = okf[:, :, None] * okf[:, None, :]
-        eye = torch.diag_embed(1.0 - okf)
-        step_cost = torch.zeros(nb, dtype=torch.float64, device=dev)
-        for i, (h, a) in enumerate(zip(hs, gs)):
-            hb = h[rows, pick] * okf[..., None]  # (nb, m, s): rows of the removed, zero where invalid
-            hbb = torch.gather(hb, 2, pick[:, None, :].expand(nb, m, m)) * pair + eye
-            hbb_inv = torch.linalg.inv(hbb.double())
-            ab = a[rows, pick] * okf[..., None]
-            abb = torch.gather(ab, 2, pick[:, None, :].expand(nb, m, m)) * pair
-            step_cost += (hbb_inv * abb.double().transpose(1, 2)).sum((1, 2))
-            c = hbb_inv.float() @ hb  # (nb, m, s)
-            hs[i] = h - hb.transpose(1, 2) @ c
-            ac = ab.transpose(1, 2) @ c  # A_.B C
-            gs[i] = a - ac - ac.transpose(1, 2) + c.transpose(1, 2) @ (abb @ c)
-        done = torch.zeros(nb, s, dtype=torch.bool, device=dev)
+        step_cost = _block_update(hs, gs, pick, ok)
+        done = torch.zeros_like(alive)
         done[rows.expand_as(pick)[ok], pick[ok]] = True
         alive &= ~done
+        gone |= done
         total = marginal.sum(1)
         marginal = marginal * torch.where(total > 0, step_cost.clamp_min(0.0) / total.clamp_min(1e-300), 1.0)[:, None]
         steps_cost.append(marginal)
-        steps_slot.append(torch.where(ok, pick, torch.full_like(pick, -1)))
+        steps_slot.append(torch.where(ok, col.gather(1, pick), torch.full_like(pick, -1)))
         if left is not None:
             left = left - ok.sum(1)
         spent += step_cost.clamp_min(0.0)
         if budget is not None:
             alive &= (spent <= budget)[:, None]
+        n_keep = int((~gone).sum(1).max())
+        if n_keep <= 0.75 * gone.shape[1]:  # compact: removed columns of H and A are zero, drop them
+            keep = torch.argsort(gone.to(torch.int8), dim=1, stable=True)[:, :max(n_keep, 1)]
+            hs[:] = [h[rows[:, :, None], keep[:, :, None], keep[:, None, :]] for h in hs]
+            gs[:] = [a[rows[:, :, None], keep[:, :, None], keep[:, None, :]] for a in gs]
+            alive, gone, col = alive.gather(1, keep), gone.gather(1, keep), col.gather(1, keep)
     return steps_cost, steps_slot
 
 
