@@ -162,3 +162,17 @@ def test_batch_sites_orders_a_resnet_stage_in_one_call(monkeypatch):
     # the ratio fixes every width, whichever way the orders were computed
     assert kept[True] == kept[False]
     assert kept[True]["layer3.0.inner"] == 48 and kept[True]["stream1"] == 12
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compressor_blocked_order_on_cuda_matches_cpu():
+    x = torch.randn(512, 12, generator=torch.Generator().manual_seed(1))
+    widths, outs = {}, {}
+    for dev in ("cpu", "cuda"):
+        m = planted_mlp("relu", noise=0.05).to(dev)
+        lsq(candidates="exact", max_error=None, target_ratio=0.5, order="blocked", per_step=8, batch_sites=True,
+            block_frac=0.02).compress(m, None, None, None, step=0, calib=x.to(dev))
+        widths[dev], outs[dev] = m.widths(), m(x.to(dev)).detach().cpu()
+    assert widths["cuda"] == widths["cpu"]
+    assert torch.allclose(outs["cuda"], outs["cpu"], atol=1e-4, rtol=1e-4)

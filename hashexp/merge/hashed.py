@@ -207,7 +207,7 @@ class HashCompressor(Compressor):
         """The site's removal order (``hashing.order``), down to ``floor``, cut at ``max_error``."""
         return removal_order(cap, eligible, floor, self.ridge, max_error, self.block_frac, self.order,
                              self.order_width, self.bucket_size, self.per_step,
-                             seed=derive_seed(self.seed, index, scale=EVENT_MIX, weights=(1,)))
+                             seed=derive_seed(self.seed, index, scale=EVENT_MIX, weights=(1,)), device=site.device)
 
     def _removal_plan(self, site: MergeSite, mass, cap: cal.SiteCapture, removed: torch.Tensor, candidates: int,
                       estimated: float | None) -> MergePlan | None:

@@ -242,11 +242,13 @@ def check_order_knobs(order: str, order_width: int | None, bucket_size: int, per
 
 def removal_order(cap: SiteCapture, eligible: torch.Tensor, floor: int, ridge: float, max_error: float | None,
                   block_frac: float, order: str = "exact", order_width: int | None = None,
-                  bucket_size: int = 128, per_step: int = 8, seed: int = 0) -> RemovalOrder:
+                  bucket_size: int = 128, per_step: int = 8, seed: int = 0,
+                  device: torch.device | str | None = None) -> RemovalOrder:
     """The site's removal order: ``exact`` (whole-width OBS), ``blocked`` (whole-width OBS with
     per-neuron greedy decisions and one factorization update per ``per_step`` neurons, on the
     captures' device: :mod:`hashexp.merge.greedy`), ``restricted`` (inside LSH buckets) or
-    ``auto`` (restricted from ``order_width`` neurons on, exact below; None: ``AUTO_WIDTH``)."""
+    ``auto`` (restricted from ``order_width`` neurons on, exact below; None: ``AUTO_WIDTH``).
+    ``device``: where the blocked order runs (None: the captures' device)."""
     from hashexp.merge.calibration import obs_removal_order
 
     width = int(cap.inputs[0].shape[1])
@@ -257,5 +259,5 @@ def removal_order(cap: SiteCapture, eligible: torch.Tensor, floor: int, ridge: f
                                        bucket_size=bucket_size, per_step=per_step, seed=seed)
         return est if max_error is None else cut_by_budget(cap, est, max_error, ridge)
     if order == "blocked":
-        return blocked_removal_order(cap, eligible, floor, ridge, max_error, block_frac, per_step)
+        return blocked_removal_order(cap, eligible, floor, ridge, max_error, block_frac, per_step, device)
     return obs_removal_order(cap, eligible, floor, ridge, max_error, block_frac)
