@@ -13,6 +13,8 @@ by ``HashCompressor`` (least squares on 1024 calibration samples, ``candidates=e
 neuron is eligible and only the removal order differs), with no fine-tuning:
 
 - ``exact``: the structured OBS order over the whole width, blocks of 1% (the reference);
+- ``exact 1/neuron``: the same order with one factorization update per neuron (the per-neuron
+  greedy that ``blocked`` reproduces);
 - ``exact 5%``: the same order with blocks of 5% (5x fewer factorization updates, but each block
   chosen by the scores before it, so other decisions);
 - ``blocked``: ``order=blocked`` (hashexp/merge/greedy.py): the per-neuron greedy decisions of
@@ -44,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 METHODS = {
     "exact": dict(order="exact", block_frac=0.01),
+    "exact 1/neuron": dict(order="exact", block_frac=1e-9),
     "exact 5%": dict(order="exact", block_frac=0.05),
     "blocked": dict(order="blocked", per_step=8, block_frac=0.01),
     "restricted": dict(order="restricted", bucket_size=128, per_step=8),
