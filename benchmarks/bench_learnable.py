@@ -2,7 +2,7 @@
 
 Command (writes benchmarks/bench_learnable.md; about 5 minutes):
 
-    taskset -c 1 .venv/bin/python benchmarks/bench_learnable.py
+    nice -n 10 .venv/bin/python benchmarks/bench_learnable.py
 
 "Before" is ``hashexp/lsh/learnable.py`` as of commit 9b21750 (loaded from git into a module
 of its own): autograd through exp(sum(log)) per table, float32, 40 Adam steps at lr 0.02, and
@@ -180,7 +180,7 @@ def write_md(rows, loads, total):
              f"{max(_ratio(r, 'after') for r in rows):.1f}x cheaper than the first version. Loads: {'; '.join(loads)}; "
              f"total {total / 60:.1f} min.\n")
     write_markdown(HERE / "bench_learnable.md", "Learnable hash: before and after the speed-up, side by side",
-                   L, command="taskset -c 1 " + __import__("harness").command_line(),
+                   L, command="nice -n 10 " + __import__("harness").command_line(),
                    notes=["One thread (torch.set_num_threads(1)); contenders interleaved by benchmarks/harness.py "
                           "(order rotated each round), 5 rounds; recall and precision over 3 hash seeds. See the "
                           "script's docstring for what each contender does."])
