@@ -73,8 +73,10 @@ class HashCompressor(Compressor):
         max_pairs: refuse to verify more candidate pairs than this (raise bits instead).
         block_frac: share of the width removed per step of the error-ordered removal.
         order: the removal order (:mod:`hashexp.merge.order`): ``exact`` (structured OBS over the
-            whole width), ``restricted`` (OBS inside LSH buckets of ``bucket_size`` neurons,
-            linear in width) or ``auto`` (restricted from ``order_width`` neurons on).
+            whole width), ``blocked`` (the same with per-neuron greedy decisions, one factorization
+            update per ``per_step`` neurons, on the site's device), ``restricted`` (OBS inside LSH
+            buckets of ``bucket_size`` neurons, linear in width) or ``auto`` (restricted from
+            ``order_width`` neurons on).
         order_width, bucket_size, per_step: see ``order``; ``per_step`` neurons leave each bucket
             per factorization update.
         budget: ``site`` (every site stops at ``max_error`` and keeps ``target_ratio`` of its
