@@ -13,7 +13,12 @@ by ``HashCompressor`` (least squares on 1024 calibration samples, ``candidates=e
 neuron is eligible and only the removal order differs), with no fine-tuning:
 
 - ``exact``: the structured OBS order over the whole width, blocks of 1% (the reference);
-- ``blocked``: the same order with blocks of 5% (5x fewer factorization updates);
+- ``exact 1/neuron``: the same order with one factorization update per neuron (the per-neuron
+  greedy that ``blocked`` reproduces);
+- ``exact 5%``: the same order with blocks of 5% (5x fewer factorization updates, but each block
+  chosen by the scores before it, so other decisions);
+- ``blocked``: ``order=blocked`` (hashexp/merge/greedy.py): the per-neuron greedy decisions of
+  the exact order, one factorization update per 8 removals, on the model's device;
 - ``restricted``: the OBS order inside LSH buckets (hashexp/merge/order.py), bucket_size 128,
   8 neurons per bucket per factorization update.
 
@@ -41,7 +46,9 @@ sys.path.insert(0, str(ROOT))
 
 METHODS = {
     "exact": dict(order="exact", block_frac=0.01),
-    "blocked": dict(order="exact", block_frac=0.05),
+    "exact 1/neuron": dict(order="exact", block_frac=1e-9),
+    "exact 5%": dict(order="exact", block_frac=0.05),
+    "blocked": dict(order="blocked", per_step=8, block_frac=0.01),
     "restricted": dict(order="restricted", bucket_size=128, per_step=8),
 }
 
@@ -66,7 +73,7 @@ def base_model(cache: Path):
     from hashexp.models import load_model
 
     run_dir = cache / "mlp2048_e3"
-    run(["experiment=fmnist_mlp2048", "trainer.epochs=3", "hashing=none", "seed=0"], run_dir)
+    run(["experiment=fmnist_mlp2048", "trainer.epochs=3", "hashing=none", "seed=0", "trainer.num_threads=1"], run_dir)
     return load_model(run_dir / "model.pt")
 
 
@@ -168,6 +175,7 @@ def main() -> None:
     p.add_argument("--cache", type=Path, default=Path("/tmp/hashexp_bench_merge_cost"))
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "bench_merge_cost.md")
     p.add_argument("--smoke", action="store_true", help="do not write the markdown")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--child", nargs=2, metavar=("WIDTH", "METHOD"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -179,7 +187,7 @@ def main() -> None:
         if any(r["width"] == w for r in results):
             continue
         base_model(args.cache)
-        methods = [m for m in METHODS if m == "restricted" or w <= args.exact_max]
+        methods = [m for m in args.methods if m == "restricted" or w <= args.exact_max]
         reps = args.repeats if w < args.large_from else args.repeats_large
         for r in range(reps):
             for m in methods:  # interleaved: every method once per repeat
@@ -205,7 +213,9 @@ def report(results: list[dict], args) -> str:
     for r in results:
         by.setdefault((r["width"], r["method"]), []).append(r)
     widths = sorted({r["width"] for r in results})
-    cmd = "nice -n 10 .venv/bin/python benchmarks/bench_merge_cost.py --repeats 2"
+    from harness import command_line
+
+    cmd = "nice -n 10 " + command_line()
     lines = [
         "# Merge-cost scaling: exact vs blocked vs LSH-restricted removal order", "",
         f"Command: `{cmd}`", "",

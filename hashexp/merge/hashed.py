@@ -33,6 +33,7 @@ from hashexp.merge import calibration as cal
 from hashexp.merge.budget import allocate, check_budget, layer_flops, neuron_flops
 from hashexp.merge.compressor import Compressor, nearest_survivor
 from hashexp.merge.cosine import pair_cosines, plan_by_cosine
+from hashexp.merge.greedy import stage_removal_orders
 from hashexp.merge.order import check_order_knobs, removal_order
 from hashexp.merge.sites import MergeSite, model_sites
 from hashexp.merge.surgery import MergePlan, merge_plan, prune_plan
@@ -72,14 +73,20 @@ class HashCompressor(Compressor):
         max_pairs: refuse to verify more candidate pairs than this (raise bits instead).
         block_frac: share of the width removed per step of the error-ordered removal.
         order: the removal order (:mod:`hashexp.merge.order`): ``exact`` (structured OBS over the
-            whole width), ``restricted`` (OBS inside LSH buckets of ``bucket_size`` neurons,
-            linear in width) or ``auto`` (restricted from ``order_width`` neurons on).
+            whole width), ``blocked`` (the same with per-neuron greedy decisions, one factorization
+            update per ``per_step`` neurons, on the site's device), ``restricted`` (OBS inside LSH
+            buckets of ``bucket_size`` neurons, linear in width) or ``auto`` (restricted from
+            ``order_width`` neurons on).
         order_width, bucket_size, per_step: see ``order``; ``per_step`` neurons leave each bucket
             per factorization update.
         budget: ``site`` (every site stops at ``max_error`` and keeps ``target_ratio`` of its
             width) or ``global`` (:mod:`hashexp.merge.budget`: one error budget of
             ``n_sites * max_error^2`` and, with ``target_ratio``, one FLOPs ratio across all
             sites, spent cheapest error per saved FLOP first; ``compensation=lsq`` only).
+        batch_sites: order the removals of all sites at once before merging (``compensation=lsq``):
+            the blocked order (:mod:`hashexp.merge.greedy`) batched over sites of equal shapes
+            (the blocks of a ResNet stage), on the model's device, from captures of the network
+            before this rehash (as ``budget=global`` does); replaces ``order`` for these sites.
         other arguments: see :class:`Compressor`.
     """
 
@@ -90,13 +97,16 @@ class HashCompressor(Compressor):
                  max_rounds: int = 8, n_threads: int = 0, candidates: str = "activations",
                  representative: str | None = None, max_error: float | None = None, block_frac: float = 0.01,
                  auto_width: int | None = None, order: str = "auto", order_width: int | None = None,
-                 bucket_size: int = 128, per_step: int = 8, budget: str = "site", **kw) -> None:
+                 bucket_size: int = 128, per_step: int = 8, budget: str = "site", batch_sites: bool = False,
+                 **kw) -> None:
         super().__init__(**kw)
         check_order_knobs(order, order_width, bucket_size, per_step)
         self.order, self.order_width = order, None if order_width is None else int(order_width)
         self.bucket_size, self.per_step = int(bucket_size), int(per_step)
         self.budget = check_budget(budget)
         self._global_removed: dict[str, tuple[torch.Tensor, int]] = {}
+        self.batch_sites = bool(batch_sites)
+        self._site_orders: dict[str, tuple[cal.RemovalOrder, torch.Tensor]] = {}
         check_cosine("hashing.threshold", threshold, nullable=True)
         if transform not in ("auto", "simhash", "mips"):
             raise ConfigError(f"hashing.transform={transform!r}; choose auto, simhash or mips")
@@ -183,8 +193,11 @@ class HashCompressor(Compressor):
         floor = max(self._min_width(site), target if target is not None else 0)
         if width <= floor:
             return None
-        eligible = self.eligible(site, index, cap)
-        order = self._order(site, index, cap, eligible, floor, self.max_error)
+        if site.name in self._site_orders:  # batch_sites: _prepare ordered this site with the others
+            order, eligible = self._site_orders.pop(site.name)
+        else:
+            eligible = self.eligible(site, index, cap)
+            order = self._order(site, index, cap, eligible, floor, self.max_error)
         nb = len(order.blocks)
         if self.max_error is not None:
             while nb > 0 and order.rel_error(nb) > self.max_error:
@@ -196,7 +209,7 @@ class HashCompressor(Compressor):
         """The site's removal order (``hashing.order``), down to ``floor``, cut at ``max_error``."""
         return removal_order(cap, eligible, floor, self.ridge, max_error, self.block_frac, self.order,
                              self.order_width, self.bucket_size, self.per_step,
-                             seed=derive_seed(self.seed, index, scale=EVENT_MIX, weights=(1,)))
+                             seed=derive_seed(self.seed, index, scale=EVENT_MIX, weights=(1,)), device=site.device)
 
     def _removal_plan(self, site: MergeSite, mass, cap: cal.SiteCapture, removed: torch.Tensor, candidates: int,
                       estimated: float | None) -> MergePlan | None:
@@ -218,27 +231,41 @@ class HashCompressor(Compressor):
 
     def _prepare(self, model, sites: list[MergeSite], calib: torch.Tensor,
                  overrides: Mapping[str, Mapping[str, Any]] | None) -> None:
-        """``budget=global``: order every site's removals on the network before this rehash, then
-        spend one budget across them (:func:`hashexp.merge.budget.allocate`)."""
-        self._global_removed = {}
-        if self.budget != "global" or self.compensation != "lsq" or not sites:
+        """Order every site's removals on the network before this rehash when ``budget=global``
+        (then spend one budget across them: :func:`hashexp.merge.budget.allocate`) or
+        ``batch_sites`` (all orders in one batched call per group of equal shapes)."""
+        self._global_removed, self._site_orders = {}, {}
+        glob = self.budget == "global"
+        if self.compensation != "lsq" or not sites or not (glob or self.batch_sites):
             return
         index_of = {s.name: i for i, s in enumerate(model_sites(model))}
-        orders, widths, candidates = {}, {}, {}
+        caps, eligibles, floors, errors, candidates = [], [], [], [], {}
         for site in sites:
             idx = index_of[site.name]
-            cap = cal.capture_site(model, site, calib, derive_seed(self.seed, idx, scale=SITE_MIX, weights=(1,)))
+            caps.append(cal.capture_site(model, site, calib, derive_seed(self.seed, idx, scale=SITE_MIX, weights=(1,))))
             with self._overridden(self._site_knobs(site.name, overrides)):
-                saved, self.target_ratio = self.target_ratio, None  # the ratio is global here
+                saved = self.target_ratio
+                if glob:
+                    self.target_ratio = None  # the ratio is global here
                 try:
                     t = self.target(site)
-                    floor = max(self._min_width(site), t if t is not None else 0)
-                    eligible = self.eligible(site, idx, cap)
-                    candidates[site.name] = int(eligible.sum())
-                    orders[site.name] = self._order(site, idx, cap, eligible, floor, None)
+                    floors.append(max(self._min_width(site), t if t is not None else 0))
+                    eligibles.append(self.eligible(site, idx, caps[-1]))
+                    errors.append(None if glob else self.max_error)
                 finally:
                     self.target_ratio = saved
-            widths[site.name] = site.width
+            candidates[site.name] = int(eligibles[-1].sum())
+        if self.batch_sites:
+            found = stage_removal_orders(caps, eligibles, floors, self.ridge, errors, self.block_frac,
+                                         self.per_step, device=sites[0].device)
+        else:
+            found = [self._order(site, index_of[site.name], cap, el, fl, None)
+                     for site, cap, el, fl in zip(sites, caps, eligibles, floors)]
+        orders = {site.name: o for site, o in zip(sites, found)}
+        if not glob:
+            self._site_orders = {site.name: (o, el) for site, o, el in zip(sites, found, eligibles)}
+            return
+        widths = {site.name: site.width for site in sites}
         layers = layer_flops(model, sites, calib)
         flops = neuron_flops(layers, widths)
         take = allocate(orders, flops, widths, self.max_error, self.target_ratio, layers)

@@ -30,10 +30,11 @@ import torch
 
 from hashexp.errors import ConfigError
 from hashexp.merge.calibration import RemovalOrder, SiteCapture
+from hashexp.merge.greedy import _merge_sequences, _ridge_of, blocked_removal_order, factors, greedy_steps
 
 #: calibration rows used to hash a neuron's activations into a bucket
 MAX_SIGNATURE_ROWS = 2048
-ORDERS = ("exact", "restricted", "auto")
+ORDERS = ("exact", "blocked", "restricted", "auto")
 #: width from which ``order=auto`` restricts the order to buckets (measured: benchmarks/bench_merge_cost.md)
 AUTO_WIDTH = 1024
 
@@ -119,66 +120,16 @@ def _bucket_factors(x: torch.Tensor, w: torch.Tensor, members: torch.Tensor, val
     its centred output energy |X_c W^T|^2.
 
     The ridge is the exact order's (per neuron, relative to the mean energy of the whole width),
-    so each bucket's diagonal block equals the same block of the full ridged Gram. Padding slots
-    get an identity Gram and zero weights: inert. Working on A instead of W makes every later
-    step independent of the consumer's output count.
+    so each bucket's diagonal block equals the same block of the full ridged Gram. Working on A
+    instead of W makes every later step independent of the consumer's output count.
     """
     xc = x.float() - x.float().mean(0)
-    d = (xc.double() ** 2).sum(0)
-    lam = float(ridge) * d + 1e-12 * float(d.mean().clamp_min(1e-30))
+    lam = _ridge_of(xc, ridge)
     idx = members.clamp_min(0)
-    xb = (xc[:, idx] * valid).permute(1, 0, 2).double()  # (nb, rows, s)
-    g = xb.transpose(1, 2) @ xb
-    diag = torch.where(valid, lam[idx], torch.ones_like(lam[idx]))
-    g = g + torch.diag_embed(diag)
-    h = torch.cholesky_inverse(torch.linalg.cholesky(g))
     wf = w.float()
-    wb = wf[:, idx].permute(1, 0, 2) * valid[:, None, :]  # (nb, out, s)
+    h, a = factors(xc[:, idx].permute(1, 0, 2), wf[:, idx].permute(1, 0, 2), valid, lam[idx])
     energy = float(((xc @ wf.T).double() ** 2).sum())
-    return h.float(), wb.transpose(1, 2) @ wb, energy
-
-
-def _pick_block(hs: list[torch.Tensor], gs: list[torch.Tensor], alive: torch.Tensor, m: int
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each bucket's next ``m`` removals, chosen one by one as the per-neuron greedy order would.
-
-    After picks P the scores need only the diagonals of the updated H and A:
-    diag(H)_i - H_iP H_PP^-1 H_Pi and diag(A)_i - 2 A_iP C_.i + C_.i^T A_PP C_.i with
-    C = H_PP^-1 H_P., so choosing a block costs m^2 * bucket_size per bucket and the
-    factorization is updated once per block, not once per neuron. Returns the picks (nb, m) and
-    which of them are real (a bucket may run out of candidates), and each pick's marginal cost
-    (the greedy score when it was chosen; they add up to the block's cost).
-    """
-    nb, s = alive.shape
-    rows = torch.arange(nb)[:, None]
-    picks = torch.zeros(nb, 0, dtype=torch.long)
-    oks = torch.zeros(nb, 0, dtype=torch.bool)
-    costs = torch.zeros(nb, 0, dtype=torch.float64)
-    free = alive.clone()
-    for t in range(m):
-        score = torch.zeros(nb, s, dtype=torch.float64)
-        for h, a in zip(hs, gs):
-            dh = h.diagonal(dim1=1, dim2=2).double()
-            da = a.diagonal(dim1=1, dim2=2).double()
-            if t:
-                okf = oks.double()
-                hp = h[rows, picks].double() * okf[..., None]  # (nb, t, s)
-                hpp = torch.gather(hp, 2, picks[:, None, :].expand(nb, t, t)) * (okf[:, :, None] * okf[:, None, :])
-                hpp = hpp + torch.diag_embed(1.0 - okf)
-                c = torch.linalg.solve(hpp, hp)
-                ap = a[rows, picks].double() * okf[..., None]
-                app = torch.gather(ap, 2, picks[:, None, :].expand(nb, t, t))
-                dh = dh - (hp * c).sum(1)
-                da = da - 2 * (ap * c).sum(1) + (c * (app @ c)).sum(1)
-            score += da / dh.clamp_min(1e-30)
-        score[~free] = float("inf")
-        best = score.argmin(1, keepdim=True)
-        ok = torch.isfinite(score.gather(1, best))
-        free[rows[ok[:, 0]], best[ok[:, 0]]] = False
-        picks = torch.cat([picks, best], 1)
-        oks = torch.cat([oks, ok], 1)
-        costs = torch.cat([costs, torch.where(ok, score.gather(1, best), 0.0).clamp_min(0.0)], 1)
-    return picks, oks, costs
+    return h, a, energy
 
 
 def restricted_removal_order(cap: SiteCapture, eligible: torch.Tensor, floor: int, ridge: float = 1e-3,
@@ -199,77 +150,14 @@ def restricted_removal_order(cap: SiteCapture, eligible: torch.Tensor, floor: in
     width = int(cap.inputs[0].shape[1])
     labels = balanced_buckets(_signature(cap.inputs[0]), bucket_size, seed)
     members, valid = _padded_members(labels)
-    nb, s = members.shape
-    factors = [_bucket_factors(x, w, members, valid, ridge) for x, w in zip(cap.inputs, cap.weights)]
-    energy = sum(f[2] for f in factors)
-    hs = [f[0] for f in factors]
-    gs = [f[1] for f in factors]
+    facs = [_bucket_factors(x, w, members, valid, ridge) for x, w in zip(cap.inputs, cap.weights)]
+    energy = sum(f[2] for f in facs)
+    hs = [f[0] for f in facs]
+    gs = [f[1] for f in facs]
     alive = valid & eligible.bool()[members.clamp_min(0)]
-    steps_cost, steps_who = [], []
-    rows = torch.arange(nb)[:, None]
-    m = min(per_step, s)
-    for _ in range(-(-s // m)):
-        if not bool(alive.any()):
-            break
-        pick, ok, marginal = _pick_block(hs, gs, alive, m)
-        okf = ok.float()
-        pair = okf[:, :, None] * okf[:, None, :]
-        eye = torch.diag_embed(1.0 - okf)
-        step_cost = torch.zeros(nb, dtype=torch.float64)
-        for i, (h, a) in enumerate(zip(hs, gs)):
-            hb = h[rows, pick] * okf[..., None]  # (nb, m, s): rows of the removed, zero where invalid
-            hbb = torch.gather(hb, 2, pick[:, None, :].expand(nb, m, m)) * pair + eye
-            hbb_inv = torch.linalg.inv(hbb.double())
-            ab = a[rows, pick] * okf[..., None]  # (nb, m, s)
-            abb = torch.gather(ab, 2, pick[:, None, :].expand(nb, m, m)) * pair
-            step_cost += (hbb_inv * abb.double().transpose(1, 2)).sum((1, 2))
-            c = hbb_inv.float() @ hb  # (nb, m, s)
-            hs[i] = h - hb.transpose(1, 2) @ c
-            ac = ab.transpose(1, 2) @ c  # A_.B C
-            gs[i] = a - ac - ac.transpose(1, 2) + c.transpose(1, 2) @ (abb @ c)
-        done = torch.zeros(nb, s, dtype=torch.bool)
-        done[rows.expand_as(pick)[ok], pick[ok]] = True
-        alive &= ~done
-        # marginal costs of the picks, rescaled so they add up to the block's exact joint cost
-        total = marginal.sum(1)
-        marginal = marginal * torch.where(total > 0, step_cost.clamp_min(0.0) / total.clamp_min(1e-300), 1.0)[:, None]
-        steps_cost.append(marginal)
-        steps_who.append(torch.where(ok, members.gather(1, pick), torch.full_like(pick, -1)))
+    steps_cost, steps_slot = greedy_steps(hs, gs, alive, per_step)
+    steps_who = [torch.where(p >= 0, members.gather(1, p.clamp_min(0)), p) for p in steps_slot]
     return _merge_sequences(steps_cost, steps_who, width, floor, energy, max_error, block_frac)
-
-
-def _merge_sequences(steps_cost, steps_who, width: int, floor: int, energy: float,
-                     max_error: float | None, block_frac: float) -> RemovalOrder:
-    """One global order from the buckets' sequences of (neuron, marginal cost), in blocks of
-    ``block_frac`` of the width. Sorting by each bucket's running-max cost keeps every bucket's
-    own order; ties go to the earlier position."""
-    room = width - int(floor)
-    if not steps_cost or room <= 0:
-        return RemovalOrder(blocks=[], cost=[], energy=energy)
-    cost = torch.cat(steps_cost, 1)  # (nb, L)
-    who = torch.cat(steps_who, 1)
-    real = who >= 0
-    env = torch.cummax(torch.where(real, cost, torch.zeros_like(cost)), 1).values
-    env = torch.where(real, env, torch.full_like(env, float("inf")))
-    t = torch.arange(cost.shape[1]).expand_as(cost).flatten()
-    first = torch.argsort(t, stable=True)
-    order = first[torch.argsort(env.flatten()[first], stable=True)]
-    order = order[real.flatten()[order]][:room]
-    flat = who.flatten()[order]
-    cum = torch.cumsum(cost.flatten()[order], 0)
-    if len(flat) == 0:
-        return RemovalOrder(blocks=[], cost=[], energy=energy)
-    chunk = max(1, int(block_frac * width))
-    cuts = list(range(chunk, len(flat), chunk)) + [len(flat)]
-    budget = None if max_error is None else float(max_error) ** 2 * energy
-    blocks, out_cost, prev = [], [], 0
-    for cut in cuts:
-        blocks.append(flat[prev:cut].clone())
-        out_cost.append(float(cum[cut - 1]))
-        prev = cut
-        if budget is not None and out_cost[-1] > budget:
-            break
-    return RemovalOrder(blocks=blocks, cost=out_cost, energy=energy)
 
 
 def removal_cost(cap: SiteCapture, removed: torch.Tensor, ridge: float = 1e-3) -> float:
@@ -354,9 +242,13 @@ def check_order_knobs(order: str, order_width: int | None, bucket_size: int, per
 
 def removal_order(cap: SiteCapture, eligible: torch.Tensor, floor: int, ridge: float, max_error: float | None,
                   block_frac: float, order: str = "exact", order_width: int | None = None,
-                  bucket_size: int = 128, per_step: int = 8, seed: int = 0) -> RemovalOrder:
-    """The site's removal order: ``exact`` (whole-width OBS), ``restricted`` (inside LSH buckets) or
-    ``auto`` (restricted from ``order_width`` neurons on, exact below; None: ``AUTO_WIDTH``)."""
+                  bucket_size: int = 128, per_step: int = 8, seed: int = 0,
+                  device: torch.device | str | None = None) -> RemovalOrder:
+    """The site's removal order: ``exact`` (whole-width OBS), ``blocked`` (whole-width OBS with
+    per-neuron greedy decisions and one factorization update per ``per_step`` neurons, on the
+    captures' device: :mod:`hashexp.merge.greedy`), ``restricted`` (inside LSH buckets) or
+    ``auto`` (restricted from ``order_width`` neurons on, exact below; None: ``AUTO_WIDTH``).
+    ``device``: where the blocked order runs (None: the captures' device)."""
     from hashexp.merge.calibration import obs_removal_order
 
     width = int(cap.inputs[0].shape[1])
@@ -366,4 +258,6 @@ def removal_order(cap: SiteCapture, eligible: torch.Tensor, floor: int, ridge: f
         est = restricted_removal_order(cap, eligible, floor, ridge, None, block_frac,
                                        bucket_size=bucket_size, per_step=per_step, seed=seed)
         return est if max_error is None else cut_by_budget(cap, est, max_error, ridge)
+    if order == "blocked":
+        return blocked_removal_order(cap, eligible, floor, ridge, max_error, block_frac, per_step, device)
     return obs_removal_order(cap, eligible, floor, ridge, max_error, block_frac)
