@@ -163,17 +163,18 @@ class Compressor:
         if main and calib is not None:
             self._prepare(model, [s for s in sites if (names is None or s.name in names)
                                   and (self.sites is None or s.name in self.sites)], calib, overrides)
-        for idx, site in enumerate(sites):
-            if names is not None and site.name not in names:
-                continue
-            if self.sites is not None and site.name not in self.sites:
-                continue
+        chosen = [(idx, site) for idx, site in enumerate(sites) if (names is None or site.name in names)
+                  and (self.sites is None or site.name in self.sites)]
+        measured: dict[str, cal.SiteCapture] = {}  # the next site, measured by the refit pass of the one before
+        for pos, (idx, site) in enumerate(chosen):
             mass = stats.mass(site.name) if stats is not None else None
             if dist is not None and mass is not None:
                 mass = dist.all_reduce_sum(mass)
             before = site.width
             seed = derive_seed(self.seed, idx, scale=SITE_MIX, weights=(1,))
-            cap = cal.capture_site(model, site, calib, seed) if calib is not None and main else None
+            cap = measured.pop(site.name, None)
+            if cap is None and calib is not None and main:
+                cap = cal.capture_site(model, site, calib, seed)
             if fixed is not None and site.name in fixed:
                 plan = fixed_plan(site, fixed[site.name]["groups"], fixed[site.name]["keep"])
             else:
@@ -186,7 +187,11 @@ class Compressor:
                 check_plan(site, plan, f"hashing={self.name} (compensation={self.compensation})")
                 apply_producers(site, plan, optimizer)
                 if self.compensation == "lsq":
-                    maps = self._refit(model, site, plan, cap, calib, seed, optimizer, norm_of) if main else None
+                    nxt = chosen[pos + 1] if pos + 1 < len(chosen) else None
+                    nxt = None if nxt is None else (nxt[1], derive_seed(self.seed, nxt[0], scale=SITE_MIX, weights=(1,)))
+                    maps = self._refit(model, site, plan, cap, calib, seed, optimizer, norm_of, nxt) if main else None
+                    if main and maps.get("next") is not None:
+                        measured[nxt[0].name] = maps.pop("next")
                     if dist is not None:
                         maps = dist.broadcast_object(maps)
                         if not main:
@@ -243,24 +248,42 @@ class Compressor:
         return out
 
     def _refit(self, model, site: MergeSite, plan: MergePlan, cap: cal.SiteCapture, calib: torch.Tensor,
-               seed: int, optimizer, norm_of: Mapping[int, Any]) -> dict[str, Any]:
+               seed: int, optimizer, norm_of: Mapping[int, Any],
+               nxt: tuple[MergeSite, int] | None = None) -> dict[str, Any]:
         """Refit the site's consumers in forward order; returns their maps and the measured error.
 
         The ridge shrinks toward the plan's weight-rule map (column i -> group labels_i with m_i).
+        A pruning plan's survivors whose rows did not change (the consumers before any refit of
+        this pass) keep their columns exactly and only the removed neurons are solved
+        (:func:`~hashexp.merge.calibration.lsq_map` ``same``). ``nxt`` (site, seed): the next site
+        to compress, measured in the same pass when it runs the same inputs (``next`` in the result:
+        its capture, exactly what a pass of its own would record).
         """
         maps: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(site.consumers)
         keep = plan.labels >= 0
         prior = torch.zeros(plan.new_width, len(plan.labels), dtype=torch.float64)
         cols = keep.nonzero().flatten().cpu()
         prior[plan.labels[keep].cpu(), cols] = plan.m[keep].double().cpu()
+        pruned = bool(keep.sum() == plan.new_width) and bool((plan.m[keep] == 1).all())
+        same = torch.empty(plan.new_width, dtype=torch.long)
+        same[plan.labels[keep].cpu()] = cols
 
         def refit(k: int, module, rows: torch.Tensor) -> None:
-            t, c = cal.lsq_map(cap.inputs[k].to(rows.device), rows, self.ridge, prior)
+            old = cap.inputs[k].to(rows.device)
+            kw = {}
+            if pruned:
+                sub = old[:, same.to(rows.device)]
+                if rows.shape == sub.shape and torch.allclose(rows, sub, rtol=1e-5, atol=1e-6 * float(sub.abs().max())):
+                    kw["same"] = same
+            t, c = cal.lsq_map(old, rows, self.ridge, prior, **kw)
             refit_consumer(site.consumers[k], t.to(rows.device), c.to(rows.device), optimizer, norm_of.get(id(module)))
             maps[k] = (t.cpu(), c.cpu())
 
-        after = cal.capture_site(model, site, calib, seed, before_consumer=refit)
-        return {"maps": maps, "error": site_error(cap, after)}
+        specs = [(site, seed, refit)]
+        if nxt is not None and cal.calibration_inputs(nxt[0], calib).shape[0] == cal.calibration_inputs(site, calib).shape[0]:
+            specs.append((nxt[0], nxt[1], None))
+        caps = cal.capture_sites(model, specs, calib)
+        return {"maps": maps, "error": site_error(cap, caps[0]), "next": caps[1] if len(caps) > 1 else None}
 
     def plan_site(self, site: MergeSite, index: int, mass: torch.Tensor | None,
                   capture: cal.SiteCapture | None = None) -> MergePlan | None:
