@@ -3,7 +3,7 @@
     nice -n 10 .venv/bin/python benchmarks/profile_rehash.py --json /tmp/prof.json -- experiment=fmnist_mlp2048 \
         hashing=simhash seed=0 trainer.num_threads=1
 
-Runs the app in this process with every phase of :meth:`hashexp.merge.rehasher.Rehasher.rehash`
+Runs the app (of this checkout, or of ``--root``) in this process with every phase of :meth:`hashexp.merge.rehasher.Rehasher.rehash`
 wrapped by a timer (no change to what runs) and writes the split to ``--json``:
 
 - ``calib``: the calibration forwards that measure a site before its merge (capture_sites);
@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 TOTALS: dict[str, float] = {}
 _stack: list[str] = []
@@ -57,13 +56,22 @@ def install() -> None:
     """Wrap the phases (module attributes the callers look up at call time)."""
     from hashexp.merge import calibration as cal, compressor, hashed, rehasher
 
-    cap = cal.capture_sites
+    if hasattr(cal, "capture_sites"):
+        cap = cal.capture_sites
 
-    def capture(model, specs, x):
-        name = "refit_pass" if any(s[2] is not None for s in specs) else "calib"
-        return _timed(name, cap)(model, specs, x)
+        def capture(model, specs, x, *a, **kw):
+            name = "refit_pass" if any(s[2] is not None for s in specs) else "calib"
+            return _timed(name, cap)(model, specs, x, *a, **kw)
 
-    cal.capture_sites = capture
+        cal.capture_sites = capture
+    else:  # a checkout from before one pass per site
+        cap1 = cal.capture_site
+
+        def capture1(model, site, x, seed=0, before_consumer=None, *a, **kw):
+            name = "refit_pass" if before_consumer is not None else "calib"
+            return _timed(name, cap1)(model, site, x, seed, before_consumer, *a, **kw)
+
+        cal.capture_site = capture1
     cal.lsq_map = _timed("lsq", cal.lsq_map)
     compressor.refit_consumer = _timed("lsq", compressor.refit_consumer)
     compressor.apply_producers = _timed("surgery", compressor.apply_producers)
@@ -79,8 +87,10 @@ def install() -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--root", type=Path, default=ROOT, help="the checkout whose hashexp runs (default: this one)")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
+    sys.path.insert(0, str(a.root.resolve()))
     install()
     from hashexp.__main__ import main as app_main
 

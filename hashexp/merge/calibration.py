@@ -43,8 +43,9 @@ from hashexp.utils.seeding import P7919, derive_seed
 DEFAULT_SAMPLES = 1024
 #: rows of conv features kept per consumer (sampled spatial positions over all samples)
 MAX_CONV_ROWS = 8192
-#: calibration samples a site with conv consumers runs: their spatial positions already give far
-#: more rows than MAX_CONV_ROWS, and a conv forward is the expensive part of a rehash
+#: calibration samples a site with conv consumers runs by default (``hashing.conv_samples``): their
+#: spatial positions already give far more rows than MAX_CONV_ROWS, and a conv forward is the
+#: expensive part of a rehash
 CONV_SAMPLES = 256
 
 
@@ -118,76 +119,57 @@ def weight_matrix(module: nn.Module | Consumer, width: int | None = None) -> tor
     return w.transpose(0, 1).reshape(w.shape[1], -1).T.contiguous()
 
 
-def calibration_inputs(site: MergeSite, x: torch.Tensor) -> torch.Tensor:
-    """The calibration inputs a site's pass runs: ``x``, or its first :data:`CONV_SAMPLES` for a
-    site with conv consumers."""
+def calibration_inputs(site: MergeSite, x: torch.Tensor, conv_samples: int = CONV_SAMPLES) -> torch.Tensor:
+    """The calibration inputs a site's pass runs: ``x``, or its first ``conv_samples`` for a site
+    with conv consumers."""
     if any(isinstance(c.module, nn.modules.conv._ConvNd) for c in site.consumers):
-        return x[:CONV_SAMPLES]
+        return x[:int(conv_samples)]
     return x
 
 
 def capture_site(model: nn.Module, site: MergeSite, x: torch.Tensor, seed: int = 0,
-                 before_consumer: Callable[[int, nn.Module, torch.Tensor], None] | None = None) -> SiteCapture:
-    """Run the calibration inputs ``x`` through ``model`` (eval mode, no grad) and record the site.
+                 before_consumer: Callable[[int, nn.Module, torch.Tensor], None] | None = None,
+                 conv_samples: int = CONV_SAMPLES) -> SiteCapture:
+    """Run the calibration inputs ``x`` through ``model`` (eval mode, no grad) and record the site
+    (a site with conv consumers runs the first ``conv_samples`` of ``x``).
 
     ``before_consumer(k, module, input_rows)`` runs inside consumer k's forward pre-hook, in
     forward order, before the consumer computes: it may rewrite the consumer (the least-squares
     refit), and the rest of the pass then sees the refitted consumer. Conv rows are sampled at
     the same positions in every pass with the same ``seed`` and shapes.
     """
-    return capture_sites(model, [(site, seed, before_consumer)], x)[0]
+    return capture_sites(model, [(site, seed, before_consumer)], x, conv_samples)[0]
 
 
 def capture_sites(model: nn.Module, specs: list[tuple[MergeSite, int, Callable | None]],
-                  x: torch.Tensor) -> list[SiteCapture]:
+                  x: torch.Tensor, conv_samples: int = CONV_SAMPLES,
+                  optional: list[tuple[MergeSite, int]] = ()) -> list[SiteCapture | None]:
     """One calibration pass that records several sites: ``specs`` is ``[(site, seed,
     before_consumer)]`` (see :func:`capture_site`); the pass stops once every consumer of every
-    site has run.
+    site in ``specs`` has run. ``optional`` ``[(site, seed)]``: sites also recorded when all their
+    consumers run before the pass stops (free: the pass goes no further for them); their entries
+    follow those of ``specs``, None for a site not complete (or that runs other inputs).
 
     A module computes after every module before it in the forward, and a ``before_consumer``
     rewrites its consumer before that consumer computes, so each site's rows are exactly those of
     a pass of its own through the network as it is once every rewrite of this pass is done: the
     refit pass of one site also measures the next site (the compressor's forward order), and a
-    rehash needs one pass per site instead of two. The sites must run the same inputs
+    rehash needs one pass per site instead of two. The sites in ``specs`` must run the same inputs
     (:func:`calibration_inputs`).
     """
-    xs = {calibration_inputs(site, x).shape[0] for site, _, _ in specs}
+    xs = {calibration_inputs(site, x, conv_samples).shape[0] for site, _, _ in specs}
     if len(xs) != 1:
         raise ValueError("capture_sites: the sites run different calibration inputs; capture them one by one")
-    x = calibration_inputs(specs[0][0], x)
-    caps = [SiteCapture() for _ in specs]
+    x = calibration_inputs(specs[0][0], x, conv_samples)
+    extra = [(site, seed, None) for site, seed in optional
+             if calibration_inputs(site, x, conv_samples).shape[0] == x.shape[0]
+             and all(site is not s for s, _, _ in specs)]
+    caps = [SiteCapture() for _ in specs + extra]
     pending = {(j, k) for j, (site, _, _) in enumerate(specs) for k in range(len(site.consumers))}
     handles = []
-
-    def hooks(j: int, site: MergeSite, seed: int, before_consumer, cap: SiteCapture) -> None:
-        n = len(site.consumers)
-        cap.inputs, cap.outputs, cap.weights = [None] * n, [None] * n, [None] * n  # type: ignore[list-item]
-        gens = {}
-
-        def gen_for(k: int, which: int) -> torch.Generator:
-            if (k, which) not in gens:
-                gens[k, which] = torch.Generator().manual_seed(derive_seed(seed, k, which, scale=P7919, weights=(31, 1)))
-            return gens[k, which]
-
-        def pre(module, inputs, k):
-            rows = _rows(site_input(site.consumers[k], inputs[0], site.width), gen_for(k, 0), MAX_CONV_ROWS)
-            if before_consumer is not None:
-                before_consumer(k, module, rows)
-            cap.inputs[k] = rows.cpu()  # decisions are made on the CPU; only the refit runs on the device
-            cap.weights[k] = weight_matrix(site.consumers[k], site.width).cpu()
-
-        def post(module, inputs, output, k):
-            cap.outputs[k] = _rows(consumer_output(module, output), gen_for(k, 1), MAX_CONV_ROWS).cpu()
-            pending.discard((j, k))
-            if not pending:
-                raise _Stop
-
-        for k, c in enumerate(site.consumers):
-            handles.append(c.module.register_forward_pre_hook(lambda m, i, k=k: pre(m, i, k)))
-            handles.append(c.module.register_forward_hook(lambda m, i, o, k=k: post(m, i, o, k)))
-
-    for j, ((site, seed, before_consumer), cap) in enumerate(zip(specs, caps)):
-        hooks(j, site, seed, before_consumer, cap)  # rewriting sites first: their hooks run first
+    for j, ((site, seed, before_consumer), cap) in enumerate(zip(specs + extra, caps)):
+        # rewriting sites first: their hooks run first
+        handles += _capture_hooks(site, seed, before_consumer, cap, pending, j)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -204,7 +186,42 @@ def capture_sites(model: nn.Module, specs: list[tuple[MergeSite, int, Callable |
         missing = [site.consumers[k].module.__class__.__name__ for k in range(len(cap.outputs)) if cap.outputs[k] is None]
         if missing:
             raise RuntimeError(f"site {site.name}: consumers {missing} did not run in the forward pass")
-    return caps
+    done = {id(site): cap for (site, _, _), cap in zip(extra, caps[len(specs):])
+            if all(o is not None for o in cap.outputs)}
+    return caps[:len(specs)] + [done.get(id(site)) for site, _ in optional]
+
+
+def _capture_hooks(site: MergeSite, seed: int, before_consumer, cap: SiteCapture, pending: set, j: int) -> list:
+    """The pre- and post-hooks that record ``site`` into ``cap`` (see :func:`capture_sites`); the
+    post-hook stops the pass once ``pending`` (required (site, consumer) pairs) is empty."""
+    n = len(site.consumers)
+    cap.inputs, cap.outputs, cap.weights = [None] * n, [None] * n, [None] * n  # type: ignore[list-item]
+    gens = {}
+
+    def gen_for(k: int, which: int) -> torch.Generator:
+        if (k, which) not in gens:
+            gens[k, which] = torch.Generator().manual_seed(derive_seed(seed, k, which, scale=P7919, weights=(31, 1)))
+        return gens[k, which]
+
+    def pre(module, inputs, k):
+        rows = _rows(site_input(site.consumers[k], inputs[0], site.width), gen_for(k, 0), MAX_CONV_ROWS)
+        if before_consumer is not None:
+            before_consumer(k, module, rows)
+        cap.inputs[k] = rows.cpu()  # decisions are made on the CPU; only the refit runs on the device
+        cap.weights[k] = weight_matrix(site.consumers[k], site.width).cpu()
+
+    def post(module, inputs, output, k):
+        cap.outputs[k] = _rows(consumer_output(module, output), gen_for(k, 1), MAX_CONV_ROWS).cpu()
+        if (j, k) in pending:
+            pending.discard((j, k))
+            if not pending:
+                raise _Stop
+
+    handles = []
+    for k, c in enumerate(site.consumers):
+        handles.append(c.module.register_forward_pre_hook(lambda m, i, k=k: pre(m, i, k)))
+        handles.append(c.module.register_forward_hook(lambda m, i, o, k=k: post(m, i, o, k)))
+    return handles
 
 
 def _ridge(g: torch.Tensor, ridge: float) -> torch.Tensor:

@@ -35,7 +35,7 @@ from hashexp.merge.reports import SiteReport
 from hashexp.merge.sites import MergeSite, model_sites
 from hashexp.merge.surgery import MergePlan, apply_consumers, apply_producers, check_plan, refit_consumer
 from hashexp.merge.width_plan import load_width_plan
-from hashexp.utils.checks import check_cosine, check_fraction
+from hashexp.utils.checks import check_at_least, check_cosine, check_fraction
 from hashexp.utils.seeding import SEED_MIX, SITE_MIX, derive_seed
 
 COMPENSATIONS = ("lsq", "weights", "none")
@@ -60,6 +60,9 @@ class Compressor:
         site_overrides: per-site values of these knobs, ``{site: {knob: value}}`` (e.g.
             ``{fc2: {max_error: 0.05, target_ratio: 0.7}}``); a schedule's per-site values
             (``schedule=per_layer``) win over them.
+        conv_samples: calibration samples a site with conv consumers runs (the first of the
+            calibration set; their spatial positions give the rows); sites of Linear consumers
+            run the whole set.
     """
 
     name = "base"
@@ -68,7 +71,8 @@ class Compressor:
                  min_width: int | Mapping[str, int] = 1, width_plan: str | None = None,
                  sites: list[str] | None = None, seed: int = 0, name: str | None = None,
                  compensation: str = "lsq", ridge: float = 1e-3, round_to: int = 1,
-                 site_overrides: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+                 site_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+                 conv_samples: int = cal.CONV_SAMPLES) -> None:
         if target_ratio is not None:
             check_fraction("hashing.target_ratio", target_ratio)
         if compensation not in COMPENSATIONS:
@@ -81,6 +85,7 @@ class Compressor:
                                                and all(isinstance(v, Mapping) for v in site_overrides.values())):
             raise ConfigError(f"hashing.site_overrides must map site names to {{knob: value}}, got {site_overrides!r}")
         self.site_overrides = {str(k): dict(v) for k, v in (site_overrides or {}).items()}
+        self.conv_samples = check_at_least("hashing.conv_samples", conv_samples, 1)
         self.round_to = int(round_to)
         self.compensation = compensation
         self.ridge = float(ridge)
@@ -165,16 +170,21 @@ class Compressor:
                                   and (self.sites is None or s.name in self.sites)], calib, overrides)
         chosen = [(idx, site) for idx, site in enumerate(sites) if (names is None or site.name in names)
                   and (self.sites is None or site.name in self.sites)]
-        measured: dict[str, cal.SiteCapture] = {}  # the next site, measured by the refit pass of the one before
+        seeds = {site.name: derive_seed(self.seed, idx, scale=SITE_MIX, weights=(1,)) for idx, site in chosen}
+        # later sites measured by an earlier pass, valid until the network changes
+        measured: dict[str, cal.SiteCapture] = {}
         for pos, (idx, site) in enumerate(chosen):
             mass = stats.mass(site.name) if stats is not None else None
             if dist is not None and mass is not None:
                 mass = dist.all_reduce_sum(mass)
             before = site.width
-            seed = derive_seed(self.seed, idx, scale=SITE_MIX, weights=(1,))
+            seed = seeds[site.name]
+            later = [(s, seeds[s.name]) for _, s in chosen[pos + 1:]]
             cap = measured.pop(site.name, None)
             if cap is None and calib is not None and main:
-                cap = cal.capture_site(model, site, calib, seed)
+                caps = cal.capture_sites(model, [(site, seed, None)], calib, self.conv_samples, optional=later)
+                cap = caps[0]
+                measured.update({s.name: c for (s, _), c in zip(later, caps[1:]) if c is not None})
             if fixed is not None and site.name in fixed:
                 plan = fixed_plan(site, fixed[site.name]["groups"], fixed[site.name]["keep"])
             else:
@@ -184,14 +194,13 @@ class Compressor:
                     plan = dist.broadcast_plan(plan, site)
             error = 0.0
             if plan is not None and plan.new_width < before:
+                measured.clear()
                 check_plan(site, plan, f"hashing={self.name} (compensation={self.compensation})")
                 apply_producers(site, plan, optimizer)
                 if self.compensation == "lsq":
-                    nxt = chosen[pos + 1] if pos + 1 < len(chosen) else None
-                    nxt = None if nxt is None else (nxt[1], derive_seed(self.seed, nxt[0], scale=SITE_MIX, weights=(1,)))
-                    maps = self._refit(model, site, plan, cap, calib, seed, optimizer, norm_of, nxt) if main else None
-                    if main and maps.get("next") is not None:
-                        measured[nxt[0].name] = maps.pop("next")
+                    maps = self._refit(model, site, plan, cap, calib, seed, optimizer, norm_of, later) if main else None
+                    if main:
+                        measured.update(maps.pop("next"))
                     if dist is not None:
                         maps = dist.broadcast_object(maps)
                         if not main:
@@ -203,7 +212,7 @@ class Compressor:
                 else:
                     apply_consumers(site, plan, optimizer)
                     if cap is not None:
-                        error = site_error(cap, cal.capture_site(model, site, calib, seed))
+                        error = site_error(cap, cal.capture_site(model, site, calib, seed, conv_samples=self.conv_samples))
                     if dist is not None:
                         error = dist.broadcast_object(error)
             reports.append(SiteReport(site=site.name, before=before, after=site.width, step=step,
@@ -232,8 +241,8 @@ class Compressor:
                 if (names is not None and site.name not in names) or (self.sites is not None and site.name not in self.sites):
                     continue
                 mass = stats.mass(site.name) if stats is not None else None
-                cap = cal.capture_site(model, site, calib, derive_seed(self.seed, idx, scale=SITE_MIX, weights=(1,))) \
-                    if calib is not None else None
+                cap = cal.capture_site(model, site, calib, derive_seed(self.seed, idx, scale=SITE_MIX, weights=(1,)),
+                                       conv_samples=self.conv_samples) if calib is not None else None
                 knobs = self._site_knobs(site.name, overrides)
                 if max_error is not None and hasattr(self, "max_error"):
                     knobs["max_error"] = max_error
@@ -249,15 +258,16 @@ class Compressor:
 
     def _refit(self, model, site: MergeSite, plan: MergePlan, cap: cal.SiteCapture, calib: torch.Tensor,
                seed: int, optimizer, norm_of: Mapping[int, Any],
-               nxt: tuple[MergeSite, int] | None = None) -> dict[str, Any]:
+               later: list[tuple[MergeSite, int]] = ()) -> dict[str, Any]:
         """Refit the site's consumers in forward order; returns their maps and the measured error.
 
         The ridge shrinks toward the plan's weight-rule map (column i -> group labels_i with m_i).
         A pruning plan's survivors whose rows did not change (the consumers before any refit of
         this pass) keep their columns exactly and only the removed neurons are solved
-        (:func:`~hashexp.merge.calibration.lsq_map` ``same``). ``nxt`` (site, seed): the next site
-        to compress, measured in the same pass when it runs the same inputs (``next`` in the result:
-        its capture, exactly what a pass of its own would record).
+        (:func:`~hashexp.merge.calibration.lsq_map` ``same``). ``later`` [(site, seed)]: the sites
+        to compress after this one; the first is measured in the same pass when it runs the same
+        inputs, the others when the pass reaches them anyway (``next`` in the result: ``{name:
+        capture}``, exactly what a pass of their own would record on the refitted network).
         """
         maps: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(site.consumers)
         keep = plan.labels >= 0
@@ -280,10 +290,13 @@ class Compressor:
             maps[k] = (t.cpu(), c.cpu())
 
         specs = [(site, seed, refit)]
-        if nxt is not None and cal.calibration_inputs(nxt[0], calib).shape[0] == cal.calibration_inputs(site, calib).shape[0]:
-            specs.append((nxt[0], nxt[1], None))
-        caps = cal.capture_sites(model, specs, calib)
-        return {"maps": maps, "error": site_error(cap, caps[0]), "next": caps[1] if len(caps) > 1 else None}
+        n = self.conv_samples
+        if later and cal.calibration_inputs(later[0][0], calib, n).shape[0] == cal.calibration_inputs(site, calib, n).shape[0]:
+            specs.append((later[0][0], later[0][1], None))
+        optional = list(later[len(specs) - 1:])
+        caps = cal.capture_sites(model, specs, calib, n, optional=optional)
+        nxt = list(zip([s for s, _, _ in specs[1:]] + [s for s, _ in optional], caps[1:]))
+        return {"maps": maps, "error": site_error(cap, caps[0]), "next": {s.name: c for s, c in nxt if c is not None}}
 
     def plan_site(self, site: MergeSite, index: int, mass: torch.Tensor | None,
                   capture: cal.SiteCapture | None = None) -> MergePlan | None:

@@ -227,7 +227,8 @@ class HashCompressor(Compressor):
         orders, widths, candidates = {}, {}, {}
         for site in sites:
             idx = index_of[site.name]
-            cap = cal.capture_site(model, site, calib, derive_seed(self.seed, idx, scale=SITE_MIX, weights=(1,)))
+            cap = cal.capture_site(model, site, calib, derive_seed(self.seed, idx, scale=SITE_MIX, weights=(1,)),
+                                   conv_samples=self.conv_samples)
             with self._overridden(self._site_knobs(site.name, overrides)):
                 saved, self.target_ratio = self.target_ratio, None  # the ratio is global here
                 try:
