@@ -38,11 +38,11 @@ GOALS = {"fmnist_mlp2048": 3.0, "headline": 3.0, "resnet20_subset": 5.0}
 PHASES = ("calib", "refit_pass", "lsq", "candidates", "order", "surgery", "bn")
 
 
-def _launch(root: Path, setting: str, seed: int, run_dir: Path) -> subprocess.Popen | None:
+def _launch(root: Path, setting: str, seed: int, run_dir: Path, extra: list[str]) -> subprocess.Popen | None:
     if (run_dir / "metrics.json").exists() and (run_dir / "phases.json").exists():
         return None
     cmd = [PY, str(ROOT / "benchmarks" / "profile_rehash.py"), "--root", str(root), "--json",
-           str(run_dir / "phases.json"), "--", *SETTINGS[setting], f"seed={seed}", "trainer.num_threads=1",
+           str(run_dir / "phases.json"), "--", *SETTINGS[setting], *extra, f"seed={seed}", "trainer.num_threads=1",
            "trainer.checkpoint.enabled=false", "trainer.logging.progress=none", f"hydra.run.dir={run_dir}"]
     run_dir.mkdir(parents=True, exist_ok=True)
     print("+", " ".join(cmd), flush=True)
@@ -56,16 +56,20 @@ def main() -> None:
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--out-dir", type=Path, default=ROOT / "outputs" / "bench_merge_share")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "bench_merge_share.md")
+    p.add_argument("--variant", nargs=2, action="append", default=[], metavar=("SETTING", "OVERRIDES"),
+                   help="a third contender of SETTING: this checkout with these overrides (space-separated)")
     p.add_argument("--note", default="", help="a line about the machine's state, for the result file")
     a = p.parse_args()
-    roots = {"before": a.baseline_root.resolve(), "after": ROOT}
+    roots = {"before": (a.baseline_root.resolve(), []), "after": (ROOT, [])}
+    extra = {setting: {f"after, {ov}": (ROOT, ov.split())} for setting, ov in a.variant}
     rows: dict[str, list] = {s: [] for s in a.settings}
     loads = []
     for setting in a.settings:
+        contenders = {**roots, **extra.get(setting, {})}
         for seed in a.seeds:
-            dirs = {v: a.out_dir / setting / f"s{seed}_{v}" for v in roots}
+            dirs = {v: a.out_dir / setting / f"s{seed}_{v.replace(', ', '_').replace('=', '')}" for v in contenders}
             l0 = load_average()
-            procs = [(v, _launch(roots[v], setting, seed, dirs[v])) for v in roots]
+            procs = [(v, _launch(contenders[v][0], setting, seed, dirs[v], contenders[v][1])) for v in contenders]
             for v, pr in procs:
                 if pr is not None and pr.wait() != 0:
                     raise SystemExit(f"run failed ({v}, {setting}, seed {seed}): see {dirs[v] / 'stderr.txt'}")
@@ -73,6 +77,12 @@ def main() -> None:
                 loads.append((l0, load_average()))
             for v, d in dirs.items():
                 rows[setting].append((seed, v, read_metrics(d), json.loads((d / "phases.json").read_text())))
+            _write(a, rows, loads)
+    print(f"wrote {a.out}")
+
+
+def _write(a, rows: dict[str, list], loads: list) -> None:
+    """The result file from the pairs run so far."""
     body = []
     for setting, rs in rows.items():
         body += [f"## {setting}: `python -m hashexp {' '.join(SETTINGS[setting])} seed=S` (goal <= {GOALS[setting]:g}%)", "",
@@ -86,14 +96,15 @@ def main() -> None:
                         f"{100 * m['hash_time_s'] / m['wall_time_s']:.2f} | {100 * m['test_acc']:.2f} | {w} | "
                         + " | ".join(f"{ph[k]:.2f}" for k in PHASES) + " |")
         body.append("")
-        for v in roots:
+        for v in dict.fromkeys(vv for _, vv, _, _ in rs):
             ms = [m for _, vv, m, _ in rs if vv == v]
             share = [100 * m["hash_time_s"] / m["wall_time_s"] for m in ms]
             met = "met" if max(share) <= GOALS[setting] else "not met"
             body.append(f"- {v}: share {fmt(share)} % (max {max(share):.2f}: goal {met}), test acc "
-                        f"{fmt([m['test_acc'] for m in ms], pct=True)} % over seeds {sorted({s for s, *_ in rs})}")
+                        f"{fmt([m['test_acc'] for m in ms], pct=True)} %, FLOPs {fmt([m['flops'] / 1e6 for m in ms])} M, "
+                        f"seeds {sorted({s for s, vv, *_ in rs if vv == v})}")
         body.append("")
-    notes = [f"Before: `{roots['before']}`; after: this checkout. Both of a pair ran at the same time, one torch "
+    notes = [f"Before: `{a.baseline_root}`; after: this checkout. The runs of a seed ran at the same time, one torch "
              "thread each. Share = metrics.json hash_time_s / wall_time_s (calibration passes, candidates, order, "
              "least squares, surgery and BN re-estimation of every rehash). Phase columns from "
              "benchmarks/profile_rehash.py (refit pass = the refit forward minus the solves; it also measures "
@@ -104,7 +115,6 @@ def main() -> None:
     if a.note:
         notes.append(a.note)
     write_markdown(a.out, "Share of wall time in hashing + calibration + merging, before and after", body, notes=notes)
-    print(f"wrote {a.out}")
 
 
 if __name__ == "__main__":
