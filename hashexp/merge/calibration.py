@@ -10,13 +10,16 @@ data:
   merged) that records, for each consumer of the site, its input rows (the site's features:
   post-activation outputs; for convs the channel vectors at sampled spatial positions) and its
   output rows (the consumer's pre-activation). The pass stops as soon as every consumer of the
-  site has run, so early sites cost a fraction of a forward;
+  site has run, so early sites cost a fraction of a forward. :func:`capture_sites` records
+  several sites in one pass: the refit pass of a site also measures the next one, and a pass
+  records the later sites it reaches anyway, so a rehash runs about one pass per site;
 - :func:`obs_removal_order`: which neurons to remove, in order of increasing error. Removing
   input feature j of a linear consumer Y = X W^T and refitting the other columns by least
   squares costs |W_j|^2 / [G^-1]_jj (G = X^T X; the structured Optimal Brain Surgeon step,
   Hassibi & Stork 1993), and the costs of successive removals add up to exactly the refit's
   output error. Blocks of the cheapest neurons are removed at once with the exact block update;
-- :func:`lsq_map`: the refit itself. After the producers are merged, the old features are
+- :func:`lsq_map`: the refit itself (a pruning plan's unchanged survivors keep their columns
+  exactly, so only the removed neurons are solved). After the producers are merged, the old features are
   regressed on the new ones with an intercept (ridge, so dead or duplicate neurons never make
   it singular): X_old ~ X_new T + c. The consumer's weight becomes W T^T and its bias b + W c,
   which reproduces its pre-activation in the least-squares sense. A conv is linear in its input
