@@ -10,13 +10,16 @@ data:
   merged) that records, for each consumer of the site, its input rows (the site's features:
   post-activation outputs; for convs the channel vectors at sampled spatial positions) and its
   output rows (the consumer's pre-activation). The pass stops as soon as every consumer of the
-  site has run, so early sites cost a fraction of a forward;
+  site has run, so early sites cost a fraction of a forward. :func:`capture_sites` records
+  several sites in one pass: the refit pass of a site also measures the next one, and a pass
+  records the later sites it reaches anyway, so a rehash runs about one pass per site;
 - :func:`obs_removal_order`: which neurons to remove, in order of increasing error. Removing
   input feature j of a linear consumer Y = X W^T and refitting the other columns by least
   squares costs |W_j|^2 / [G^-1]_jj (G = X^T X; the structured Optimal Brain Surgeon step,
   Hassibi & Stork 1993), and the costs of successive removals add up to exactly the refit's
   output error. Blocks of the cheapest neurons are removed at once with the exact block update;
-- :func:`lsq_map`: the refit itself. After the producers are merged, the old features are
+- :func:`lsq_map`: the refit itself (a pruning plan's unchanged survivors keep their columns
+  exactly, so only the removed neurons are solved). After the producers are merged, the old features are
   regressed on the new ones with an intercept (ridge, so dead or duplicate neurons never make
   it singular): X_old ~ X_new T + c. The consumer's weight becomes W T^T and its bias b + W c,
   which reproduces its pre-activation in the least-squares sense. A conv is linear in its input
@@ -43,8 +46,9 @@ from hashexp.utils.seeding import EVENT_MIX, derive_seed
 DEFAULT_SAMPLES = 1024
 #: rows of conv features kept per consumer (sampled spatial positions over all samples)
 MAX_CONV_ROWS = 8192
-#: calibration samples a site with conv consumers runs: their spatial positions already give far
-#: more rows than MAX_CONV_ROWS, and a conv forward is the expensive part of a rehash
+#: calibration samples a site with conv consumers runs by default (``hashing.conv_samples``): their
+#: spatial positions already give far more rows than MAX_CONV_ROWS, and a conv forward is the
+#: expensive part of a rehash
 CONV_SAMPLES = 256
 
 
@@ -118,52 +122,57 @@ def weight_matrix(module: nn.Module | Consumer, width: int | None = None) -> tor
     return w.transpose(0, 1).reshape(w.shape[1], -1).T.contiguous()
 
 
+def calibration_inputs(site: MergeSite, x: torch.Tensor, conv_samples: int = CONV_SAMPLES) -> torch.Tensor:
+    """The calibration inputs a site's pass runs: ``x``, or its first ``conv_samples`` for a site
+    with conv consumers."""
+    if any(isinstance(c.module, nn.modules.conv._ConvNd) for c in site.consumers):
+        return x[:int(conv_samples)]
+    return x
+
+
 def capture_site(model: nn.Module, site: MergeSite, x: torch.Tensor, seed: int = 0,
-                 before_consumer: Callable[[int, nn.Module, torch.Tensor], None] | None = None) -> SiteCapture:
-    """Run the calibration inputs ``x`` through ``model`` (eval mode, no grad) and record the site.
+                 before_consumer: Callable[[int, nn.Module, torch.Tensor], None] | None = None,
+                 conv_samples: int = CONV_SAMPLES) -> SiteCapture:
+    """Run the calibration inputs ``x`` through ``model`` (eval mode, no grad) and record the site
+    (a site with conv consumers runs the first ``conv_samples`` of ``x``).
 
     ``before_consumer(k, module, input_rows)`` runs inside consumer k's forward pre-hook, in
     forward order, before the consumer computes: it may rewrite the consumer (the least-squares
     refit), and the rest of the pass then sees the refitted consumer. Conv rows are sampled at
     the same positions in every pass with the same ``seed`` and shapes.
     """
-    cap = SiteCapture()
-    cons = [c.module for c in site.consumers]
-    if any(isinstance(m, nn.modules.conv._ConvNd) for m in cons):
-        x = x[:CONV_SAMPLES]
-    k_of = {id(m): k for k, m in enumerate(cons)}
-    n = len(cons)
-    cap.inputs, cap.outputs, cap.weights = [None] * n, [None] * n, [None] * n  # type: ignore[list-item]
-    seen: set[int] = set()
-    gens = {}
+    return capture_sites(model, [(site, seed, before_consumer)], x, conv_samples)[0]
 
-    def gen_for(k: int, which: int) -> torch.Generator:
-        key = (k, which)
-        if key not in gens:
-            gens[key] = torch.Generator().manual_seed(derive_seed(seed, k, which, scale=EVENT_MIX, weights=(31, 1)))
-        return gens[key]
 
-    width = site.width
+def capture_sites(model: nn.Module, specs: list[tuple[MergeSite, int, Callable | None]],
+                  x: torch.Tensor, conv_samples: int = CONV_SAMPLES,
+                  optional: list[tuple[MergeSite, int]] = ()) -> list[SiteCapture | None]:
+    """One calibration pass that records several sites: ``specs`` is ``[(site, seed,
+    before_consumer)]`` (see :func:`capture_site`); the pass stops once every consumer of every
+    site in ``specs`` has run. ``optional`` ``[(site, seed)]``: sites also recorded when all their
+    consumers run before the pass stops (free: the pass goes no further for them); their entries
+    follow those of ``specs``, None for a site not complete (or that runs other inputs).
 
-    def pre(module, inputs):
-        k = k_of[id(module)]
-        rows = _rows(site_input(site.consumers[k], inputs[0], width), gen_for(k, 0), MAX_CONV_ROWS)
-        if before_consumer is not None:
-            before_consumer(k, module, rows)
-        cap.inputs[k] = rows.cpu()  # decisions are made on the CPU; only the refit runs on the device
-        cap.weights[k] = weight_matrix(site.consumers[k], width).cpu()
-
-    def post(module, inputs, output):
-        k = k_of[id(module)]
-        cap.outputs[k] = _rows(consumer_output(module, output), gen_for(k, 1), MAX_CONV_ROWS).cpu()
-        seen.add(k)
-        if len(seen) == n:
-            raise _Stop
-
+    A module computes after every module before it in the forward, and a ``before_consumer``
+    rewrites its consumer before that consumer computes, so each site's rows are exactly those of
+    a pass of its own through the network as it is once every rewrite of this pass is done: the
+    refit pass of one site also measures the next site (the compressor's forward order), and a
+    rehash needs one pass per site instead of two. The sites in ``specs`` must run the same inputs
+    (:func:`calibration_inputs`).
+    """
+    xs = {calibration_inputs(site, x, conv_samples).shape[0] for site, _, _ in specs}
+    if len(xs) != 1:
+        raise ValueError("capture_sites: the sites run different calibration inputs; capture them one by one")
+    x = calibration_inputs(specs[0][0], x, conv_samples)
+    extra = [(site, seed, None) for site, seed in optional
+             if calibration_inputs(site, x, conv_samples).shape[0] == x.shape[0]
+             and all(site is not s for s, _, _ in specs)]
+    caps = [SiteCapture() for _ in specs + extra]
+    pending = {(j, k) for j, (site, _, _) in enumerate(specs) for k in range(len(site.consumers))}
     handles = []
-    for m in cons:
-        handles.append(m.register_forward_pre_hook(pre))
-        handles.append(m.register_forward_hook(post))
+    for j, ((site, seed, before_consumer), cap) in enumerate(zip(specs + extra, caps)):
+        # rewriting sites first: their hooks run first
+        handles += _capture_hooks(site, seed, before_consumer, cap, pending, j)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -176,10 +185,46 @@ def capture_site(model: nn.Module, site: MergeSite, x: torch.Tensor, seed: int =
             h.remove()
         for m, tr in modes:
             m.training = tr
-    missing = [site.consumers[k].module.__class__.__name__ for k in range(n) if cap.outputs[k] is None]
-    if missing:
-        raise RuntimeError(f"site {site.name}: consumers {missing} did not run in the forward pass")
-    return cap
+    for (site, _, _), cap in zip(specs, caps):
+        missing = [site.consumers[k].module.__class__.__name__ for k in range(len(cap.outputs)) if cap.outputs[k] is None]
+        if missing:
+            raise RuntimeError(f"site {site.name}: consumers {missing} did not run in the forward pass")
+    done = {id(site): cap for (site, _, _), cap in zip(extra, caps[len(specs):])
+            if all(o is not None for o in cap.outputs)}
+    return caps[:len(specs)] + [done.get(id(site)) for site, _ in optional]
+
+
+def _capture_hooks(site: MergeSite, seed: int, before_consumer, cap: SiteCapture, pending: set, j: int) -> list:
+    """The pre- and post-hooks that record ``site`` into ``cap`` (see :func:`capture_sites`); the
+    post-hook stops the pass once ``pending`` (required (site, consumer) pairs) is empty."""
+    n = len(site.consumers)
+    cap.inputs, cap.outputs, cap.weights = [None] * n, [None] * n, [None] * n  # type: ignore[list-item]
+    gens = {}
+
+    def gen_for(k: int, which: int) -> torch.Generator:
+        if (k, which) not in gens:
+            gens[k, which] = torch.Generator().manual_seed(derive_seed(seed, k, which, scale=EVENT_MIX, weights=(31, 1)))
+        return gens[k, which]
+
+    def pre(module, inputs, k):
+        rows = _rows(site_input(site.consumers[k], inputs[0], site.width), gen_for(k, 0), MAX_CONV_ROWS)
+        if before_consumer is not None:
+            before_consumer(k, module, rows)
+        cap.inputs[k] = rows.cpu()  # decisions are made on the CPU; only the refit runs on the device
+        cap.weights[k] = weight_matrix(site.consumers[k], site.width).cpu()
+
+    def post(module, inputs, output, k):
+        cap.outputs[k] = _rows(consumer_output(module, output), gen_for(k, 1), MAX_CONV_ROWS).cpu()
+        if (j, k) in pending:
+            pending.discard((j, k))
+            if not pending:
+                raise _Stop
+
+    handles = []
+    for k, c in enumerate(site.consumers):
+        handles.append(c.module.register_forward_pre_hook(lambda m, i, k=k: pre(m, i, k)))
+        handles.append(c.module.register_forward_hook(lambda m, i, o, k=k: post(m, i, o, k)))
+    return handles
 
 
 def _ridge(g: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -206,26 +251,46 @@ def centred_gram(x: torch.Tensor) -> torch.Tensor:
 
 
 def lsq_map(x_old: torch.Tensor, x_new: torch.Tensor, ridge: float = 1e-3,
-            prior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            prior: torch.Tensor | None = None,
+            same: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Ridge least squares with intercept: x_old ~ x_new @ T + c; returns T (k, n) and c (n,), float64.
 
     The ridge pulls T toward ``prior`` (k, n) instead of toward zero: the plan's own weight-rule
     map, so a survivor that is unchanged (``representative=keep``) keeps exactly its column
     (T = I there) and only the removed neurons are regressed on the survivors.
+
+    ``same`` (k,) long, optional: new feature i *is* old feature ``same[i]`` (``x_new[:, i] ==
+    x_old[:, same[i]]``) and ``prior[:, same[i]]`` is the unit vector e_i (a pruning plan measured
+    before any other change). Those columns of T are then e_i exactly (zero residual at the prior,
+    the unique minimum) and only the other columns are solved: the cost falls with the share of
+    survivors.
     """
     xo, xn = x_old.double(), x_new.double()
     mo, mn = xo.mean(0), xn.mean(0)
-    xoc, xnc = xo - mo, xn - mn
+    xnc = xn - mn
     g = xnc.T @ xnc
     gr = _ridge(g, ridge)
-    rhs = xnc.T @ xoc
+    n = xo.shape[1]
+    cols = torch.arange(n, device=xo.device)
+    if same is not None:
+        free = torch.ones(n, dtype=torch.bool, device=xo.device)
+        free[same.to(xo.device)] = False
+        cols = free.nonzero().flatten()
+    rhs = xnc.T @ (xo[:, cols] - mo[cols])
     if prior is not None:
-        rhs = rhs + (gr - g).diagonal()[:, None] * prior.double().to(rhs.device)
+        rhs = rhs + (gr - g).diagonal()[:, None] * prior.double().to(rhs.device)[:, cols]
     try:  # G + ridge is symmetric positive definite: Cholesky, twice as fast as LU
-        t = torch.cholesky_solve(rhs, torch.linalg.cholesky(gr))
+        sol = torch.cholesky_solve(rhs, torch.linalg.cholesky(gr))
     except RuntimeError:  # numerically indefinite (degenerate features): fall back to LU
-        t = torch.linalg.solve(gr, rhs)
-    return t, mo - mn @ t
+        sol = torch.linalg.solve(gr, rhs)
+    if same is None:
+        return sol, mo - mn @ sol
+    t = torch.zeros(xn.shape[1], n, dtype=torch.float64, device=xo.device)
+    t[torch.arange(len(same), device=xo.device), same.to(xo.device)] = 1.0
+    t[:, cols] = sol
+    c = torch.zeros(n, dtype=torch.float64, device=xo.device)
+    c[cols] = mo[cols] - mn @ sol
+    return t, c
 
 
 def relative_error(y_old: torch.Tensor, y_new: torch.Tensor) -> float:

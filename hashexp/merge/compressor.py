@@ -35,7 +35,7 @@ from hashexp.merge.reports import SiteReport
 from hashexp.merge.sites import MergeSite, model_sites
 from hashexp.merge.surgery import MergePlan, apply_consumers, apply_producers, check_plan, refit_consumer
 from hashexp.merge.width_plan import load_width_plan
-from hashexp.utils.checks import check_cosine, check_fraction
+from hashexp.utils.checks import check_at_least, check_cosine, check_fraction
 from hashexp.utils.seeding import SEED_MIX, SITE_MIX, derive_seed
 
 COMPENSATIONS = ("lsq", "weights", "none")
@@ -60,6 +60,9 @@ class Compressor:
         site_overrides: per-site values of these knobs, ``{site: {knob: value}}`` (e.g.
             ``{fc2: {max_error: 0.05, target_ratio: 0.7}}``); a schedule's per-site values
             (``schedule=per_layer``) win over them.
+        conv_samples: calibration samples a site with conv consumers runs (the first of the
+            calibration set; their spatial positions give the rows); sites of Linear consumers
+            run the whole set.
     """
 
     name = "base"
@@ -68,7 +71,8 @@ class Compressor:
                  min_width: int | Mapping[str, int] = 1, width_plan: str | None = None,
                  sites: list[str] | None = None, seed: int = 0, name: str | None = None,
                  compensation: str = "lsq", ridge: float = 1e-3, round_to: int = 1,
-                 site_overrides: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+                 site_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+                 conv_samples: int = cal.CONV_SAMPLES) -> None:
         if target_ratio is not None:
             check_fraction("hashing.target_ratio", target_ratio)
         if compensation not in COMPENSATIONS:
@@ -81,6 +85,7 @@ class Compressor:
                                                and all(isinstance(v, Mapping) for v in site_overrides.values())):
             raise ConfigError(f"hashing.site_overrides must map site names to {{knob: value}}, got {site_overrides!r}")
         self.site_overrides = {str(k): dict(v) for k, v in (site_overrides or {}).items()}
+        self.conv_samples = check_at_least("hashing.conv_samples", conv_samples, 1)
         self.round_to = int(round_to)
         self.compensation = compensation
         self.ridge = float(ridge)
@@ -163,17 +168,23 @@ class Compressor:
         if main and calib is not None:
             self._prepare(model, [s for s in sites if (names is None or s.name in names)
                                   and (self.sites is None or s.name in self.sites)], calib, overrides)
-        for idx, site in enumerate(sites):
-            if names is not None and site.name not in names:
-                continue
-            if self.sites is not None and site.name not in self.sites:
-                continue
+        chosen = [(idx, site) for idx, site in enumerate(sites) if (names is None or site.name in names)
+                  and (self.sites is None or site.name in self.sites)]
+        seeds = {site.name: derive_seed(self.seed, idx, scale=SITE_MIX, weights=(1,)) for idx, site in chosen}
+        # later sites measured by an earlier pass, valid until the network changes
+        measured: dict[str, cal.SiteCapture] = {}
+        for pos, (idx, site) in enumerate(chosen):
             mass = stats.mass(site.name) if stats is not None else None
             if dist is not None and mass is not None:
                 mass = dist.all_reduce_sum(mass)
             before = site.width
-            seed = derive_seed(self.seed, idx, scale=SITE_MIX, weights=(1,))
-            cap = cal.capture_site(model, site, calib, seed) if calib is not None and main else None
+            seed = seeds[site.name]
+            later = [(s, seeds[s.name]) for _, s in chosen[pos + 1:]]
+            cap = measured.pop(site.name, None)
+            if cap is None and calib is not None and main:
+                caps = cal.capture_sites(model, [(site, seed, None)], calib, self.conv_samples, optional=later)
+                cap = caps[0]
+                measured.update({s.name: c for (s, _), c in zip(later, caps[1:]) if c is not None})
             if fixed is not None and site.name in fixed:
                 plan = fixed_plan(site, fixed[site.name]["groups"], fixed[site.name]["keep"])
             else:
@@ -183,10 +194,13 @@ class Compressor:
                     plan = dist.broadcast_plan(plan, site)
             error = 0.0
             if plan is not None and plan.new_width < before:
+                measured.clear()
                 check_plan(site, plan, f"hashing={self.name} (compensation={self.compensation})")
                 apply_producers(site, plan, optimizer)
                 if self.compensation == "lsq":
-                    maps = self._refit(model, site, plan, cap, calib, seed, optimizer, norm_of) if main else None
+                    maps = self._refit(model, site, plan, cap, calib, seed, optimizer, norm_of, later) if main else None
+                    if main:
+                        measured.update(maps.pop("next"))
                     if dist is not None:
                         maps = dist.broadcast_object(maps)
                         if not main:
@@ -198,7 +212,7 @@ class Compressor:
                 else:
                     apply_consumers(site, plan, optimizer)
                     if cap is not None:
-                        error = site_error(cap, cal.capture_site(model, site, calib, seed))
+                        error = site_error(cap, cal.capture_site(model, site, calib, seed, conv_samples=self.conv_samples))
                     if dist is not None:
                         error = dist.broadcast_object(error)
             reports.append(SiteReport(site=site.name, before=before, after=site.width, step=step,
@@ -227,8 +241,8 @@ class Compressor:
                 if (names is not None and site.name not in names) or (self.sites is not None and site.name not in self.sites):
                     continue
                 mass = stats.mass(site.name) if stats is not None else None
-                cap = cal.capture_site(model, site, calib, derive_seed(self.seed, idx, scale=SITE_MIX, weights=(1,))) \
-                    if calib is not None else None
+                cap = cal.capture_site(model, site, calib, derive_seed(self.seed, idx, scale=SITE_MIX, weights=(1,)),
+                                       conv_samples=self.conv_samples) if calib is not None else None
                 knobs = self._site_knobs(site.name, overrides)
                 if max_error is not None and hasattr(self, "max_error"):
                     knobs["max_error"] = max_error
@@ -243,24 +257,46 @@ class Compressor:
         return out
 
     def _refit(self, model, site: MergeSite, plan: MergePlan, cap: cal.SiteCapture, calib: torch.Tensor,
-               seed: int, optimizer, norm_of: Mapping[int, Any]) -> dict[str, Any]:
+               seed: int, optimizer, norm_of: Mapping[int, Any],
+               later: list[tuple[MergeSite, int]] = ()) -> dict[str, Any]:
         """Refit the site's consumers in forward order; returns their maps and the measured error.
 
         The ridge shrinks toward the plan's weight-rule map (column i -> group labels_i with m_i).
+        A pruning plan's survivors whose rows did not change (the consumers before any refit of
+        this pass) keep their columns exactly and only the removed neurons are solved
+        (:func:`~hashexp.merge.calibration.lsq_map` ``same``). ``later`` [(site, seed)]: the sites
+        to compress after this one; the first is measured in the same pass when it runs the same
+        inputs, the others when the pass reaches them anyway (``next`` in the result: ``{name:
+        capture}``, exactly what a pass of their own would record on the refitted network).
         """
         maps: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(site.consumers)
         keep = plan.labels >= 0
         prior = torch.zeros(plan.new_width, len(plan.labels), dtype=torch.float64)
         cols = keep.nonzero().flatten().cpu()
         prior[plan.labels[keep].cpu(), cols] = plan.m[keep].double().cpu()
+        pruned = bool(keep.sum() == plan.new_width) and bool((plan.m[keep] == 1).all())
+        same = torch.empty(plan.new_width, dtype=torch.long)
+        same[plan.labels[keep].cpu()] = cols
 
         def refit(k: int, module, rows: torch.Tensor) -> None:
-            t, c = cal.lsq_map(cap.inputs[k].to(rows.device), rows, self.ridge, prior)
+            old = cap.inputs[k].to(rows.device)
+            kw = {}
+            if pruned:
+                sub = old[:, same.to(rows.device)]
+                if rows.shape == sub.shape and torch.allclose(rows, sub, rtol=1e-5, atol=1e-6 * float(sub.abs().max())):
+                    kw["same"] = same
+            t, c = cal.lsq_map(old, rows, self.ridge, prior, **kw)
             refit_consumer(site.consumers[k], t.to(rows.device), c.to(rows.device), optimizer, norm_of.get(id(module)))
             maps[k] = (t.cpu(), c.cpu())
 
-        after = cal.capture_site(model, site, calib, seed, before_consumer=refit)
-        return {"maps": maps, "error": site_error(cap, after)}
+        specs = [(site, seed, refit)]
+        n = self.conv_samples
+        if later and cal.calibration_inputs(later[0][0], calib, n).shape[0] == cal.calibration_inputs(site, calib, n).shape[0]:
+            specs.append((later[0][0], later[0][1], None))
+        optional = list(later[len(specs) - 1:])
+        caps = cal.capture_sites(model, specs, calib, n, optional=optional)
+        nxt = list(zip([s for s, _, _ in specs[1:]] + [s for s, _ in optional], caps[1:]))
+        return {"maps": maps, "error": site_error(cap, caps[0]), "next": {s.name: c for s, c in nxt if c is not None}}
 
     def plan_site(self, site: MergeSite, index: int, mass: torch.Tensor | None,
                   capture: cal.SiteCapture | None = None) -> MergePlan | None:

@@ -242,7 +242,8 @@ class HashCompressor(Compressor):
         caps, eligibles, floors, errors, candidates = [], [], [], [], {}
         for site in sites:
             idx = index_of[site.name]
-            caps.append(cal.capture_site(model, site, calib, derive_seed(self.seed, idx, scale=SITE_MIX, weights=(1,))))
+            caps.append(cal.capture_site(model, site, calib, derive_seed(self.seed, idx, scale=SITE_MIX, weights=(1,)),
+                                         conv_samples=self.conv_samples))
             with self._overridden(self._site_knobs(site.name, overrides)):
                 saved = self.target_ratio
                 if glob:

@@ -336,8 +336,21 @@ def _on_site(w: torch.Tensor, cons: Consumer, width: int, fn) -> torch.Tensor:
 
 
 def _dense_map(t: torch.Tensor, tmap: torch.Tensor) -> torch.Tensor:
-    """out[:, g, ...] = sum_i t[:, i, ...] tmap[g, i]: a (k, n) map applied on dim 1."""
-    return torch.einsum("oi...,gi->og...", t, tmap.to(t.dtype))
+    """out[:, g, ...] = sum_i t[:, i, ...] tmap[g, i]: a (k, n) map applied on dim 1.
+
+    Columns of ``tmap`` that are unit vectors (a survivor that keeps its column, most of a
+    pruning refit) are copied, not multiplied: the product runs over the other columns only.
+    """
+    tmap = tmap.to(t.dtype)
+    unit = (tmap != 0).sum(0) == 1
+    unit &= tmap.sum(0) == 1
+    if not bool(unit.any()):
+        return torch.einsum("oi...,gi->og...", t, tmap)
+    rest = (~unit).nonzero().flatten()
+    out = torch.einsum("oi...,gi->og...", t.index_select(1, rest), tmap.index_select(1, rest))
+    src = unit.nonzero().flatten()
+    dst = tmap.index_select(1, src).argmax(0)
+    return out.index_add_(1, dst, t.index_select(1, src))
 
 
 def refit_consumer(module: nn.Module | Consumer, tmap: torch.Tensor, shift: torch.Tensor | None,
