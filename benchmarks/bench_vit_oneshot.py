@@ -27,7 +27,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _common import ROOT, fmt, run  # noqa: E402  (benchmarks/ is the script's dir)
+from harness import ROOT, fmt, run  # noqa: E402  (benchmarks/ is the script's dir)
 
 REMOVE = (0.5, 0.7, 0.9)
 METHODS = {

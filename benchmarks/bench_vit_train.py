@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from _common import ROOT, fmt, run  # noqa: E402  (benchmarks/ is the script's dir)
+from harness import ROOT, fmt, run  # noqa: E402  (benchmarks/ is the script's dir)
 from bench_vit_oneshot import vit_run_args
 
 FINAL = (56, 16)  # 2x fewer FLOPs; the most this ViT's sites allow (2.6x)

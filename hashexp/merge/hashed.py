@@ -33,6 +33,7 @@ from hashexp.merge import calibration as cal
 from hashexp.merge.budget import allocate, check_budget, layer_flops, neuron_flops
 from hashexp.merge.compressor import Compressor, nearest_survivor
 from hashexp.merge.cosine import pair_cosines, plan_by_cosine
+from hashexp.merge.heads import head_removal_order, head_vectors
 from hashexp.merge.order import check_order_knobs, removal_order
 from hashexp.merge.sites import MergeSite, model_sites
 from hashexp.merge.surgery import MergePlan, merge_plan, prune_plan
@@ -194,6 +195,8 @@ class HashCompressor(Compressor):
     def _order(self, site: MergeSite, index: int, cap: cal.SiteCapture, eligible: torch.Tensor, floor: int,
                max_error: float | None) -> cal.RemovalOrder:
         """The site's removal order (``hashing.order``), down to ``floor``, cut at ``max_error``."""
+        if site.group > 1:  # attention heads: whole heads, one per step
+            return head_removal_order(cap, site.group, eligible, floor, self.ridge, max_error)
         return removal_order(cap, eligible, floor, self.ridge, max_error, self.block_frac, self.order,
                              self.order_width, self.bucket_size, self.per_step,
                              seed=derive_seed(self.seed, index, scale=EVENT_MIX, weights=(1,)))
@@ -204,6 +207,7 @@ class HashCompressor(Compressor):
         width = site.width
         if self.round_to > 1:  # keep a prefix of the order: a subset of a block never costs more
             removed = removed[:width - self._round(width - len(removed), width)]
+        removed = removed[:len(removed) - len(removed) % site.group]  # whole heads (blocks are heads)
         self.last_stats[site.name] = {"candidates": candidates, "removed": int(len(removed)),
                                       "estimated_error": estimated}
         if len(removed) == 0:
@@ -249,13 +253,18 @@ class HashCompressor(Compressor):
         """(width,) bool: neurons in at least one candidate pair (that passes the pre-filter)."""
         width = site.width
         candidates = self.candidates
-        if candidates == "auto":
-            candidates = "exact" if width < self.crossover(min(cap.inputs[0].shape[0], _MAX_SIGNATURE)) \
+        if candidates == "auto" or (site.group > 1 and candidates == "activations"):
+            # attention heads are few (4-16): below the crossover every pair is listed, as with auto
+            candidates = "exact" if width // site.group < self.crossover(min(cap.inputs[0].shape[0], _MAX_SIGNATURE)) \
                 else "activations"
         self.last_candidates = candidates
         if candidates == "exact" and self.threshold is None:
             return torch.ones(width, dtype=torch.bool)
-        if candidates == "activations":
+        g = site.group
+        if g > 1:  # attention heads: each head's output block is one vector (weights: its q/k/v rows)
+            v = head_vectors(cap.inputs[0], g) if candidates == "activations" else \
+                site.neuron_vectors().cpu().float().reshape(width // g, -1)
+        elif candidates == "activations":
             x = cap.inputs[0]
             if x.shape[0] > _MAX_SIGNATURE:  # rows are samples (or sampled positions): a fixed subset
                 x = x[torch.linspace(0, x.shape[0] - 1, _MAX_SIGNATURE).long()]
@@ -269,10 +278,10 @@ class HashCompressor(Compressor):
             pairs = self.candidate_pairs(site, index, u)
             if self.threshold is not None and len(pairs):
                 pairs = pairs[pair_cosines(u, pairs) >= self.threshold]
-        out = torch.zeros(width, dtype=torch.bool)
+        out = torch.zeros(width // g, dtype=torch.bool)
         if len(pairs):
             out[torch.as_tensor(pairs, dtype=torch.long).flatten()] = True
-        return out
+        return out.repeat_interleave(g)
 
     def crossover(self, dim: int) -> int:
         """Width from which ``candidates=auto`` hashes instead of listing all pairs."""
