@@ -266,3 +266,15 @@ def test_with_the_pull_on_heads_merge_at_once_and_feed_forward_neurons_are_pulle
     assert first["proposed"] == ["blocks.0.mlp.fc1"]
     assert later["step"] == first["step"] + 4 and later["after"]["blocks.0.mlp.fc1"] == 32
     assert m["widths"] == {"blocks.0.attn.qkv": 8, "blocks.0.mlp.fc1": 32}
+
+
+def test_a_vit_with_heads_removed_exports_to_onnx_and_matches(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from hashexp.export import export_model
+
+    m = _vit(4)
+    site = _heads(m)[1]  # heads 0 and 3 of 4 stay
+    apply_plan(site, prune_plan(site, torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 24, 25, 26, 27, 28, 29, 30, 31])))
+    assert m.blocks[1].attn.proj.weight.shape == (32, 16)
+    rep = export_model(m, torch.randn(4, *SHAPE), tmp_path / "vit.onnx")
+    assert rep.max_abs_diff <= rep.atol and len(rep.checked_batches) == 2

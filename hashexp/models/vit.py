@@ -8,10 +8,13 @@ on the mean of the patch tokens (``pool="mean"``). Sized to train on Fashion-MNI
 minutes: 28x28 images in 7x7 patches are 16 tokens.
 
 The model declares no merge sites: site discovery (hashexp.merge.discovery) traces it and finds
-each block's feed-forward width (``blocks.{i}.mlp.fc1`` -> GELU -> ``fc2``); the residual
-stream (LayerNorm over it) and the attention's query/key/value width (split into heads) are
-refused. A merged ViT is rebuilt from its full-width config plus the merged widths
-(:func:`hashexp.models.build_model` shrinks it).
+two per block: the attention heads (``blocks.{i}.attn.qkv``, kind ``heads``: ``heads * head_dim``
+features that leave a whole head at a time, its q/k/v rows in the fused ``qkv`` and its columns of
+``proj``; :mod:`hashexp.merge.heads`) and the feed-forward width (``blocks.{i}.mlp.fc1`` -> GELU ->
+``fc2``). The residual stream (LayerNorm over it) is refused. The attention reads its head count
+from the ``qkv`` width, so a merged ViT runs as it is; it is rebuilt from its full-width config
+plus the merged widths (:func:`hashexp.models.build_model` shrinks it), and ``head_dim`` with
+fewer ``heads`` builds the same attention width from scratch.
 """
 
 from __future__ import annotations

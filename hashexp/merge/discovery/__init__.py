@@ -54,7 +54,8 @@ class SiteDiscovery:
     def __str__(self) -> str:
         rows = [("site", "kind", "width", "producers", "consumers")]
         for s in self.sites:
-            rows.append((s.name, s.kind, str(s.width), str(len(s.producers)), str(len(s.consumers))))
+            width = str(s.width) if s.group == 1 else f"{s.width} ({s.width // s.group}x{s.group})"  # heads x head_dim
+            rows.append((s.name, s.kind, width, str(len(s.producers)), str(len(s.consumers))))
         w = [max(len(r[i]) for r in rows) for i in range(5)]
         lines = ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows]
         lines.insert(1, "  ".join("-" * x for x in w))
