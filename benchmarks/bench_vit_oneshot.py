@@ -60,7 +60,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--out-dir", default=str(ROOT / "outputs" / "bench_vit"))
     ap.add_argument("--md", default=None, help="output (default: bench_vit_oneshot.md, _heads.md with --sites heads)")
-    ap.add_argument("--sites", choices=("ffn", "heads"), default="ffn", help="which sites lose neurons (the others stay)")
+    ap.add_argument("--sites", choices=("ffn", "heads"), default="ffn",
+                    help="which sites lose neurons (the others stay)")
     ap.add_argument("--smoke", action="store_true", help="tiny training run, for checking the script")
     a = ap.parse_args()
 

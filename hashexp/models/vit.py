@@ -124,7 +124,8 @@ class ViT(nn.Module):
         self.patch_embed = nn.Conv2d(c, dim, patch, patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if pool == "cls" else None
         self.pos_embed = nn.Parameter(torch.zeros(1, tokens + (pool == "cls"), dim))
-        self.blocks = nn.Sequential(*(Block(dim, heads, max(1, round(dim * mlp_ratio)), dropout, head_dim) for _ in range(depth)))
+        hidden = max(1, round(dim * mlp_ratio))
+        self.blocks = nn.Sequential(*(Block(dim, heads, hidden, dropout, head_dim) for _ in range(depth)))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
         self._init_weights()

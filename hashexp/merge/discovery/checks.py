@@ -4,7 +4,8 @@
   offset consumers included) must leave the model's output unchanged;
 - :func:`planted_error`: make neuron j of a site an exact copy of neuron i (every producer row,
   norm and member channel copied; every consumer's column of i split between i and j; for
-  attention heads every channel of head j a copy of head i's), then merge j back into i: the merged model must compute what the planted one did;
+  attention heads every channel of head j a copy of head i's), then merge j back into i: the
+  merged model must compute what the planted one did;
 - :func:`compress_half`: the least-squares hashed compressor keeps half of every site.
 """
 

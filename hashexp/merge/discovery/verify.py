@@ -3,10 +3,11 @@
 Every Linear/Conv of the model (except the site's depthwise members) is frozen at the output it
 gave on the clean pass, so a perturbation can only travel through what lies between layers
 (activations, norms, adds, concatenations, reshapes). Then channel c of every producer of the
-site (every part of a fused q/k/v projection) is moved up (and, in a second pass, down) by more than the channel's range. The site
-passes when each consumer's input changed in the claimed channel (at its offset, in its block)
-(for attention heads: in its head's columns) and nowhere else, every other layer's input and the model output did not change, and some
-consumer saw the change. A leak the walk did not see (an op that mixes channels, a reader it
+site (every part of a fused q/k/v projection) is moved up (and, in a second pass, down) by more
+than the channel's range. The site passes when each consumer's input changed in the claimed
+channel (at its offset, in its block; for attention heads, in its head's columns) and nowhere
+else, every other layer's input and the model output did not change, and some consumer saw the
+change. A leak the walk did not see (an op that mixes channels, a reader it
 missed) fails the site, with what changed where.
 """
 
