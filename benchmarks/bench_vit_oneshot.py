@@ -34,7 +34,7 @@ import statistics
 import time
 from pathlib import Path
 
-from harness import ROOT, fmt, run  # noqa: E402  (benchmarks/ is the script's dir)
+from harness import ROOT, fmt, machine_line, run  # noqa: E402  (benchmarks/ is the script's dir)
 
 REMOVE = (0.5, 0.7, 0.9)
 REMOVE_HEADS = (0.25, 0.5, 0.75)  # 1, 2, 3 of 4 heads
@@ -127,6 +127,8 @@ def main() -> None:
         "",
         "Command: `nice -n 10 .venv/bin/python benchmarks/bench_vit_oneshot.py"
         + (" --sites heads" if heads else "") + "`" + (" `--smoke`" if a.smoke else ""),
+        "",
+        f"Machine: {machine_line()}.",
         "",
         f"One ViT (`conf/model/vit.yaml`: patch 7, dim 64, depth 4, heads 4, MLP 256, GELU) trained by "
         f"`python -m hashexp {' '.join(vit_run_args(a.subset, a.epochs))}` (Adam 1e-3, batch 256): test accuracy "

@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from harness import ROOT, fmt, run  # noqa: E402  (benchmarks/ is the script's dir)
+from harness import ROOT, fmt, machine_line, run  # noqa: E402  (benchmarks/ is the script's dir)
 from bench_vit_oneshot import vit_run_args
 
 POINTS = ("2:120", "2:20")  # 2.05x and 4.14x fewer FLOPs
@@ -73,6 +73,8 @@ def main() -> None:
         "",
         f"Command: `nice -n 10 .venv/bin/python benchmarks/bench_vit_train.py --seeds {' '.join(map(str, a.seeds))} "
         f"--points {' '.join(a.points)}`" + (" `--smoke`" if a.smoke else ""),
+        "",
+        f"Machine: {machine_line()} (each run: one intra-op thread).",
         "",
         f"`python -m hashexp {' '.join(vit_run_args(a.subset, a.epochs, 0))}` and the hashed / scratch variants "
         f"(hashed: `hashing=simhash hashing.max_error=null schedule=gradual schedule.start={start} schedule.end={end} "
