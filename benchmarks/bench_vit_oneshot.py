@@ -17,6 +17,13 @@ fine-tuning, at 3 compression seeds (the seed draws the calibration samples; one
   the same widths, no refit (deterministic: one value per ratio).
 
 Accuracy is on the full test split; the drop is against the trained network.
+
+``--sites heads`` (writes bench_vit_oneshot_heads.md) removes 1, 2 or 3 of the 4 attention heads of
+every block instead (the feed-forward widths stay; ``ignore=`` them): hashed (per-head candidates,
+the grouped error order, least squares refits the output projection), magnitude + lsq (L1 of a
+head's q/k/v rows), random heads + lsq, magnitude alone. Torch-Pruning is not run on heads (its
+head pruning needs the model's attention modules registered by hand). ``--sites ffn`` (the default)
+leaves the heads out (``ignore=``) so that only feed-forward neurons go.
 """
 
 from __future__ import annotations
@@ -27,9 +34,10 @@ import statistics
 import time
 from pathlib import Path
 
-from harness import ROOT, fmt, run  # noqa: E402  (benchmarks/ is the script's dir)
+from harness import ROOT, fmt, machine_line, run  # noqa: E402  (benchmarks/ is the script's dir)
 
 REMOVE = (0.5, 0.7, 0.9)
+REMOVE_HEADS = (0.25, 0.5, 0.75)  # 1, 2, 3 of 4 heads
 METHODS = {
     "hashed (simhash, lsq)": dict(method="simhash"),
     "magnitude + lsq": dict(method="magnitude", compensation="lsq"),
@@ -51,7 +59,9 @@ def main() -> None:
     ap.add_argument("--subset", type=int, default=20000, help="training samples of the ViT run")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--out-dir", default=str(ROOT / "outputs" / "bench_vit"))
-    ap.add_argument("--md", default=str(Path(__file__).with_suffix(".md")))
+    ap.add_argument("--md", default=None, help="output (default: bench_vit_oneshot.md, _heads.md with --sites heads)")
+    ap.add_argument("--sites", choices=("ffn", "heads"), default="ffn",
+                    help="which sites lose neurons (the others stay)")
     ap.add_argument("--smoke", action="store_true", help="tiny training run, for checking the script")
     a = ap.parse_args()
 
@@ -72,12 +82,16 @@ def main() -> None:
     model0, cfg = load_run(str(rd))
     data = build_dataset(cfg.dataset, seed=0)
     trained, majority = m["test_acc"], data.majority_acc("test")
-    full = model_widths(model0)
-    cache = out / "oneshot.json"
+    heads = a.sites == "heads"
+    removes = REMOVE_HEADS if heads else REMOVE
+    a.md = a.md or str(Path(__file__).with_name("bench_vit_oneshot_heads.md" if heads else "bench_vit_oneshot.md"))
+    full = {n: w for n, w in model_widths(model0).items() if n.endswith("attn.qkv") == heads}
+    ignore = [n for n in model_widths(model0) if n not in full]
+    cache = out / ("oneshot_heads.json" if heads else "oneshot.json")
     done = json.loads(cache.read_text()) if cache.exists() else {}
     res: dict[str, dict[float, list[float]]] = {}
     timing: dict[str, list[float]] = {}
-    for rm in REMOVE:
+    for rm in removes:
         keep = round(1 - rm, 2)
         for seed in a.seeds:
             for name, kw in METHODS.items():
@@ -85,7 +99,8 @@ def main() -> None:
                 if key not in done:
                     kw2 = dict(kw)
                     t0 = time.perf_counter()
-                    _, rep = compress_model(model0, data, kw2.pop("method"), keep=keep, seed=seed, **kw2)
+                    _, rep = compress_model(model0, data, kw2.pop("method"), keep=keep, seed=seed, ignore=ignore,
+                                            **kw2)
                     done[key] = {"acc": rep["after"]["test_acc"], "time_s": time.perf_counter() - t0,
                                  "widths": rep["after"]["widths"], "flops": rep["after"]["flops"]}
                     print(f"seed {seed} {name:28s} remove {rm:.0%}: {100 * done[key]['acc']:.2f}% "
@@ -93,7 +108,9 @@ def main() -> None:
                     cache.write_text(json.dumps(done, indent=1))
                 res.setdefault(name, {}).setdefault(rm, []).append(done[key]["acc"])
                 timing.setdefault(name, []).append(done[key]["time_s"])
-        widths = done[f"{a.seeds[0]}|hashed (simhash, lsq)|{rm}"]["widths"]
+        if heads:
+            continue
+        widths = {n: w for n, w in done[f"{a.seeds[0]}|hashed (simhash, lsq)|{rm}"]["widths"].items() if n in full}
         key = f"tp|{rm}"
         if key not in done:
             small = tp_prune(model0, data.x_train[:2], {n: 1 - widths[n] / full[n] for n in widths})
@@ -103,35 +120,41 @@ def main() -> None:
             cache.write_text(json.dumps(done, indent=1))
         res.setdefault(TP, {})[rm] = [done[key]["acc"]] * len(a.seeds)
 
-    order = [*METHODS, TP]
+    order = [*METHODS] if heads else [*METHODS, TP]
     lines = [
-        "# One-shot ViT feed-forward compression without fine-tuning (Fashion-MNIST)",
+        f"# One-shot ViT {'attention-head' if heads else 'feed-forward'} compression without fine-tuning "
+        "(Fashion-MNIST)",
         "",
-        "Command: `nice -n 10 .venv/bin/python benchmarks/bench_vit_oneshot.py`" + (" `--smoke`" if a.smoke else ""),
+        "Command: `nice -n 10 .venv/bin/python benchmarks/bench_vit_oneshot.py"
+        + (" --sites heads" if heads else "") + "`" + (" `--smoke`" if a.smoke else ""),
+        "",
+        f"Machine: {machine_line()}.",
         "",
         f"One ViT (`conf/model/vit.yaml`: patch 7, dim 64, depth 4, heads 4, MLP 256, GELU) trained by "
         f"`python -m hashexp {' '.join(vit_run_args(a.subset, a.epochs))}` (Adam 1e-3, batch 256): test accuracy "
         f"{100 * trained:.2f}% (majority class {100 * majority:.1f}%). Sites found by tracing: "
-        f"{', '.join(f'{n} ({w})' for n, w in full.items())}. Each method removes the given share of every "
-        "feed-forward width in one shot with no fine-tuning; the full test split is evaluated. Seeds "
+        f"{', '.join(f'{n} ({w})' for n, w in full.items())}"
+        + (" (4 heads of 16 each; the feed-forward widths stay)" if heads else " (the heads stay)")
+        + ". Each method removes the given share of every such width in one shot with no fine-tuning; the full "
+        "test split is evaluated. Seeds "
         f"{a.seeds} are compression seeds (calibration samples: 1024 training samples drawn with the seed) on one "
-        "trained network; Torch-Pruning is deterministic (one value, shown with sd 0).",
+        "trained network" + ("." if heads else "; Torch-Pruning is deterministic (one value, shown with sd 0)."),
         "",
         "## Test accuracy drop (pp, mean ± sd over compression seeds; lower is better)",
         "",
-        "| method | " + " | ".join(f"-{int(100 * r)}%" for r in REMOVE) + " |",
-        "|---|" + "---:|" * len(REMOVE),
+        "| method | " + " | ".join(f"-{int(100 * r)}%" for r in removes) + " |",
+        "|---|" + "---:|" * len(removes),
     ]
-    best = {rm: min(order, key=lambda n: statistics.mean(trained - x for x in res[n][rm])) for rm in REMOVE}
+    best = {rm: min(order, key=lambda n: statistics.mean(trained - x for x in res[n][rm])) for rm in removes}
     for name in order:
         cells = []
-        for rm in REMOVE:
+        for rm in removes:
             c = fmt([trained - x for x in res[name][rm]], pct=True)
             cells.append(f"**{c}**" if best[rm] == name else c)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "FLOPs per sample after compression (all methods reach the same widths): "
               + ", ".join(f"-{int(100 * rm)}%: {done[f'{a.seeds[0]}|hashed (simhash, lsq)|{rm}']['flops']:,}"
-                          for rm in REMOVE) + f" (trained: {m['flops']:,}).",
+                          for rm in removes) + f" (trained: {m['flops']:,}).",
               "", "Mean wall time per one-shot compression (4 sites, incl. tracing, calibration and the test-split "
               "evaluations; s; on a shared, oversubscribed 2-core machine, so indicative only): "
               + ", ".join(f"{n} {statistics.mean(timing[n]):.2f}" for n in METHODS), ""]

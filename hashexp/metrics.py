@@ -16,14 +16,28 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 
+def _sdpa_cpu_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """Scaled dot-product attention on the CPU: q k^T and the weighted values (torch counts the
+    CUDA kernels only, so a CPU count would miss a ViT's attention matmuls)."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query, key, value)
+
+
+#: kernels FlopCounterMode has no formula for
+_EXTRA_FLOPS = {getattr(torch.ops.aten, name): _sdpa_cpu_flops
+                for name in ("_scaled_dot_product_flash_attention_for_cpu",) if hasattr(torch.ops.aten, name)}
+
+
 def count_flops(model: nn.Module, input_shape, batch: int = 2) -> int:
-    """Forward FLOPs per sample of ``model`` on inputs of per-sample shape ``input_shape``."""
+    """Forward FLOPs per sample of ``model`` on inputs of per-sample shape ``input_shape`` (attention's
+    q k^T and weighted values included, on the CPU too)."""
     p = next(model.parameters())
     x = torch.zeros((batch, *input_shape), dtype=p.dtype, device=p.device)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS) as fc:
             model(x)
     finally:
         model.train(was_training)

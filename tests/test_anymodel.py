@@ -109,14 +109,20 @@ def test_compress_model_errors_are_one_clear_message_each():
         compress_model(GeluMLP(), x, keep=0.5, representative="mean")
 
 
-def test_vit_ffn_sites_are_found_and_the_rest_refused():
+def test_vit_heads_and_ffn_sites_are_found_and_the_rest_refused():
     torch.manual_seed(0)
     m = build_model(_vit_cfg(), (1, 8, 8), 4)
     found = find_sites(m, torch.randn(2, 1, 8, 8))
-    assert [s.name for s in found.sites] == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"]
-    assert all(s.width == 64 and s.activation == "gelu" for s in found.sites)
-    assert found.skipped  # the residual stream and the attention widths, each with a reason
+    assert [(s.name, s.kind) for s in found.sites] == [
+        ("blocks.0.attn.qkv", "heads"), ("blocks.0.mlp.fc1", "plain"), ("blocks.1.attn.qkv", "heads"),
+        ("blocks.1.mlp.fc1", "plain")]
+    ffn = [s for s in found.sites if s.kind == "plain"]
+    assert all(s.width == 64 and s.activation == "gelu" for s in ffn)
+    heads = [s for s in found.sites if s.kind == "heads"]  # 2 heads of 8: 16 features, lost 8 at a time
+    assert all(s.width == 16 and s.group == 8 and s.producers[0].parts == 3 for s in heads)
+    assert found.skipped  # the LayerNorm-ed residual stream, each with a reason
     assert all(s.reason for s in found.skipped)
+    assert {s.name for s in found.skipped}.isdisjoint({s.name for s in found.sites})
 
 
 def test_merged_vit_round_trips_through_model_pt(tmp_path):
@@ -124,7 +130,8 @@ def test_merged_vit_round_trips_through_model_pt(tmp_path):
     x, y = _images(256)
     m = build_model(_vit_cfg(), (1, 8, 8), 4)
     small, rep = compress_model(m, (x, y), keep=0.25, inplace=True)
-    assert set(rep["after"]["widths"].values()) == {16}
+    w = rep["after"]["widths"]  # FFN 64 -> 16; heads 16 features -> 4, rounded up to one head of 8
+    assert w == {"blocks.0.attn.qkv": 8, "blocks.0.mlp.fc1": 16, "blocks.1.attn.qkv": 8, "blocks.1.mlp.fc1": 16}
     save_model(small, tmp_path / "model.pt")
     back = load_model(tmp_path / "model.pt")
     assert model_widths(back) == rep["after"]["widths"]
@@ -143,7 +150,7 @@ def test_vit_trains_merges_checkpoints_and_resumes_like_an_uninterrupted_run(tmp
            "trainer.checkpoint.every_steps=7", "seed=3"]
     ref = train_run(compose(run), str(tmp_path / "full"))
     assert ref["rehashes"] >= 3 and all(w < 64 for w in ref["widths"].values())
-    assert set(ref["widths"]) == {"blocks.0.mlp.fc1", "blocks.1.mlp.fc1"}
+    assert set(ref["widths"]) == {"blocks.0.attn.qkv", "blocks.0.mlp.fc1", "blocks.1.attn.qkv", "blocks.1.mlp.fc1"}
     real_save = die_at_checkpoint(monkeypatch, 3)
     with pytest.raises(Killed):
         train_run(compose(run), str(tmp_path / "killed"))
@@ -216,7 +223,8 @@ def test_compress_cli_compresses_a_trained_vit_run(tmp_path, npz_images):
     OmegaConf.save(cfg, tmp_path / "run" / ".hydra" / "config.yaml")
     assert main([str(tmp_path / "run"), "--keep", "0.5", "--out", str(tmp_path / "small")]) == 0
     small = load_model(tmp_path / "small" / "model.pt")
-    assert model_widths(small) == {"blocks.0.mlp.fc1": 32, "blocks.1.mlp.fc1": 32}
+    assert model_widths(small) == {"blocks.0.attn.qkv": 8, "blocks.0.mlp.fc1": 32, "blocks.1.attn.qkv": 8,
+                                   "blocks.1.mlp.fc1": 32}
 
 
 def test_timm_model_compresses_through_the_api():

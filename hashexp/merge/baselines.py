@@ -16,6 +16,7 @@ import torch
 
 from hashexp.errors import ConfigError
 from hashexp.merge.compressor import Compressor
+from hashexp.merge.heads import keep_groups
 from hashexp.merge.sites import MergeSite
 from hashexp.merge.surgery import MergePlan, merge_plan, prune_plan
 from hashexp.utils.checks import check_cosine
@@ -89,6 +90,10 @@ def producer_vectors(site: MergeSite) -> torch.Tensor:
     """
     parts = []
     for p in site.producers:
+        if p.parts > 1:  # a fused q/k/v projection: each channel's rows of every part (no norm)
+            w, b = p.folded()
+            parts += [w, b]
+            continue
         w = p.module.weight.detach().flatten(1)
         b = p.module.bias.detach() if p.module.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype,
                                                                                  device=w.device)
@@ -114,6 +119,8 @@ class MagnitudePruner(_Baseline):
         if target is None:
             return None
         score = self.vectors(site, "raw").abs().sum(1)
+        if site.group > 1:  # attention heads: a head's score is the L1 norm of its q/k/v rows
+            return prune_plan(site, keep_groups(score, site.group, target))
         keep = torch.topk(score, target).indices
         return prune_plan(site, keep)
 
@@ -130,6 +137,9 @@ class RandomMerger(_Baseline):
         if target is None:
             return None
         width = site.width
+        if site.group > 1:  # attention heads are never averaged: random heads stay
+            score = torch.rand(width // site.group, generator=self._generator(index)).repeat_interleave(site.group)
+            return prune_plan(site, keep_groups(score, site.group, target).to(site.device))
         perm = torch.randperm(width, generator=self._generator(index))
         labels = torch.empty(width, dtype=torch.long)
         labels[perm] = torch.arange(width) % target

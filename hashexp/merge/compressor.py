@@ -127,7 +127,9 @@ class Compressor:
         if t > width and self.followed_widths is None:
             raise ConfigError(f"target width {t} for site {site.name} is above its current width {width}; "
                               f"choose a target <= {width}")
-        return self._round(max(min(t, width), self._min_width(site)), width)
+        t = self._round(max(min(t, width), self._min_width(site)), width)
+        g = site.group  # attention heads leave whole: round up to a whole head
+        return t if g <= 1 else min(width, -(-t // g) * g)
 
     def _round(self, new: int, width: int) -> int:
         """``new`` rounded up to a multiple of ``round_to`` (hardware-friendly widths), at most ``width``."""

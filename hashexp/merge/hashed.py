@@ -34,6 +34,7 @@ from hashexp.merge.budget import allocate, check_budget, layer_flops, neuron_flo
 from hashexp.merge.compressor import Compressor, nearest_survivor
 from hashexp.merge.cosine import pair_cosines, plan_by_cosine
 from hashexp.merge.greedy import stage_removal_orders
+from hashexp.merge.heads import head_removal_order, head_vectors
 from hashexp.merge.order import check_order_knobs, removal_order
 from hashexp.merge.sites import MergeSite, model_sites
 from hashexp.merge.surgery import MergePlan, merge_plan, prune_plan
@@ -207,6 +208,8 @@ class HashCompressor(Compressor):
     def _order(self, site: MergeSite, index: int, cap: cal.SiteCapture, eligible: torch.Tensor, floor: int,
                max_error: float | None) -> cal.RemovalOrder:
         """The site's removal order (``hashing.order``), down to ``floor``, cut at ``max_error``."""
+        if site.group > 1:  # attention heads: whole heads, one per step
+            return head_removal_order(cap, site.group, eligible, floor, self.ridge, max_error)
         return removal_order(cap, eligible, floor, self.ridge, max_error, self.block_frac, self.order,
                              self.order_width, self.bucket_size, self.per_step,
                              seed=derive_seed(self.seed, index, scale=EVENT_MIX, weights=(1,)), device=site.device)
@@ -217,6 +220,7 @@ class HashCompressor(Compressor):
         width = site.width
         if self.round_to > 1:  # keep a prefix of the order: a subset of a block never costs more
             removed = removed[:width - self._round(width - len(removed), width)]
+        removed = removed[:len(removed) - len(removed) % site.group]  # whole heads (blocks are heads)
         self.last_stats[site.name] = {"candidates": candidates, "removed": int(len(removed)),
                                       "estimated_error": estimated}
         if len(removed) == 0:
@@ -256,12 +260,17 @@ class HashCompressor(Compressor):
                 finally:
                     self.target_ratio = saved
             candidates[site.name] = int(eligibles[-1].sum())
-        if self.batch_sites:
-            found = stage_removal_orders(caps, eligibles, floors, self.ridge, errors, self.block_frac,
-                                         self.per_step, device=sites[0].device)
-        else:
-            found = [self._order(site, index_of[site.name], cap, el, fl, None)
-                     for site, cap, el, fl in zip(sites, caps, eligibles, floors)]
+        found = [None] * len(sites)
+        flat = [i for i, site in enumerate(sites) if site.group == 1] if self.batch_sites else []
+        if flat:  # attention heads (group > 1) keep their own whole-head order
+            batched = stage_removal_orders([caps[i] for i in flat], [eligibles[i] for i in flat],
+                                           [floors[i] for i in flat], self.ridge, [errors[i] for i in flat],
+                                           self.block_frac, self.per_step, device=sites[0].device)
+            for i, o in zip(flat, batched):
+                found[i] = o
+        for i, site in enumerate(sites):
+            if found[i] is None:
+                found[i] = self._order(site, index_of[site.name], caps[i], eligibles[i], floors[i], None)
         orders = {site.name: o for site, o in zip(sites, found)}
         if not glob:
             self._site_orders = {site.name: (o, el) for site, o, el in zip(sites, found, eligibles)}
@@ -277,13 +286,18 @@ class HashCompressor(Compressor):
         """(width,) bool: neurons in at least one candidate pair (that passes the pre-filter)."""
         width = site.width
         candidates = self.candidates
-        if candidates == "auto":
-            candidates = "exact" if width < self.crossover(min(cap.inputs[0].shape[0], _MAX_SIGNATURE)) \
+        if candidates == "auto" or (site.group > 1 and candidates == "activations"):
+            # attention heads are few (4-16): below the crossover every pair is listed, as with auto
+            candidates = "exact" if width // site.group < self.crossover(min(cap.inputs[0].shape[0], _MAX_SIGNATURE)) \
                 else "activations"
         self.last_candidates = candidates
         if candidates == "exact" and self.threshold is None:
             return torch.ones(width, dtype=torch.bool)
-        if candidates == "activations":
+        g = site.group
+        if g > 1:  # attention heads: each head's output block is one vector (weights: its q/k/v rows)
+            v = head_vectors(cap.inputs[0], g) if candidates == "activations" else \
+                site.neuron_vectors().cpu().float().reshape(width // g, -1)
+        elif candidates == "activations":
             x = cap.inputs[0]
             if x.shape[0] > _MAX_SIGNATURE:  # rows are samples (or sampled positions): a fixed subset
                 x = x[torch.linspace(0, x.shape[0] - 1, _MAX_SIGNATURE).long()]
@@ -297,10 +311,10 @@ class HashCompressor(Compressor):
             pairs = self.candidate_pairs(site, index, u)
             if self.threshold is not None and len(pairs):
                 pairs = pairs[pair_cosines(u, pairs) >= self.threshold]
-        out = torch.zeros(width, dtype=torch.bool)
+        out = torch.zeros(width // g, dtype=torch.bool)
         if len(pairs):
             out[torch.as_tensor(pairs, dtype=torch.long).flatten()] = True
-        return out
+        return out.repeat_interleave(g)
 
     def crossover(self, dim: int) -> int:
         """Width from which ``candidates=auto`` hashes instead of listing all pairs."""

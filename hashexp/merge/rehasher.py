@@ -197,6 +197,10 @@ class Rehasher:
             fixed = {n: self.pull.pop(n) for n in due}
             reports = comp.compress(model, due, self.stats, optimizer, step, fixed=fixed, **kw)
         fresh = [n for n in names if not self.pull.busy(n)]
+        heads = [n for n in fresh if sites[n].group > 1]  # pulling heads together would average q/k: they merge at once
+        if heads and not final:
+            reports += comp.compress(model, heads, self.stats, optimizer, step, **kw)
+            fresh = [n for n in fresh if n not in heads]
         if fresh and final:
             reports += comp.compress(model, fresh, self.stats, optimizer, step, **kw)
         elif fresh:

@@ -19,9 +19,12 @@ Sites found by tracing (:mod:`hashexp.merge.discovery`) add three generalization
 - members: per-channel layers that are not directly after a producer (a BatchNorm after a
   concatenation, a depthwise conv) lose the same channels as the site;
 - a gated site (a squeeze-excitation scale multiplies its channels) has the gate's producer
-  among its producers.
+  among its producers;
+- a grouped site (attention heads, ``group`` = the head width): a producer may hold the site's
+  rows ``parts`` times (a fused q/k/v projection: rows ``p * width + f``), and channels come and go
+  only in whole groups of ``group`` (:mod:`hashexp.merge.heads`).
 
-A site with members or a gate can only keep or drop neurons (``restricted``): folding one
+A site with members, a gate or groups can only keep or drop neurons (``restricted``): folding one
 neuron into another by the weight rule needs the producer-activation-consumer chain alone.
 
 Hashing, grouping, surgery and optimizer remapping are written once against this class; models
@@ -39,25 +42,50 @@ from torch import nn
 #: activations f with f(a x) = a f(x) for a > 0: rescaled duplicates merge exactly
 POSITIVELY_HOMOGENEOUS = {"relu", "leaky_relu", "identity"}
 ACTIVATIONS = {"relu", "leaky_relu", "identity", "gelu", "tanh", "relu6", "silu", "hardswish", "hardsigmoid",
-               "sigmoid", "elu", "mish", "softplus", "selu", "celu", "hardtanh", "prelu", "mixed"}
+               "sigmoid", "elu", "mish", "softplus", "selu", "celu", "hardtanh", "prelu", "mixed", "attention"}
 
 
 @dataclass(eq=False)
 class Producer:
-    """A layer whose output axis (weight dim 0) is the site's width, with an optional norm after it."""
+    """A layer whose output axis (weight dim 0) is the site's width, with an optional norm after it.
+
+    ``parts`` > 1: the output axis holds the site's channels that many times in a row (a fused
+    q/k/v projection: channel f is rows f, width + f, 2 * width + f); no norm then.
+    """
 
     module: nn.Module
     norm: nn.modules.batchnorm._BatchNorm | None = None
+    parts: int = 1
+
+    @property
+    def width(self) -> int:
+        """The site's width as this producer sees it (its output rows over ``parts``)."""
+        return out_width(self.module) // self.parts
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weights (width, fan_in) and bias (width,) of the layer with its norm folded in (eval form)."""
+        """Weights (width, fan_in * parts) and bias (width, parts) of the layer with its norm folded
+        in (eval form); each channel's rows of all parts side by side."""
         w = self.module.weight.detach().flatten(1)
         b = self.module.bias.detach() if self.module.bias is not None else torch.zeros(
             w.shape[0], dtype=w.dtype, device=w.device)
+        if self.parts > 1:
+            n = w.shape[0] // self.parts
+            return (w.reshape(self.parts, n, -1).transpose(0, 1).reshape(n, -1),
+                    b.reshape(self.parts, n).T)
         if self.norm is None:
             return w, b
         c, shift = norm_affine(self.norm)
         return w * c[:, None], b * c + shift
+
+    def rows(self, labels: torch.Tensor, coef: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """A channel plan (``labels`` (width,) in [0, n) or -1, coefficients) as a plan of this
+        producer's output rows: row p * width + f goes to p * n + labels[f]."""
+        if self.parts == 1:
+            return labels, coef, n
+        width = len(labels)
+        part = torch.arange(self.parts, device=labels.device)[:, None]
+        rows = torch.where(labels >= 0, part * n + labels, torch.full_like(labels, -1)).flatten()
+        return rows, coef.repeat(self.parts), n * self.parts if width else 0
 
 
 Span = Sequence["nn.Module | int"]
@@ -131,6 +159,8 @@ class MergeSite:
         min_width: the compressor never takes the site below this width.
         members: per-channel layers between producers and consumers (see :class:`Member`).
         gated: a product of two of the site's tensors (a squeeze-excitation gate) ties them.
+        group: channels leave only in whole groups of this many (attention heads: the head
+            width); the site's width is a multiple of it.
         kind: what the tracer saw (``plain``, ``stream``, ``concat``, ``gated``, ...), for display.
     """
 
@@ -143,6 +173,7 @@ class MergeSite:
     members: list[Member] = field(default_factory=list)
     gated: bool = False
     kind: str = "plain"
+    group: int = 1
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
@@ -150,15 +181,17 @@ class MergeSite:
                              f"expected one of {sorted(ACTIVATIONS)}")
         if not self.producers or not self.consumers:
             raise ValueError(f"site {self.name}: needs at least one producer and one consumer")
-        widths = {out_width(p.module) for p in self.producers} | {
+        widths = {p.width for p in self.producers} | {
             (in_width(c.module) // c.block) - c.offset - span_width(c.after) for c in self.consumers}
         if len(widths) != 1:
             raise ValueError(f"site {self.name}: producers and consumers disagree on width: {sorted(widths)}")
+        if self.group < 1 or self.width % self.group:
+            raise ValueError(f"site {self.name}: width {self.width} is not a multiple of its group {self.group}")
 
     @property
     def width(self) -> int:
         """Number of channels of the site (its producers' output width)."""
-        return out_width(self.producers[0].module)
+        return self.producers[0].width
 
     @property
     def device(self) -> torch.device:
@@ -173,6 +206,9 @@ class MergeSite:
     @property
     def restricted(self) -> str | None:
         """Why neurons of this site can only be kept or dropped, not folded into others (None: they can)."""
+        if self.group > 1:
+            return (f"its channels are attention heads of {self.group} (softmax(q k^T) v is not linear in a "
+                    "head's rows: a head is kept or removed whole, never averaged with another)")
         if self.gated:
             return "a gate multiplies its channels (squeeze-excitation)"
         if self.members:
@@ -190,7 +226,7 @@ class MergeSite:
         for p in self.producers:
             w, b = p.folded()
             parts.append(w)
-            parts.append(b[:, None])
+            parts.append(b.reshape(len(b), -1))
         return torch.cat(parts, dim=1).float()
 
     def producer_parameters(self) -> list[nn.Parameter]:

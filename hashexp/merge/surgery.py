@@ -202,10 +202,27 @@ def is_selection(plan: MergePlan) -> bool:
 def check_plan(site: MergeSite, plan: MergePlan, what: str = "this plan") -> None:
     """Refuse a plan whose representatives mix several neurons' rows on a site where only keeping
     a member (and adding the others' consumer columns to it) is exact."""
+    if site.group > 1 and not whole_groups(plan, site.group):
+        raise ConfigError(f"site {site.name}: {what} keeps part of a group of {site.group} channels, but "
+                          f"{site.restricted}; a plan on this site must keep or remove whole groups, in order "
+                          "(hashing=simhash with compensation=lsq plans whole heads)")
     if site.restricted and not is_selection(plan):
         raise ConfigError(f"site {site.name}: {what} replaces neurons by a mix of several, but {site.restricted}; "
                           "use hashing.compensation=lsq with hashing.representative=keep (or a pruning baseline), "
                           "or leave the site out (ignore / hashing.sites)")
+
+
+def whole_groups(plan: MergePlan, group: int) -> bool:
+    """True when ``plan`` keeps or drops whole groups of ``group`` channels and keeps each kept
+    group's channels together, in order (channel j of a kept group stays at offset j of its new group)."""
+    labels = plan.labels.reshape(-1, group)
+    kept = labels >= 0
+    if not bool((kept.all(1) | (~kept).all(1)).all()):
+        return False
+    lk = labels[kept.all(1)]
+    if not len(lk):
+        return True
+    return bool((lk[:, 0] % group == 0).all() and (lk - lk[:, :1] == torch.arange(group, device=lk.device)).all())
 
 
 def _swap(module: nn.Module, attr: str, fn, fn_sq, optimizer: torch.optim.Optimizer | None) -> None:
@@ -276,9 +293,12 @@ def apply_producers(site: MergeSite, plan: MergePlan, optimizer: torch.optim.Opt
             mod, bn = prod.module, prod.norm
             w = mod.weight
             if bn is None:
-                remap(mod, "weight", _combine(w.data, labels, r, 0, n), labels, r, 0, n)
+                rl, rr, rn = prod.rows(labels, r, n)  # a fused q/k/v producer: the plan on each part
+                remap(mod, "weight", _combine(w.data, rl, rr, 0, rn), rl, rr, 0, rn)
                 if mod.bias is not None:
-                    remap(mod, "bias", _combine(mod.bias.data, labels, r, 0, n), labels, r, 0, n)
+                    remap(mod, "bias", _combine(mod.bias.data, rl, rr, 0, rn), rl, rr, 0, rn)
+                _set_out(mod, rn)
+                continue
             else:
                 c, _ = norm_affine(bn)
                 c = c.to(w.dtype)

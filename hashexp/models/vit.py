@@ -8,10 +8,13 @@ on the mean of the patch tokens (``pool="mean"``). Sized to train on Fashion-MNI
 minutes: 28x28 images in 7x7 patches are 16 tokens.
 
 The model declares no merge sites: site discovery (hashexp.merge.discovery) traces it and finds
-each block's feed-forward width (``blocks.{i}.mlp.fc1`` -> GELU -> ``fc2``); the residual
-stream (LayerNorm over it) and the attention's query/key/value width (split into heads) are
-refused. A merged ViT is rebuilt from its full-width config plus the merged widths
-(:func:`hashexp.models.build_model` shrinks it).
+two per block: the attention heads (``blocks.{i}.attn.qkv``, kind ``heads``: ``heads * head_dim``
+features that leave a whole head at a time, its q/k/v rows in the fused ``qkv`` and its columns of
+``proj``; :mod:`hashexp.merge.heads`) and the feed-forward width (``blocks.{i}.mlp.fc1`` -> GELU ->
+``fc2``). The residual stream (LayerNorm over it) is refused. The attention reads its head count
+from the ``qkv`` width, so a merged ViT runs as it is; it is rebuilt from its full-width config
+plus the merged widths (:func:`hashexp.models.build_model` shrinks it), and ``head_dim`` with
+fewer ``heads`` builds the same attention width from scratch.
 """
 
 from __future__ import annotations
@@ -26,21 +29,29 @@ from hashexp.errors import ConfigError
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention: one qkv projection, scaled dot-product attention, an output projection."""
+    """Multi-head self-attention: one qkv projection, scaled dot-product attention, an output projection.
 
-    def __init__(self, dim: int, heads: int, dropout: float = 0.0) -> None:
+    The number of heads is read from the projection (``qkv.out_features // (3 * head_dim)``), so
+    a model whose heads were removed (a merge site of kind ``heads``) runs as it is, and
+    ``heads`` is only the initial count.
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, head_dim: int | None = None) -> None:
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.head_dim = head_dim or dim // heads
+        inner = heads * self.head_dim
+        self.qkv = nn.Linear(dim, 3 * inner)
+        self.proj = nn.Linear(inner, dim)
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Multi-head self-attention of ``x`` (batch, tokens, dim) through the fused qkv and output projections."""
-        n, t, d = x.shape
-        q, k, v = self.qkv(x).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        n, t, _ = x.shape
+        h = self.qkv.weight.shape[0] // (3 * self.head_dim)
+        q, k, v = self.qkv(x).view(n, t, 3, h, self.head_dim).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(n, t, d))
+        return self.proj(y.transpose(1, 2).reshape(n, t, h * self.head_dim))
 
 
 class FeedForward(nn.Module):
@@ -61,10 +72,10 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block."""
 
-    def __init__(self, dim: int, heads: int, hidden: int, dropout: float = 0.0) -> None:
+    def __init__(self, dim: int, heads: int, hidden: int, dropout: float = 0.0, head_dim: int | None = None) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, dropout)
+        self.attn = Attention(dim, heads, dropout, head_dim)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = FeedForward(dim, hidden, dropout)
 
@@ -83,15 +94,18 @@ class ViT(nn.Module):
         num_classes: output width.
         dim: token width (the residual stream; never merged).
         depth: number of transformer blocks.
-        heads: attention heads; ``dim`` must be a multiple of it.
+        heads: attention heads; ``dim`` must be a multiple of it unless ``head_dim`` is given.
         patch: patch side in pixels.
         mlp_ratio: feed-forward width as a multiple of ``dim`` (the mergeable sites).
         pool: ``"cls"`` (class token) or ``"mean"`` (mean of the patch tokens).
         dropout: dropout in attention and feed-forward (0 by default).
+        head_dim: width of one head (None: ``dim // heads``); with fewer heads than ``dim // head_dim``
+            this builds from scratch the attention width a merged ViT ends at.
     """
 
     def __init__(self, input_shape: Sequence[int], num_classes: int, dim: int = 64, depth: int = 4, heads: int = 4,
-                 patch: int = 7, mlp_ratio: float = 4.0, pool: str = "cls", dropout: float = 0.0) -> None:
+                 patch: int = 7, mlp_ratio: float = 4.0, pool: str = "cls", dropout: float = 0.0,
+                 head_dim: int | None = None) -> None:
         super().__init__()
         if len(input_shape) != 3:
             raise ConfigError(f"model=vit needs image inputs (channels, height, width), got input_shape={tuple(input_shape)}")
@@ -99,8 +113,11 @@ class ViT(nn.Module):
         if h % patch or w % patch:
             raise ConfigError(f"model.patch={patch} does not divide the image size {h}x{w}; choose a divisor "
                               f"(e.g. model.patch=7 or 4 for 28x28, 4 or 8 for 32x32)")
-        if dim % heads:
-            raise ConfigError(f"model.dim={dim} is not a multiple of model.heads={heads}")
+        if heads < 1 or (head_dim is not None and head_dim < 1):
+            raise ConfigError(f"model.heads={heads} and model.head_dim={head_dim} must be >= 1")
+        if head_dim is None and dim % heads:
+            raise ConfigError(f"model.dim={dim} is not a multiple of model.heads={heads}; choose a divisor "
+                              "or give model.head_dim")
         if pool not in ("cls", "mean"):
             raise ConfigError(f"model.pool={pool!r}; choose cls or mean")
         if depth < 1 or dim < 1 or mlp_ratio <= 0:
@@ -110,7 +127,8 @@ class ViT(nn.Module):
         self.patch_embed = nn.Conv2d(c, dim, patch, patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if pool == "cls" else None
         self.pos_embed = nn.Parameter(torch.zeros(1, tokens + (pool == "cls"), dim))
-        self.blocks = nn.Sequential(*(Block(dim, heads, max(1, round(dim * mlp_ratio)), dropout) for _ in range(depth)))
+        hidden = max(1, round(dim * mlp_ratio))
+        self.blocks = nn.Sequential(*(Block(dim, heads, hidden, dropout, head_dim) for _ in range(depth)))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
         self._init_weights()

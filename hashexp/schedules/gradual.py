@@ -3,6 +3,7 @@ between a start and an end step (Zhu & Gupta 2017), one rehash every few steps."
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from hashexp.errors import ConfigError
@@ -43,6 +44,8 @@ class GradualSchedule(Schedule):
         if shape not in ("cubic", "linear"):
             raise ConfigError(f"schedule.shape={shape!r}; choose cubic or linear")
         self.start, self.end, self.every = int(start), int(end), int(every)
+        if isinstance(final_width, Mapping):  # a Hydra DictConfig too: {site: width}
+            final_width = {str(k): int(v) for k, v in final_width.items()}
         self.final_ratio, self.final_width, self.shape = float(final_ratio), final_width, shape
         self.sites = list(sites) if sites else None
         self.initial: dict[str, int] = {}

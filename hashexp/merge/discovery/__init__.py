@@ -24,6 +24,7 @@ from torch import nn
 
 from hashexp.errors import ConfigError
 from hashexp.merge.discovery.build import SkippedSite, build_sites
+from hashexp.merge.discovery.heads import find_head_sites, runs_without_a_head
 from hashexp.merge.discovery.trace import trace
 from hashexp.merge.discovery.verify import verify_sites
 from hashexp.merge.discovery.walk import Walk
@@ -53,7 +54,8 @@ class SiteDiscovery:
     def __str__(self) -> str:
         rows = [("site", "kind", "width", "producers", "consumers")]
         for s in self.sites:
-            rows.append((s.name, s.kind, str(s.width), str(len(s.producers)), str(len(s.consumers))))
+            width = str(s.width) if s.group == 1 else f"{s.width} ({s.width // s.group}x{s.group})"  # heads x head_dim
+            rows.append((s.name, s.kind, width, str(len(s.producers)), str(len(s.consumers))))
         w = [max(len(r[i]) for r in rows) for i in range(5)]
         lines = ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows]
         lines.insert(1, "  ".join("-" * x for x in w))
@@ -121,6 +123,7 @@ def _find_sites(model: nn.Module, example_input: Any, ignore: Sequence[str], ver
                         for p, m in model.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and id(m) not in tr.calls]
     walk = Walk(tr)
     sites, skipped = build_sites(walk, tr, model)
+    sites, skipped = _with_heads(model, tr, x, sites, skipped)
     skipped += untraced
     ignore = list(ignore or ())
     if ignore:
@@ -146,6 +149,32 @@ def _find_sites(model: nn.Module, example_input: Any, ignore: Sequence[str], ver
     object.__setattr__(model, "_hashexp_discovery", found)
     object.__setattr__(model, "_hashexp_ignore", tuple(ignore))
     return found
+
+
+def _with_heads(model: nn.Module, tr, x: Any, sites: list[MergeSite], skipped: list[SkippedSite]
+                ) -> tuple[list[MergeSite], list[SkippedSite]]:
+    """Add the attention-head sites (:mod:`hashexp.merge.heads`) in forward order: each replaces the
+    refusal of its qkv projection's width; recognized attention that cannot lose heads is refused."""
+    found, refused = find_head_sites(model, tr, x)
+    skipped = skipped + [SkippedSite(p, "heads", h, why) for p, h, why in refused]
+    if not found:
+        return sites, skipped
+    failed = runs_without_a_head(model, x, [s for _, s in found])
+    for _, s in found:
+        if s.name in failed:
+            skipped.append(SkippedSite(s.name, "heads", s.width // s.group, failed[s.name]))
+    found = [(i, s) for i, s in found if s.name not in failed]
+    names = {s.name for _, s in found}
+    skipped = [k for k in skipped if not (k.name in names and k.kind != "heads")]
+    first = {}
+    for n in tr.nodes:
+        if n.kind == "module" and n.module is not None:
+            first.setdefault(id(n.module), n.idx)
+    out = list(sites)
+    for idx, hs in sorted(found, key=lambda t: t[0]):
+        pos = next((k for k, s in enumerate(out) if first.get(id(s.producers[0].module), -1) > idx), len(out))
+        out.insert(pos, hs)
+    return out, skipped
 
 
 def _modules(sites: list[MergeSite]) -> list[nn.Module]:
@@ -222,6 +251,9 @@ def shrink_to_widths(model: nn.Module, widths: Mapping[str, int], example_input:
         w = int(w)
         if not 1 <= w <= site.width:
             raise ConfigError(f"width {w} for site {name} must be in 1..{site.width}")
+        if w % site.group:
+            raise ConfigError(f"width {w} for site {name} must be a multiple of {site.group} "
+                              f"(its channels are attention heads of {site.group})")
         if w < site.width:
             apply_plan(site, prune_plan(site, torch.arange(w, device=site.device)))
 

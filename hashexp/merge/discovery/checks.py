@@ -3,8 +3,9 @@
 - :func:`noop_error`: keeping every neuron of every site (through the surgery, members and
   offset consumers included) must leave the model's output unchanged;
 - :func:`planted_error`: make neuron j of a site an exact copy of neuron i (every producer row,
-  norm and member channel copied; every consumer's column of i split between i and j), then
-  merge j back into i: the merged model must compute what the planted one did;
+  norm and member channel copied; every consumer's column of i split between i and j; for
+  attention heads every channel of head j a copy of head i's), then merge j back into i: the
+  merged model must compute what the planted one did;
 - :func:`compress_half`: the least-squares hashed compressor keeps half of every site.
 """
 
@@ -48,7 +49,8 @@ def plant_duplicate(site: MergeSite, i: int, j: int, split: float = 0.3) -> None
         for p in site.producers:
             for t in (p.module.weight, p.module.bias):
                 if t is not None:
-                    t[j] = t[i]
+                    for part in range(p.parts):  # a fused q/k/v projection: the row of every part
+                        t[part * site.width + j] = t[part * site.width + i]
             if p.norm is not None:
                 for t in (p.norm.weight, p.norm.bias, p.norm.running_mean, p.norm.running_var):
                     if t is not None:
@@ -75,19 +77,22 @@ def planted_error(model: nn.Module, x: Any, site: MergeSite) -> float:
     consumers add j's columns to i's); the relative change of the planted model's output."""
     from hashexp.merge.compressor import fixed_plan
 
-    width = site.width
-    if width < 2:
+    width, g = site.width, site.group
+    if width < 2 * g:
         return 0.0
-    i, j = width // 3, width - 1 - width // 4
+    n = width // g  # attention heads: plant whole heads (channel i * g + a copies into j * g + a)
+    i, j = n // 3, n - 1 - n // 4
     if i == j:
         i, j = 0, 1
-    plant_duplicate(site, i, j)
+    fi, fj = torch.arange(i * g, (i + 1) * g), torch.arange(j * g, (j + 1) * g)
+    for a, b in zip(fi.tolist(), fj.tolist()):
+        plant_duplicate(site, a, b)
     y_p = _out(model, x)
     groups = torch.arange(width)
-    groups[j] = groups[i]
+    groups[fj] = groups[fi]
     groups = torch.unique(groups, return_inverse=True)[1]
     keep = torch.ones(width, dtype=torch.bool)
-    keep[j] = False
+    keep[fj] = False
     apply_plan(site, fixed_plan(site, groups, keep))
     return rel(_out(model, x), y_p)
 

@@ -3,10 +3,11 @@
 Every Linear/Conv of the model (except the site's depthwise members) is frozen at the output it
 gave on the clean pass, so a perturbation can only travel through what lies between layers
 (activations, norms, adds, concatenations, reshapes). Then channel c of every producer of the
-site is moved up (and, in a second pass, down) by more than the channel's range. The site
-passes when each consumer's input changed in the claimed channel (at its offset, in its block)
-and nowhere else, every other layer's input and the model output did not change, and some
-consumer saw the change. A leak the walk did not see (an op that mixes channels, a reader it
+site (every part of a fused q/k/v projection) is moved up (and, in a second pass, down) by more
+than the channel's range. The site passes when each consumer's input changed in the claimed
+channel (at its offset, in its block; for attention heads, in its head's columns) and nowhere
+else, every other layer's input and the model output did not change, and some consumer saw the
+change. A leak the walk did not see (an op that mixes channels, a reader it
 missed) fails the site, with what changed where.
 """
 
@@ -92,6 +93,8 @@ def _verify_one(model, x, site: MergeSite, layers, clean_in, clean_out, y0) -> s
 def _perturb(model, x, site: MergeSite, layers, clean_in, clean_out, y0, c: int, scale: float) -> str | None:
     members = {id(m.module) for m in site.members}
     producers = {id(p.module) for p in site.producers}
+    parts = {id(p.module): p.parts for p in site.producers}
+    width = site.width
     cons = {id(k.module): k for k in site.consumers}
     paths = {id(m): p for p, m in layers}
     by_id = {id(m): m for _, m in layers}
@@ -109,8 +112,9 @@ def _perturb(model, x, site: MergeSite, layers, clean_in, clean_out, y0, c: int,
                 count[id(module)] = k + 1
                 out = clean_out[id(module)][k].clone()
                 if id(module) in producers:
-                    ch = out.select(-1 if isinstance(module, nn.Linear) else 1, c)
-                    ch.add_(sign * scale * (1.0 + float(ch.abs().max())))
+                    for part in range(parts.get(id(module), 1)):  # a fused q/k/v projection: every part
+                        ch = out.select(-1 if isinstance(module, nn.Linear) else 1, part * width + c)
+                        ch.add_(sign * scale * (1.0 + float(ch.abs().max())))
                 return out
             return forward
 
@@ -145,11 +149,13 @@ def _perturb(model, x, site: MergeSite, layers, clean_in, clean_out, y0, c: int,
                     return (f"numerical check: perturbing channel {c} changed the input of {paths[mid]}, "
                             f"which the site does not list as a consumer")
                 k = cons[mid]
-                lo = (k.offset + c) * k.block
-                ok = (changed >= lo) & (changed < lo + k.block)
+                g = site.group  # a head's q/k rows change all of its output features
+                lo = (k.offset + c // g * g) * k.block
+                span = g * k.block
+                ok = (changed >= lo) & (changed < lo + span)
                 if not bool(ok.all()):
                     bad = changed[~ok][:5].tolist()
                     return (f"numerical check: perturbing channel {c} changed input entries {bad} of consumer "
-                            f"{paths[mid]}, expected only {lo}..{lo + k.block - 1}")
+                            f"{paths[mid]}, expected only {lo}..{lo + span - 1}")
                 any_seen = True
     return None if any_seen else "unseen"
