@@ -278,3 +278,16 @@ def test_a_vit_with_heads_removed_exports_to_onnx_and_matches(tmp_path):
     assert m.blocks[1].attn.proj.weight.shape == (32, 16)
     rep = export_model(m, torch.randn(4, *SHAPE), tmp_path / "vit.onnx")
     assert rep.max_abs_diff <= rep.atol and len(rep.checked_batches) == 2
+
+
+def test_batch_sites_orders_heads_whole_and_the_feed_forward_widths_batched():
+    m = _vit(5)
+    x = torch.randn(128, *SHAPE)
+    widths = {}
+    for batch in (False, True):
+        small, rep = compress_model(m, x, keep=0.5, batch_sites=batch)
+        widths[batch] = rep["after"]["widths"]
+        assert small(x).shape == (128, 4)
+    assert {k: v for k, v in widths[True].items() if "qkv" in k} == {k: v for k, v in widths[False].items() if "qkv" in k}
+    assert all(v % 8 == 0 and 0 < v < 32 for k, v in widths[True].items() if "qkv" in k)
+    assert all(v < 128 for k, v in widths[True].items() if "fc1" in k)
