@@ -88,6 +88,7 @@ def parse_args() -> argparse.Namespace:
                     help="the budget of the hashed+pull25 and 'hashed, weights' rows (the middle one)")
     ap.add_argument("--report-only", action="store_true", help="tabulate the finished runs under --out-dir, train nothing")
     ap.add_argument("--fresh", action="store_true", help="do not keep the rows of the previous --md")
+    ap.add_argument("--note", action="append", default=[], help="a paragraph for the notes (repeatable)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out-dir", default=str(ROOT / "outputs" / "bench_pareto"))
     ap.add_argument("--md", default=str(Path(__file__).with_suffix(".md")))
@@ -108,6 +109,8 @@ def train_all(a: argparse.Namespace, out: Path) -> dict[tuple[float | None, str]
     def job(ratio, method, seed, over):
         scoring = a.scoring if method in AFFECTED else "original"
         d = run_dir(out, ratio, method, seed, scoring)
+        if not a.report_only:
+            _wait_if_running(d)
         fresh = not (d / "metrics.json").exists()
         if a.report_only and fresh:
             return
@@ -125,8 +128,9 @@ def train_all(a: argparse.Namespace, out: Path) -> dict[tuple[float | None, str]
             if method == "small" or (method in ABLATIONS and ratio != a.ablation_ratio):
                 continue
             first += [(ratio, method, s, METHODS[method]) for s in a.seeds]
-    # vanilla and the hashed runs first (small needs their widths), then seed by seed
-    first.sort(key=lambda j: (j[1] not in ("vanilla", "hashed+pull", "hashed"), j[2]))
+    # seed by seed, vanilla (the longest runs) last: on a loaded machine the compressed runs of
+    # every seed come first; small follows (it needs the hashed runs' widths)
+    first.sort(key=lambda j: (j[1] == "vanilla", j[2]))
     with ThreadPoolExecutor(a.jobs) as pool:
         list(pool.map(lambda j: job(*j), first))
     if "small" in a.methods:
@@ -138,6 +142,14 @@ def train_all(a: argparse.Namespace, out: Path) -> dict[tuple[float | None, str]
         with ThreadPoolExecutor(a.jobs) as pool:
             list(pool.map(lambda j: job(*j), small))
     return res
+
+
+def _wait_if_running(d: Path, quiet_s: float = 300.0) -> None:
+    """Wait for a run another process is training into ``d`` (its log written in the last
+    ``quiet_s`` seconds, no metrics.json yet), so that two invocations never train one run twice."""
+    log = d / "__main__.log"
+    while log.exists() and not (d / "metrics.json").exists() and time.time() - log.stat().st_mtime < quiet_s:
+        time.sleep(20)
 
 
 def _batch(d: Path) -> str | None:
@@ -239,7 +251,8 @@ def main() -> None:
         "\"—\": not trained side by side. train − test: accuracy gap in pp; Σ‖W‖, Σ‖∇W‖: sums over layers of the "
         "weight and gradient norms in the last logged step.",
         "", "The table accumulates; the invocations whose rows it holds, oldest first (the first one before issue "
-        "22, when the baselines scored sequentially):", *(f"- `{c}`" for c in cmds)]
+        "22, when the baselines scored sequentially):", *(f"- `{c}`" for c in cmds),
+        *(x for n in a.note for x in ("", n))]
     text = write_markdown(md, TITLE, body, command=here, notes=notes)
     print(text)
 
