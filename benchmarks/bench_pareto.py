@@ -185,15 +185,16 @@ def previous(md: Path) -> tuple[dict[tuple[str, str], str], list[str]]:
     """The previous file's rows ``{(budget, method): row}`` and the commands that made them."""
     if not md.exists():
         return {}, []
-    rows, cmds = {}, []
+    rows, cmds, first = {}, [], []
     for line in md.read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if line.startswith("| ") and len(cells) == 10 and cells[0] not in ("budget",) and not cells[0].startswith("---"):
             rows[(cells[0], cells[1].split(" (seeds")[0])] = line
-        m = re.match(r"^(?:Command: |- )`(\.venv/bin/python benchmarks/bench_pareto\.py[^`]*)`", line)
-        if m and m.group(1) not in cmds:
-            cmds.append(m.group(1))
-    return rows, cmds
+        m = re.match(r"^(Command: |- )`(\.venv/bin/python benchmarks/bench_pareto\.py[^`]*)`", line)
+        if m:
+            into = first if m.group(1) == "Command: " else cmds
+            into += [] if m.group(2) in into else [m.group(2)]
+    return rows, cmds or first  # the list, oldest first; a file without one: its command
 
 
 def _rank(key: tuple[str, str]) -> tuple:
