@@ -292,3 +292,52 @@ def test_config_changes_ignore_a_knob_added_with_a_null_default():
     assert config_changes(old, new) == ({}, {"trainer.epochs": [1, 2]})
     refused, _ = config_changes(old, {"hashing": {"max_error": 0.02, "site_overrides": {"fc1": {"target_width": 8}}}})
     assert list(refused) == ["hashing.site_overrides.fc1.target_width"]
+
+
+# a baseline run as MID_RUN's: checkpoints every 11 steps, a rehash at steps 10, 35, 60, 85, 110
+BASELINE_RUN = [o for o in MID_RUN if not o.startswith(("hashing", "seed"))] + [
+    "hashing=magnitude", "hashing.target_ratio=0.8", "hashing.window=20", "seed=3"]
+
+
+def test_a_baseline_checkpoint_from_before_scoring_resumes_sequential_as_it_was_started(tmp_path, monkeypatch, caplog):
+    from hashexp.app import train_run
+
+    seq = train_run(compose([*BASELINE_RUN, "hashing.scoring=sequential"]), str(tmp_path / "seq"))
+    orig = train_run(compose(BASELINE_RUN), str(tmp_path / "orig"))  # the default, original
+    assert orig["train_loss"] != seq["train_loss"]  # the two scorings differ in this run
+
+    # an old run: killed right after its 3rd checkpoint (step 32, an epoch end; rehashes at 35.. still to come),
+    # its recorded config without the scoring key, as code before issue 22 wrote it
+    real_save = die_at_checkpoint(monkeypatch, 3)
+    with pytest.raises(Killed):
+        train_run(compose([*BASELINE_RUN, "hashing.scoring=sequential"]), str(tmp_path / "old"))
+    monkeypatch.setattr(torch, "save", real_save)
+    ck = torch.load(tmp_path / "old" / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 32 and ck["rehashes"] == 1
+    del ck["config"]["hashing"]["scoring"]
+    torch.save(ck, tmp_path / "old" / "checkpoint.pt")
+
+    # resumed with today's default (original): it continues sequential and ends as the sequential run
+    with caplog.at_level("WARNING", logger="hashexp"):
+        out = train_run(compose([*BASELINE_RUN, f"trainer.checkpoint.resume={tmp_path / 'old'}"]), str(tmp_path / "res"))
+    _assert_same_run(seq, out)
+    assert out["train_loss"] == seq["train_loss"]
+    assert out["resumed"]["adopted"] == {"hashing.scoring": ["original", "sequential"]}
+    assert "hashing.scoring" not in out["resumed"]["changed"]
+    assert "predates hashing.scoring: resuming with hashing.scoring=sequential" in caplog.text
+    # its own checkpoint now records the behaviour, and a checkpoint that has the key is taken as it is
+    assert torch.load(tmp_path / "res" / "checkpoint.pt", weights_only=True)["config"]["hashing"]["scoring"] == "sequential"
+    from hashexp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="made with hashing.scoring=sequential, this run has hashing.scoring=original"):
+        train_run(compose([*BASELINE_RUN, f"trainer.checkpoint.resume={tmp_path / 'res'}"]), str(tmp_path / "res2"))
+
+
+def test_predated_knobs_only_for_a_config_without_the_key():
+    from hashexp.train.checkpoint import predated_knobs
+
+    new = {"hashing": {"scoring": "original", "target_ratio": 0.5}}
+    assert predated_knobs({"hashing": {"target_ratio": 0.5}}, new) == {"hashing.scoring": "sequential"}
+    assert predated_knobs({"hashing": {"scoring": "original"}}, new) == {}
+    assert predated_knobs({"hashing": {"threshold": 0.9}}, {"hashing": {"threshold": 0.9}}) == {}  # hashed: no such knob
+    assert predated_knobs(None, None, present={"hashing.scoring"}) == {"hashing.scoring": "sequential"}

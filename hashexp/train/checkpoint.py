@@ -186,6 +186,35 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, 
     return refused, allowed
 
 
+#: knobs added after checkpoints were first written whose default changed what a run computes:
+#: ``{dotted key: the value a run started before the key existed ran with}``. A resume of such a
+#: checkpoint adopts that value (:func:`predated_knobs`), so it continues as it was started.
+ADDED_KNOBS: dict[str, Any] = {
+    "hashing.scoring": "sequential",  # issue 22: the baselines scored site by site before it
+}
+
+
+def predated_knobs(old: dict[str, Any] | None, new: dict[str, Any] | None,
+                   present: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
+    """``{key: value}`` of the :data:`ADDED_KNOBS` that a checkpoint's config ``old`` predates.
+
+    A knob counts when ``old`` lacks it and this run has it: in its config ``new``, or, for a
+    Trainer built without one, among ``present`` (the dotted keys its components have). ``old``
+    None (a checkpoint from before configs were recorded) predates every added knob.
+    """
+    a = flatten(old) if old is not None else {}
+    b = set(flatten(new)) if new is not None else set(present)
+    return {k: v for k, v in ADDED_KNOBS.items() if k not in a and k in b}
+
+
+def set_dotted(cfg: dict[str, Any], key: str, value: Any) -> None:
+    """``cfg["a"]["b"] = value`` for ``key="a.b"`` (missing nested dicts are made)."""
+    *head, last = key.split(".")
+    for part in head:
+        cfg = cfg.setdefault(part, {})
+    cfg[last] = value
+
+
 def check_config(path: str, old: dict[str, Any], new: dict[str, Any]) -> dict[str, list]:
     """The allowed changes from the checkpoint's config to this run's; ConfigError naming any refused one."""
     refused, allowed = config_changes(old, new)

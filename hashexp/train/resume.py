@@ -125,11 +125,33 @@ class Checkpointing:
 
     def _check_resume(self, path: str, ck: ckpt.CheckpointState) -> None:
         """Refuse a checkpoint made for another experiment; remember what this run changed."""
+        adopted = self._adopt_predated_knobs(path, ck)
         changed = None
         if ck.config is not None and self.config is not None:
             changed = ckpt.check_config(path, ck.config, self.config)
         ckpt.check_model_spec(path, ck.model, getattr(self.model, "_hashexp_spec", None))
-        self.resumed = {"from": path, "changed": changed}
+        self.resumed = {"from": path, "changed": changed, **({"adopted": adopted} if adopted else {})}
+
+    def _adopt_predated_knobs(self, path: str, ck: ckpt.CheckpointState) -> dict[str, list]:
+        """A checkpoint from before a knob existed (:data:`~hashexp.train.checkpoint.ADDED_KNOBS`)
+        continues with the behaviour it was started with: the knob takes the old value in this
+        run's config and compressor, and the log says so. Returns ``{key: [this run's, adopted]}``."""
+        comp = getattr(self.rehasher, "compressor", None)
+        present = {f"hashing.{k}" for k in vars(comp)} if comp is not None else set()
+        adopted = {}
+        for key, value in ckpt.predated_knobs(ck.config, self.config, present).items():
+            attr = key.split(".", 1)[1]
+            if not key.startswith("hashing.") or comp is None or not hasattr(comp, attr):
+                continue
+            before = getattr(comp, attr)
+            setattr(comp, attr, value)
+            for cfg in (self.config, ck.config):  # both as the run has been computing
+                if cfg is not None:
+                    ckpt.set_dotted(cfg, key, value)
+            adopted[key] = [before, value]
+            log.warning("%s predates %s: resuming with %s=%s, the behaviour the run was started with "
+                        "(this run's config had %s)", path, key, key, value, before)
+        return adopted
 
     def _rank_stats(self, saved: list[dict[str, torch.Tensor]] | None) -> dict[str, torch.Tensor] | None:
         """This rank's activation statistics; with another world size, rank 0 takes their sum."""
