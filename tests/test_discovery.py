@@ -593,3 +593,43 @@ def test_training_only_branches_are_traced_and_the_model_keeps_its_mode_and_stat
     m.train()
     find_sites(m, x)
     assert all(mm.training for mm in m.modules())
+
+
+class StreamBlock(nn.Module):
+    """MobileNetV3's first block: a depthwise conv and a 1x1 projection that writes back into the
+    stream it read, so the projection is both a consumer and a producer of one site."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.proj = nn.Conv2d(8, 8, 1)
+        self.head = nn.Conv2d(8, 6, 1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = h + self.proj(torch.relu(self.dw(h)))
+        return self.fc(torch.relu(self.head(h)).mean((2, 3)))
+
+
+def test_a_consumer_that_writes_back_into_its_own_stream_merges_planted_duplicates_exactly():
+    from hashexp.merge.discovery.checks import compress_half, plant_duplicate
+
+    torch.manual_seed(0)
+    m = StreamBlock()
+    x = torch.randn(32, 3, 6, 6)
+    site = {s.name: s for s in find_sites(m, x[:2]).sites}["stem"]
+    assert {id(p.module) for p in site.producers} == {id(m.stem), id(m.proj)}
+    assert {id(c.module) for c in site.consumers} == {id(m.proj), id(m.head)}
+    for i in range(4):
+        plant_duplicate(site, i, i + 4)
+    m.eval()
+    with torch.no_grad():
+        y = m(x)
+    reports = compress_half(m, x, sites=["stem"], candidates="exact")
+    assert [(r.site, r.before, r.after) for r in reports] == [("stem", 8, 4)]
+    assert reports[0].error < 1e-3  # ridge only; the projection's old outputs are compared on the surviving channels
+    assert m.proj.weight.shape == (4, 4, 1, 1) and m.dw.weight.shape[0] == 4
+    with torch.no_grad():
+        assert rel(m(x), y) < 1e-3

@@ -214,7 +214,8 @@ class Compressor:
                 else:
                     apply_consumers(site, plan, optimizer)
                     if cap is not None:
-                        error = site_error(cap, cal.capture_site(model, site, calib, seed, conv_samples=self.conv_samples))
+                        error = site_error(cap, cal.capture_site(model, site, calib, seed, conv_samples=self.conv_samples),
+                                           survivor_index(plan))
                     if dist is not None:
                         error = dist.broadcast_object(error)
             reports.append(SiteReport(site=site.name, before=before, after=site.width, step=step,
@@ -277,8 +278,7 @@ class Compressor:
         cols = keep.nonzero().flatten().cpu()
         prior[plan.labels[keep].cpu(), cols] = plan.m[keep].double().cpu()
         pruned = bool(keep.sum() == plan.new_width) and bool((plan.m[keep] == 1).all())
-        same = torch.empty(plan.new_width, dtype=torch.long)
-        same[plan.labels[keep].cpu()] = cols
+        same = survivor_index(plan)
 
         def refit(k: int, module, rows: torch.Tensor) -> None:
             old = cap.inputs[k].to(rows.device)
@@ -298,7 +298,7 @@ class Compressor:
         optional = list(later[len(specs) - 1:])
         caps = cal.capture_sites(model, specs, calib, n, optional=optional)
         nxt = list(zip([s for s, _, _ in specs[1:]] + [s for s, _ in optional], caps[1:]))
-        return {"maps": maps, "error": site_error(cap, caps[0]), "next": {s.name: c for s, c in nxt if c is not None}}
+        return {"maps": maps, "error": site_error(cap, caps[0], same), "next": {s.name: c for s, c in nxt if c is not None}}
 
     def plan_site(self, site: MergeSite, index: int, mass: torch.Tensor | None,
                   capture: cal.SiteCapture | None = None) -> MergePlan | None:
@@ -413,11 +413,26 @@ def nearest_survivor(cap: cal.SiteCapture, keep: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-def site_error(old: cal.SiteCapture, new: cal.SiteCapture) -> float:
-    """Relative pre-activation error over all consumers of a site (centred, energy-weighted)."""
+def survivor_index(plan: MergePlan) -> torch.Tensor:
+    """(new_width,) the old channel each new channel of ``plan`` continues (its group's last member)."""
+    keep = plan.labels >= 0
+    index = torch.empty(plan.new_width, dtype=torch.long)
+    index[plan.labels[keep].cpu()] = keep.nonzero().flatten().cpu()
+    return index
+
+
+def site_error(old: cal.SiteCapture, new: cal.SiteCapture, index: torch.Tensor | None = None) -> float:
+    """Relative pre-activation error over all consumers of a site (centred, energy-weighted).
+
+    A consumer that also writes into the site (a block whose input and output are the same
+    residual stream, e.g. MobileNetV3's first block) has lost output channels too: its old outputs
+    are compared on the channels that survive (``index``: :func:`survivor_index` of the plan).
+    """
     num = den = 0.0
     for yo, yn in zip(old.outputs, new.outputs):
         yo, yn = yo.double(), yn.double()
+        if yo.shape[1] != yn.shape[1] and index is not None and yn.shape[1] == len(index):
+            yo = yo[:, index.to(yo.device)]
         d = yn - yo
         num += float(((d - d.mean(0)) ** 2).sum())
         den += float(((yo - yo.mean(0)) ** 2).sum())
