@@ -31,7 +31,8 @@ import torch
 from hashexp.errors import ConfigError
 from hashexp.merge import calibration as cal
 from hashexp.merge.budget import allocate, check_budget, layer_flops, neuron_flops
-from hashexp.merge.compressor import Compressor, nearest_survivor
+from hashexp.merge.compressor import Compressor
+from hashexp.merge.plans import nearest_survivor
 from hashexp.merge.cosine import pair_cosines, plan_by_cosine
 from hashexp.merge.greedy import stage_removal_orders
 from hashexp.merge.heads import head_removal_order, head_vectors

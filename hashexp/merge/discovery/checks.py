@@ -75,7 +75,7 @@ def plant_duplicate(site: MergeSite, i: int, j: int, split: float = 0.3) -> None
 def planted_error(model: nn.Module, x: Any, site: MergeSite) -> float:
     """Plant a duplicate pair in ``site`` and merge it back (survivor i keeps its rows, the
     consumers add j's columns to i's); the relative change of the planted model's output."""
-    from hashexp.merge.compressor import fixed_plan
+    from hashexp.merge.plans import fixed_plan
 
     width, g = site.width, site.group
     if width < 2 * g:
