@@ -79,12 +79,12 @@ def test_recall_on_planted_clusters_equals_the_recall_before_the_speed_up(seed):
     x = planted(seed=seed)
     site = SimpleNamespace(name="fc1")
     comp = LearnableHashCompressor(threshold=0.9, bits=10, tables=4, pos_threshold=0.75, seed=seed)
-    assert (comp.updates, comp.lr) == (10, 0.12)  # the new defaults
+    assert (comp.updates, comp.lr, comp.max_neg) == (6, 0.2, 1024)  # the new defaults
     h = comp.hasher(site, 0, x.shape[1])
     p0, r0 = collision_pr(x, h, 0.8)
     assert r0 < 0.7  # untrained: SimHash misses a third of the pairs
     rec = comp.train_hasher(site, 0, h, x)
-    assert rec["positives"] == 1536 and rec["negatives"] == 4096  # all 256 * 6 within-cluster pairs
+    assert rec["positives"] == 1536 and rec["negatives"] == 1024  # all 256 * 6 within-cluster pairs
     p1, r1 = collision_pr(x, h, 0.8)
     before_p, before_r = BEFORE[seed]
     assert r1 >= before_r - 0.002, (seed, r1, before_r)
@@ -149,3 +149,20 @@ def test_bf16_mining_with_exact_rescoring_finds_the_exact_positives():
     assert set(map(tuple, pos.tolist())) == set(map(tuple, exact.tolist()))
     torch.testing.assert_close(vals, (u[pos[:, 0]] * u[pos[:, 1]]).sum(1))
     assert bool((vals[:-1] >= vals[1:]).all()) and float(vals.min()) >= 0.5
+
+
+def test_chunked_pair_cosines_equal_one_gather_and_the_exact_mining():
+    """pair_cosines (chunks of 256 pairs) gives the cosines of one full gather, and the mining
+    built on it (bf16 Gram, top 2k candidates, exact re-rank) returns the exact top k of the
+    float32 Gram on a planted case whose pairs straddle the chunks."""
+    from hashexp.lsh.learnable import pair_cosines, rescore_pairs, top_pairs
+
+    x = planted(dim=256, seed=2)
+    u = x / x.norm(dim=1, keepdim=True)
+    exact = top_pairs(u @ u.T, 0.3, 1200)
+    cand = top_pairs(gram(u), 0.29, 2400)
+    assert len(cand) > 1000 and len(cand) % 256 != 0
+    torch.testing.assert_close(pair_cosines(u, cand), (u[cand[:, 0]] * u[cand[:, 1]]).sum(1), rtol=0, atol=1e-6)
+    pos, vals = rescore_pairs(u, cand, 0.3, 1200)
+    assert set(map(tuple, pos.tolist())) == set(map(tuple, exact.tolist()))
+    torch.testing.assert_close(vals.sort().values, (u @ u.T)[exact[:, 0], exact[:, 1]].sort().values)
