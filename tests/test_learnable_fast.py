@@ -166,3 +166,25 @@ def test_chunked_pair_cosines_equal_one_gather_and_the_exact_mining():
     pos, vals = rescore_pairs(u, cand, 0.3, 1200)
     assert set(map(tuple, pos.tolist())) == set(map(tuple, exact.tolist()))
     torch.testing.assert_close(vals.sort().values, (u @ u.T)[exact[:, 0], exact[:, 1]].sort().values)
+
+
+@pytest.mark.parametrize("dim,threshold,k", [(512, 0.5, 1000), (128, 0.75, 2048), (64, -0.02, 700)])
+def test_triangle_mining_finds_the_exact_positives_and_negatives(dim, threshold, k):
+    """top_cosine_pairs (bf16 upper-triangle blocks, no Gram) returns the exact float32 mining's top
+    k (fewer when fewer reach the threshold) with their exact cosines, and random_cosine_pairs the
+    very pairs random_pairs draws from the exact Gram."""
+    from hashexp.lsh.learnable import random_cosine_pairs, random_pairs, top_cosine_pairs, top_pairs
+
+    x = planted(dim=dim, seed=1)
+    u = x / x.norm(dim=1, keepdim=True)
+    sim = u @ u.T
+    exact = top_pairs(sim, threshold, k)
+    pos, vals = top_cosine_pairs(u, threshold, k)
+    assert len(pos) == len(exact) == (1536 if threshold == 0.75 else k)
+    assert set(map(tuple, pos.tolist())) == set(map(tuple, exact.tolist()))
+    torch.testing.assert_close(vals, sim[pos[:, 0], pos[:, 1]], rtol=0, atol=1e-5)
+    assert bool((vals[:-1] >= vals[1:]).all()) and bool((pos[:, 0] < pos[:, 1]).all())
+    nt = float(vals.min())
+    neg = random_cosine_pairs(u, nt, 1024, generator=torch.Generator().manual_seed(3))
+    ref = random_pairs(sim, nt, 1024, generator=torch.Generator().manual_seed(3))
+    assert len(neg) == 1024 and torch.equal(neg, ref)

@@ -19,11 +19,14 @@ per Adam update, two (rows x d x K*L) matmuls and ~20 passes over the (pairs x K
 one transcendental (log) per bit. It now (1) computes the per-table collision as a product of
 (1 + t_i t_j) / 2 over the table's K bits instead of exp(sum(log)), and writes the gradient out
 by hand (no autograd graph; equal to autograd's, see the tests), (2) runs the two matmuls in
-bfloat16 where the CPU has native bf16 dot products (avx512_bf16 / AMX) or on CUDA, and (3)
-defaults to 10 updates at lr 0.12 instead of 40 at 0.02: the same distance travelled by Adam,
-with the same recall on planted clusters and on trained layers. :func:`gram` gives the pair
-mining its similarity matrix the same way. Mining + training cost 4-6x less than before, the
-training alone 5-7x less (measured side by side, benchmarks/bench_learnable.md).
+bfloat16 where the CPU has native bf16 dot products (avx512_bf16 / AMX) or on CUDA, (3) takes
+log(1 - p) per table with ``log`` (torch's CPU ``log1p`` ran ~8x slower on these shapes), and (4)
+defaults to 6 updates at lr 0.2 instead of 40 at 0.02, and the compressor to 1024 negatives
+instead of 4096: fewer negatives push fewer pairs apart, and 6 steps on 1024 keep the recall of
+10 on 4096 on planted clusters and on trained layers (5 on 4096 do not). :func:`gram` gives the
+pair mining its similarity matrix the same way; its top candidates are re-ranked by exact cosine
+(:func:`pair_cosines`, in cache-sized chunks). Mining + training: see benchmarks/bench_learnable.md
+for the ratio against the first version, measured side by side.
 
 ``collision_pr`` measures a hasher against the exact answer: the precision and recall of its
 candidate pairs with respect to the pairs whose cosine reaches a threshold.
@@ -300,6 +303,67 @@ def pair_cosines(u: torch.Tensor, pairs: torch.Tensor, chunk: int = 256) -> torc
         c = pairs[s:s + chunk]
         out[s:s + chunk] = (u[c[:, 0]].float() * u[c[:, 1]].float()).sum(1)
     return out
+
+
+def top_cosine_pairs(u: torch.Tensor, threshold: float, k: int, block: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` pairs i < j of unit rows ``u`` with the highest cosine that reach ``threshold``,
+    and their exact cosines (most similar first), without the (N, N) Gram.
+
+    Row blocks are multiplied only against themselves and the rows after them (the upper
+    triangle: 56% of the Gram's work at N = 2048 in blocks of 256), in :func:`gram`'s dtype
+    (bf16 where faster, |error| < 0.005 on unit rows). Entries above a cut are kept: the cut is
+    the estimated 2k-th largest cosine (exact cosines of 32k random pairs) less 0.01, or the
+    threshold. The short list is re-ranked by exact cosine; the result is the exact top k
+    whenever its k-th cosine clears the cut by 0.01 (more than the bf16 error), else the scan is
+    repeated at ``threshold - 0.01``.
+    """
+    n, d = u.shape
+    total = n * (n - 1) // 2
+    cut = float(threshold)
+    if n >= 512 and 0 < k <= total // 16:
+        g = torch.Generator().manual_seed(n)
+        i = torch.randint(0, n, (1 << 15,), generator=g)
+        j = torch.randint(0, n, (1 << 15,), generator=g)
+        est = float(torch.quantile(pair_cosines(u, torch.stack([i, j], 1)[i != j]), 1.0 - 2.0 * k / total))
+        cut = max(cut, est - 0.01)
+    dt = _matmul_dtype("auto", n * n * d // 2, u.device)
+    ub = u.to(dt)
+    while True:
+        cand = _upper_scan(ub, cut, block)
+        cos = pair_cosines(u, cand)
+        ok = cos >= threshold
+        cand, cos = cand[ok], cos[ok]
+        order = torch.argsort(-cos, stable=True)[: int(k)]
+        cand, cos = cand[order], cos[order]
+        exact = dt == torch.float32 and cut <= threshold
+        if exact or cut < threshold - 0.005 or (len(cos) == k and float(cos[-1]) >= cut + 0.01):
+            return cand, cos
+        cut = float(threshold) - 0.01
+
+
+def _upper_scan(ub: torch.Tensor, cut: float, block: int) -> torch.Tensor:
+    """(P, 2) pairs i < j with ``ub_i . ub_j >= cut``, one row block against the rows from it on."""
+    n = ub.shape[0]
+    found = []
+    for a in range(0, n, block):
+        s = ub[a:a + block] @ ub[a:].T
+        r, c = (s >= cut).nonzero(as_tuple=True)
+        keep = c > r
+        found.append(torch.stack([r[keep] + a, c[keep] + a], 1))
+    return torch.cat(found) if found else torch.zeros(0, 2, dtype=torch.long)
+
+
+def random_cosine_pairs(u: torch.Tensor, below: float, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """:func:`random_pairs` on the exact cosines of unit rows ``u``, computed for the drawn pairs
+    only (no Gram): the same pairs as ``random_pairs(u @ u.T, ...)`` with the same generator."""
+    n = u.shape[0]
+    m = 4 * int(k) + 64
+    i = torch.randint(0, max(n, 1), (m,), generator=generator)
+    j = torch.randint(0, max(n, 1), (m,), generator=generator)
+    ok = i != j
+    pairs = torch.stack([i[ok], j[ok]], 1)
+    ok = pair_cosines(u, pairs) < below
+    return torch.sort(pairs, dim=1).values[ok][: int(k)]
 
 
 def random_pairs(sim: torch.Tensor, below: float, k: int, generator: torch.Generator | None = None) -> torch.Tensor:

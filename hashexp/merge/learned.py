@@ -125,8 +125,9 @@ class LearnableHashCompressor(HashCompressor):
         return h
 
     # ---------------------------------------------------------------- training
-    def similarity(self, site: MergeSite, x: torch.Tensor) -> tuple[torch.Tensor, str]:
-        """(N, N) similarity used to mine pairs, and which kind it is."""
+    def similarity(self, site: MergeSite, x: torch.Tensor) -> tuple[torch.Tensor | None, str]:
+        """(N, N) similarity used to mine pairs and which kind it is: the activation correlation, or
+        (None, "cosine"): cosine pairs are mined without a Gram (:func:`~hashexp.lsh.learnable.top_cosine_pairs`)."""
         if self.positives == "activation" and self._stats is not None:
             from hashexp.lsh.learnable import activation_correlation
 
@@ -135,22 +136,19 @@ class LearnableHashCompressor(HashCompressor):
                 corr = activation_correlation(torch.stack(list(buf)).cpu())
                 if corr is not None and corr.shape[0] == x.shape[0]:
                     return corr, "activation"
-        u = x.float() / x.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
-        from hashexp.lsh.learnable import gram
-
-        return gram(u), "cosine"  # bf16 where that is faster: |error| < 0.005, fine for mining
+        return None, "cosine"
 
     def train_hasher(self, site: MergeSite, index: int, h, x: torch.Tensor) -> dict[str, Any]:
         """A few Adam steps on the site's hash: similar pairs collide, random dissimilar ones do not; the training
         stats."""
-        from hashexp.lsh.learnable import random_pairs, rescore_pairs, top_pairs
+        from hashexp.lsh.learnable import random_cosine_pairs, random_pairs, top_cosine_pairs, top_pairs
 
-        sim, kind = self.similarity(site, x)
         t = self.threshold if self.threshold is not None else WEIGHTS_THRESHOLD
         pt = pair_threshold(t) if self.pos_threshold is None else self.pos_threshold
-        if kind == "cosine":  # the Gram may be bf16 (|error| < 0.005): exact cosines rank its top candidates
+        sim, kind = self.similarity(site, x)
+        if kind == "cosine":  # no Gram: the upper triangle in blocks, its short list ranked by exact cosine
             u = x.float() / x.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
-            pos, pos_sim = rescore_pairs(u, top_pairs(sim, pt - 0.01, 2 * self.max_pos), pt, self.max_pos)
+            pos, pos_sim = top_cosine_pairs(u, pt, self.max_pos)
         else:
             pos = top_pairs(sim, pt, self.max_pos)
             pos_sim = sim[pos[:, 0], pos[:, 1]]
@@ -158,7 +156,9 @@ class LearnableHashCompressor(HashCompressor):
             nt = self.neg_threshold
         else:  # anything less alike than every positive: the hash should rank the top pairs first
             nt = float(pos_sim.min()) if len(pos) else -2.0
-        neg = random_pairs(sim, nt, self.max_neg, generator=self._generator(index))
+        gen = self._generator(index)
+        neg = (random_cosine_pairs(u, nt, self.max_neg, generator=gen) if kind == "cosine"
+               else random_pairs(sim, nt, self.max_neg, generator=gen))
         rec = {"site": site.name, "call": self.calls, "positives": int(len(pos)), "negatives": int(len(neg)),
                "similarity": kind}
         if len(pos) == 0:
