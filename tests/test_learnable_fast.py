@@ -79,12 +79,12 @@ def test_recall_on_planted_clusters_equals_the_recall_before_the_speed_up(seed):
     x = planted(seed=seed)
     site = SimpleNamespace(name="fc1")
     comp = LearnableHashCompressor(threshold=0.9, bits=10, tables=4, pos_threshold=0.75, seed=seed)
-    assert (comp.updates, comp.lr, comp.max_neg) == (6, 0.2, 1024)  # the new defaults
+    assert (comp.updates, comp.lr, comp.max_neg) == (8, 0.15, 2048)  # the new defaults
     h = comp.hasher(site, 0, x.shape[1])
     p0, r0 = collision_pr(x, h, 0.8)
     assert r0 < 0.7  # untrained: SimHash misses a third of the pairs
     rec = comp.train_hasher(site, 0, h, x)
-    assert rec["positives"] == 1536 and rec["negatives"] == 1024  # all 256 * 6 within-cluster pairs
+    assert rec["positives"] == 1536 and rec["negatives"] == 2048  # all 256 * 6 within-cluster pairs
     p1, r1 = collision_pr(x, h, 0.8)
     before_p, before_r = BEFORE[seed]
     assert r1 >= before_r - 0.002, (seed, r1, before_r)

@@ -21,10 +21,11 @@ one transcendental (log) per bit. It now (1) computes the per-table collision as
 by hand (no autograd graph; equal to autograd's, see the tests), (2) runs the two matmuls in
 bfloat16 where the CPU has native bf16 dot products (avx512_bf16 / AMX) or on CUDA, (3) takes
 log(1 - p) per table with ``log`` (torch's CPU ``log1p`` ran ~8x slower on these shapes), and (4)
-defaults to 6 updates at lr 0.2 instead of 40 at 0.02, and the compressor to 1024 negatives
-instead of 4096: fewer negatives push fewer pairs apart, and 6 steps on 1024 keep the recall of
-10 on 4096 on planted clusters and on trained layers (5 on 4096 do not). :func:`gram` gives the
-pair mining its similarity matrix the same way; its top candidates are re-ranked by exact cosine
+defaults to 8 updates at lr 0.15 instead of 40 at 0.02, and the compressor to 2048 negatives
+instead of 4096: the least that keep the first version's recall within 0.001 on the benchmark's
+four cases over 5 seeds (6 steps lose 0.001-0.0015 on planted clusters, with 1024 or 2048
+negatives). The pair mining (:func:`top_cosine_pairs`) builds no (N, N) Gram: bf16 blocks of
+the upper triangle, a short list above a sampled cut, re-ranked by exact cosine
 (:func:`pair_cosines`, in cache-sized chunks). Mining + training: see benchmarks/bench_learnable.md
 for the ratio against the first version, measured side by side.
 
@@ -88,7 +89,7 @@ class LearnableSimHash(SimHash):
             total = total + neg_weight * (-torch.log1p(-p).sum(-1)).mean()
         return total
 
-    def fit(self, x: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, updates: int = 6, lr: float = 0.2,
+    def fit(self, x: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, updates: int = 8, lr: float = 0.15,
             temperature: float = 2.0, pos_weight: float = 1.0, neg_weight: float = 1.0,
             matmul_dtype: str = "auto", threads: int | None = 1) -> dict[str, Any]:
         """Train the projections with Adam on positive and negative pairs of rows of ``x``.

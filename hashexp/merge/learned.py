@@ -45,18 +45,18 @@ class LearnableHashCompressor(HashCompressor):
         pos_weight, neg_weight: loss weights of the two terms.
         temperature: slope of the tanh relaxation of the sign bits.
         updates: Adam steps per rehash (0: the hash is never trained, i.e. persistent SimHash).
-        lr: Adam learning rate (6 steps at 0.2 on 1024 negatives reach the recall of 40 at 0.02 on
-            4096 at a tenth of the cost, mining included:
-            benchmarks/bench_learnable.md).
+        lr: Adam learning rate (8 steps at 0.15 on 2048 negatives keep the recall of 40 at 0.02 on
+            4096 within 0.001 on the four cases of benchmarks/bench_learnable.md; 6 at 0.2 do not on
+            planted clusters).
         other arguments: see :class:`HashCompressor`.
     """
 
     name = "learnable"
 
     def __init__(self, positives: str = "cosine", pos_threshold: float | None = None,
-                 neg_threshold: float | None = None, max_pos: int = 2048, max_neg: int = 1024,
+                 neg_threshold: float | None = None, max_pos: int = 2048, max_neg: int = 2048,
                  pos_weight: float = 1.0, neg_weight: float = 1.0, temperature: float = 2.0,
-                 updates: int = 6, lr: float = 0.2, **kw) -> None:
+                 updates: int = 8, lr: float = 0.15, **kw) -> None:
         super().__init__(**kw)
         if positives not in ("cosine", "activation"):
             raise ConfigError(f"hashing.positives={positives!r}; choose cosine or activation")
