@@ -79,7 +79,7 @@ def test_recall_on_planted_clusters_equals_the_recall_before_the_speed_up(seed):
     x = planted(seed=seed)
     site = SimpleNamespace(name="fc1")
     comp = LearnableHashCompressor(threshold=0.9, bits=10, tables=4, pos_threshold=0.75, seed=seed)
-    assert (comp.updates, comp.lr, comp.max_neg) == (8, 0.15, 2048)  # the new defaults
+    assert (comp.updates, comp.lr, comp.max_neg, comp.stop_recall) == (10, 0.2, 2048, 1.0)  # the new defaults
     h = comp.hasher(site, 0, x.shape[1])
     p0, r0 = collision_pr(x, h, 0.8)
     assert r0 < 0.7  # untrained: SimHash misses a third of the pairs
@@ -188,3 +188,20 @@ def test_triangle_mining_finds_the_exact_positives_and_negatives(dim, threshold,
     neg = random_cosine_pairs(u, nt, 1024, generator=torch.Generator().manual_seed(3))
     ref = random_pairs(sim, nt, 1024, generator=torch.Generator().manual_seed(3))
     assert len(neg) == 1024 and torch.equal(neg, ref)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fit_stops_once_every_positive_collides(seed):
+    """stop_recall=1.0 stops before the 10th step with every positive pair (all 1536 within-cluster
+    pairs, cosine >= 0.75) sharing a bucket in the hash's own tables; without it, all 10 steps run."""
+    x = planted(seed=seed)
+    u = x / x.norm(dim=1, keepdim=True)
+    pos, neg = mine_pairs(u @ u.T, 0.75, 0.6, 2048, 2048, generator=torch.Generator().manual_seed(seed))
+    h = LearnableSimHash(128, 10, 4, seed=seed)
+    rec = h.fit(x, pos, neg, updates=10, lr=0.2, stop_recall=1.0)
+    assert 0 < rec["updates"] < 10 and rec["hard_recall"] == 1.0
+    assert collision_pr(x, h, 0.75)[1] == 1.0
+    full = LearnableSimHash(128, 10, 4, seed=seed).fit(x, pos, neg, updates=10, lr=0.2)
+    assert full["updates"] == 10
+    with pytest.raises(ValueError, match="stop_recall"):
+        h.fit(x, pos, neg, stop_recall=1.5)

@@ -44,10 +44,12 @@ class LearnableHashCompressor(HashCompressor):
         max_pos, max_neg: at most this many positive (most similar first) / negative pairs.
         pos_weight, neg_weight: loss weights of the two terms.
         temperature: slope of the tanh relaxation of the sign bits.
-        updates: Adam steps per rehash (0: the hash is never trained, i.e. persistent SimHash).
-        lr: Adam learning rate (8 steps at 0.15 on 2048 negatives keep the recall of 40 at 0.02 on
-            4096 within 0.001 on the four cases of benchmarks/bench_learnable.md; 6 at 0.2 do not on
-            planted clusters).
+        updates: the most Adam steps per rehash (0: the hash is never trained, i.e. persistent SimHash).
+        lr: Adam learning rate.
+        stop_recall: stop a rehash's training once this fraction of the positive pairs collide
+            under the hard bits (None: always ``updates`` steps). At 1.0 with 10 steps at lr 0.2 on
+            2048 negatives: recall 1.0 on the four cases of benchmarks/bench_learnable.md after 2-8
+            steps; a fixed 6 steps lose 0.0015 on planted clusters.
         other arguments: see :class:`HashCompressor`.
     """
 
@@ -56,13 +58,16 @@ class LearnableHashCompressor(HashCompressor):
     def __init__(self, positives: str = "cosine", pos_threshold: float | None = None,
                  neg_threshold: float | None = None, max_pos: int = 2048, max_neg: int = 2048,
                  pos_weight: float = 1.0, neg_weight: float = 1.0, temperature: float = 2.0,
-                 updates: int = 8, lr: float = 0.15, **kw) -> None:
+                 updates: int = 10, lr: float = 0.2, stop_recall: float | None = 1.0, **kw) -> None:
         super().__init__(**kw)
         if positives not in ("cosine", "activation"):
             raise ConfigError(f"hashing.positives={positives!r}; choose cosine or activation")
         for k, v in (("pos_threshold", pos_threshold), ("neg_threshold", neg_threshold)):
             if v is not None and not (-1.0 <= float(v) <= 1.0):
                 raise ConfigError(f"hashing.{k} must be in [-1, 1] or null, got {v}")
+        if stop_recall is not None and not 0.0 < float(stop_recall) <= 1.0:
+            raise ConfigError(f"hashing.stop_recall={stop_recall}; use a fraction in (0, 1] (1.0: stop once every "
+                              "positive pair collides) or null (always run hashing.updates steps)")
         if int(updates) < 0 or float(lr) <= 0 or float(temperature) <= 0:
             raise ConfigError(f"hashing.updates must be >= 0, lr and temperature > 0; got {updates}, {lr}, {temperature}")
         if int(max_pos) < 1 or int(max_neg) < 1:
@@ -73,6 +78,7 @@ class LearnableHashCompressor(HashCompressor):
         self.max_pos, self.max_neg = int(max_pos), int(max_neg)
         self.pos_weight, self.neg_weight = float(pos_weight), float(neg_weight)
         self.temperature, self.updates, self.lr = float(temperature), int(updates), float(lr)
+        self.stop_recall = None if stop_recall is None else float(stop_recall)
         self.hashers: dict[str, Any] = {}
         self.created: dict[str, int] = {}
         self.trained: dict[str, int] = {}
@@ -165,8 +171,8 @@ class LearnableHashCompressor(HashCompressor):
             rec.update(loss_before=float("nan"), loss_after=float("nan"), updates=0, time_s=0.0)
         else:
             rec.update(h.fit(x, pos, neg, updates=self.updates, lr=self.lr, temperature=self.temperature,
-                             pos_weight=self.pos_weight, neg_weight=self.neg_weight))
-            self.trained[site.name] = self.trained.get(site.name, 0) + int(self.updates)
+                             pos_weight=self.pos_weight, neg_weight=self.neg_weight, stop_recall=self.stop_recall))
+            self.trained[site.name] = self.trained.get(site.name, 0) + int(rec["updates"])
         self.train_log.append(rec)
         return rec
 
