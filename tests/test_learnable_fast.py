@@ -188,6 +188,9 @@ def test_triangle_mining_finds_the_exact_positives_and_negatives(dim, threshold,
     neg = random_cosine_pairs(u, nt, 1024, generator=torch.Generator().manual_seed(3))
     ref = random_pairs(sim, nt, 1024, generator=torch.Generator().manual_seed(3))
     assert len(neg) == 1024 and torch.equal(neg, ref)
+    # about half the drawn pairs pass below 0: several slices of k + 64 are scanned
+    few = random_cosine_pairs(u, 0.0, 300, generator=torch.Generator().manual_seed(4))
+    assert len(few) == 300 and torch.equal(few, random_pairs(sim, 0.0, 300, generator=torch.Generator().manual_seed(4)))
 
 
 @pytest.mark.parametrize("seed", [0, 1])

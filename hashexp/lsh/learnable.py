@@ -375,15 +375,23 @@ def _upper_scan(ub: torch.Tensor, cut: float, block: int) -> torch.Tensor:
 
 def random_cosine_pairs(u: torch.Tensor, below: float, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """:func:`random_pairs` on the exact cosines of unit rows ``u``, computed for the drawn pairs
-    only (no Gram): the same pairs as ``random_pairs(u @ u.T, ...)`` with the same generator."""
-    n = u.shape[0]
-    m = 4 * int(k) + 64
+    only (no Gram), in slices of k + 64 until k pass: the same pairs as
+    ``random_pairs(u @ u.T, ...)`` with the same generator."""
+    n, k = u.shape[0], int(k)
+    m = 4 * k + 64
     i = torch.randint(0, max(n, 1), (m,), generator=generator)
     j = torch.randint(0, max(n, 1), (m,), generator=generator)
     ok = i != j
-    pairs = torch.stack([i[ok], j[ok]], 1)
-    ok = pair_cosines(u, pairs) < below
-    return torch.sort(pairs, dim=1).values[ok][: int(k)]
+    pairs = torch.sort(torch.stack([i[ok], j[ok]], 1), dim=1).values
+    kept, found = [], 0
+    for s in range(0, len(pairs), k + 64):
+        part = pairs[s:s + k + 64]
+        part = part[pair_cosines(u, part) < below]
+        kept.append(part)
+        found += len(part)
+        if found >= k:
+            break
+    return torch.cat(kept)[:k] if kept else pairs[:0]
 
 
 def random_pairs(sim: torch.Tensor, below: float, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
