@@ -94,7 +94,7 @@ def test_compressor_keeps_hash_per_site_recreates_on_fanin_change_and_checkpoint
         m.layers[0].weight[20:30] = 1.5 * m.layers[0].weight[:10] + 0.01 * torch.randn(10, 12)
         m.layers[0].bias[20:30] = 1.5 * m.layers[0].bias[:10]
     comp = LearnableHashCompressor(threshold=0.95, bits=6, tables=8, min_width=1, seed=0, updates=20, lr=0.01,
-                                   compensation="weights")
+                                   compensation="weights", stop_recall=None)  # all 20 steps: trained counts them
     stats = ActivationStats(m.merge_sites(), window=10)
     m(torch.randn(64, 12))
     comp.compress(m, ["fc2"], stats, None, step=0)
@@ -118,6 +118,8 @@ def test_compressor_keeps_hash_per_site_recreates_on_fanin_change_and_checkpoint
         assert torch.equal(other.hashers[n].projections.detach(), comp.hashers[n].projections.detach())
     with pytest.raises(ConfigError, match="positives"):
         LearnableHashCompressor(positives="gradient")
+    with pytest.raises(ConfigError, match="stop_recall"):
+        LearnableHashCompressor(stop_recall=0.0)
 
 
 def test_activation_positives_fall_back_to_cosine_without_batches():

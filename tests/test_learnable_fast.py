@@ -79,12 +79,12 @@ def test_recall_on_planted_clusters_equals_the_recall_before_the_speed_up(seed):
     x = planted(seed=seed)
     site = SimpleNamespace(name="fc1")
     comp = LearnableHashCompressor(threshold=0.9, bits=10, tables=4, pos_threshold=0.75, seed=seed)
-    assert (comp.updates, comp.lr) == (10, 0.12)  # the new defaults
+    assert (comp.updates, comp.lr, comp.max_neg, comp.stop_recall) == (10, 0.2, 2048, 1.0)  # the new defaults
     h = comp.hasher(site, 0, x.shape[1])
     p0, r0 = collision_pr(x, h, 0.8)
     assert r0 < 0.7  # untrained: SimHash misses a third of the pairs
     rec = comp.train_hasher(site, 0, h, x)
-    assert rec["positives"] == 1536 and rec["negatives"] == 4096  # all 256 * 6 within-cluster pairs
+    assert rec["positives"] == 1536 and rec["negatives"] == 2048  # all 256 * 6 within-cluster pairs
     p1, r1 = collision_pr(x, h, 0.8)
     before_p, before_r = BEFORE[seed]
     assert r1 >= before_r - 0.002, (seed, r1, before_r)
@@ -149,3 +149,62 @@ def test_bf16_mining_with_exact_rescoring_finds_the_exact_positives():
     assert set(map(tuple, pos.tolist())) == set(map(tuple, exact.tolist()))
     torch.testing.assert_close(vals, (u[pos[:, 0]] * u[pos[:, 1]]).sum(1))
     assert bool((vals[:-1] >= vals[1:]).all()) and float(vals.min()) >= 0.5
+
+
+def test_chunked_pair_cosines_equal_one_gather_and_the_exact_mining():
+    """pair_cosines (chunks of 256 pairs) gives the cosines of one full gather, and the mining
+    built on it (bf16 Gram, top 2k candidates, exact re-rank) returns the exact top k of the
+    float32 Gram on a planted case whose pairs straddle the chunks."""
+    from hashexp.lsh.learnable import pair_cosines, rescore_pairs, top_pairs
+
+    x = planted(dim=256, seed=2)
+    u = x / x.norm(dim=1, keepdim=True)
+    exact = top_pairs(u @ u.T, 0.3, 1200)
+    cand = top_pairs(gram(u), 0.29, 2400)
+    assert len(cand) > 1000 and len(cand) % 256 != 0
+    torch.testing.assert_close(pair_cosines(u, cand), (u[cand[:, 0]] * u[cand[:, 1]]).sum(1), rtol=0, atol=1e-6)
+    pos, vals = rescore_pairs(u, cand, 0.3, 1200)
+    assert set(map(tuple, pos.tolist())) == set(map(tuple, exact.tolist()))
+    torch.testing.assert_close(vals.sort().values, (u @ u.T)[exact[:, 0], exact[:, 1]].sort().values)
+
+
+@pytest.mark.parametrize("dim,threshold,k", [(512, 0.5, 1000), (128, 0.75, 2048), (64, -0.02, 700)])
+def test_triangle_mining_finds_the_exact_positives_and_negatives(dim, threshold, k):
+    """top_cosine_pairs (bf16 upper-triangle blocks, no Gram) returns the exact float32 mining's top
+    k (fewer when fewer reach the threshold) with their exact cosines, and random_cosine_pairs the
+    very pairs random_pairs draws from the exact Gram."""
+    from hashexp.lsh.learnable import random_cosine_pairs, random_pairs, top_cosine_pairs, top_pairs
+
+    x = planted(dim=dim, seed=1)
+    u = x / x.norm(dim=1, keepdim=True)
+    sim = u @ u.T
+    exact = top_pairs(sim, threshold, k)
+    pos, vals = top_cosine_pairs(u, threshold, k)
+    assert len(pos) == len(exact) == (1536 if threshold == 0.75 else k)
+    assert set(map(tuple, pos.tolist())) == set(map(tuple, exact.tolist()))
+    torch.testing.assert_close(vals, sim[pos[:, 0], pos[:, 1]], rtol=0, atol=1e-5)
+    assert bool((vals[:-1] >= vals[1:]).all()) and bool((pos[:, 0] < pos[:, 1]).all())
+    nt = float(vals.min())
+    neg = random_cosine_pairs(u, nt, 1024, generator=torch.Generator().manual_seed(3))
+    ref = random_pairs(sim, nt, 1024, generator=torch.Generator().manual_seed(3))
+    assert len(neg) == 1024 and torch.equal(neg, ref)
+    # about half the drawn pairs pass below 0: several slices of k + 64 are scanned
+    few = random_cosine_pairs(u, 0.0, 300, generator=torch.Generator().manual_seed(4))
+    assert len(few) == 300 and torch.equal(few, random_pairs(sim, 0.0, 300, generator=torch.Generator().manual_seed(4)))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fit_stops_once_every_positive_collides(seed):
+    """stop_recall=1.0 stops before the 10th step with every positive pair (all 1536 within-cluster
+    pairs, cosine >= 0.75) sharing a bucket in the hash's own tables; without it, all 10 steps run."""
+    x = planted(seed=seed)
+    u = x / x.norm(dim=1, keepdim=True)
+    pos, neg = mine_pairs(u @ u.T, 0.75, 0.6, 2048, 2048, generator=torch.Generator().manual_seed(seed))
+    h = LearnableSimHash(128, 10, 4, seed=seed)
+    rec = h.fit(x, pos, neg, updates=10, lr=0.2, stop_recall=1.0)
+    assert 0 < rec["updates"] < 10 and rec["hard_recall"] == 1.0
+    assert collision_pr(x, h, 0.75)[1] == 1.0
+    full = LearnableSimHash(128, 10, 4, seed=seed).fit(x, pos, neg, updates=10, lr=0.2)
+    assert full["updates"] == 10
+    with pytest.raises(ValueError, match="stop_recall"):
+        h.fit(x, pos, neg, stop_recall=1.5)

@@ -19,11 +19,15 @@ per Adam update, two (rows x d x K*L) matmuls and ~20 passes over the (pairs x K
 one transcendental (log) per bit. It now (1) computes the per-table collision as a product of
 (1 + t_i t_j) / 2 over the table's K bits instead of exp(sum(log)), and writes the gradient out
 by hand (no autograd graph; equal to autograd's, see the tests), (2) runs the two matmuls in
-bfloat16 where the CPU has native bf16 dot products (avx512_bf16 / AMX) or on CUDA, and (3)
-defaults to 10 updates at lr 0.12 instead of 40 at 0.02: the same distance travelled by Adam,
-with the same recall on planted clusters and on trained layers. :func:`gram` gives the pair
-mining its similarity matrix the same way. Mining + training cost 4-6x less than before, the
-training alone 5-7x less (measured side by side, benchmarks/bench_learnable.md).
+bfloat16 where the CPU has native bf16 dot products (avx512_bf16 / AMX) or on CUDA, (3) takes
+log(1 - p) per table with ``log`` (torch's CPU ``log1p`` ran ~8x slower on these shapes), and (4)
+stops once every positive pair collides under the hard bits (``stop_recall``, the compressor's
+default; checked from the soft bits' signs, which each step computes anyway), at most 10 updates
+at lr 0.2 on 2048 negatives instead of 40 at 0.02 on 4096: 2-8 steps reach recall 1.0 on the
+benchmark's four cases, where a fixed 6 lose 0.001-0.0015 on planted clusters. The pair mining (:func:`top_cosine_pairs`) builds no (N, N) Gram: bf16 blocks of
+the upper triangle, a short list above a sampled cut, re-ranked by exact cosine
+(:func:`pair_cosines`, in cache-sized chunks). Mining + training: see benchmarks/bench_learnable.md
+for the ratio against the first version, measured side by side.
 
 ``collision_pr`` measures a hasher against the exact answer: the precision and recall of its
 candidate pairs with respect to the pairs whose cosine reaches a threshold.
@@ -85,9 +89,9 @@ class LearnableSimHash(SimHash):
             total = total + neg_weight * (-torch.log1p(-p).sum(-1)).mean()
         return total
 
-    def fit(self, x: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, updates: int = 10, lr: float = 0.12,
+    def fit(self, x: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, updates: int = 10, lr: float = 0.2,
             temperature: float = 2.0, pos_weight: float = 1.0, neg_weight: float = 1.0,
-            matmul_dtype: str = "auto", threads: int | None = 1) -> dict[str, Any]:
+            matmul_dtype: str = "auto", threads: int | None = 1, stop_recall: float | None = None) -> dict[str, Any]:
         """Train the projections with Adam on positive and negative pairs of rows of ``x``.
 
         Minimises :meth:`loss` with a hand-written gradient (see the module docstring).
@@ -104,21 +108,28 @@ class LearnableSimHash(SimHash):
             threads: torch intra-op threads while fitting (restored afterwards; None: leave
                 them). One by default: a fit is many small ops, and with two threads on this
                 project's busy 2-core machine the same fit ran 2.5-30x slower than with one.
+            stop_recall: stop before an update once this fraction of the positives collide in
+                at least one table under the hard sign bits (the soft bits' signs, computed
+                anyway); ``updates`` is then the most. None: always ``updates`` steps.
 
         Returns:
-            ``{"loss_before", "loss_after", "updates", "time_s"}``.
+            ``{"loss_before", "loss_after", "updates" (the steps taken), "hard_recall" (of the
+            positives, before the last step taken, or at the stop), "time_s"}``.
         """
         if threads is not None and int(threads) < 1:
             raise ValueError(f"threads must be >= 1 or None, got {threads}")
+        if stop_recall is not None and not 0.0 < float(stop_recall) <= 1.0:
+            raise ValueError(f"stop_recall must be in (0, 1] or None, got {stop_recall}")
         before = torch.get_num_threads()
         if threads is not None:
             torch.set_num_threads(int(threads))
         try:
-            return self._fit(x, pos, neg, updates, lr, temperature, pos_weight, neg_weight, matmul_dtype)
+            return self._fit(x, pos, neg, updates, lr, temperature, pos_weight, neg_weight, matmul_dtype, stop_recall)
         finally:
             torch.set_num_threads(before)
 
-    def _fit(self, x, pos, neg, updates, lr, temperature, pos_weight, neg_weight, matmul_dtype) -> dict[str, Any]:
+    def _fit(self, x, pos, neg, updates, lr, temperature, pos_weight, neg_weight, matmul_dtype,
+             stop_recall=None) -> dict[str, Any]:
         t0 = time.perf_counter()
         if matmul_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"matmul_dtype must be auto, float32 or bfloat16, got {matmul_dtype!r}")
@@ -138,23 +149,30 @@ class LearnableSimHash(SimHash):
         scale = float(temperature) * math.sqrt(u.shape[1])
         opt = torch.optim.Adam([p], lr=lr)
 
+        stats: dict[str, float] = {}
+
         def evaluate(grad: bool) -> float:
-            loss, g = self._loss_grad(ul, ulT, pr, nr, scale, float(pos_weight), float(neg_weight), grad)
+            loss, g = self._loss_grad(ul, ulT, pr, nr, scale, float(pos_weight), float(neg_weight), grad, stats)
             p.grad = g
             return loss
 
-        first = None
+        first, done, last = None, 0, None
         for _ in range(int(updates)):
             loss = evaluate(True)
             first = loss if first is None else first
+            if stop_recall is not None and stats.get("hard_recall", 0.0) >= float(stop_recall):
+                last = loss
+                break
             opt.step()
-        last = evaluate(False)
+            done += 1
+        last = evaluate(False) if last is None else last
         p.grad = None
-        return {"loss_before": first if first is not None else last, "loss_after": last,
-                "updates": int(updates), "time_s": time.perf_counter() - t0}
+        return {"loss_before": first if first is not None else last, "loss_after": last, "updates": done,
+                "hard_recall": stats.get("hard_recall", float("nan")), "time_s": time.perf_counter() - t0}
 
     def _loss_grad(self, ul: torch.Tensor, ulT: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, scale: float,
-                   pos_weight: float, neg_weight: float, grad: bool) -> tuple[float, torch.Tensor | None]:
+                   pos_weight: float, neg_weight: float, grad: bool,
+                   stats: dict | None = None) -> tuple[float, torch.Tensor | None]:
         """:meth:`loss` of unit rows ``ul`` (matmul dtype; ``ulT`` its transpose) and its gradient
         w.r.t. the projections, written out: no autograd graph."""
         r = self.projections.detach()
@@ -162,7 +180,8 @@ class LearnableSimHash(SimHash):
         rh = r / rn
         t = torch.tanh((ul @ rh.to(ul.dtype)).float().mul_(scale))
         g_t = torch.zeros_like(t) if grad else None
-        total = _pairs_loss(t, torch.cat([pos, neg]), len(pos), self.bits, self.tables, pos_weight, neg_weight, g_t)
+        total = _pairs_loss(t, torch.cat([pos, neg]), len(pos), self.bits, self.tables, pos_weight, neg_weight, g_t,
+                            stats)
         if not grad:
             return total, None
         g_z = g_t.mul_(1.0 - t * t).mul_(scale)
@@ -181,16 +200,19 @@ class LearnableSimHash(SimHash):
 
 
 def _pairs_loss(t: torch.Tensor, pairs: torch.Tensor, n_pos: int, K: int, L: int, pos_weight: float,
-                neg_weight: float, g_t: torch.Tensor | None) -> float:
+                neg_weight: float, g_t: torch.Tensor | None, stats: dict | None = None) -> float:
     """:meth:`LearnableSimHash.loss` on soft bits ``t`` (rows, L*K) for ``pairs`` = positives
     (the first ``n_pos``) then negatives, in product form, in one pass over the pairs; adds its
-    gradient w.r.t. ``t`` into ``g_t`` when given."""
+    gradient w.r.t. ``t`` into ``g_t`` when given, and the positives' hard any-table collision
+    rate (same sign in all K bits of a table) into ``stats["hard_recall"]``."""
     n, n_neg = len(pairs), len(pairs) - n_pos
     ti, tj = t[pairs[:, 0]], t[pairs[:, 1]]
     h = (ti * tj).add_(1.0).mul_(0.5).clamp_min_(1e-12)  # (1 + t_i t_j) / 2 per bit
+    if stats is not None and n_pos:  # h > 1/2 <=> the two signs agree
+        stats["hard_recall"] = float((h[:n_pos] > 0.5).view(n_pos, L, K).all(-1).any(-1).float().mean())
     q = h.view(n, L, K).prod(-1)  # soft collision per table
     pc = q.clamp_max(1 - 1e-6)
-    log_part = torch.log1p(-pc)  # log(1 - p_l)
+    log_part = torch.log(1.0 - pc)  # log(1 - p_l); torch's CPU log1p is ~8x slower than log here
     loss = 0.0
     if n_pos:
         log_miss = log_part[:n_pos].sum(-1)
@@ -284,11 +306,92 @@ def rescore_pairs(u: torch.Tensor, pairs: torch.Tensor, threshold: float, k: int
     (bf16, :func:`gram`) similarity proposed, e.g. its top 2k above ``threshold - 0.01``."""
     if len(pairs) == 0:
         return pairs.reshape(0, 2), torch.zeros(0)
-    exact = (u[pairs[:, 0]].float() * u[pairs[:, 1]].float()).sum(1)
+    exact = pair_cosines(u, pairs)
     keep = exact >= threshold
     pairs, exact = pairs[keep], exact[keep]
     order = torch.argsort(-exact, stable=True)[: int(k)]
     return pairs[order], exact[order]
+
+
+def pair_cosines(u: torch.Tensor, pairs: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """(P,) float32 ``<u_i, u_j>`` of each pair, in chunks of ``chunk`` pairs: the two gathered
+    (chunk, d) blocks stay in cache (on the 2048 x 2049 layer, 4096 pairs: 17 ms against 93 ms
+    for one gather of all pairs, benchmarks/bench_learnable.md)."""
+    out = torch.empty(len(pairs), dtype=torch.float32, device=u.device)
+    for s in range(0, len(pairs), chunk):
+        c = pairs[s:s + chunk]
+        out[s:s + chunk] = (u[c[:, 0]].float() * u[c[:, 1]].float()).sum(1)
+    return out
+
+
+def top_cosine_pairs(u: torch.Tensor, threshold: float, k: int, block: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` pairs i < j of unit rows ``u`` with the highest cosine that reach ``threshold``,
+    and their exact cosines (most similar first), without the (N, N) Gram.
+
+    Row blocks are multiplied only against themselves and the rows after them (the upper
+    triangle: 56% of the Gram's work at N = 2048 in blocks of 256), in :func:`gram`'s dtype
+    (bf16 where faster, |error| < 0.005 on unit rows). Entries above a cut are kept: the cut is
+    the estimated 2k-th largest cosine (64 random rows against all) less 0.01, or the
+    threshold. The short list is re-ranked by exact cosine; the result is the exact top k
+    whenever its k-th cosine clears the cut by 0.01 (more than the bf16 error), else the scan is
+    repeated at ``threshold - 0.01``.
+    """
+    n, d = u.shape
+    total = n * (n - 1) // 2
+    dt = _matmul_dtype("auto", n * n * d // 2, u.device)
+    ub = u.to(dt)
+    floor = float(threshold) - (0.01 if dt != torch.float32 else 0.0)  # a scan at floor misses nothing
+    cut = floor
+    if n >= 512 and 0 < k <= total // 16:  # 64 random rows against all: ~128k sampled pairs, one small matmul
+        rows = torch.randperm(n, generator=torch.Generator().manual_seed(n))[:64].to(u.device)
+        s = (ub[rows] @ ub.T).float()
+        s[torch.arange(len(rows), device=u.device), rows] = -2.0  # not the pairs (i, i)
+        flat = s.flatten()
+        est = float(torch.kthvalue(flat, max(1, int(len(flat) * (1.0 - 2.0 * k / total)))).values)
+        cut = max(cut, est - 0.01)
+    while True:
+        cand = _upper_scan(ub, cut, block)
+        cos = pair_cosines(u, cand)
+        ok = cos >= threshold
+        cand, cos = cand[ok], cos[ok]
+        order = torch.argsort(-cos, stable=True)[: int(k)]
+        cand, cos = cand[order], cos[order]
+        if cut <= floor or (len(cos) == k and float(cos[-1]) >= cut + 0.01):
+            return cand, cos
+        cut = floor
+
+
+def _upper_scan(ub: torch.Tensor, cut: float, block: int) -> torch.Tensor:
+    """(P, 2) pairs i < j with ``ub_i . ub_j >= cut``, one row block against the rows from it on."""
+    n = ub.shape[0]
+    found = []
+    for a in range(0, n, block):
+        s = ub[a:a + block] @ ub[a:].T
+        r, c = (s >= cut).nonzero(as_tuple=True)
+        keep = c > r
+        found.append(torch.stack([r[keep] + a, c[keep] + a], 1))
+    return torch.cat(found) if found else torch.zeros(0, 2, dtype=torch.long)
+
+
+def random_cosine_pairs(u: torch.Tensor, below: float, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """:func:`random_pairs` on the exact cosines of unit rows ``u``, computed for the drawn pairs
+    only (no Gram), in slices of k + 64 until k pass: the same pairs as
+    ``random_pairs(u @ u.T, ...)`` with the same generator."""
+    n, k = u.shape[0], int(k)
+    m = 4 * k + 64
+    i = torch.randint(0, max(n, 1), (m,), generator=generator)
+    j = torch.randint(0, max(n, 1), (m,), generator=generator)
+    ok = i != j
+    pairs = torch.sort(torch.stack([i[ok], j[ok]], 1), dim=1).values
+    kept, found = [], 0
+    for s in range(0, len(pairs), k + 64):
+        part = pairs[s:s + k + 64]
+        part = part[pair_cosines(u, part) < below]
+        kept.append(part)
+        found += len(part)
+        if found >= k:
+            break
+    return torch.cat(kept)[:k] if kept else pairs[:0]
 
 
 def random_pairs(sim: torch.Tensor, below: float, k: int, generator: torch.Generator | None = None) -> torch.Tensor:

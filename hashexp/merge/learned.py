@@ -44,24 +44,30 @@ class LearnableHashCompressor(HashCompressor):
         max_pos, max_neg: at most this many positive (most similar first) / negative pairs.
         pos_weight, neg_weight: loss weights of the two terms.
         temperature: slope of the tanh relaxation of the sign bits.
-        updates: Adam steps per rehash (0: the hash is never trained, i.e. persistent SimHash).
-        lr: Adam learning rate (10 steps at 0.12 reach the recall of 40 at 0.02 at a quarter of
-            the cost: benchmarks/bench_learnable.md).
+        updates: the most Adam steps per rehash (0: the hash is never trained, i.e. persistent SimHash).
+        lr: Adam learning rate.
+        stop_recall: stop a rehash's training once this fraction of the positive pairs collide
+            under the hard bits (None: always ``updates`` steps). At 1.0 with 10 steps at lr 0.2 on
+            2048 negatives: recall 1.0 on the four cases of benchmarks/bench_learnable.md after 2-8
+            steps; a fixed 6 steps lose 0.0015 on planted clusters.
         other arguments: see :class:`HashCompressor`.
     """
 
     name = "learnable"
 
     def __init__(self, positives: str = "cosine", pos_threshold: float | None = None,
-                 neg_threshold: float | None = None, max_pos: int = 2048, max_neg: int = 4096,
+                 neg_threshold: float | None = None, max_pos: int = 2048, max_neg: int = 2048,
                  pos_weight: float = 1.0, neg_weight: float = 1.0, temperature: float = 2.0,
-                 updates: int = 10, lr: float = 0.12, **kw) -> None:
+                 updates: int = 10, lr: float = 0.2, stop_recall: float | None = 1.0, **kw) -> None:
         super().__init__(**kw)
         if positives not in ("cosine", "activation"):
             raise ConfigError(f"hashing.positives={positives!r}; choose cosine or activation")
         for k, v in (("pos_threshold", pos_threshold), ("neg_threshold", neg_threshold)):
             if v is not None and not (-1.0 <= float(v) <= 1.0):
                 raise ConfigError(f"hashing.{k} must be in [-1, 1] or null, got {v}")
+        if stop_recall is not None and not 0.0 < float(stop_recall) <= 1.0:
+            raise ConfigError(f"hashing.stop_recall={stop_recall}; use a fraction in (0, 1] (1.0: stop once every "
+                              "positive pair collides) or null (always run hashing.updates steps)")
         if int(updates) < 0 or float(lr) <= 0 or float(temperature) <= 0:
             raise ConfigError(f"hashing.updates must be >= 0, lr and temperature > 0; got {updates}, {lr}, {temperature}")
         if int(max_pos) < 1 or int(max_neg) < 1:
@@ -72,6 +78,7 @@ class LearnableHashCompressor(HashCompressor):
         self.max_pos, self.max_neg = int(max_pos), int(max_neg)
         self.pos_weight, self.neg_weight = float(pos_weight), float(neg_weight)
         self.temperature, self.updates, self.lr = float(temperature), int(updates), float(lr)
+        self.stop_recall = None if stop_recall is None else float(stop_recall)
         self.hashers: dict[str, Any] = {}
         self.created: dict[str, int] = {}
         self.trained: dict[str, int] = {}
@@ -124,8 +131,9 @@ class LearnableHashCompressor(HashCompressor):
         return h
 
     # ---------------------------------------------------------------- training
-    def similarity(self, site: MergeSite, x: torch.Tensor) -> tuple[torch.Tensor, str]:
-        """(N, N) similarity used to mine pairs, and which kind it is."""
+    def similarity(self, site: MergeSite, x: torch.Tensor) -> tuple[torch.Tensor | None, str]:
+        """(N, N) similarity used to mine pairs and which kind it is: the activation correlation, or
+        (None, "cosine"): cosine pairs are mined without a Gram (:func:`~hashexp.lsh.learnable.top_cosine_pairs`)."""
         if self.positives == "activation" and self._stats is not None:
             from hashexp.lsh.learnable import activation_correlation
 
@@ -134,22 +142,19 @@ class LearnableHashCompressor(HashCompressor):
                 corr = activation_correlation(torch.stack(list(buf)).cpu())
                 if corr is not None and corr.shape[0] == x.shape[0]:
                     return corr, "activation"
-        u = x.float() / x.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
-        from hashexp.lsh.learnable import gram
-
-        return gram(u), "cosine"  # bf16 where that is faster: |error| < 0.005, fine for mining
+        return None, "cosine"
 
     def train_hasher(self, site: MergeSite, index: int, h, x: torch.Tensor) -> dict[str, Any]:
         """A few Adam steps on the site's hash: similar pairs collide, random dissimilar ones do not; the training
         stats."""
-        from hashexp.lsh.learnable import random_pairs, rescore_pairs, top_pairs
+        from hashexp.lsh.learnable import random_cosine_pairs, random_pairs, top_cosine_pairs, top_pairs
 
-        sim, kind = self.similarity(site, x)
         t = self.threshold if self.threshold is not None else WEIGHTS_THRESHOLD
         pt = pair_threshold(t) if self.pos_threshold is None else self.pos_threshold
-        if kind == "cosine":  # the Gram may be bf16 (|error| < 0.005): exact cosines rank its top candidates
+        sim, kind = self.similarity(site, x)
+        if kind == "cosine":  # no Gram: the upper triangle in blocks, its short list ranked by exact cosine
             u = x.float() / x.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
-            pos, pos_sim = rescore_pairs(u, top_pairs(sim, pt - 0.01, 2 * self.max_pos), pt, self.max_pos)
+            pos, pos_sim = top_cosine_pairs(u, pt, self.max_pos)
         else:
             pos = top_pairs(sim, pt, self.max_pos)
             pos_sim = sim[pos[:, 0], pos[:, 1]]
@@ -157,15 +162,17 @@ class LearnableHashCompressor(HashCompressor):
             nt = self.neg_threshold
         else:  # anything less alike than every positive: the hash should rank the top pairs first
             nt = float(pos_sim.min()) if len(pos) else -2.0
-        neg = random_pairs(sim, nt, self.max_neg, generator=self._generator(index))
+        gen = self._generator(index)
+        neg = (random_cosine_pairs(u, nt, self.max_neg, generator=gen) if kind == "cosine"
+               else random_pairs(sim, nt, self.max_neg, generator=gen))
         rec = {"site": site.name, "call": self.calls, "positives": int(len(pos)), "negatives": int(len(neg)),
                "similarity": kind}
         if len(pos) == 0:
             rec.update(loss_before=float("nan"), loss_after=float("nan"), updates=0, time_s=0.0)
         else:
             rec.update(h.fit(x, pos, neg, updates=self.updates, lr=self.lr, temperature=self.temperature,
-                             pos_weight=self.pos_weight, neg_weight=self.neg_weight))
-            self.trained[site.name] = self.trained.get(site.name, 0) + int(self.updates)
+                             pos_weight=self.pos_weight, neg_weight=self.neg_weight, stop_recall=self.stop_recall))
+            self.trained[site.name] = self.trained.get(site.name, 0) + int(rec["updates"])
         self.train_log.append(rec)
         return rec
 
