@@ -135,7 +135,7 @@ class LearnableHashCompressor(HashCompressor):
         """(N, N) similarity used to mine pairs and which kind it is: the activation correlation, or
         (None, "cosine"): cosine pairs are mined without a Gram (:func:`~hashexp.lsh.learnable.top_cosine_pairs`)."""
         if self.positives == "activation" and self._stats is not None:
-            from hashexp.lsh.learnable import activation_correlation
+            from hashexp.lsh.pairs import activation_correlation
 
             buf = getattr(self._stats, "buffers", {}).get(site.name)
             if buf and len(buf) >= 3:
@@ -147,7 +147,7 @@ class LearnableHashCompressor(HashCompressor):
     def train_hasher(self, site: MergeSite, index: int, h, x: torch.Tensor) -> dict[str, Any]:
         """A few Adam steps on the site's hash: similar pairs collide, random dissimilar ones do not; the training
         stats."""
-        from hashexp.lsh.learnable import random_cosine_pairs, random_pairs, top_cosine_pairs, top_pairs
+        from hashexp.lsh.pairs import random_cosine_pairs, random_pairs, top_cosine_pairs, top_pairs
 
         t = self.threshold if self.threshold is not None else WEIGHTS_THRESHOLD
         pt = pair_threshold(t) if self.pos_threshold is None else self.pos_threshold
