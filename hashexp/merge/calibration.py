@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from hashexp.errors import ConfigError
-from hashexp.merge.sites import Consumer, MergeSite, consumer_output, site_input
+from hashexp.merge.site import Consumer, MergeSite, consumer_output, site_input
 from hashexp.utils.seeding import EVENT_MIX, derive_seed
 
 #: calibration samples when hashing.calib_samples is null (or the whole split if smaller)
