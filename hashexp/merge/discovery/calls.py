@@ -90,16 +90,7 @@ class CallRules:
             self.cat(n)
             return
         if op in SPLIT:
-            dim = self.arg(n, 2 if op in ("split", "chunk", "tensor_split", "split_with_sizes") else 1, "dim",
-                           0 if op in ("split", "chunk", "tensor_split", "split_with_sizes", "unbind") else None)
-            if op == "roll" and dim is None:
-                self.refuse(lay, f"{self.where(n)} rolls the flattened tensor")
-                return
-            if dim is None or dim % nd == lay.axis:
-                self.refuse(lay, f"{self.where(n)} splits or reorders the channel axis")
-                return
-            axis = lay.axis - (1 if op in ("unbind", "select") and dim % nd < lay.axis else 0)
-            self.pass_all(n, lay, axis)
+            self.split(n, op, nd, lay)
             return
         if op == "getitem":
             self.getitem(n, x, lay)
@@ -115,19 +106,8 @@ class CallRules:
             pad = self.arg(n, 1, "pad", ())
             self.pooled(n, lay, x, len(pad) // 2)
             return
-        if op in ("softmax", "log_softmax"):
-            dim = self.arg(n, 1, "dim", None)
-            if dim is None or dim % nd == lay.axis:
-                self.refuse(lay, f"{self.where(n)} normalizes over the channels (attention scores)")
-                return
-            self.pass_all(n, lay)
-            return
-        if op == "layer_norm":
-            shape = self.arg(n, 1, "normalized_shape", ())
-            if lay.axis >= nd - len(shape):
-                self.refuse(lay, f"{self.where(n)} normalizes over the channel axis")
-            else:
-                self.pass_all(n, lay)
+        if op in ("softmax", "log_softmax", "layer_norm"):
+            self.normalized(n, op, nd, lay)
             return
         if op in ("group_norm", "rms_norm", "batch_norm", "instance_norm", "local_response_norm"):
             self.refuse_inputs(n, f"{self.where(n)} (functional norm) mixes or rescales channels")
@@ -139,6 +119,34 @@ class CallRules:
                   "equal", "allclose"):
             return
         self.refuse_inputs(n, f"unknown op {n.op} at {n.path or '<model>'} on the channels")
+
+    def split(self, n: Node, op: str, nd: int, lay) -> None:
+        """Split, unbind, select or roll: passes the channels when it acts on another axis."""
+        dim = self.arg(n, 2 if op in ("split", "chunk", "tensor_split", "split_with_sizes") else 1, "dim",
+                       0 if op in ("split", "chunk", "tensor_split", "split_with_sizes", "unbind") else None)
+        if op == "roll" and dim is None:
+            self.refuse(lay, f"{self.where(n)} rolls the flattened tensor")
+            return
+        if dim is None or dim % nd == lay.axis:
+            self.refuse(lay, f"{self.where(n)} splits or reorders the channel axis")
+            return
+        axis = lay.axis - (1 if op in ("unbind", "select") and dim % nd < lay.axis else 0)
+        self.pass_all(n, lay, axis)
+
+    def normalized(self, n: Node, op: str, nd: int, lay) -> None:
+        """Softmax or layer norm: refused when it normalizes over the channel axis, else passed."""
+        if op == "layer_norm":
+            shape = self.arg(n, 1, "normalized_shape", ())
+            over = lay.axis >= nd - len(shape)
+            what = "normalizes over the channel axis"
+        else:
+            dim = self.arg(n, 1, "dim", None)
+            over = dim is None or dim % nd == lay.axis
+            what = "normalizes over the channels (attention scores)"
+        if over:
+            self.refuse(lay, f"{self.where(n)} {what}")
+        else:
+            self.pass_all(n, lay)
 
     def arg(self, n: Node, pos: int, name: str, default):
         """The call's argument at position ``pos`` or keyword ``name``, else ``default``."""
