@@ -1,10 +1,11 @@
 """Any torchvision classification model: sites found by tracing vs Torch-Pruning, one row per model.
 
-    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_anymodel.py [--max-params 30e6] [--min-params 0] [--models a,b]
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/bench_anymodel.py [--max-params 30e6] [--min-params 0] [--models a,b]
 
 Random init, no downloads, num_classes=10, a batch of 2 images (64 px; 224 for ViT/MaxViT, whose
 position embeddings fix the size; 96 for Inception v3). For hashexp: sites found / skipped (with
-the most common reasons), trace time (trace + walk + numerical check of every site), the no-op
+the most common reasons), trace time (trace + walk + numerical check of every site; median of
+``--repeats`` rounds of ``harness.interleave``, one by default), the no-op
 error (every site keeps all its neurons through the surgery), the planted-duplicate error (a
 duplicated neuron merged back, worst of the middle and the last site), and params/FLOPs after
 keeping half of every site (the L1-largest half: the widths any method reaches at keep=0.5; the
@@ -19,24 +20,25 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import signal
 import sys
-import time
 import traceback
 from collections import Counter
+from pathlib import Path
 
 import torch
 import torchvision
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
+from harness import command_line, interleave, load_average, write_markdown  # noqa: E402  (puts this checkout on sys.path)
 from hashexp.merge.discovery import find_sites  # noqa: E402
 from hashexp.merge.discovery.checks import noop_error, planted_error  # noqa: E402
 from hashexp.merge.surgery import apply_plan, prune_plan  # noqa: E402
 
+HERE = Path(__file__).resolve().parent
+
 
 def size_of(name: str) -> int:
+    """Input side: 224 for ViT/MaxViT (position embeddings fix it), 96 for Inception v3, else 64."""
     if name.startswith(("vit", "maxvit")):
         return 224
     if name.startswith("inception"):
@@ -45,6 +47,7 @@ def size_of(name: str) -> int:
 
 
 def flops(model, x) -> int:
+    """FLOPs of one eval forward of ``model`` on ``x`` (torch's FlopCounterMode)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     model.eval()
@@ -54,10 +57,12 @@ def flops(model, x) -> int:
 
 
 def params(model) -> int:
+    """Number of parameters of ``model``."""
     return sum(p.numel() for p in model.parameters())
 
 
 def short(reason: str) -> str:
+    """A refusal reason with module paths and numbers blanked, so that like reasons count together."""
     import re
 
     r = reason.split(";")[0]
@@ -66,11 +71,13 @@ def short(reason: str) -> str:
     return re.sub(r"\d+", "#", r)[:70]
 
 
-def hashexp_row(name: str, m, x) -> dict:
+def hashexp_row(name: str, m, x, repeats: int = 1) -> dict:
+    """hashexp's columns for model ``m`` (changed in place: half of every site is kept at the end)."""
     row = {}
-    t0 = time.perf_counter()
-    found = find_sites(m, x)
-    row["trace_s"] = time.perf_counter() - t0
+    out = {}
+    t = interleave({"find_sites": lambda r: out.update(found=find_sites(m, x))}, repeats=repeats, warmup=0)
+    found = out["found"]
+    row["trace_s"] = t["find_sites"].median
     row["sites"], row["skipped"] = len(found.sites), len(found.skipped)
     reasons = Counter(short(s.reason) for s in found.skipped if "model output" not in s.reason)
     row["reasons"] = "; ".join(f"{r} (x{c})" for r, c in reasons.most_common(2))
@@ -95,6 +102,7 @@ def hashexp_row(name: str, m, x) -> dict:
 
 
 def tp_row(name: str, m, x) -> dict:
+    """Torch-Pruning's columns: L1 magnitude pruning at ratio 0.5 (classifier ignored), params/FLOPs after."""
     import torch_pruning as tp
 
     f0, p0 = flops(m, x), params(m)
@@ -112,6 +120,7 @@ def tp_row(name: str, m, x) -> dict:
 
 
 def fx_ok(m) -> str:
+    """'yes' when torch.fx.symbolic_trace traces ``m``, else 'no (error type)'."""
     try:
         torch.fx.symbolic_trace(m)
         return "yes"
@@ -128,13 +137,17 @@ def _timeout(signum, frame):
 
 
 def main(argv=None) -> int:
+    """One row per model, the markdown rewritten after each (a run cut short keeps its rows)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--max-params", type=float, default=30e6)
     ap.add_argument("--min-params", type=float, default=0.0, help="leave out models with fewer parameters")
     ap.add_argument("--models", default=None)
     ap.add_argument("--tp-timeout", type=float, default=300, help="seconds Torch-Pruning may take per model")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "bench_anymodel.md"))
+    ap.add_argument("--repeats", type=int, default=1, help="timed rounds of the trace per model (median)")
+    ap.add_argument("--out", default=str(HERE / "bench_anymodel.md"))
     a = ap.parse_args(argv)
+    a.argv = [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
+    a.load0 = load_average()
     torch.set_num_threads(1)
     names = a.models.split(",") if a.models else torchvision.models.list_models(module=torchvision.models)
     # smallest first, so that a run cut short still covers the most models
@@ -156,7 +169,7 @@ def main(argv=None) -> int:
         x = torch.randn(2, 3, s, s)
         row["fx"] = fx_ok(m)
         try:
-            row["hx"] = hashexp_row(name, copy.deepcopy(m), x)
+            row["hx"] = hashexp_row(name, copy.deepcopy(m), x, a.repeats)
         except Exception as e:
             row["hx"] = {"error": f"{type(e).__name__}: {str(e)[:80]}"}
             traceback.print_exc(limit=2)
@@ -175,25 +188,23 @@ def main(argv=None) -> int:
 
 
 def write(path: str, rows: list[dict], a) -> None:
-    cmd = "OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_anymodel.py" + (
-        f" --max-params {a.max_params:g}" if a.max_params != 30e6 else "") + (
-        f" --min-params {a.min_params:g}" if a.min_params else "") + (f" --models {a.models}" if a.models else "")
+    """The markdown of the rows so far (harness.write_markdown: command and machine line on top)."""
     done = [r for r in rows if "hx" in r]
     hx_ok = sum(1 for r in done if r["hx"].get("sites"))
     hx_run = sum(1 for r in done if "params" in r["hx"])
     tp_ok = sum(1 for r in done if "params" in r["tp"])
     fx = sum(1 for r in done if r.get("fx") == "yes")
-    lines = [
-        "# Any torchvision model: sites found by tracing vs Torch-Pruning", "",
-        f"Command: `{cmd}`", "",
-        f"torch {torch.__version__}, torchvision {torchvision.__version__}, 1 thread, random init, batch 2, num_classes=10.",
+    notes = [
+        f"torchvision {torchvision.__version__}, 1 thread, random init, batch 2, num_classes=10; load average (1 min) "
+        f"at start / now {a.load0:.1f} / {load_average():.1f} (trace seconds are inflated by a shared machine).",
         "", f"Of {len(done)} models run: hashexp finds sites in {hx_ok} and its compressed forward runs in {hx_run} "
         f"(every refusal has a reason); Torch-Pruning's pruned forward runs in {tp_ok}; torch.fx.symbolic_trace "
         f"traces {fx}.", "",
         "Columns: sites/skipped; trace s (trace + walk + numerical check); no-op and planted-duplicate relative "
         "output errors; params and FLOPs after keeping half of every site, as a share of the original; the same "
         "for Torch-Pruning at pruning_ratio=0.5; the two most common refusal reasons (the classifier output, refused "
-        "as it reaches the model output, is not counted).", "",
+        "as it reaches the model output, is not counted)."]
+    lines = [
         "| model | sites | skipped | trace s | no-op | planted | params | FLOPs | TP params | TP FLOPs | fx | refusals |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -211,8 +222,8 @@ def write(path: str, rows: list[dict], a) -> None:
             h.get("reasons", "")]
         tcols = [f"{t['params']:.2f}", f"{t['flops']:.2f}"] if "params" in t else [f"fails: {t['error']}", ""]
         lines.append("| " + " | ".join([r["model"]] + hcols[:7] + tcols + [r.get("fx", ""), hcols[7]]) + " |")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_markdown(path, "Any torchvision model: sites found by tracing vs Torch-Pruning", lines, notes=notes,
+                   command="OMP_NUM_THREADS=1 nice -n 10 " + command_line(a.argv))
 
 
 if __name__ == "__main__":

@@ -14,17 +14,17 @@ The models are built at those widths (random init: a dense kernel's time does no
 weight values), exported with ``hashexp.export.export_model`` (ONNX, dynamic batch, checked
 against PyTorch with onnxruntime on the way) and run by onnxruntime's CPU provider with one
 intra-op thread (five processes share this 2-core machine). Per batch size (1, 32, 256) the
-three sessions of a case take turns, one call each per round, in a rotating order, so a busy
-machine slows them alike; each cell is the median over the rounds with the min and max.
-"time ratio" = vanilla median / merged median; "share" = time ratio / FLOPs ratio, how much of
-the FLOP reduction became latency (the goal: >= 70% at batch >= 32).
+three sessions of a case are timed with ``harness.interleave``: one call each per round, in a
+rotated order, so a busy machine slows them alike; each cell is the median over the rounds with
+the min and max. "time ratio" = median of the per-round ratios vanilla / merged (side by side);
+"share" = time ratio / FLOPs ratio, how much of the FLOP reduction became latency (the goal:
+>= 70% at batch >= 32). ``--budget 0.5 --out X`` is a quick check.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
-import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -33,13 +33,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # hashexp from this checkout
-
+from harness import Timings, command_line, interleave, load_average, write_markdown  # noqa: E402  (puts this checkout on sys.path)
 from hashexp.export import export_model  # noqa: E402
 from hashexp.metrics import count_flops  # noqa: E402
 from hashexp.models.mlp import MLP  # noqa: E402
 from hashexp.models.resnet import ResNet20  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
 
 BATCHES = (1, 32, 256)
 BUDGET_S = 8.0  # seconds per cell for the slowest (vanilla) session, from which the rounds follow
@@ -72,6 +72,7 @@ def cases() -> dict[str, tuple[tuple[int, ...], dict[str, torch.nn.Module]]]:
 
 
 def session(path: str):
+    """An onnxruntime CPU session with one intra-op thread and all graph optimizations."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -82,25 +83,26 @@ def session(path: str):
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
-def interleaved(sessions: dict, x: np.ndarray, rounds: int, warmup: int = 3) -> dict[str, list[float]]:
-    """Per session, the seconds of each round's call; sessions take turns in a rotating order."""
-    names = list(sessions)
+def interleaved(sessions: dict, x: np.ndarray, rounds: int, warmup: int = 3) -> Timings:
+    """``harness.interleave`` over the sessions' calls on ``x``: ``rounds`` timed rounds after ``warmup``."""
     feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
-    for _ in range(warmup):
-        for k in names:
+
+    def call(k: str):
+        def fn(r: int) -> None:  # returns None: the harness times the call
             sessions[k].run(None, feeds[k])
-    times = {k: [] for k in names}
-    for r in range(rounds):
-        for k in names[r % len(names):] + names[: r % len(names)]:
-            t0 = time.perf_counter()
-            sessions[k].run(None, feeds[k])
-            times[k].append(time.perf_counter() - t0)
-    return times
+        return fn
+
+    return interleave({k: call(k) for k in sessions}, repeats=rounds, warmup=warmup)
 
 
 def main() -> int:
+    """Export every case's models, time them side by side per batch size, write the markdown."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budget", type=float, default=BUDGET_S, help="seconds per cell for vanilla (0.5: a quick check)")
+    ap.add_argument("--out", default=str(HERE / "bench_deploy.md"))
+    a = ap.parse_args()
     torch.set_num_threads(1)
-    t_start, load0 = time.perf_counter(), os.getloadavg()[0]
+    t_start, load0 = time.perf_counter(), load_average()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for case, (shape, models) in cases().items():
@@ -114,11 +116,11 @@ def main() -> int:
             for b in BATCHES:
                 x = np.random.default_rng(b).standard_normal((b, *shape), dtype=np.float32)
                 pilot = interleaved({"vanilla": sessions["vanilla"]}, x, rounds=3, warmup=1)["vanilla"]
-                rounds = int(min(400, max(15, BUDGET_S / max(statistics.median(pilot), 1e-6))))
+                rounds = int(min(400, max(15, a.budget / max(pilot.median, 1e-6))))
                 times = interleaved(sessions, x, rounds)
                 results.append((case, b, rounds, flops, widths, diffs, times))
-                print(case, b, rounds, {k: round(1e3 * statistics.median(v), 3) for k, v in times.items()}, flush=True)
-    write_md(results, load0, time.perf_counter() - t_start)
+                print(case, b, rounds, {k: round(1e3 * t.median, 3) for k, t in times.timings.items()}, flush=True)
+    write_md(a.out, results, load0, time.perf_counter() - t_start)
     return 0
 
 
@@ -132,18 +134,18 @@ def _widths(w: dict[str, int]) -> str:
     return f"{sum(w.values())} channels over {len(w)} sites"
 
 
-def write_md(results, load0: float, total: float) -> None:
+def write_md(out: str, results, load0: float, total: float) -> None:
+    """The markdown: per case the networks, the per-batch timings, and the share summary."""
     import onnxruntime as ort
 
-    L = ["# Deployment latency: vanilla vs hashed widths in onnxruntime (CPU)\n",
-         "Command: `nice -n 10 .venv/bin/python benchmarks/bench_deploy.py`\n",
-         f"{platform.machine()}, {os.cpu_count()} cores shared with other jobs, onnxruntime {ort.__version__} "
-         f"(CPUExecutionProvider, **one intra-op thread**, all graph optimizations), torch {torch.__version__}; "
-         f"load average (1 min) at start / end {load0:.1f} / {os.getloadavg()[0]:.1f}; total {total / 60:.1f} min. "
-         "Models at the widths the hashed runs reached (random init; see the script's docstring), exported with "
-         "`hashexp.export.export_model` (every file matched PyTorch within 1e-4 before it was timed). "
-         "Cells: median ms over interleaved rounds [min, max]; time ratio = vanilla / merged median; "
-         "share = time ratio / FLOPs ratio.\n"]
+    note = (f"Cores shared with other jobs, onnxruntime {ort.__version__} "
+            f"(CPUExecutionProvider, **one intra-op thread**, all graph optimizations); "
+            f"load average (1 min) at start / end {load0:.1f} / {load_average():.1f}; total {total / 60:.1f} min. "
+            "Models at the widths the hashed runs reached (random init; see the script's docstring), exported with "
+            "`hashexp.export.export_model` (every file matched PyTorch within 1e-4 before it was timed). "
+            "Cells: median ms over interleaved rounds (harness.interleave) [min, max]; time ratio = median of the "
+            "per-round ratios vanilla / merged; share = time ratio / FLOPs ratio.")
+    L = []
     seen = set()
     for case, b, rounds, flops, widths, diffs, times in results:
         if case not in seen:
@@ -155,12 +157,11 @@ def write_md(results, load0: float, total: float) -> None:
                          f"{flops['vanilla'] / flops[k]:.2f}x | {diffs[k]:.1e} |")
             L += ["", "| batch | rounds | vanilla ms | hashed ms | time ratio (share) | hashed x8 ms | "
                   "time ratio (share) |", "|---:|---:|---:|---:|---:|---:|---:|"]
-        med = {k: statistics.median(v) for k, v in times.items()}
         cells = [f"{b}", f"{rounds}"]
         for k in ("vanilla", "hashed", "hashed x8"):
-            cells.append(f"{_ms(med[k])} [{_ms(min(times[k]))}, {_ms(max(times[k]))}]")
+            cells.append(f"{_ms(times[k].median)} [{_ms(times[k].min)}, {_ms(times[k].max)}]")
             if k != "vanilla":
-                ratio = med["vanilla"] / med[k]
+                ratio = times.ratio("vanilla", k).median
                 cells.append(f"**{ratio:.2f}x** ({100 * ratio / (flops['vanilla'] / flops[k]):.0f}%)")
         L.append("| " + " | ".join(cells) + " |")
         if b == BATCHES[-1]:
@@ -175,13 +176,13 @@ def write_md(results, load0: float, total: float) -> None:
             parts = []
             for c, b, _, flops, _, _, times in results:
                 if c == case:
-                    t = statistics.median(times[k]) / statistics.median(times["vanilla"])
+                    t = times.ratio(k, "vanilla").median
                     f = flops[k] / flops["vanilla"]
                     parts.append(f"{100 * f / t:.0f}%, {100 * (1 - t) / (1 - f):.0f}%")
             L.append(f"| {case}, {k} | " + " | ".join(parts) + " |")
-    L.append("")
-    (HERE / "bench_deploy.md").write_text("\n".join(L) + "\n")
-    print(f"wrote {HERE / 'bench_deploy.md'}")
+    write_markdown(out, "Deployment latency: vanilla vs hashed widths in onnxruntime (CPU)", L, notes=[note],
+                   command="nice -n 10 " + command_line())
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

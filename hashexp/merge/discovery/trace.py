@@ -2,7 +2,7 @@
 
 Why executing, not symbolic tracing. Measured (benchmarks/bench_tracers.md, bench_anymodel.md):
 on torchvision's classification models torch.fx.symbolic_trace succeeds too and captures the
-graph 2-10x faster (it does not run the model), torch.export (non-strict) is 3.6-20x slower than
+graph 1.4-10x faster (it does not run the model), torch.export (non-strict) is 2-18x slower than
 this recorder. fx was still not chosen: its proxies stop on data-dependent Python (branches on
 shapes or values, ``torch._assert``, dict or dataclass outputs), common in timm and HuggingFace
 code and in the peers' bug lists (NNI, Torch-Pruning), and fx gives no shapes, which the walk
