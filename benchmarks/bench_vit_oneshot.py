@@ -63,6 +63,9 @@ def main() -> None:
     ap.add_argument("--sites", choices=("ffn", "heads"), default="ffn",
                     help="which sites lose neurons (the others stay)")
     ap.add_argument("--smoke", action="store_true", help="tiny training run, for checking the script")
+    ap.add_argument("--trained-seeds", action="store_true",
+                    help="seed s compresses the ViT trained with seed s (one trained network per seed) instead of "
+                         "compressing the seed-0 ViT with compression seed s")
     a = ap.parse_args()
 
     import torch
@@ -77,14 +80,24 @@ def main() -> None:
     out = Path(a.out_dir)
     if a.smoke:
         a.subset, a.epochs, out = 1024, 1, out / "smoke"
-    rd = out / "vanilla_s0"
-    m = run(vit_run_args(a.subset, a.epochs), rd)
-    model0, cfg = load_run(str(rd))
-    data = build_dataset(cfg.dataset, seed=0)
+    nets: dict[int, tuple] = {}
+
+    def trained_net(seed: int) -> tuple:
+        """(model, data, metrics) of the vanilla ViT trained with ``seed`` (trained once, then reused)."""
+        if seed not in nets:
+            run_metrics = run(vit_run_args(a.subset, a.epochs, seed), out / f"vanilla_s{seed}")
+            net, net_cfg = load_run(str(out / f"vanilla_s{seed}"))
+            nets[seed] = (net, build_dataset(net_cfg.dataset, seed=seed), run_metrics)
+        return nets[seed]
+
+    model0, data, m = trained_net(0)
     trained, majority = m["test_acc"], data.majority_acc("test")
+    tag = "t" if a.trained_seeds else ""
+    base_accs: list[float] = []
     heads = a.sites == "heads"
     removes = REMOVE_HEADS if heads else REMOVE
-    a.md = a.md or str(Path(__file__).with_name("bench_vit_oneshot_heads.md" if heads else "bench_vit_oneshot.md"))
+    a.md = a.md or str(Path(__file__).with_name("bench_vit_oneshot" + ("_heads" if heads else "")
+                                                + ("_trained" if a.trained_seeds else "") + ".md"))
     full = {n: w for n, w in model_widths(model0).items() if n.endswith("attn.qkv") == heads}
     ignore = [n for n in model_widths(model0) if n not in full]
     cache = out / ("oneshot_heads.json" if heads else "oneshot.json")
@@ -94,31 +107,37 @@ def main() -> None:
     for rm in removes:
         keep = round(1 - rm, 2)
         for seed in a.seeds:
+            net, net_data, net_m = trained_net(seed) if a.trained_seeds else (model0, data, m)
+            if rm == removes[0]:
+                base_accs.append(net_m["test_acc"])
             for name, kw in METHODS.items():
-                key = f"{seed}|{name}|{rm}"
+                key = f"{tag}{seed}|{name}|{rm}"
                 if key not in done:
                     kw2 = dict(kw)
                     t0 = time.perf_counter()
-                    _, rep = compress_model(model0, data, kw2.pop("method"), keep=keep, seed=seed, ignore=ignore,
+                    _, rep = compress_model(net, net_data, kw2.pop("method"), keep=keep, seed=seed, ignore=ignore,
                                             **kw2)
                     done[key] = {"acc": rep["after"]["test_acc"], "time_s": time.perf_counter() - t0,
                                  "widths": rep["after"]["widths"], "flops": rep["after"]["flops"]}
                     print(f"seed {seed} {name:28s} remove {rm:.0%}: {100 * done[key]['acc']:.2f}% "
                           f"widths {done[key]['widths']} ({done[key]['time_s']:.2f}s)", flush=True)
                     cache.write_text(json.dumps(done, indent=1))
-                res.setdefault(name, {}).setdefault(rm, []).append(done[key]["acc"])
+                res.setdefault(name, {}).setdefault(rm, []).append(net_m["test_acc"] - done[key]["acc"])
                 timing.setdefault(name, []).append(done[key]["time_s"])
         if heads:
             continue
-        widths = {n: w for n, w in done[f"{a.seeds[0]}|hashed (simhash, lsq)|{rm}"]["widths"].items() if n in full}
-        key = f"tp|{rm}"
-        if key not in done:
-            small = tp_prune(model0, data.x_train[:2], {n: 1 - widths[n] / full[n] for n in widths})
-            got = {n: int(small.get_submodule(n).weight.shape[0]) for n in widths}
-            assert got == widths, (got, widths)
-            done[key] = {"acc": accuracy(small, data.x_test, data.y_test), "widths": got}
-            cache.write_text(json.dumps(done, indent=1))
-        res.setdefault(TP, {})[rm] = [done[key]["acc"]] * len(a.seeds)
+        for seed in (a.seeds if a.trained_seeds else a.seeds[:1]):
+            net, net_data, net_m = trained_net(seed) if a.trained_seeds else (model0, data, m)
+            widths = {n: w for n, w in done[f"{tag}{seed}|hashed (simhash, lsq)|{rm}"]["widths"].items() if n in full}
+            key = f"tp|{tag}{seed if a.trained_seeds else ''}|{rm}" if a.trained_seeds else f"tp|{rm}"
+            if key not in done:
+                small = tp_prune(net, net_data.x_train[:2], {n: 1 - widths[n] / full[n] for n in widths})
+                got = {n: int(small.get_submodule(n).weight.shape[0]) for n in widths}
+                assert got == widths, (got, widths)
+                done[key] = {"acc": accuracy(small, net_data.x_test, net_data.y_test), "widths": got}
+                cache.write_text(json.dumps(done, indent=1))
+            drops = res.setdefault(TP, {}).setdefault(rm, [])
+            drops.extend([net_m["test_acc"] - done[key]["acc"]] * (1 if a.trained_seeds else len(a.seeds)))
 
     order = [*METHODS] if heads else [*METHODS, TP]
     lines = [
@@ -126,34 +145,45 @@ def main() -> None:
         "(Fashion-MNIST)",
         "",
         "Command: `nice -n 10 .venv/bin/python benchmarks/bench_vit_oneshot.py"
-        + (" --sites heads" if heads else "") + "`" + (" `--smoke`" if a.smoke else ""),
+        + (" --sites heads" if heads else "") + (" --trained-seeds" if a.trained_seeds else "") + "`"
+        + (" `--smoke`" if a.smoke else ""),
         "",
         f"Machine: {machine_line()}.",
         "",
-        f"One ViT (`conf/model/vit.yaml`: patch 7, dim 64, depth 4, heads 4, MLP 256, GELU) trained by "
-        f"`python -m hashexp {' '.join(vit_run_args(a.subset, a.epochs))}` (Adam 1e-3, batch 256): test accuracy "
-        f"{100 * trained:.2f}% (majority class {100 * majority:.1f}%). Sites found by tracing: "
+        (f"One ViT per seed (`conf/model/vit.yaml`: patch 7, dim 64, depth 4, heads 4, MLP 256, GELU) trained by "
+         f"`python -m hashexp {' '.join(vit_run_args(a.subset, a.epochs, 'S'))}` (Adam 1e-3, batch 256) for S in "
+         f"{a.seeds}: test accuracy {', '.join(f'{100 * x:.2f}' for x in base_accs)}% (majority class "
+         f"{100 * majority:.1f}%)" if a.trained_seeds else
+         f"One ViT (`conf/model/vit.yaml`: patch 7, dim 64, depth 4, heads 4, MLP 256, GELU) trained by "
+         f"`python -m hashexp {' '.join(vit_run_args(a.subset, a.epochs))}` (Adam 1e-3, batch 256): test accuracy "
+         f"{100 * trained:.2f}% (majority class {100 * majority:.1f}%)")
+        + ". Sites found by tracing: "
         f"{', '.join(f'{n} ({w})' for n, w in full.items())}"
         + (" (4 heads of 16 each; the feed-forward widths stay)" if heads else " (the heads stay)")
         + ". Each method removes the given share of every such width in one shot with no fine-tuning; the full "
-        "test split is evaluated. Seeds "
-        f"{a.seeds} are compression seeds (calibration samples: 1024 training samples drawn with the seed) on one "
-        "trained network" + ("." if heads else "; Torch-Pruning is deterministic (one value, shown with sd 0)."),
+        "test split is evaluated. "
+        + ("Seed S compresses the ViT trained with seed S (calibration samples: 1024 training samples drawn with "
+           "S); the drop is against that ViT's own accuracy."
+           if a.trained_seeds else
+           f"Seeds {a.seeds} are compression seeds (calibration samples: 1024 training samples drawn with the seed) "
+           "on one trained network" + ("." if heads else "; Torch-Pruning is deterministic (one value, shown with "
+                                             "sd 0).")),
         "",
-        "## Test accuracy drop (pp, mean ± sd over compression seeds; lower is better)",
+        "## Test accuracy drop (pp, mean ± sd over " + ("trained networks" if a.trained_seeds else
+                                                        "compression seeds") + "; lower is better)",
         "",
         "| method | " + " | ".join(f"-{int(100 * r)}%" for r in removes) + " |",
         "|---|" + "---:|" * len(removes),
     ]
-    best = {rm: min(order, key=lambda n: statistics.mean(trained - x for x in res[n][rm])) for rm in removes}
+    best = {rm: min(order, key=lambda n: statistics.mean(res[n][rm])) for rm in removes}
     for name in order:
         cells = []
         for rm in removes:
-            c = fmt([trained - x for x in res[name][rm]], pct=True)
+            c = fmt(res[name][rm], pct=True)
             cells.append(f"**{c}**" if best[rm] == name else c)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "FLOPs per sample after compression (all methods reach the same widths): "
-              + ", ".join(f"-{int(100 * rm)}%: {done[f'{a.seeds[0]}|hashed (simhash, lsq)|{rm}']['flops']:,}"
+              + ", ".join(f"-{int(100 * rm)}%: {done[f'{tag}{a.seeds[0]}|hashed (simhash, lsq)|{rm}']['flops']:,}"
                           for rm in removes) + f" (trained: {m['flops']:,}).",
               "", "Mean wall time per one-shot compression (4 sites, incl. tracing, calibration and the test-split "
               "evaluations; s; on a shared, oversubscribed 2-core machine, so indicative only): "
