@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -97,3 +99,19 @@ def die_at_checkpoint(monkeypatch, n: int, torn_bytes: int | None = None):
     monkeypatch.setattr(torch, "save", dying_save)
     return real_save
 
+
+def images(n: int = 256, shape=(1, 8, 8), classes: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class-dependent blobs: a per-class mean image plus noise (learnable in a few steps)."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(classes, *shape, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return means[y] + 0.5 * torch.randn(n, *shape, generator=g), y
+
+
+@pytest.fixture
+def npz_images(tmp_path):
+    """An .npz of 384 class-blob images (1x8x8, 4 classes): 320 to train, 64 to test."""
+    x, y = images(384)
+    path = tmp_path / "img.npz"
+    np.savez(path, x_train=x[:320].numpy(), y_train=y[:320].numpy(), x_test=x[320:].numpy(), y_test=y[320:].numpy())
+    return path

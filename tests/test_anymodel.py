@@ -5,34 +5,17 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import Killed, compose, die_at_checkpoint
+from conftest import Killed, images, compose, die_at_checkpoint
 from hashexp import compress_model, find_sites
 from hashexp.errors import ConfigError
 from hashexp.merge.sites import model_widths
 from hashexp.metrics import count_flops
 from hashexp.models import build_model, load_model, save_model
-
-
-def _images(n: int = 256, shape=(1, 8, 8), classes: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class-dependent blobs: a per-class mean image plus noise (learnable in a few steps)."""
-    g = torch.Generator().manual_seed(seed)
-    means = torch.randn(classes, *shape, generator=g)
-    y = torch.randint(0, classes, (n,), generator=g)
-    return means[y] + 0.5 * torch.randn(n, *shape, generator=g), y
-
-
-@pytest.fixture
-def npz_images(tmp_path):
-    x, y = _images(384)
-    path = tmp_path / "img.npz"
-    np.savez(path, x_train=x[:320].numpy(), y_train=y[:320].numpy(), x_test=x[320:].numpy(), y_test=y[320:].numpy())
-    return path
 
 
 def _vit_cfg(**kw):
@@ -53,7 +36,7 @@ class GeluMLP(nn.Module):
 def test_compress_model_takes_a_plain_module_and_a_bare_tensor_and_leaves_it_unchanged():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Flatten(), nn.Linear(64, 40), nn.ReLU(), nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 4))
-    x, y = _images(200)
+    x, y = images(200)
     before = copy.deepcopy(m.state_dict())
     small, rep = compress_model(m, x, keep=0.5)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # the original is untouched
@@ -73,7 +56,7 @@ def test_compress_model_takes_a_plain_module_and_a_bare_tensor_and_leaves_it_unc
 def test_compress_model_accepts_a_dataloader_and_ignore_keeps_a_site():
     torch.manual_seed(0)
     m = GeluMLP()
-    x, y = _images(200)
+    x, y = images(200)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=50)
     names = [s.name for s in find_sites(m, x[:2]).sites]
     assert names == ["fc1", "fc2"]
@@ -86,7 +69,7 @@ def test_compress_model_accepts_a_dataloader_and_ignore_keeps_a_site():
 
 def test_compress_model_errors_are_one_clear_message_each():
     torch.manual_seed(0)
-    x = _images(64)[0]
+    x = images(64)[0]
 
     class Broken(nn.Module):
         def __init__(self):
@@ -127,7 +110,7 @@ def test_vit_heads_and_ffn_sites_are_found_and_the_rest_refused():
 
 def test_merged_vit_round_trips_through_model_pt(tmp_path):
     torch.manual_seed(0)
-    x, y = _images(256)
+    x, y = images(256)
     m = build_model(_vit_cfg(), (1, 8, 8), 4)
     small, rep = compress_model(m, (x, y), keep=0.25, inplace=True)
     w = rep["after"]["widths"]  # FFN 64 -> 16; heads 16 features -> 4, rounded up to one head of 8
@@ -265,7 +248,7 @@ def test_a_model_that_declares_its_sites_keeps_them_and_ignore_can_leave_all_out
 
     torch.manual_seed(0)
     m = MLP((1, 8, 8), 4, widths=(24, 16))
-    x = _images(64)[0]
+    x = images(64)[0]
     small, rep = compress_model(m, x, keep=0.5, ignore=["fc2"])
     assert rep["after"]["widths"] == {"fc1": 12, "fc2": 16}
     with pytest.raises(ConfigError, match="no mergeable site left"):

@@ -240,20 +240,13 @@ def test_timm_attention_is_recognized_and_refused():
     assert y.shape == (2, 3) and copy.deepcopy(m).blocks[0].attn.qkv.weight.shape == (576, 192)
 
 
-def test_with_the_pull_on_heads_merge_at_once_and_feed_forward_neurons_are_pulled(tmp_path):
+def test_with_the_pull_on_heads_merge_at_once_and_feed_forward_neurons_are_pulled(tmp_path, npz_images):
     """Pulling two heads toward their mean would average q/k across heads: heads are removed at the
     rehash itself, the feed-forward proposals merge ``pull.steps`` later."""
-    import numpy as np
-
     from conftest import compose
     from hashexp.app import train_run
 
-    g = torch.Generator().manual_seed(0)
-    means = torch.randn(4, *SHAPE, generator=g)
-    y = torch.randint(0, 4, (384,), generator=g)
-    x = means[y] + 0.5 * torch.randn(384, *SHAPE, generator=g)
-    path = tmp_path / "img.npz"
-    np.savez(path, x_train=x[:320].numpy(), y_train=y[:320].numpy(), x_test=x[320:].numpy(), y_test=y[320:].numpy())
+    path = npz_images
     run = ["dataset=npz", f"dataset.path={path}", "model=vit", "model.dim=16", "model.depth=1", "model.heads=2",
            "model.patch=4", "trainer.epochs=2", "trainer.batch_size=32", "trainer.num_threads=1",
            "trainer.logging.progress=none", "hashing=simhash", "hashing.max_error=null", "hashing.target_ratio=0.5",
