@@ -3,10 +3,16 @@
 Invariants: the allocation spends at most what it is given and the next block in the merged
 order would overspend it; it spends where error per saved FLOP is cheapest and keeps every
 site's own order; a per-neuron FLOPs count matches the layers' shapes; in the compressor a
-global FLOPs ratio removes exactly the share it is given (to within one block).
+global FLOPs ratio removes exactly the share it is given (to within one block). During training
+(a Trainer rehashing every epoch) the same holds at every rehash: a FLOPs ratio removes its share
+of the FLOPs before that rehash, an error budget is spent up to the block that would overspend it
+and the run removes exactly the blocks taken, and ``flops_plan`` reaches the followed run's FLOPs
+at every rehash, cut across the sites differently.
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -117,3 +123,122 @@ def test_bad_budget_is_one_clear_error():
     m = build_model({**MLP, "widths": [16, 16]}, (12,), 5)
     with pytest.raises(ConfigError, match="budget=global"):
         lsq(compensation="weights", budget="global", target_ratio=0.5).compress(m, None, None, None, step=0)
+
+
+# ------------------------------------------------------------------------------ during training
+IN, OUT = 20, 2  # synthetic data: 20 features, 2 classes (hashexp.data.synthetic defaults)
+
+
+def mlp_flops(w: dict[str, int]) -> int:
+    """Multiply-adds per sample of the MLP IN-fc1-fc2-OUT."""
+    return IN * w["fc1"] + w["fc1"] * w["fc2"] + w["fc2"] * OUT
+
+
+def train_recording(tmp_path, monkeypatch, comp, epochs: int = 3, widths=(48, 40)):
+    """Train a small MLP on synthetic data, rehashing at every epoch end with ``comp``; returns the
+    trainer (its summary in ``tmp_path/metrics.json``) and, per rehash, what :func:`allocate` was given and
+    what it took."""
+    import hashexp.merge.hashed as hashed
+    from hashexp.data.synthetic import load_synthetic
+    from hashexp.schedules import FixedSchedule
+    from hashexp.train import Trainer
+
+    calls = []
+
+    def recording(orders, flops, widths, max_error, keep_flops, layers=None):
+        take = allocate(orders, flops, widths, max_error, keep_flops, layers)
+        calls.append({"orders": orders, "widths": dict(widths), "max_error": max_error, "keep": keep_flops,
+                      "layers": layers, "take": take})
+        return take
+
+    monkeypatch.setattr(hashed, "allocate", recording)
+    torch.manual_seed(0)
+    data = load_synthetic(n_samples=1200, seed=0)
+    assert data.input_shape == (IN,) and data.num_classes == OUT
+    model = build_model({**MLP, "widths": list(widths)}, data.input_shape, data.num_classes)
+    t = Trainer(model, data, optimizer=lambda p: torch.optim.Adam(p, lr=3e-3), epochs=epochs, batch_size=64,
+                rehasher=comp, schedule=FixedSchedule(unit="epoch", every=1), run_dir=str(tmp_path), seed=0,
+                checkpoint=False, logging={"every": 1000, "progress": "none"})
+    summary = t.fit()
+    (tmp_path / "metrics.json").write_text(json.dumps(summary))  # what the app writes (a flops_plan reads it)
+    return t, calls
+
+
+def test_global_flops_ratio_during_training_removes_its_share_at_every_rehash(tmp_path, monkeypatch, one_thread):
+    comp = lsq(candidates="exact", max_error=None, target_ratio=0.8, budget="global", block_frac=1 / 64, min_width=4)
+    t, calls = train_recording(tmp_path, monkeypatch, comp)
+    events = t.rehash_log
+    assert len(events) == 3 == len(calls)
+    for e in events:
+        before, after = mlp_flops(e.before), mlp_flops(e.after)
+        assert after >= 0.8 * before  # never more than the share it is given
+        # and within one neuron of it: removing one more neuron of either site would break it
+        w1, w2 = e.after["fc1"], e.after["fc2"]
+        assert min(mlp_flops({"fc1": w1 - 1, "fc2": w2}), mlp_flops({"fc1": w1, "fc2": w2 - 1})) < 0.8 * before
+    final = dict(events[-1].after)
+    assert mlp_flops(final) < 0.8 ** 2 * mlp_flops({"fc1": 48, "fc2": 40})  # all three rehashes removed their share
+    assert t.model.widths() == final
+    # the count the run reports (FlopCounterMode: 2 FLOPs per multiply-add) agrees
+    assert json.loads((tmp_path / "metrics.json").read_text())["flops"] == 2 * mlp_flops(final)
+
+
+def test_global_error_budget_during_training_spends_what_it_is_given(tmp_path, monkeypatch, one_thread):
+    comp = lsq(candidates="exact", max_error=0.1, budget="global", block_frac=1 / 64, min_width=4)
+    t, calls = train_recording(tmp_path, monkeypatch, comp)
+    budget = 2 * 0.1 ** 2
+    assert len(calls) == 3
+    removed = 0
+    for call, e in zip(calls, t.rehash_log):
+        orders, take = call["orders"], call["take"]
+        spent = sum(orders[n].rel_error(k) ** 2 for n, k in take.items())
+        assert spent <= budget * (1 + 1e-9)
+        # exhausted: the next block of some site would overspend (or every site is at its floor)
+        nxt = [spent - orders[n].rel_error(k) ** 2 + orders[n].rel_error(k + 1) ** 2
+               for n, k in take.items() if k < len(orders[n].blocks)]
+        assert not nxt or max(nxt) > budget
+        # the removals the run made are exactly the blocks taken
+        for n, k in take.items():
+            assert e.before[n] - e.after[n] == len(orders[n].removed(k))
+            removed += e.before[n] - e.after[n]
+        # the measured errors (fc2 through the merged fc1) spend about the estimate
+        assert sum(v ** 2 for v in e.error.values()) <= 1.5 * budget
+    assert removed > 0
+
+
+def test_flops_plan_reaches_the_followed_runs_flops_at_every_rehash(tmp_path, monkeypatch, one_thread):
+    site = lsq(candidates="exact", max_error=0.08, block_frac=1 / 64, min_width=4)
+    ts, _ = train_recording(tmp_path / "site", monkeypatch, site)
+    followed = [mlp_flops(e.after) for e in ts.rehash_log]
+    assert followed[-1] < mlp_flops({"fc1": 48, "fc2": 40})
+    glob = lsq(candidates="exact", max_error=None, budget="global", block_frac=1 / 64, min_width=4,
+               flops_plan=str(tmp_path / "site"))
+    tg, calls = train_recording(tmp_path / "global", monkeypatch, glob)
+    assert [c["max_error"] for c in calls] == [None] * 3
+    for f, e in zip(followed, tg.rehash_log):
+        w1, w2 = e.after["fc1"], e.after["fc2"]
+        got = mlp_flops(e.after)
+        # at least the per-site run's FLOPs, and within one neuron of them
+        assert got >= f and min(mlp_flops({"fc1": w1 - 1, "fc2": w2}), mlp_flops({"fc1": w1, "fc2": w2 - 1})) < f
+    # the same FLOPs, spent elsewhere: the global run cuts the sites differently
+    assert [e.after for e in tg.rehash_log] != [e.after for e in ts.rehash_log]
+
+
+def test_flops_plan_past_its_end_removes_nothing_and_bad_use_is_one_clear_error(tmp_path):
+    (tmp_path / "metrics.json").write_text(json.dumps({"rehash_events": [{"after": {"fc1": 40, "fc2": 40}}]}))
+    torch.manual_seed(0)
+    m = build_model({**MLP, "widths": [64, 48]}, (12,), 5)
+    x = torch.randn(512, 12)
+    comp = lsq(candidates="exact", max_error=None, budget="global", flops_plan=str(tmp_path), block_frac=1 / 64)
+    comp.compress(m, None, None, None, step=0, calib=x)
+    w = m.widths()
+    target = 12 * 40 + 40 * 40 + 40 * 5
+    assert 12 * w["fc1"] + w["fc1"] * w["fc2"] + w["fc2"] * 5 >= target
+    assert comp.last_budget["keep_flops"] == pytest.approx(target / (12 * 64 + 64 * 48 + 48 * 5))
+    comp.compress(m, None, None, None, step=1, calib=x)  # past the plan: unchanged
+    assert m.widths() == w and comp.last_budget["keep_flops"] == 1.0
+    with pytest.raises(ConfigError, match="needs hashing.budget=global"):
+        lsq(flops_plan=str(tmp_path))
+    with pytest.raises(ConfigError, match="set hashing.target_ratio=null"):
+        lsq(budget="global", target_ratio=0.5, flops_plan=str(tmp_path))
+    with pytest.raises(Exception, match="file not found"):
+        lsq(budget="global", flops_plan=str(tmp_path / "nowhere"))

@@ -11,7 +11,8 @@ FLOP first:
   stays within ``n_sites * max_error^2`` (what per-site budgets would allow in total);
 - FLOPs: with ``target_ratio`` the layers the sites touch keep at least that share of their
   multiply-adds (a global ratio, counted exactly: a layer between two sites shrinks with both),
-  not of each width.
+  not of each width; or, with ``flops_plan``, the multiply-adds another run (a per-site run of
+  the same seed) had after the same rehash (:func:`planned_keep`): equal FLOPs rehash by rehash.
 
 :func:`allocate` is the exact greedy: blocks of all sites are merged by (running-max) error per
 FLOP, so each site's own order is kept, and taken until the next block would break either
@@ -98,6 +99,24 @@ def total_flops(layers: list[LayerFlops], widths: dict[str, int], kept: dict[str
                 f = f * kept[site].double() / widths[site]
         total = total + f
     return total
+
+
+def planned_keep(layers: list[LayerFlops], widths: dict[str, int], target: dict[str, int] | None) -> float:
+    """The share of the layers' current multiply-adds to keep so that they cost what they cost at
+    the widths ``target`` (a followed run's widths after the same rehash; a site it does not name
+    keeps its width): 1.0 (remove nothing) past the plan or where this network is already as
+    small. Exact, since each layer's FLOPs scale with the widths of its two axes."""
+    if target is None:
+        return 1.0
+    now = total_flops(layers, widths, {n: torch.tensor([w]) for n, w in widths.items()})
+    then = total_flops(layers, widths, {n: torch.tensor([int(target.get(n, w))]) for n, w in widths.items()})
+    return min(1.0, float(then[0]) / max(float(now[0]), 1e-30))
+
+
+def spent_error(orders: dict[str, RemovalOrder], take: dict[str, int]) -> float:
+    """The summed squared relative error of the blocks taken (``{site: blocks}``), as the orders
+    estimate it: what :func:`allocate` spends of ``n_sites * max_error^2``."""
+    return float(sum(orders[n].rel_error(k) ** 2 for n, k in take.items() if k))
 
 
 def allocate(orders: dict[str, RemovalOrder], flops: dict[str, float], widths: dict[str, int],

@@ -30,7 +30,7 @@ import torch
 
 from hashexp.errors import ConfigError
 from hashexp.merge import calibration as cal
-from hashexp.merge.budget import allocate, check_budget, layer_flops, neuron_flops
+from hashexp.merge.budget import allocate, check_budget, layer_flops, neuron_flops, planned_keep, spent_error
 from hashexp.merge.compressor import Compressor
 from hashexp.merge.plans import nearest_survivor
 from hashexp.merge.cosine import pair_cosines, plan_by_cosine
@@ -39,6 +39,7 @@ from hashexp.merge.heads import head_removal_order, head_vectors
 from hashexp.merge.order import check_order_knobs, removal_order
 from hashexp.merge.sites import MergeSite, model_sites
 from hashexp.merge.surgery import MergePlan, merge_plan, prune_plan
+from hashexp.merge.width_plan import load_width_plan
 from hashexp.utils.checks import check_at_least, check_bits, check_cosine
 from hashexp.utils.seeding import EVENT_MIX, SITE_MIX, derive_seed
 
@@ -85,6 +86,12 @@ class HashCompressor(Compressor):
             width) or ``global`` (:mod:`hashexp.merge.budget`: one error budget of
             ``n_sites * max_error^2`` and, with ``target_ratio``, one FLOPs ratio across all
             sites, spent cheapest error per saved FLOP first; ``compensation=lsq`` only).
+        flops_plan: a run's metrics.json (or run dir), with ``budget=global``: rehash k keeps the
+            multiply-adds that run's sites' layers had after its rehash k (one global FLOPs target
+            per rehash, :func:`hashexp.merge.budget.planned_keep`), so a global run reaches the
+            FLOPs of a per-site run rehash by rehash and differs only in where it cuts; past the
+            plan nothing is removed. Replaces ``target_ratio``; with ``max_error`` whichever budget
+            binds first stops (``max_error=null`` for equal FLOPs).
         batch_sites: order the removals of all sites at once before merging (``compensation=lsq``):
             the blocked order (:mod:`hashexp.merge.greedy`) batched over sites of equal shapes
             (the blocks of a ResNet stage), on the model's device, from captures of the network
@@ -100,13 +107,14 @@ class HashCompressor(Compressor):
                  representative: str | None = None, max_error: float | None = None, block_frac: float = 0.01,
                  auto_width: int | None = None, order: str = "auto", order_width: int | None = None,
                  bucket_size: int = 128, per_step: int = 8, budget: str = "site", batch_sites: bool = False,
-                 **kw) -> None:
+                 flops_plan: str | None = None, **kw) -> None:
         super().__init__(**kw)
         check_order_knobs(order, order_width, bucket_size, per_step)
         self.order, self.order_width = order, None if order_width is None else int(order_width)
         self.bucket_size, self.per_step = int(bucket_size), int(per_step)
         self.budget = check_budget(budget)
         self._global_removed: dict[str, tuple[torch.Tensor, int]] = {}
+        self.flops_plan = self._load_flops_plan(flops_plan)
         self.batch_sites = bool(batch_sites)
         self._site_orders: dict[str, tuple[cal.RemovalOrder, torch.Tensor]] = {}
         check_cosine("hashing.threshold", threshold, nullable=True)
@@ -142,6 +150,18 @@ class HashCompressor(Compressor):
         self.block_frac = float(block_frac)
         self.auto_width = check_at_least("hashing.auto_width", auto_width, 1, nullable=True)
         self.last_stats: dict[str, dict[str, Any]] = {}
+
+    def _load_flops_plan(self, path: str | None) -> list[dict[str, int]] | None:
+        """``hashing.flops_plan`` checked against the other targets and read (widths after each rehash)."""
+        if path is None:
+            return None
+        if self.budget != "global":
+            raise ConfigError(f"hashing.flops_plan={path} is a global FLOPs target per rehash; it needs "
+                              "hashing.budget=global")
+        if self.target_ratio is not None or self.followed_widths is not None:
+            raise ConfigError("hashing.flops_plan sets the FLOPs target itself; set hashing.target_ratio=null and "
+                              "hashing.width_plan=null")
+        return load_width_plan(path)
 
     def hash_vectors(self, site: MergeSite) -> torch.Tensor:
         """The vectors weight candidates hash: [w; b], MIPS-transformed for sites that are not ReLU-like
@@ -243,6 +263,13 @@ class HashCompressor(Compressor):
         glob = self.budget == "global"
         if self.compensation != "lsq" or not sites or not (glob or self.batch_sites):
             return
+        if glob:  # the FLOPs target of this rehash first: a plan that keeps everything orders nothing
+            widths, layers, flops, keep = self._global_target(model, sites, calib)
+            if keep is not None and keep >= 1.0:
+                self._global_removed = {s.name: (torch.zeros(0, dtype=torch.long), 0) for s in sites}
+                self.last_budget = {"blocks": {s.name: 0 for s in sites}, "flops_per_neuron": flops,
+                                    "keep_flops": keep, "error_spent": 0.0}
+                return
         index_of = {s.name: i for i, s in enumerate(model_sites(model))}
         caps, eligibles, floors, errors, candidates = [], [], [], [], {}
         for site in sites:
@@ -276,12 +303,21 @@ class HashCompressor(Compressor):
         if not glob:
             self._site_orders = {site.name: (o, el) for site, o, el in zip(sites, found, eligibles)}
             return
+        take = allocate(orders, flops, widths, self.max_error, keep, layers)
+        self._global_removed = {n: (orders[n].removed(k), candidates[n]) for n, k in take.items()}
+        self.last_budget = {"blocks": take, "flops_per_neuron": flops, "keep_flops": keep,
+                            "error_spent": spent_error(orders, take)}
+
+    def _global_target(self, model, sites: list[MergeSite], calib: torch.Tensor):
+        """``budget=global``: the sites' widths, their layers' FLOPs, the FLOPs of one neuron of each,
+        and the share of the layers' FLOPs this rehash keeps (``target_ratio``, or the ``flops_plan``
+        run's FLOPs after the same rehash; None: only the error budget)."""
         widths = {site.name: site.width for site in sites}
         layers = layer_flops(model, sites, calib)
-        flops = neuron_flops(layers, widths)
-        take = allocate(orders, flops, widths, self.max_error, self.target_ratio, layers)
-        self._global_removed = {n: (orders[n].removed(k), candidates[n]) for n, k in take.items()}
-        self.last_budget = {"blocks": take, "flops_per_neuron": flops}
+        keep = self.target_ratio
+        if self.flops_plan is not None:
+            keep = planned_keep(layers, widths, self.flops_plan[self.calls] if self.calls < len(self.flops_plan) else None)
+        return widths, layers, neuron_flops(layers, widths), keep
 
     def eligible(self, site: MergeSite, index: int, cap: cal.SiteCapture) -> torch.Tensor:
         """(width,) bool: neurons in at least one candidate pair (that passes the pre-filter)."""
