@@ -17,7 +17,10 @@ fewer), spent across the sites cheapest error per saved FLOP first (hashexp/merg
 the two runs train at the same FLOPs at every epoch and differ only in where they cut. With
 ``--error-rows`` a third row per setting runs ``hashing.budget=global`` at the per-site run's
 total error (``n_sites * max_error^2`` per rehash, the model's default ``max_error``), whatever
-FLOPs that reaches. Existing run dirs are reused, so a rerun only fills what is missing.
+FLOPs that reaches; with ``--weighted-rows`` (ResNet-20 only: an MLP's sites have one consumer
+each) the global run at equal FLOPs counts a site's error once per consumer layer
+(``hashing.global_weight=consumers``); ``--vanilla`` adds ``hashing=none``. Existing run dirs are
+reused, so a rerun only fills what is missing.
 """
 
 from __future__ import annotations
@@ -37,16 +40,28 @@ TITLES = {"headline": "headline: Fashion-MNIST, MLP 256-256, 10 epochs, per-site
           "resnet20": "ResNet-20, Fashion-MNIST subset 3000/1000, 3 epochs, per-site max_error 0.1"}
 
 
-def runs_of(setting: str, seed: int, out: Path, error_rows: bool) -> dict[str, dict]:
-    """The per-site run of ``seed`` and the global run at its FLOPs (with ``error_rows``: and the
-    equal-error global run)."""
+#: settings whose sites have more than one consumer layer (residual streams): the consumer-weighted
+#: global row differs from the plain one only there (an MLP's sites have one consumer each)
+WEIGHTED = ("resnet20",)
+
+
+def runs_of(setting: str, seed: int, out: Path, extra: tuple[str, ...] = ()) -> dict[str, dict]:
+    """The per-site run of ``seed`` and the global run at its FLOPs, then the ``extra`` rows:
+    ``error`` (global at the per-site run's total error), ``weighted`` (global at equal FLOPs with
+    ``global_weight=consumers``), ``vanilla`` (``hashing=none``)."""
     base = [*SETTINGS[setting], f"seed={seed}", "trainer.num_threads=1"]
     site_dir = out / f"{setting}_site_s{seed}"
+    at_flops = ["hashing.budget=global", "hashing.max_error=null", f"hashing.flops_plan={site_dir}"]
     got = {"site": run([*base, "hashing.budget=site"], site_dir)}
-    got["global"] = run([*base, "hashing.budget=global", "hashing.max_error=null",
-                         f"hashing.flops_plan={site_dir}"], out / f"{setting}_global_flops_s{seed}")
-    if error_rows:
+    got["global"] = run([*base, *at_flops], out / f"{setting}_global_flops_s{seed}")
+    if "weighted" in extra and setting in WEIGHTED:
+        got["global, consumer-weighted"] = run([*base, *at_flops, "hashing.global_weight=consumers"],
+                                               out / f"{setting}_global_weighted_s{seed}")
+    if "error" in extra:
         got["global, equal error"] = run([*base, "hashing.budget=global"], out / f"{setting}_global_error_s{seed}")
+    if "vanilla" in extra:
+        got["vanilla"] = run([*[o for o in base if o != "hashing=simhash"], "hashing=none"],
+                             out / f"{setting}_vanilla_s{seed}")
     return got
 
 
@@ -84,16 +99,21 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--error-rows", action="store_true", help="also global at the per-site run's total error")
+    p.add_argument("--weighted-rows", action="store_true",
+                   help="also global at equal FLOPs with hashing.global_weight=consumers (residual settings)")
+    p.add_argument("--vanilla", action="store_true", help="also the vanilla run (hashing=none) of each seed")
     p.add_argument("--out-dir", type=Path, default=ROOT / "outputs" / "bench_budget_train")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "bench_budget_train.md")
     a = p.parse_args()
+    extra = tuple(x for x, on in (("weighted", a.weighted_rows), ("error", a.error_rows), ("vanilla", a.vanilla))
+                  if on)
     body = []
-    # the equal-FLOPs pairs of every setting first, the equal-error rows after them
+    # the equal-FLOPs pairs of every setting first, the other rows after them
     for setting in a.settings:
         for s in a.seeds:
-            runs_of(setting, s, a.out_dir, False)
+            runs_of(setting, s, a.out_dir)
     for setting in a.settings:
-        res = {s: runs_of(setting, s, a.out_dir, a.error_rows) for s in a.seeds}
+        res = {s: runs_of(setting, s, a.out_dir, extra) for s in a.seeds}
         body += table(setting, res)
         d = [100 * (res[s]["global"]["test_acc"] - res[s]["site"]["test_acc"]) for s in a.seeds]
         m, sd = mean_std(d)

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from hashexp.errors import ConfigError
-from hashexp.merge.budget import LayerFlops, allocate, layer_flops, neuron_flops, total_flops
+from hashexp.merge.budget import LayerFlops, allocate, layer_flops, neuron_flops, site_weights, spent_error, total_flops
+from hashexp.merge.sites import model_sites
 from hashexp.merge.calibration import RemovalOrder
 from hashexp.models import build_model
 from test_lsq import lsq
@@ -53,6 +54,30 @@ def test_allocation_spends_the_error_budget_cheapest_per_flop_first():
     assert take == {"a": 2, "b": 3}
     assert spent(orders, take) == pytest.approx(0.019) and 0.019 + 0.003 > 2 * 0.1 ** 2
     assert allocate(orders, flops, widths, 1.0, None) == {"a": 5, "b": 3}
+
+
+def test_consumer_weights_count_a_sites_error_once_per_consumer_layer():
+    # the orders of the test above; b's error counts 3 times: b1 .003 (per FLOP 7.5e-5) goes first,
+    # then a1 a2 a3 (.009), b2 (.024) would overspend (1 + 3) * 0.05^2 = .01 and ends b, a4 (.013) ends a
+    orders = {"a": order([0.001, 0.003, 0.006, 0.010, 0.020], [10] * 5),
+              "b": order([0.002, 0.012, 0.032], [10] * 3, energy=2.0)}
+    flops, widths = {"a": 1.0, "b": 4.0}, {"a": 100, "b": 100}
+    take = allocate(orders, flops, widths, 0.05, None, weights={"a": 1.0, "b": 3.0})
+    assert take == {"a": 3, "b": 1}
+    assert spent_error(orders, take, {"a": 1.0, "b": 3.0}) == pytest.approx(0.009)
+    assert allocate(orders, flops, widths, 0.05, None, weights={"a": 1.0, "b": 1.0}) == \
+        allocate(orders, flops, widths, 0.05, None) == {"a": 2, "b": 1}
+
+
+def test_site_weights_are_the_consumer_layers_of_each_site():
+    m = build_model({"_target_": "hashexp.models.resnet.ResNet20"}, (1, 28, 28), 10)
+    w = site_weights(model_sites(m), "consumers")
+    # stream1 feeds the three layer1 blocks and layer2.0's conv and shortcut; stream3 two blocks and the head
+    assert w["stream1"] == 5 and w["stream2"] == 4 and w["stream3"] == 3
+    assert all(w[n] == 1 for n in w if n.endswith("inner")) and len(w) == 12
+    assert site_weights(model_sites(m), "none") is None
+    with pytest.raises(ConfigError, match="hashing.global_weight"):
+        lsq(budget="global", global_weight="fanout")
 
 
 def test_allocation_spends_exactly_the_flops_ratio():
@@ -147,10 +172,10 @@ def train_recording(tmp_path, monkeypatch, comp, epochs: int = 3, widths=(48, 40
 
     calls = []
 
-    def recording(orders, flops, widths, max_error, keep_flops, layers=None):
-        take = allocate(orders, flops, widths, max_error, keep_flops, layers)
+    def recording(orders, flops, widths, max_error, keep_flops, layers=None, weights=None):
+        take = allocate(orders, flops, widths, max_error, keep_flops, layers, weights)
         calls.append({"orders": orders, "widths": dict(widths), "max_error": max_error, "keep": keep_flops,
-                      "layers": layers, "take": take})
+                      "layers": layers, "weights": weights, "take": take})
         return take
 
     monkeypatch.setattr(hashed, "allocate", recording)

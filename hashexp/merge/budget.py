@@ -8,7 +8,10 @@ network before this rehash), then spends one budget across the sites, cheapest e
 FLOP first:
 
 - error: the sum over sites of the squared relative error of the consumers' pre-activation
-  stays within ``n_sites * max_error^2`` (what per-site budgets would allow in total);
+  stays within ``n_sites * max_error^2`` (what per-site budgets would allow in total); with
+  ``global_weight=consumers`` a site's error counts once per consumer layer, in the ranking and
+  in the budget (``n_consumer_layers * max_error^2``): a residual stream's error reaches every
+  block that reads it, which one pooled relative error does not see;
 - FLOPs: with ``target_ratio`` the layers the sites touch keep at least that share of their
   multiply-adds (a global ratio, counted exactly: a layer between two sites shrinks with both),
   not of each width; or, with ``flops_plan``, the multiply-adds another run (a per-site run of
@@ -16,8 +19,9 @@ FLOP first:
 
 :func:`allocate` is the greedy: blocks of all sites are merged by (running-max) error per
 FLOP, so each site's own order is kept, and taken while they fit; a block that would break either
-budget ends its site, and the others go on (every site's next block would overspend). :func:`layer_flops` measures the layers by hooks; :func:`neuron_flops` is what one
-neuron of each site costs at the current widths.
+budget ends its site, and the others go on (every site's next block would overspend).
+:func:`layer_flops` measures the layers by hooks; :func:`neuron_flops` is what one neuron of each
+site costs at the current widths.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ from hashexp.merge.calibration import RemovalOrder
 from hashexp.merge.sites import MergeSite
 
 BUDGETS = ("site", "global")
+#: what one unit of a site's squared relative error counts in a global budget: once per site, or
+#: once per consumer layer (a residual stream read by k convs counts k times)
+GLOBAL_WEIGHTS = ("none", "consumers")
 
 
 def check_budget(budget: str) -> str:
@@ -39,6 +46,14 @@ def check_budget(budget: str) -> str:
     if budget not in BUDGETS:
         raise ConfigError(f"hashing.budget={budget!r}; choose {', '.join(BUDGETS)}")
     return budget
+
+
+def site_weights(sites: list[MergeSite], weight: str) -> dict[str, float] | None:
+    """``hashing.global_weight``: None (every site's error counts once) or, for ``consumers``, each
+    site's number of consumer layers."""
+    if weight not in GLOBAL_WEIGHTS:
+        raise ConfigError(f"hashing.global_weight={weight!r}; choose {', '.join(GLOBAL_WEIGHTS)}")
+    return None if weight == "none" else {s.name: float(len(s.consumers)) for s in sites}
 
 
 @dataclass
@@ -113,15 +128,17 @@ def planned_keep(layers: list[LayerFlops], widths: dict[str, int], target: dict[
     return min(1.0, float(then[0]) / max(float(now[0]), 1e-30))
 
 
-def spent_error(orders: dict[str, RemovalOrder], take: dict[str, int]) -> float:
-    """The summed squared relative error of the blocks taken (``{site: blocks}``), as the orders
-    estimate it: what :func:`allocate` spends of ``n_sites * max_error^2``."""
-    return float(sum(orders[n].rel_error(k) ** 2 for n, k in take.items() if k))
+def spent_error(orders: dict[str, RemovalOrder], take: dict[str, int],
+                weights: dict[str, float] | None = None) -> float:
+    """The summed (weighted) squared relative error of the blocks taken (``{site: blocks}``), as the
+    orders estimate it: what :func:`allocate` spends of its error budget."""
+    w = weights or {}
+    return float(sum(w.get(n, 1.0) * orders[n].rel_error(k) ** 2 for n, k in take.items() if k))
 
 
 def allocate(orders: dict[str, RemovalOrder], flops: dict[str, float], widths: dict[str, int],
              max_error: float | None, keep_flops: float | None,
-             layers: list[LayerFlops] | None = None) -> dict[str, int]:
+             layers: list[LayerFlops] | None = None, weights: dict[str, float] | None = None) -> dict[str, int]:
     """Blocks of each site's order to take under one global budget (see the module docstring).
 
     Returns ``{site: number of blocks}``. The taken blocks spend at most ``n_sites * max_error^2``
@@ -132,14 +149,16 @@ def allocate(orders: dict[str, RemovalOrder], flops: dict[str, float], widths: d
     every site's next block would break one of the budgets: the share removed is within the
     smallest such block of what was given, not within the largest (a residual stream's channel
     costs 2.5% of a ResNet-20's FLOPs). ``flops`` (per neuron) ranks the blocks by error per saved
-    FLOP.
+    FLOP. ``weights`` (``{site: w}``, :func:`site_weights`) count a site's squared relative error w
+    times, in the ranking and in the budget (``sum of w * max_error^2``); None: once each.
     """
     names = [n for n in orders if orders[n].blocks]
     take = {n: 0 for n in orders}
     if not names:
         return take
-    site, size, d_err, d_flop = _merged_blocks(orders, names, flops)
-    err_budget = None if max_error is None else len(orders) * float(max_error) ** 2
+    w = {n: 1.0 for n in orders} if weights is None else {n: float(weights[n]) for n in orders}
+    site, size, d_err, d_flop = _merged_blocks(orders, names, flops, w)
+    err_budget = None if max_error is None else sum(w.values()) * float(max_error) ** 2
     flop_budget = None if keep_flops is None else (1.0 - float(keep_flops)) * sum(widths[n] * flops[n] for n in orders)
     full = None if keep_flops is None or layers is None else \
         float(total_flops(layers, widths, {n: torch.tensor([widths[n]]) for n in orders})[0])
@@ -167,13 +186,15 @@ def allocate(orders: dict[str, RemovalOrder], flops: dict[str, float], widths: d
     return take
 
 
-def _merged_blocks(orders: dict[str, RemovalOrder], names: list[str], flops: dict[str, float]):
-    """All sites' blocks merged by (running-max) error per saved FLOP, each site's own order kept:
-    (site index, neurons, squared relative error added, FLOPs saved) per block, in that order."""
+def _merged_blocks(orders: dict[str, RemovalOrder], names: list[str], flops: dict[str, float],
+                   weights: dict[str, float]):
+    """All sites' blocks merged by (running-max) weighted error per saved FLOP, each site's own order
+    kept: (site index, neurons, weighted squared relative error added, FLOPs saved) per block, in
+    that order."""
     site_of, keys, d_err, d_flop, size = [], [], [], [], []
     for i, n in enumerate(names):
         o = orders[n]
-        rel = torch.tensor(o.cost, dtype=torch.float64) / max(o.energy, 1e-30)
+        rel = weights[n] * torch.tensor(o.cost, dtype=torch.float64) / max(o.energy, 1e-30)
         de = torch.diff(rel, prepend=torch.zeros(1, dtype=torch.float64)).clamp_min(0.0)
         sz = torch.tensor([len(b) for b in o.blocks], dtype=torch.long)
         df = sz.double() * flops[n]

@@ -30,7 +30,8 @@ import torch
 
 from hashexp.errors import ConfigError
 from hashexp.merge import calibration as cal
-from hashexp.merge.budget import allocate, check_budget, layer_flops, neuron_flops, planned_keep, spent_error
+from hashexp.merge.budget import (allocate, check_budget, layer_flops, neuron_flops, planned_keep, site_weights,
+                                  spent_error)
 from hashexp.merge.compressor import Compressor
 from hashexp.merge.plans import nearest_survivor
 from hashexp.merge.cosine import pair_cosines, plan_by_cosine
@@ -92,6 +93,9 @@ class HashCompressor(Compressor):
             FLOPs of a per-site run rehash by rehash and differs only in where it cuts; past the
             plan nothing is removed. Replaces ``target_ratio``; with ``max_error`` whichever budget
             binds first stops (``max_error=null`` for equal FLOPs).
+        global_weight: with ``budget=global``, ``none`` (every site's squared relative error counts
+            once) or ``consumers`` (once per consumer layer, in the ranking and in the budget:
+            :func:`hashexp.merge.budget.site_weights`).
         batch_sites: order the removals of all sites at once before merging (``compensation=lsq``):
             the blocked order (:mod:`hashexp.merge.greedy`) batched over sites of equal shapes
             (the blocks of a ResNet stage), on the model's device, from captures of the network
@@ -107,7 +111,7 @@ class HashCompressor(Compressor):
                  representative: str | None = None, max_error: float | None = None, block_frac: float = 0.01,
                  auto_width: int | None = None, order: str = "auto", order_width: int | None = None,
                  bucket_size: int = 128, per_step: int = 8, budget: str = "site", batch_sites: bool = False,
-                 flops_plan: str | None = None, **kw) -> None:
+                 flops_plan: str | None = None, global_weight: str = "none", **kw) -> None:
         super().__init__(**kw)
         check_order_knobs(order, order_width, bucket_size, per_step)
         self.order, self.order_width = order, None if order_width is None else int(order_width)
@@ -115,6 +119,8 @@ class HashCompressor(Compressor):
         self.budget = check_budget(budget)
         self._global_removed: dict[str, tuple[torch.Tensor, int]] = {}
         self.flops_plan = self._load_flops_plan(flops_plan)
+        site_weights([], global_weight)  # checked here, computed per rehash
+        self.global_weight = global_weight
         self.batch_sites = bool(batch_sites)
         self._site_orders: dict[str, tuple[cal.RemovalOrder, torch.Tensor]] = {}
         check_cosine("hashing.threshold", threshold, nullable=True)
@@ -303,10 +309,11 @@ class HashCompressor(Compressor):
         if not glob:
             self._site_orders = {site.name: (o, el) for site, o, el in zip(sites, found, eligibles)}
             return
-        take = allocate(orders, flops, widths, self.max_error, keep, layers)
+        weights = site_weights(sites, self.global_weight)
+        take = allocate(orders, flops, widths, self.max_error, keep, layers, weights)
         self._global_removed = {n: (orders[n].removed(k), candidates[n]) for n, k in take.items()}
         self.last_budget = {"blocks": take, "flops_per_neuron": flops, "keep_flops": keep,
-                            "error_spent": spent_error(orders, take)}
+                            "error_spent": spent_error(orders, take, weights), "weights": weights}
 
     def _global_target(self, model, sites: list[MergeSite], calib: torch.Tensor):
         """``budget=global``: the sites' widths, their layers' FLOPs, the FLOPs of one neuron of each,
@@ -316,7 +323,8 @@ class HashCompressor(Compressor):
         layers = layer_flops(model, sites, calib)
         keep = self.target_ratio
         if self.flops_plan is not None:
-            keep = planned_keep(layers, widths, self.flops_plan[self.calls] if self.calls < len(self.flops_plan) else None)
+            plan = self.flops_plan
+            keep = planned_keep(layers, widths, plan[self.calls] if self.calls < len(plan) else None)
         return widths, layers, neuron_flops(layers, widths), keep
 
     def eligible(self, site: MergeSite, index: int, cap: cal.SiteCapture) -> torch.Tensor:
