@@ -11,15 +11,15 @@ Two settings, each run as its command with ``trainer.num_threads=1`` (the machin
 
 Per seed, the per-site run (``hashing.budget=site``, the default) goes first; the global run of
 the same seed then follows its FLOPs rehash by rehash: ``hashing.budget=global
-hashing.max_error=null hashing.flops_plan=<the per-site run>``. At every rehash the global run
+hashing.max_error=null hashing.flops_plan=<the per-site run> hashing.global_weight=none``. At every rehash the global run
 keeps the multiply-adds the per-site run had after the same rehash (to within one block, never
 fewer), spent across the sites cheapest error per saved FLOP first (hashexp/merge/budget.py), so
 the two runs train at the same FLOPs at every epoch and differ only in where they cut. With
 ``--error-rows`` a third row per setting runs ``hashing.budget=global`` at the per-site run's
-total error (``n_sites * max_error^2`` per rehash, the model's default ``max_error``), whatever
-FLOPs that reaches; with ``--weighted-rows`` (ResNet-20 only: an MLP's sites have one consumer
+total error (``n_sites * max_error^2`` per rehash, the model's default ``max_error``,
+``global_weight=none``), whatever FLOPs that reaches; with ``--weighted-rows`` (ResNet-20 only: an MLP's sites have one consumer
 each) the global run at equal FLOPs counts a site's error once per consumer layer
-(``hashing.global_weight=consumers``); ``--vanilla`` adds ``hashing=none``. Existing run dirs are
+(``hashing.global_weight=consumers``, the default of ``budget=global``); ``--vanilla`` adds ``hashing=none``. Existing run dirs are
 reused, so a rerun only fills what is missing.
 """
 
@@ -53,12 +53,13 @@ def runs_of(setting: str, seed: int, out: Path, extra: tuple[str, ...] = ()) -> 
     site_dir = out / f"{setting}_site_s{seed}"
     at_flops = ["hashing.budget=global", "hashing.max_error=null", f"hashing.flops_plan={site_dir}"]
     got = {"site": run([*base, "hashing.budget=site"], site_dir)}
-    got["global"] = run([*base, *at_flops], out / f"{setting}_global_flops_s{seed}")
+    got["global"] = run([*base, *at_flops, "hashing.global_weight=none"], out / f"{setting}_global_flops_s{seed}")
     if "weighted" in extra and setting in WEIGHTED:
         got["global, consumer-weighted"] = run([*base, *at_flops, "hashing.global_weight=consumers"],
                                                out / f"{setting}_global_weighted_s{seed}")
     if "error" in extra:
-        got["global, equal error"] = run([*base, "hashing.budget=global"], out / f"{setting}_global_error_s{seed}")
+        got["global, equal error"] = run([*base, "hashing.budget=global", "hashing.global_weight=none"],
+                                         out / f"{setting}_global_error_s{seed}")
     if "vanilla" in extra:
         got["vanilla"] = run([*[o for o in base if o != "hashing=simhash"], "hashing=none"],
                              out / f"{setting}_vanilla_s{seed}")
@@ -120,7 +121,8 @@ def main() -> None:
         print(f"{setting}: global - site at equal FLOPs {m:+.2f} ± {sd:.2f} pp", flush=True)
     notes = ["Per seed, the per-site run (`hashing.budget=site`, the default) and the global run that follows its "
              "FLOPs rehash by rehash (`hashing.budget=global hashing.max_error=null hashing.flops_plan=<per-site run "
-             "dir>`); both with `trainer.num_threads=1`. Δ is paired by seed (global minus per-site), mean ± sd over "
+             "dir> hashing.global_weight=none`; the consumer-weighted row: `hashing.global_weight=consumers`); all with "
+             "`trainer.num_threads=1`. Δ is paired by seed (global minus per-site), mean ± sd over "
              f"seeds {a.seeds}. Merge share: hash + calibration + surgery time over wall time of the same run "
              "(a share, not a time across runs)."]
     write_markdown(a.out, "Global vs per-site budget during training, at equal FLOPs", body,

@@ -11,7 +11,9 @@ measured:
 
 - budget=site: every site keeps ``--keep`` of its width;
 - budget=global: one FLOPs ratio across all sites, bisected (``--bisect`` steps) until the
-  network's FLOPs match the per-site network's (equal FLOPs, not equal ratios).
+  network's FLOPs match the per-site network's (equal FLOPs, not equal ratios); one row per
+  ``--global-weight`` (``hashing.global_weight``: ``none``, or ``consumers``: a site's error counts
+  once per consumer layer).
 
 Timing (``--timing-rounds``): the same per-site compress with ``hashing.batch_sites=false``
 (one order per site, a Python loop) and ``true`` (the orders of a stage's equal-shaped sites in
@@ -68,12 +70,12 @@ def compress(model, data, **kw) -> dict:
             "widths": m.widths(), "s": dt, "model": m}
 
 
-def equal_flops_global(model, data, target: int, steps: int) -> dict:
+def equal_flops_global(model, data, target: int, steps: int, weight: str = "none") -> dict:
     """budget=global with the FLOPs ratio bisected until the network's FLOPs reach ``target``."""
     lo, hi, best = 0.0, 1.0, None
     for _ in range(steps):
         r = (lo + hi) / 2
-        res = compress(model, data, budget="global", target_ratio=r)
+        res = compress(model, data, budget="global", target_ratio=r, global_weight=weight)
         res["ratio"] = r
         if best is None or abs(res["flops"] - target) < abs(best["flops"] - target):
             best = res
@@ -132,38 +134,44 @@ def main() -> None:
     p.add_argument("--subset-test", type=int, default=2000)
     p.add_argument("--bisect", type=int, default=6)
     p.add_argument("--timing-rounds", type=int, default=3)
+    p.add_argument("--global-weight", nargs="+", default=["none"], choices=["none", "consumers"])
     p.add_argument("--cache", type=Path, default=ROOT / "outputs" / "bench_resnet_oneshot_budget")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "bench_resnet_oneshot_budget.md")
     a = p.parse_args()
     torch.set_num_threads(1)
-    rows: dict[float, dict[str, list]] = {k: {"site": [], "global": [], "base": []} for k in a.keep}
+    names = {w: "global" if w == "none" else f"global, {w}" for w in a.global_weight}
+    rows: dict[float, dict[str, list]] = {k: {"site": [], **{n: [] for n in names.values()}, "base": []} for k in a.keep}
     timing = None
     for s in a.seeds:
         model, data = trained(s, a)
         base_acc, base_flops = accuracy(model, data.x_test, data.y_test), count_flops(model, data.input_shape)
         for k in a.keep:
             site = compress(model, data, budget="site", target_ratio=k)
-            glob = equal_flops_global(model, data, site["flops"], a.bisect)
-            print(f"seed {s} keep {k}: site {100 * site['acc']:.2f}% {site['flops']:,} | global r={glob['ratio']:.3f} "
-                  f"{100 * glob['acc']:.2f}% {glob['flops']:,} | vanilla {100 * base_acc:.2f}%", flush=True)
             rows[k]["site"].append(site)
-            rows[k]["global"].append(glob)
             rows[k]["base"].append((base_acc, base_flops))
+            for w, name in names.items():
+                glob = equal_flops_global(model, data, site["flops"], a.bisect, w)
+                print(f"seed {s} keep {k}: site {100 * site['acc']:.2f}% {site['flops']:,} | {name} "
+                      f"r={glob['ratio']:.3f} {100 * glob['acc']:.2f}% {glob['flops']:,} | vanilla {100 * base_acc:.2f}%",
+                      flush=True)
+                rows[k][name].append(glob)
         if timing is None and a.timing_rounds:
             timing = stage_timing(model, data, a.timing_rounds)
     body = ["## Per-site vs global budget at equal FLOPs (one shot, BN recalibrated, no fine-tuning)", "",
             "| per-site keep | budget | FLOPs/sample | FLOPs vs per-site | test acc % | Δ vs per-site pp | vanilla acc % |",
             "|---:|---|---:|---:|---:|---:|---:|"]
     for k in a.keep:
-        site, glob, base = rows[k]["site"], rows[k]["global"], rows[k]["base"]
-        for name, rs in (("site", site), ("global", glob)):
+        site, base = rows[k]["site"], rows[k]["base"]
+        for name in ("site", *names.values()):
+            rs = rows[k][name]
             d = [100 * (g["acc"] - q["acc"]) for g, q in zip(rs, site)]
             body.append(f"| {k} | {name} | {statistics.mean(r['flops'] for r in rs):,.0f} | "
                         f"{statistics.mean(r['flops'] / q['flops'] for r, q in zip(rs, site)):.3f} | "
                         f"{fmt([r['acc'] for r in rs], pct=True)} | {fmt(d)} | {fmt([b[0] for b in base], pct=True)} |")
     body += ["", "Widths (first seed): " + "; ".join(
-        f"keep {k} site {rows[k]['site'][0]['widths']}, global (ratio {rows[k]['global'][0]['ratio']:.3f}) "
-        f"{rows[k]['global'][0]['widths']}" for k in a.keep)]
+        f"keep {k} site {rows[k]['site'][0]['widths']}, " + ", ".join(
+            f"{n} (ratio {rows[k][n][0]['ratio']:.3f}) {rows[k][n][0]['widths']}" for n in names.values())
+        for k in a.keep)]
     notes = [f"ResNet-20 trained {a.epochs} epochs on {a.subset_train} Fashion-MNIST samples (test on {a.subset_test}), "
              f"seeds {a.seeds}; one shot with the blocked order (per_step 4), candidates=exact, 1024 calibration "
              f"samples (256 through convs), BN recalibrated on 20 batches of 128. Vanilla FLOPs "

@@ -9,7 +9,7 @@ FLOP first:
 
 - error: the sum over sites of the squared relative error of the consumers' pre-activation
   stays within ``n_sites * max_error^2`` (what per-site budgets would allow in total); with
-  ``global_weight=consumers`` a site's error counts once per consumer layer, in the ranking and
+  ``global_weight=consumers`` (the default) a site's error counts once per consumer layer, in the ranking and
   in the budget (``n_consumer_layers * max_error^2``): a residual stream's error reaches every
   block that reads it, which one pooled relative error does not see;
 - FLOPs: with ``target_ratio`` the layers the sites touch keep at least that share of their

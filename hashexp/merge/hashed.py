@@ -93,9 +93,11 @@ class HashCompressor(Compressor):
             FLOPs of a per-site run rehash by rehash and differs only in where it cuts; past the
             plan nothing is removed. Replaces ``target_ratio``; with ``max_error`` whichever budget
             binds first stops (``max_error=null`` for equal FLOPs).
-        global_weight: with ``budget=global``, ``none`` (every site's squared relative error counts
-            once) or ``consumers`` (once per consumer layer, in the ranking and in the budget:
-            :func:`hashexp.merge.budget.site_weights`).
+        global_weight: with ``budget=global``, ``consumers`` (a site's squared relative error counts
+            once per consumer layer, in the ranking and in the budget:
+            :func:`hashexp.merge.budget.site_weights`; the default: at equal FLOPs on the ResNet-20
+            subset run it is 4.0 pp better than ``none``, benchmarks/bench_budget_train.md) or
+            ``none`` (once per site). Sites with one consumer each (an MLP) are the same either way.
         batch_sites: order the removals of all sites at once before merging (``compensation=lsq``):
             the blocked order (:mod:`hashexp.merge.greedy`) batched over sites of equal shapes
             (the blocks of a ResNet stage), on the model's device, from captures of the network
@@ -111,7 +113,7 @@ class HashCompressor(Compressor):
                  representative: str | None = None, max_error: float | None = None, block_frac: float = 0.01,
                  auto_width: int | None = None, order: str = "auto", order_width: int | None = None,
                  bucket_size: int = 128, per_step: int = 8, budget: str = "site", batch_sites: bool = False,
-                 flops_plan: str | None = None, global_weight: str = "none", **kw) -> None:
+                 flops_plan: str | None = None, global_weight: str = "consumers", **kw) -> None:
         super().__init__(**kw)
         check_order_knobs(order, order_width, bucket_size, per_step)
         self.order, self.order_width = order, None if order_width is None else int(order_width)
