@@ -40,6 +40,7 @@ from torch import nn
 
 from hashexp.errors import ConfigError
 from hashexp.merge.site import Consumer, MergeSite, consumer_output, site_input
+from hashexp.merge.solves import solve_dtype, spd_solve
 from hashexp.utils.seeding import EVENT_MIX, derive_seed
 
 #: calibration samples when hashing.calib_samples is null (or the whole split if smaller)
@@ -251,8 +252,8 @@ def centred_gram(x: torch.Tensor) -> torch.Tensor:
 
 
 def lsq_map(x_old: torch.Tensor, x_new: torch.Tensor, ridge: float = 1e-3,
-            prior: torch.Tensor | None = None,
-            same: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            prior: torch.Tensor | None = None, same: torch.Tensor | None = None,
+            dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Ridge least squares with intercept: x_old ~ x_new @ T + c; returns T (k, n) and c (n,), float64.
 
     The ridge pulls T toward ``prior`` (k, n) instead of toward zero: the plan's own weight-rule
@@ -264,32 +265,34 @@ def lsq_map(x_old: torch.Tensor, x_new: torch.Tensor, ridge: float = 1e-3,
     before any other change). Those columns of T are then e_i exactly (zero residual at the prior,
     the unique minimum) and only the other columns are solved: the cost falls with the share of
     survivors.
+
+    ``dtype``: the precision of the Gram and the solve (None: :func:`hashexp.merge.solves.solve_dtype`,
+    float32 where the ridge bounds the conditioning, float64 otherwise).
     """
+    k, n = x_new.shape[1], x_old.shape[1]
+    dt = solve_dtype(k, ridge) if dtype is None else dtype
     xo, xn = x_old.double(), x_new.double()
-    mo, mn = xo.mean(0), xn.mean(0)
-    xnc = xn - mn
+    mo, mn = xo.mean(0), xn.mean(0)  # means in float64: the intercept is exact to its precision
+    xnc = (xn - mn).to(dt)
     g = xnc.T @ xnc
     gr = _ridge(g, ridge)
-    n = xo.shape[1]
     cols = torch.arange(n, device=xo.device)
     if same is not None:
         free = torch.ones(n, dtype=torch.bool, device=xo.device)
         free[same.to(xo.device)] = False
         cols = free.nonzero().flatten()
-    rhs = xnc.T @ (xo[:, cols] - mo[cols])
+    rhs = xnc.T @ (xo[:, cols] - mo[cols]).to(dt)
     if prior is not None:
-        rhs = rhs + (gr - g).diagonal()[:, None] * prior.double().to(rhs.device)[:, cols]
-    try:  # G + ridge is symmetric positive definite: Cholesky, twice as fast as LU
-        sol = torch.cholesky_solve(rhs, torch.linalg.cholesky(gr))
-    except RuntimeError:  # numerically indefinite (degenerate features): fall back to LU
-        sol = torch.linalg.solve(gr, rhs)
+        rhs = rhs + (gr - g).diagonal()[:, None] * prior.to(device=rhs.device, dtype=dt)[:, cols]
+    sol = spd_solve(gr, rhs).double()
+    shift = mo[cols] - mn @ sol
     if same is None:
-        return sol, mo - mn @ sol
-    t = torch.zeros(xn.shape[1], n, dtype=torch.float64, device=xo.device)
+        return sol, shift
+    t = torch.zeros(k, n, dtype=torch.float64, device=xo.device)
     t[torch.arange(len(same), device=xo.device), same.to(xo.device)] = 1.0
     t[:, cols] = sol
     c = torch.zeros(n, dtype=torch.float64, device=xo.device)
-    c[cols] = mo[cols] - mn @ sol
+    c[cols] = shift
     return t, c
 
 

@@ -31,6 +31,7 @@ import torch
 from hashexp.errors import ConfigError
 from hashexp.merge.calibration import RemovalOrder, SiteCapture
 from hashexp.merge.greedy import _merge_sequences, _ridge_of, blocked_removal_order, factors, greedy_steps
+from hashexp.merge.solves import solve_dtype, spd_factor
 
 #: calibration rows used to hash a neuron's activations into a bucket
 MAX_SIGNATURE_ROWS = 2048
@@ -160,7 +161,7 @@ def restricted_removal_order(cap: SiteCapture, eligible: torch.Tensor, floor: in
     return _merge_sequences(steps_cost, steps_who, width, floor, energy, max_error, block_frac)
 
 
-def removal_cost(cap: SiteCapture, removed: torch.Tensor, ridge: float = 1e-3) -> float:
+def removal_cost(cap: SiteCapture, removed: torch.Tensor, ridge: float = 1e-3, dtype: torch.dtype | None = None) -> float:
     """Exact structured-OBS cost of removing the neurons ``removed`` at once (summed over consumers).
 
     With survivors K, Z = X_S W_S^T (centred) and the exact order's ridge Lambda, the cost
@@ -168,34 +169,64 @@ def removal_cost(cap: SiteCapture, removed: torch.Tensor, ridge: float = 1e-3) -
     tr(W_S Lambda_S W_S^T) + tr(Z^T (I + X_K Lambda_K^-1 X_K^T)^-1 Z)
     (Schur complement, then the push-through identity). The kernel form costs rows^2 * |K|, the
     primal form (G_KK + Lambda_K) |K|^2 * rows: whichever is smaller, so for a fixed calibration set
-    the cost is linear in width. It is the number an error budget is checked against.
+    the cost is linear in width. It is the number an error budget is checked against. A consumer
+    with more outputs than removed neurons goes through A_S = W_S^T W_S instead of Z.
+    ``dtype``: the precision of the factorization (None: :func:`hashexp.merge.solves.solve_dtype`
+    of the survivors; both forms' matrices have the ridged Gram's conditioning bound).
     """
     width = int(cap.inputs[0].shape[1])
     gone = torch.zeros(width, dtype=torch.bool)
     gone[removed] = True
     kept = (~gone).nonzero().flatten()
+    dt = solve_dtype(len(kept), ridge) if dtype is None else dtype
     total = 0.0
     for x, w in zip(cap.inputs, cap.weights):
         xc = x.double() - x.double().mean(0)
         d = (xc * xc).sum(0)
         lam = float(ridge) * d + 1e-12 * float(d.mean().clamp_min(1e-30))
-        ws, xs, xk = w.double()[:, gone], xc[:, gone], xc[:, kept]
-        z = xs @ ws.T  # (rows, out)
-        total += float((ws * ws * lam[gone]).sum())
-        lk = lam[kept]
-        if xk.shape[0] <= xk.shape[1]:  # fewer rows than survivors: kernel form
-            xs_k = xk / lk.sqrt()
-            kmat = xs_k @ xs_k.T
-            kmat.diagonal().add_(1.0)
-            chol = torch.linalg.cholesky(kmat)
-            total += float((torch.linalg.solve_triangular(chol, z, upper=False) ** 2).sum())
-        else:
-            g = xk.T @ xk
-            g.diagonal().add_(lk)
-            chol = torch.linalg.cholesky(g)
-            proj = torch.linalg.solve_triangular(chol, xk.T @ z, upper=False)
-            total += float((z * z).sum() - (proj ** 2).sum())
+        total += float((w.double()[:, gone] ** 2 * lam[gone]).sum())
+        total += _projected_cost(xc.to(dt)[:, gone], xc.to(dt)[:, kept], w.to(dt)[:, gone], lam[kept].to(dt))
     return max(total, 0.0)
+
+
+def _projected_cost(xs: torch.Tensor, xk: torch.Tensor, ws: torch.Tensor, lk: torch.Tensor) -> float:
+    """tr(Z^T (I + X_K Lambda_K^-1 X_K^T)^-1 Z), Z = X_S W_S^T: the data part of :func:`removal_cost`.
+
+    Kernel form (rows <= |K|): |L^-1 Z|^2 with L L^T = I + X_K Lambda_K^-1 X_K^T. Primal form:
+    |Z|^2 - |L^-1 X_K^T Z|^2 with L L^T = G_KK + Lambda_K. With more outputs than removed
+    neurons, |M Z|^2 = sum(A_S * (M X_S)^T (M X_S)), A_S = W_S^T W_S, costs less than Z itself.
+    """
+    wide = ws.shape[0] > ws.shape[1]
+    a = ws.T @ ws if wide else None
+    if xk.shape[0] <= xk.shape[1]:  # fewer rows than survivors: kernel form
+        xs_k = xk / lk.sqrt()
+        kmat = xs_k @ xs_k.T
+        kmat.diagonal().add_(1.0)
+        chol = _factor(kmat)
+        if wide:
+            v = torch.linalg.solve_triangular(chol, xs.to(chol.dtype), upper=False)
+            return float(((v.T @ v) * a.to(chol.dtype)).double().sum())
+        z = (xs @ ws.T).to(chol.dtype)
+        return float((torch.linalg.solve_triangular(chol, z, upper=False).double() ** 2).sum())
+    g = xk.T @ xk
+    g.diagonal().add_(lk)
+    chol = _factor(g)
+    if wide:
+        p = torch.linalg.solve_triangular(chol, (xk.T @ xs).to(chol.dtype), upper=False)
+        return float(((xs.T @ xs).double() * a.double()).sum() - ((p.T @ p) * a.to(chol.dtype)).double().sum())
+    z = xs @ ws.T
+    proj = torch.linalg.solve_triangular(chol, (xk.T @ z).to(chol.dtype), upper=False)
+    return float((z.double() ** 2).sum() - (proj.double() ** 2).sum())
+
+
+def _factor(a: torch.Tensor) -> torch.Tensor:
+    """Cholesky factor of ``a``; a float32 one that fails is redone in float64."""
+    chol = spd_factor(a)
+    if chol is None and a.dtype != torch.float64:
+        chol = spd_factor(a.double())
+    if chol is None:
+        raise RuntimeError("removal_cost: the ridged Gram is not positive definite")
+    return chol
 
 
 def cut_by_budget(cap: SiteCapture, order: RemovalOrder, max_error: float, ridge: float = 1e-3) -> RemovalOrder:

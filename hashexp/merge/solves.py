@@ -1,0 +1,51 @@
+"""The precision of the merge's least-squares solves: float32 where the ridge bounds the conditioning.
+
+Every solve of the merge (the consumers' refit :func:`hashexp.merge.calibration.lsq_map`, the
+exact removal cost :func:`hashexp.merge.order.removal_cost`) factors a ridged calibration Gram
+G + Lambda with Lambda_jj = ridge * G_jj (plus a 1e-12 floor for dead neurons). Scaled to a unit
+diagonal it is G' + ridge / (1 + ridge) I with trace k, so its condition number is at most
+k (1 + ridge) / ridge; Cholesky's backward error does not depend on that diagonal scaling (van
+der Sluis), so the bound holds for the unscaled matrix too. While the bound times float32's unit
+roundoff stays below :data:`MAX_GROWTH`, float32 factors and solves it: at the default ridge
+1e-3 that is up to 2095 features. The directions it gets wrong are those where the ridge, not the
+data, decides the solution, which the consumers' outputs do not see: on the fmnist_mlp2048 refits
+(1024 rows, 389-1178 survivors) the refit's output error agrees with float64's to 6 digits
+(tests/test_solves.py checks a stated tolerance). Small problems (under :data:`MIN_FLOAT32`
+features) cost nothing either way and stay in float64, so exact cases stay exact to 1e-12.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: solves with fewer features than this stay in float64 (they are cheap, and planted cases stay exact)
+MIN_FLOAT32 = 256
+#: the largest conditioning bound * float32 unit roundoff for which float32 is used
+MAX_GROWTH = 0.125
+_U32 = 2.0 ** -24
+
+
+def solve_dtype(k: int, ridge: float) -> torch.dtype:
+    """float32 for a ridged Gram of ``k`` features whose conditioning bound allows it, else float64."""
+    ridge = float(ridge)
+    if k < MIN_FLOAT32 or ridge <= 0.0:
+        return torch.float64
+    return torch.float32 if k * (1.0 + ridge) / ridge * _U32 <= MAX_GROWTH else torch.float64
+
+
+def spd_factor(a: torch.Tensor) -> torch.Tensor | None:
+    """Lower Cholesky factor of a symmetric positive definite ``a`` (its dtype), or None where it fails."""
+    chol, info = torch.linalg.cholesky_ex(a)
+    return None if bool(info != 0) else chol
+
+
+def spd_solve(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """a^-1 rhs for a symmetric positive definite ``a``: Cholesky in the inputs' dtype; a float32
+    factorization that fails is redone in float64, and a float64 one that fails (numerically
+    indefinite: degenerate features) falls back to LU. Returns the inputs' dtype."""
+    chol = spd_factor(a)
+    if chol is not None:
+        return torch.cholesky_solve(rhs, chol)
+    if a.dtype != torch.float64:
+        return spd_solve(a.double(), rhs.double()).to(a.dtype)
+    return torch.linalg.solve(a, rhs)
