@@ -40,7 +40,7 @@ from torch import nn
 
 from hashexp.errors import ConfigError
 from hashexp.merge.site import Consumer, MergeSite, consumer_output, site_input
-from hashexp.merge.solves import solve_dtype, spd_solve
+from hashexp.merge.solves import consumer_energy, solve_dtype, spd_solve
 from hashexp.utils.seeding import EVENT_MIX, derive_seed
 
 #: calibration samples when hashing.calib_samples is null (or the whole split if smaller)
@@ -348,9 +348,10 @@ def obs_removal_order(cap: SiteCapture, eligible: torch.Tensor, floor: int, ridg
     width = int(cap.inputs[0].shape[1])
     hs, ws = [], []
     energy = 0.0
-    for x, w in zip(cap.inputs, cap.weights):
+    outs = list(cap.outputs) if len(cap.outputs) == len(cap.inputs) else [None] * len(cap.inputs)
+    for x, w, y in zip(cap.inputs, cap.weights, outs):
         g = centred_gram(x)
-        energy += float(((w @ g) * w).sum())
+        energy += consumer_energy(x, w, y, g)
         hs.append(_spd_inverse(_ridge(g, ridge)).float())
         ws.append(w.float().clone())
     idx = torch.arange(width)  # original index of each surviving row/column

@@ -31,7 +31,7 @@ import torch
 from hashexp.errors import ConfigError
 from hashexp.merge.calibration import RemovalOrder, SiteCapture
 from hashexp.merge.greedy import _merge_sequences, _ridge_of, blocked_removal_order, factors, greedy_steps
-from hashexp.merge.solves import solve_dtype, spd_factor
+from hashexp.merge.solves import consumer_energy, solve_dtype, spd_factor
 
 #: calibration rows used to hash a neuron's activations into a bucket
 MAX_SIGNATURE_ROWS = 2048
@@ -115,10 +115,11 @@ def _padded_members(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return members, members >= 0
 
 
-def _bucket_factors(x: torch.Tensor, w: torch.Tensor, members: torch.Tensor, valid: torch.Tensor,
-                    ridge: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _bucket_factors(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor | None, members: torch.Tensor,
+                    valid: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Inverse ridged Grams H (nb, s, s), weight Grams A = W_b^T W_b (nb, s, s) of one consumer, and
-    its centred output energy |X_c W^T|^2.
+    its centred output energy |X_c W^T|^2 (:func:`~hashexp.merge.solves.consumer_energy`, from the
+    captured outputs ``y`` where they pair with ``x``).
 
     The ridge is the exact order's (per neuron, relative to the mean energy of the whole width),
     so each bucket's diagonal block equals the same block of the full ridged Gram. Working on A
@@ -129,8 +130,7 @@ def _bucket_factors(x: torch.Tensor, w: torch.Tensor, members: torch.Tensor, val
     idx = members.clamp_min(0)
     wf = w.float()
     h, a = factors(xc[:, idx].permute(1, 0, 2), wf[:, idx].permute(1, 0, 2), valid, lam[idx])
-    energy = float(((xc @ wf.T).double() ** 2).sum())
-    return h, a, energy
+    return h, a, consumer_energy(x, w, y)
 
 
 def restricted_removal_order(cap: SiteCapture, eligible: torch.Tensor, floor: int, ridge: float = 1e-3,
@@ -151,12 +151,13 @@ def restricted_removal_order(cap: SiteCapture, eligible: torch.Tensor, floor: in
     width = int(cap.inputs[0].shape[1])
     labels = balanced_buckets(_signature(cap.inputs[0]), bucket_size, seed)
     members, valid = _padded_members(labels)
-    facs = [_bucket_factors(x, w, members, valid, ridge) for x, w in zip(cap.inputs, cap.weights)]
+    outs = list(cap.outputs) if len(cap.outputs) == len(cap.inputs) else [None] * len(cap.inputs)
+    facs = [_bucket_factors(x, w, y, members, valid, ridge) for x, w, y in zip(cap.inputs, cap.weights, outs)]
     energy = sum(f[2] for f in facs)
     hs = [f[0] for f in facs]
     gs = [f[1] for f in facs]
     alive = valid & eligible.bool()[members.clamp_min(0)]
-    steps_cost, steps_slot = greedy_steps(hs, gs, alive, per_step)
+    steps_cost, steps_slot = greedy_steps(hs, gs, alive, per_step, room=max(width - int(floor), 0))
     steps_who = [torch.where(p >= 0, members.gather(1, p.clamp_min(0)), p) for p in steps_slot]
     return _merge_sequences(steps_cost, steps_who, width, floor, energy, max_error, block_frac)
 

@@ -1,4 +1,5 @@
-"""The precision of the merge's least-squares solves: float32 where the ridge bounds the conditioning.
+"""The numerics of the merge's least squares: float32 where the ridge bounds the conditioning, and
+the consumers' output energy read from the calibration pass instead of recomputed.
 
 Every solve of the merge (the consumers' refit :func:`hashexp.merge.calibration.lsq_map`, the
 exact removal cost :func:`hashexp.merge.order.removal_cost`) factors a ridged calibration Gram
@@ -12,6 +13,11 @@ data, decides the solution, which the consumers' outputs do not see: on the fmni
 (1024 rows, 389-1178 survivors) the refit's output error agrees with float64's to 6 digits
 (tests/test_solves.py checks a stated tolerance). Small problems (under :data:`MIN_FLOAT32`
 features) cost nothing either way and stay in float64, so exact cases stay exact to 1e-12.
+
+Every removal order divides its costs by the consumers' centred output energy |X_c W^T|^2, which
+costs rows * width * outputs (as much as the whole bucketed order for a 2048-wide consumer). The
+calibration pass has already recorded those outputs: :func:`consumer_energy` uses them where they
+provably pair with the inputs row by row.
 """
 
 from __future__ import annotations
@@ -49,3 +55,35 @@ def spd_solve(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     if a.dtype != torch.float64:
         return spd_solve(a.double(), rhs.double()).to(a.dtype)
     return torch.linalg.solve(a, rhs)
+
+
+#: rows on which :func:`consumer_energy` checks that the captured outputs pair with the inputs
+PAIR_ROWS = 16
+
+
+def consumer_energy(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor | None = None,
+                    gram: torch.Tensor | None = None) -> float:
+    """|X_c W^T|^2: a consumer's centred output energy on its calibration rows ``x`` (rows, width).
+
+    ``y`` (rows, out): the outputs the calibration pass recorded. A plain Linear consumer's
+    centred outputs are exactly X_c W^T (the bias cancels), so where :data:`PAIR_ROWS` rows spread
+    over the capture equal X_c W^T on those rows (to float32 rounding) the energy is read from
+    ``y`` (rows * out instead of rows * width * out). Anything else (a conv's weight rows are
+    taps, sampled rows pair differently, a consumer that also reads other channels, rows taken
+    under other weights) fails the check or the shapes and is computed from ``x`` and ``w``:
+    as tr(W G W^T) when the centred Gram ``gram`` is given and the width is at most the rows,
+    else as |X_c W^T|^2 in float32.
+    """
+    rows = x.shape[0]
+    mean = x.double().mean(0)
+    if y is not None and y.dim() == 2 and y.shape == (rows, w.shape[0]) and rows > PAIR_ROWS:
+        yc = y.double() - y.double().mean(0)
+        at = torch.linspace(0, rows - 1, PAIR_ROWS, device=x.device).long()
+        probe = (x[at].double() - mean) @ w.double().T
+        scale = float(yc[at].abs().max().clamp_min(1e-30))
+        if float((probe - yc[at]).abs().max()) <= 1e-4 * scale:
+            return float((yc * yc).sum())
+    if gram is not None and gram.shape[0] <= rows:
+        wd = w.double()
+        return float(((wd @ gram.double()) * wd).sum())
+    return float((((x.double() - mean).float() @ w.float().T).double() ** 2).sum())
