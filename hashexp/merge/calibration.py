@@ -271,27 +271,29 @@ def lsq_map(x_old: torch.Tensor, x_new: torch.Tensor, ridge: float = 1e-3,
     """
     k, n = x_new.shape[1], x_old.shape[1]
     dt = solve_dtype(k, ridge) if dtype is None else dtype
-    xo, xn = x_old.double(), x_new.double()
-    mo, mn = xo.mean(0), xn.mean(0)  # means in float64: the intercept is exact to its precision
-    xnc = (xn - mn).to(dt)
+    dev = x_old.device
+    mn = x_new.double().mean(0)  # means in float64: the intercept is exact to its precision
+    xnc = x_new.to(dt) - mn.to(dt)
     g = xnc.T @ xnc
     gr = _ridge(g, ridge)
-    cols = torch.arange(n, device=xo.device)
+    cols = torch.arange(n, device=dev)
     if same is not None:
-        free = torch.ones(n, dtype=torch.bool, device=xo.device)
-        free[same.to(xo.device)] = False
+        free = torch.ones(n, dtype=torch.bool, device=dev)
+        free[same.to(dev)] = False
         cols = free.nonzero().flatten()
-    rhs = xnc.T @ (xo[:, cols] - mo[cols]).to(dt)
+    xo = x_old.index_select(1, cols) if same is not None else x_old
+    mo = xo.double().mean(0)
+    rhs = xnc.T @ (xo.to(dt) - mo.to(dt))
     if prior is not None:
         rhs = rhs + (gr - g).diagonal()[:, None] * prior.to(device=rhs.device, dtype=dt)[:, cols]
     sol = spd_solve(gr, rhs).double()
-    shift = mo[cols] - mn @ sol
+    shift = mo - mn @ sol
     if same is None:
         return sol, shift
-    t = torch.zeros(k, n, dtype=torch.float64, device=xo.device)
-    t[torch.arange(len(same), device=xo.device), same.to(xo.device)] = 1.0
+    t = torch.zeros(k, n, dtype=torch.float64, device=dev)
+    t[torch.arange(len(same), device=dev), same.to(dev)] = 1.0
     t[:, cols] = sol
-    c = torch.zeros(n, dtype=torch.float64, device=xo.device)
+    c = torch.zeros(n, dtype=torch.float64, device=dev)
     c[cols] = shift
     return t, c
 

@@ -178,15 +178,17 @@ def removal_cost(cap: SiteCapture, removed: torch.Tensor, ridge: float = 1e-3, d
     width = int(cap.inputs[0].shape[1])
     gone = torch.zeros(width, dtype=torch.bool)
     gone[removed] = True
-    kept = (~gone).nonzero().flatten()
+    kept, out = (~gone).nonzero().flatten(), gone.nonzero().flatten()
     dt = solve_dtype(len(kept), ridge) if dtype is None else dtype
     total = 0.0
     for x, w in zip(cap.inputs, cap.weights):
         xc = x.double() - x.double().mean(0)
         d = (xc * xc).sum(0)
         lam = float(ridge) * d + 1e-12 * float(d.mean().clamp_min(1e-30))
-        total += float((w.double()[:, gone] ** 2 * lam[gone]).sum())
-        total += _projected_cost(xc.to(dt)[:, gone], xc.to(dt)[:, kept], w.to(dt)[:, gone], lam[kept].to(dt))
+        ws = w.index_select(1, out).double()
+        total += float((ws ** 2 * lam[out]).sum())
+        total += _projected_cost(xc.index_select(1, out).to(dt), xc.index_select(1, kept).to(dt), ws.to(dt),
+                                 lam[kept].to(dt))
     return max(total, 0.0)
 
 
