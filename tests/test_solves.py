@@ -169,3 +169,37 @@ def test_a_pruning_map_in_float32_equals_the_float64_product():
     assert lin.weight.dtype == torch.float32 and lin.in_features == len(kept)
     assert torch.allclose(lin.weight.detach().double(), w1 @ tmap.T, rtol=1e-5, atol=1e-6)
     assert torch.allclose(opt.state[lin.weight]["exp_avg_sq"].double(), sq @ (tmap * tmap).T, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("rows,width,out", [(300, 600, 500), (300, 600, 10), (900, 500, 400), (900, 500, 10)])
+def test_the_refit_takes_the_map_the_exact_cost_offered_and_only_that_one(monkeypatch, rows, width, out):
+    from hashexp.merge import solves
+
+    cap = _capture(rows, width, out, seed=7)
+    x, w = cap.inputs[0], cap.weights[0]
+    keep = torch.zeros(width, dtype=torch.bool)
+    keep[torch.randperm(width, generator=torch.Generator().manual_seed(8))[: width * 3 // 5]] = True
+    kept, gone = keep.nonzero().flatten(), (~keep).nonzero().flatten()
+    prior = torch.zeros(len(kept), width, dtype=torch.float64)
+    prior[torch.arange(len(kept)), kept] = 1.0
+    solved = []
+    orig = cal.spd_solve
+    monkeypatch.setattr(cal, "spd_solve", lambda a, b: solved.append(1) or orig(a, b))
+    t_ref, c_ref = cal.lsq_map(x, x[:, kept], 1e-3, prior, same=kept)
+    assert len(solved) == 1
+    cost = removal_cost(cap, gone, 1e-3, offer=True)
+    assert cost == pytest.approx(removal_cost(cap, gone, 1e-3), rel=1e-6)
+    t, c = cal.lsq_map(x, x[:, kept], 1e-3, prior, same=kept)
+    assert len(solved) == 1 and not solves._OFFERS  # taken, not solved again
+    y_old = x.double() @ w.T
+    err = lambda t, c: cal.relative_error(y_old, x[:, kept].double() @ (w @ t.T).T + w @ c)
+    assert err(t, c) == pytest.approx(err(t_ref, c_ref), rel=1e-3)
+    assert torch.equal(t[:, kept], torch.eye(len(kept), dtype=torch.float64))
+    # no offer for other survivors, another ridge, or rows changed in place
+    for other in ((gone[1:], 1e-3, None), (gone, 1e-2, None), (gone, 1e-3, "changed")):
+        removal_cost(cap, other[0], other[1], offer=True)
+        if other[2] == "changed":
+            x.add_(0.0)  # bumps the tensor's version
+        cal.lsq_map(x, x[:, kept], 1e-3, prior, same=kept)
+    assert len(solved) == 4
+    solves._OFFERS.clear()

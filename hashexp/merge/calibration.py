@@ -40,7 +40,7 @@ from torch import nn
 
 from hashexp.errors import ConfigError
 from hashexp.merge.site import Consumer, MergeSite, consumer_output, site_input
-from hashexp.merge.solves import consumer_energy, solve_dtype, spd_solve
+from hashexp.merge.solves import consumer_energy, solve_dtype, spd_solve, take_map
 from hashexp.utils.seeding import EVENT_MIX, derive_seed
 
 #: calibration samples when hashing.calib_samples is null (or the whole split if smaller)
@@ -266,16 +266,14 @@ def lsq_map(x_old: torch.Tensor, x_new: torch.Tensor, ridge: float = 1e-3,
     the unique minimum) and only the other columns are solved: the cost falls with the share of
     survivors.
 
-    ``dtype``: the precision of the Gram and the solve (None: :func:`hashexp.merge.solves.solve_dtype`,
-    float32 where the ridge bounds the conditioning, float64 otherwise).
+    ``dtype``: the solve's precision (None: :func:`hashexp.merge.solves.solve_dtype`; then, with
+    ``same`` and a zero prior on the solved columns, a map the exact removal cost of these
+    survivors offered, :func:`hashexp.merge.solves.take_map`, is used instead of solving again).
     """
     k, n = x_new.shape[1], x_old.shape[1]
     dt = solve_dtype(k, ridge) if dtype is None else dtype
     dev = x_old.device
     mn = x_new.double().mean(0)  # means in float64: the intercept is exact to its precision
-    xnc = x_new.to(dt) - mn.to(dt)
-    g = xnc.T @ xnc
-    gr = _ridge(g, ridge)
     cols = torch.arange(n, device=dev)
     if same is not None:
         free = torch.ones(n, dtype=torch.bool, device=dev)
@@ -283,10 +281,17 @@ def lsq_map(x_old: torch.Tensor, x_new: torch.Tensor, ridge: float = 1e-3,
         cols = free.nonzero().flatten()
     xo = x_old.index_select(1, cols) if same is not None else x_old
     mo = xo.double().mean(0)
-    rhs = xnc.T @ (xo.to(dt) - mo.to(dt))
-    if prior is not None:
-        rhs = rhs + (gr - g).diagonal()[:, None] * prior.to(device=rhs.device, dtype=dt)[:, cols]
-    sol = spd_solve(gr, rhs).double()
+    offered = take_map(x_old, same, ridge) if same is not None and dtype is None else None
+    if offered is not None and (prior is None or not bool(prior[:, cols].any())):
+        sol = offered.to(dev)  # the exact removal cost of these survivors solved it already
+    else:
+        xnc = x_new.to(dt) - mn.to(dt)
+        g = xnc.T @ xnc
+        gr = _ridge(g, ridge)
+        rhs = xnc.T @ (xo.to(dt) - mo.to(dt))
+        if prior is not None:
+            rhs = rhs + (gr - g).diagonal()[:, None] * prior.to(device=rhs.device, dtype=dt)[:, cols]
+        sol = spd_solve(gr, rhs).double()
     shift = mo - mn @ sol
     if same is None:
         return sol, shift

@@ -57,30 +57,35 @@ def pick_block(hs: list[torch.Tensor], gs: list[torch.Tensor], alive: torch.Tens
     oks = torch.zeros(nb, 0, dtype=torch.bool, device=dev)
     costs = torch.zeros(nb, 0, dtype=torch.float64, device=dev)
     free = alive.clone()
+    # rows of H and A at the picks so far (zero where a pick is not real), grown one pick at a time
+    hps = [torch.zeros(nb, 0, s, dtype=torch.float64, device=dev) for _ in hs]
+    aps = [torch.zeros(nb, 0, s, dtype=torch.float64, device=dev) for _ in hs]
     for t in range(m):
         score = torch.zeros(nb, s, dtype=torch.float64, device=dev)
-        for h, a in zip(hs, gs):
+        for h, a, hp, ap in zip(hs, gs, hps, aps):
             dh = h.diagonal(dim1=1, dim2=2).double()
             da = a.diagonal(dim1=1, dim2=2).double()
             if t:
                 okf = oks.double()
-                hp = h[rows, picks].double() * okf[..., None]  # (nb, t, s)
-                hpp = torch.gather(hp, 2, picks[:, None, :].expand(nb, t, t)) * (okf[:, :, None] * okf[:, None, :])
+                hpp = torch.gather(hp, 2, picks[:, None, :].expand(nb, t, t)) * okf[:, None, :]
                 hpp = hpp + torch.diag_embed(1.0 - okf)
                 c = torch.linalg.solve(hpp, hp)
-                ap = a[rows, picks].double() * okf[..., None]
                 app = torch.gather(ap, 2, picks[:, None, :].expand(nb, t, t))
                 dh = dh - (hp * c).sum(1)
                 da = da - 2 * (ap * c).sum(1) + (c * (app @ c)).sum(1)
             score += da / dh.clamp_min(1e-30)
         allowed = free if quota is None else free & (quota > t)[:, None]
-        score[~allowed] = float("inf")
+        score = torch.where(allowed, score, float("inf"))
         best = score.argmin(1, keepdim=True)
         ok = torch.isfinite(score.gather(1, best))
         free[rows[ok[:, 0]], best[ok[:, 0]]] = False
         picks = torch.cat([picks, best], 1)
         oks = torch.cat([oks, ok], 1)
         costs = torch.cat([costs, torch.where(ok, score.gather(1, best), 0.0).clamp_min(0.0)], 1)
+        if t + 1 < m:
+            okf = ok.double()[:, :, None]
+            hps = [torch.cat([hp, h[rows, best].double() * okf], 1) for hp, h in zip(hps, hs)]
+            aps = [torch.cat([ap, a[rows, best].double() * okf], 1) for ap, a in zip(aps, gs)]
     return picks, oks, costs
 
 

@@ -31,7 +31,7 @@ import torch
 from hashexp.errors import ConfigError
 from hashexp.merge.calibration import RemovalOrder, SiteCapture
 from hashexp.merge.greedy import _merge_sequences, _ridge_of, blocked_removal_order, factors, greedy_steps
-from hashexp.merge.solves import consumer_energy, solve_dtype, spd_factor
+from hashexp.merge.solves import consumer_energy, offer_map, solve_dtype, spd_factor
 
 #: calibration rows used to hash a neuron's activations into a bucket
 MAX_SIGNATURE_ROWS = 2048
@@ -162,7 +162,8 @@ def restricted_removal_order(cap: SiteCapture, eligible: torch.Tensor, floor: in
     return _merge_sequences(steps_cost, steps_who, width, floor, energy, max_error, block_frac)
 
 
-def removal_cost(cap: SiteCapture, removed: torch.Tensor, ridge: float = 1e-3, dtype: torch.dtype | None = None) -> float:
+def removal_cost(cap: SiteCapture, removed: torch.Tensor, ridge: float = 1e-3, dtype: torch.dtype | None = None,
+                 offer: bool = False) -> float:
     """Exact structured-OBS cost of removing the neurons ``removed`` at once (summed over consumers).
 
     With survivors K, Z = X_S W_S^T (centred) and the exact order's ridge Lambda, the cost
@@ -174,6 +175,12 @@ def removal_cost(cap: SiteCapture, removed: torch.Tensor, ridge: float = 1e-3, d
     with more outputs than removed neurons goes through A_S = W_S^T W_S instead of Z.
     ``dtype``: the precision of the factorization (None: :func:`hashexp.merge.solves.solve_dtype`
     of the survivors; both forms' matrices have the ridged Gram's conditioning bound).
+
+    ``offer``: also solve the survivors' least-squares map of the removed neurons from the same
+    factorization, T_S = (G_KK + Lambda_K)^-1 G_KS (two triangular solves more), and offer it to the
+    consumers' refit of this capture (:func:`hashexp.merge.solves.offer_map`), which then skips its
+    own Gram and solve: the map a pruning refit with these survivors computes, to the ridge's
+    1e-12 floor (taken over the whole width here, over the survivors there).
     """
     width = int(cap.inputs[0].shape[1])
     gone = torch.zeros(width, dtype=torch.bool)
@@ -187,39 +194,56 @@ def removal_cost(cap: SiteCapture, removed: torch.Tensor, ridge: float = 1e-3, d
         lam = float(ridge) * d + 1e-12 * float(d.mean().clamp_min(1e-30))
         ws = w.index_select(1, out).double()
         total += float((ws ** 2 * lam[out]).sum())
-        total += _projected_cost(xc.index_select(1, out).to(dt), xc.index_select(1, kept).to(dt), ws.to(dt),
-                                 lam[kept].to(dt))
+        cost, t_s = _projected_cost(xc.index_select(1, out).to(dt), xc.index_select(1, kept).to(dt), ws.to(dt),
+                                    lam[kept].to(dt), want_map=offer)
+        total += cost
+        if offer:
+            offer_map(x, kept, ridge, t_s)
     return max(total, 0.0)
 
 
-def _projected_cost(xs: torch.Tensor, xk: torch.Tensor, ws: torch.Tensor, lk: torch.Tensor) -> float:
-    """tr(Z^T (I + X_K Lambda_K^-1 X_K^T)^-1 Z), Z = X_S W_S^T: the data part of :func:`removal_cost`.
+def _projected_cost(xs: torch.Tensor, xk: torch.Tensor, ws: torch.Tensor, lk: torch.Tensor,
+                    want_map: bool = False) -> tuple[float, torch.Tensor | None]:
+    """tr(Z^T (I + X_K Lambda_K^-1 X_K^T)^-1 Z), Z = X_S W_S^T: the data part of :func:`removal_cost`,
+    and with ``want_map`` the map T_S = (X_K^T X_K + Lambda_K)^-1 X_K^T X_S (float64), else None.
 
-    Kernel form (rows <= |K|): |L^-1 Z|^2 with L L^T = I + X_K Lambda_K^-1 X_K^T. Primal form:
-    |Z|^2 - |L^-1 X_K^T Z|^2 with L L^T = G_KK + Lambda_K. With more outputs than removed
+    Kernel form (rows <= |K|): |L^-1 Z|^2 with L L^T = I + X_K Lambda_K^-1 X_K^T, and
+    T_S = Lambda_K^-1 X_K^T L^-T L^-1 X_S. Primal form: |Z|^2 - |L^-1 X_K^T Z|^2 with
+    L L^T = G_KK + Lambda_K, and T_S = L^-T L^-1 X_K^T X_S. With more outputs than removed
     neurons, |M Z|^2 = sum(A_S * (M X_S)^T (M X_S)), A_S = W_S^T W_S, costs less than Z itself.
     """
     wide = ws.shape[0] > ws.shape[1]
     a = ws.T @ ws if wide else None
+
+    def quad(v: torch.Tensor) -> float:  # |v W_S^T|^2
+        if a is not None:
+            return float(((v.T @ v) * a.to(v.dtype)).double().sum())
+        return float(((v @ ws.T.to(v.dtype)).double() ** 2).sum())
+
     if xk.shape[0] <= xk.shape[1]:  # fewer rows than survivors: kernel form
         xs_k = xk / lk.sqrt()
         kmat = xs_k @ xs_k.T
         kmat.diagonal().add_(1.0)
         chol = _factor(kmat)
-        if wide:
-            v = torch.linalg.solve_triangular(chol, xs.to(chol.dtype), upper=False)
-            return float(((v.T @ v) * a.to(chol.dtype)).double().sum())
-        z = (xs @ ws.T).to(chol.dtype)
-        return float((torch.linalg.solve_triangular(chol, z, upper=False).double() ** 2).sum())
+        if not (wide or want_map):
+            z = (xs @ ws.T).to(chol.dtype)
+            return float((torch.linalg.solve_triangular(chol, z, upper=False).double() ** 2).sum()), None
+        v = torch.linalg.solve_triangular(chol, xs.to(chol.dtype), upper=False)
+        if not want_map:
+            return quad(v), None
+        u = torch.linalg.solve_triangular(chol.mT, v, upper=True)
+        return quad(v), ((xk.to(chol.dtype).T @ u) / lk.to(chol.dtype)[:, None]).double()
     g = xk.T @ xk
     g.diagonal().add_(lk)
     chol = _factor(g)
-    if wide:
-        p = torch.linalg.solve_triangular(chol, (xk.T @ xs).to(chol.dtype), upper=False)
-        return float(((xs.T @ xs).double() * a.double()).sum() - ((p.T @ p) * a.to(chol.dtype)).double().sum())
-    z = xs @ ws.T
-    proj = torch.linalg.solve_triangular(chol, (xk.T @ z).to(chol.dtype), upper=False)
-    return float((z.double() ** 2).sum() - (proj.double() ** 2).sum())
+    if not (wide or want_map):
+        z = xs @ ws.T
+        proj = torch.linalg.solve_triangular(chol, (xk.T @ z).to(chol.dtype), upper=False)
+        return float((z.double() ** 2).sum() - (proj.double() ** 2).sum()), None
+    p = torch.linalg.solve_triangular(chol, (xk.T @ xs).to(chol.dtype), upper=False)
+    whole = float(((xs.T @ xs).double() * a.double()).sum()) if wide else float(((xs @ ws.T).double() ** 2).sum())
+    t_s = torch.linalg.solve_triangular(chol.mT, p, upper=True).double() if want_map else None
+    return whole - quad(p), t_s
 
 
 def _factor(a: torch.Tensor) -> torch.Tensor:
@@ -245,7 +269,7 @@ def cut_by_budget(cap: SiteCapture, order: RemovalOrder, max_error: float, ridge
     hi = len(costs)
     exact_at = {}
     if lo < hi:
-        c = removal_cost(cap, order.removed(hi), ridge)
+        c = removal_cost(cap, order.removed(hi), ridge, offer=True)  # the likeliest cut: offer its refit map
         exact_at[hi] = c
         if c <= budget:
             lo = hi

@@ -22,6 +22,8 @@ provably pair with the inputs row by row.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 #: solves with fewer features than this stay in float64 (they are cheap, and planted cases stay exact)
@@ -87,3 +89,28 @@ def consumer_energy(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor | None = N
         wd = w.double()
         return float(((wd @ gram.double()) * wd).sum())
     return float((((x.double() - mean).float() @ w.float().T).double() ** 2).sum())
+
+
+#: least-squares maps offered by exact removal costs to the refit of the same capture (newest last)
+_OFFERS: list[tuple[weakref.ref, int, torch.Tensor, float, torch.Tensor]] = []
+#: at most this many offers are held (a bisection offers one; a site has few consumers)
+MAX_OFFERS = 4
+
+
+def offer_map(x: torch.Tensor, kept: torch.Tensor, ridge: float, t_s: torch.Tensor) -> None:
+    """Hold T_S, the map from the survivors ``kept`` of the calibration rows ``x`` to its other
+    columns (:func:`hashexp.merge.order.removal_cost`), for :func:`take_map`. Held by a weak
+    reference to ``x`` and its version: a capture that is dropped or changed in place never matches."""
+    _OFFERS[:] = [o for o in _OFFERS if o[0]() is not None and o[0]() is not x][-(MAX_OFFERS - 1):]
+    _OFFERS.append((weakref.ref(x), x._version, kept.clone(), float(ridge), t_s))
+
+
+def take_map(x: torch.Tensor, kept: torch.Tensor, ridge: float) -> torch.Tensor | None:
+    """The map :func:`offer_map` holds for exactly these rows (same tensor, unchanged), survivors
+    and ridge, removed from the offers; None if there is none."""
+    _OFFERS[:] = [o for o in _OFFERS if o[0]() is not None]  # a dropped capture's offer goes with it
+    for i, (ref, version, k, r, t_s) in enumerate(_OFFERS):
+        if ref() is x and version == x._version and r == float(ridge) and torch.equal(k, kept.to(k.device)):
+            del _OFFERS[i]
+            return t_s
+    return None
