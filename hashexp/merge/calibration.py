@@ -40,6 +40,7 @@ from torch import nn
 
 from hashexp.errors import ConfigError
 from hashexp.merge.site import Consumer, MergeSite, consumer_output, site_input
+from hashexp.merge.solves import consumer_energy, solve_dtype, spd_solve, take_map
 from hashexp.utils.seeding import EVENT_MIX, derive_seed
 
 #: calibration samples when hashing.calib_samples is null (or the whole split if smaller)
@@ -251,8 +252,8 @@ def centred_gram(x: torch.Tensor) -> torch.Tensor:
 
 
 def lsq_map(x_old: torch.Tensor, x_new: torch.Tensor, ridge: float = 1e-3,
-            prior: torch.Tensor | None = None,
-            same: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            prior: torch.Tensor | None = None, same: torch.Tensor | None = None,
+            dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Ridge least squares with intercept: x_old ~ x_new @ T + c; returns T (k, n) and c (n,), float64.
 
     The ridge pulls T toward ``prior`` (k, n) instead of toward zero: the plan's own weight-rule
@@ -264,32 +265,41 @@ def lsq_map(x_old: torch.Tensor, x_new: torch.Tensor, ridge: float = 1e-3,
     before any other change). Those columns of T are then e_i exactly (zero residual at the prior,
     the unique minimum) and only the other columns are solved: the cost falls with the share of
     survivors.
+
+    ``dtype``: the solve's precision (None: :func:`hashexp.merge.solves.solve_dtype`; then, with
+    ``same`` and a zero prior on the solved columns, a map the exact removal cost of these
+    survivors offered, :func:`hashexp.merge.solves.take_map`, is used instead of solving again).
     """
-    xo, xn = x_old.double(), x_new.double()
-    mo, mn = xo.mean(0), xn.mean(0)
-    xnc = xn - mn
-    g = xnc.T @ xnc
-    gr = _ridge(g, ridge)
-    n = xo.shape[1]
-    cols = torch.arange(n, device=xo.device)
+    k, n = x_new.shape[1], x_old.shape[1]
+    dt = solve_dtype(k, ridge) if dtype is None else dtype
+    dev = x_old.device
+    mn = x_new.double().mean(0)  # means in float64: the intercept is exact to its precision
+    cols = torch.arange(n, device=dev)
     if same is not None:
-        free = torch.ones(n, dtype=torch.bool, device=xo.device)
-        free[same.to(xo.device)] = False
+        free = torch.ones(n, dtype=torch.bool, device=dev)
+        free[same.to(dev)] = False
         cols = free.nonzero().flatten()
-    rhs = xnc.T @ (xo[:, cols] - mo[cols])
-    if prior is not None:
-        rhs = rhs + (gr - g).diagonal()[:, None] * prior.double().to(rhs.device)[:, cols]
-    try:  # G + ridge is symmetric positive definite: Cholesky, twice as fast as LU
-        sol = torch.cholesky_solve(rhs, torch.linalg.cholesky(gr))
-    except RuntimeError:  # numerically indefinite (degenerate features): fall back to LU
-        sol = torch.linalg.solve(gr, rhs)
+    xo = x_old.index_select(1, cols) if same is not None else x_old
+    mo = xo.double().mean(0)
+    offered = take_map(x_old, same, ridge) if same is not None and dtype is None else None
+    if offered is not None and (prior is None or not bool(prior[:, cols].any())):
+        sol = offered.to(dev)  # the exact removal cost of these survivors solved it already
+    else:
+        xnc = x_new.to(dt) - mn.to(dt)
+        g = xnc.T @ xnc
+        gr = _ridge(g, ridge)
+        rhs = xnc.T @ (xo.to(dt) - mo.to(dt))
+        if prior is not None:
+            rhs = rhs + (gr - g).diagonal()[:, None] * prior.to(device=rhs.device, dtype=dt)[:, cols]
+        sol = spd_solve(gr, rhs).double()
+    shift = mo - mn @ sol
     if same is None:
-        return sol, mo - mn @ sol
-    t = torch.zeros(xn.shape[1], n, dtype=torch.float64, device=xo.device)
-    t[torch.arange(len(same), device=xo.device), same.to(xo.device)] = 1.0
+        return sol, shift
+    t = torch.zeros(k, n, dtype=torch.float64, device=dev)
+    t[torch.arange(len(same), device=dev), same.to(dev)] = 1.0
     t[:, cols] = sol
-    c = torch.zeros(n, dtype=torch.float64, device=xo.device)
-    c[cols] = mo[cols] - mn @ sol
+    c = torch.zeros(n, dtype=torch.float64, device=dev)
+    c[cols] = shift
     return t, c
 
 
@@ -345,9 +355,10 @@ def obs_removal_order(cap: SiteCapture, eligible: torch.Tensor, floor: int, ridg
     width = int(cap.inputs[0].shape[1])
     hs, ws = [], []
     energy = 0.0
-    for x, w in zip(cap.inputs, cap.weights):
+    outs = list(cap.outputs) if len(cap.outputs) == len(cap.inputs) else [None] * len(cap.inputs)
+    for x, w, y in zip(cap.inputs, cap.weights, outs):
         g = centred_gram(x)
-        energy += float(((w @ g) * w).sum())
+        energy += consumer_energy(x, w, y, g)
         hs.append(_spd_inverse(_ridge(g, ridge)).float())
         ws.append(w.float().clone())
     idx = torch.arange(width)  # original index of each surviving row/column

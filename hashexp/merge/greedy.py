@@ -57,30 +57,35 @@ def pick_block(hs: list[torch.Tensor], gs: list[torch.Tensor], alive: torch.Tens
     oks = torch.zeros(nb, 0, dtype=torch.bool, device=dev)
     costs = torch.zeros(nb, 0, dtype=torch.float64, device=dev)
     free = alive.clone()
+    # rows of H and A at the picks so far (zero where a pick is not real), grown one pick at a time
+    hps = [torch.zeros(nb, 0, s, dtype=torch.float64, device=dev) for _ in hs]
+    aps = [torch.zeros(nb, 0, s, dtype=torch.float64, device=dev) for _ in hs]
     for t in range(m):
         score = torch.zeros(nb, s, dtype=torch.float64, device=dev)
-        for h, a in zip(hs, gs):
+        for h, a, hp, ap in zip(hs, gs, hps, aps):
             dh = h.diagonal(dim1=1, dim2=2).double()
             da = a.diagonal(dim1=1, dim2=2).double()
             if t:
                 okf = oks.double()
-                hp = h[rows, picks].double() * okf[..., None]  # (nb, t, s)
-                hpp = torch.gather(hp, 2, picks[:, None, :].expand(nb, t, t)) * (okf[:, :, None] * okf[:, None, :])
+                hpp = torch.gather(hp, 2, picks[:, None, :].expand(nb, t, t)) * okf[:, None, :]
                 hpp = hpp + torch.diag_embed(1.0 - okf)
                 c = torch.linalg.solve(hpp, hp)
-                ap = a[rows, picks].double() * okf[..., None]
                 app = torch.gather(ap, 2, picks[:, None, :].expand(nb, t, t))
                 dh = dh - (hp * c).sum(1)
                 da = da - 2 * (ap * c).sum(1) + (c * (app @ c)).sum(1)
             score += da / dh.clamp_min(1e-30)
         allowed = free if quota is None else free & (quota > t)[:, None]
-        score[~allowed] = float("inf")
+        score = torch.where(allowed, score, float("inf"))
         best = score.argmin(1, keepdim=True)
         ok = torch.isfinite(score.gather(1, best))
         free[rows[ok[:, 0]], best[ok[:, 0]]] = False
         picks = torch.cat([picks, best], 1)
         oks = torch.cat([oks, ok], 1)
         costs = torch.cat([costs, torch.where(ok, score.gather(1, best), 0.0).clamp_min(0.0)], 1)
+        if t + 1 < m:
+            okf = ok.double()[:, :, None]
+            hps = [torch.cat([hp, h[rows, best].double() * okf], 1) for hp, h in zip(hps, hs)]
+            aps = [torch.cat([ap, a[rows, best].double() * okf], 1) for ap, a in zip(aps, gs)]
     return picks, oks, costs
 
 
@@ -110,8 +115,8 @@ def _block_update(hs: list[torch.Tensor], gs: list[torch.Tensor], pick: torch.Te
 
 
 def greedy_steps(hs: list[torch.Tensor], gs: list[torch.Tensor], alive: torch.Tensor, per_step: int,
-                 quota: torch.Tensor | None = None, budget: torch.Tensor | None = None
-                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                 quota: torch.Tensor | None = None, budget: torch.Tensor | None = None,
+                 room: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Run the blocked greedy order on every row of the batch at once.
 
     Each step removes ``per_step`` neurons per row (:func:`pick_block`) with one block update
@@ -123,6 +128,12 @@ def greedy_steps(hs: list[torch.Tensor], gs: list[torch.Tensor], alive: torch.Te
     of the batch, padded to the largest). Returns per step the picks' costs (nb, m) (marginals
     rescaled to the block's exact joint cost) and original slots (nb, m) (-1: no pick). ``hs`` and
     ``gs`` are updated in place.
+
+    ``room``: only the first ``room`` removals of the rows' merged order (:func:`_merge_sequences`,
+    by running-max cost) are needed. Every later pick of a row costs at least that row's running
+    max so far, so once ``room`` picks cost strictly less than the smallest running max of the rows
+    still removing, the merged order's first ``room`` entries (and their costs) can no longer
+    change, and the loop stops: the same prefix as the full run, without its later steps.
     """
     nb, s = alive.shape
     dev = alive.device
@@ -134,6 +145,8 @@ def greedy_steps(hs: list[torch.Tensor], gs: list[torch.Tensor], alive: torch.Te
     col = torch.arange(s, device=dev).expand(nb, s)  # original slot of each (compacted) column
     gone = torch.zeros(nb, s, dtype=torch.bool, device=dev)
     steps_cost, steps_slot = [], []
+    env = torch.zeros(nb, dtype=torch.float64, device=dev)  # each row's running-max cost
+    fixed = 0  # picks whose cost is below every running max of the rows still removing
     for _ in range(-(-s // m)):
         if left is not None:
             alive &= (left > 0)[:, None]
@@ -154,13 +167,40 @@ def greedy_steps(hs: list[torch.Tensor], gs: list[torch.Tensor], alive: torch.Te
         spent += step_cost.clamp_min(0.0)
         if budget is not None:
             alive &= (spent <= budget)[:, None]
+        if room is not None:
+            env, fixed = _settled(env, marginal, ok, steps_cost, steps_slot, alive, left)
+            if fixed >= room:
+                break
         n_keep = int((~gone).sum(1).max())
         if n_keep <= 0.75 * gone.shape[1]:  # compact: removed columns of H and A are zero, drop them
             keep = torch.argsort(gone.to(torch.int8), dim=1, stable=True)[:, :max(n_keep, 1)]
-            hs[:] = [h[rows[:, :, None], keep[:, :, None], keep[:, None, :]] for h in hs]
-            gs[:] = [a[rows[:, :, None], keep[:, :, None], keep[:, None, :]] for a in gs]
+            hs[:] = [_submatrices(h, keep) for h in hs]
+            gs[:] = [_submatrices(a, keep) for a in gs]
             alive, gone, col = alive.gather(1, keep), gone.gather(1, keep), col.gather(1, keep)
     return steps_cost, steps_slot
+
+
+def _submatrices(h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """h[b][keep[b]][:, keep[b]] for every row b: two gathers (3x faster than one 3-index lookup)."""
+    nb, k = keep.shape
+    rows = torch.gather(h, 1, keep[:, :, None].expand(nb, k, h.shape[2]))
+    return torch.gather(rows, 2, keep[:, None, :].expand(nb, k, k))
+
+
+def _settled(env: torch.Tensor, marginal: torch.Tensor, ok: torch.Tensor, steps_cost: list[torch.Tensor],
+             steps_slot: list[torch.Tensor], alive: torch.Tensor, left: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """After a step of :func:`greedy_steps`: the rows' new running-max costs and how many picks so far
+    cost strictly less than the smallest running max of the rows that still remove (their place
+    in the merged order is settled)."""
+    env = torch.maximum(env, torch.where(ok, marginal, torch.zeros_like(marginal)).max(1).values)
+    active = alive.any(1) if left is None else alive.any(1) & (left > 0)
+    if not bool(active.any()):
+        return env, sum(int((p >= 0).sum()) for p in steps_slot)
+    lower = env[active].min()
+    cost = torch.cat(steps_cost, 1)
+    real = torch.cat(steps_slot, 1) >= 0
+    run = torch.cummax(torch.where(real, cost, torch.zeros_like(cost)), 1).values
+    return env, int((real & (run < lower)).sum())
 
 
 def _merge_sequences(steps_cost, steps_who, width: int, floor: int, energy: float,

@@ -31,6 +31,7 @@ import torch
 from hashexp.errors import ConfigError
 from hashexp.merge.calibration import RemovalOrder, SiteCapture
 from hashexp.merge.greedy import _merge_sequences, _ridge_of, blocked_removal_order, factors, greedy_steps
+from hashexp.merge.solves import consumer_energy, offer_map, solve_dtype, spd_factor
 
 #: calibration rows used to hash a neuron's activations into a bucket
 MAX_SIGNATURE_ROWS = 2048
@@ -114,10 +115,11 @@ def _padded_members(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return members, members >= 0
 
 
-def _bucket_factors(x: torch.Tensor, w: torch.Tensor, members: torch.Tensor, valid: torch.Tensor,
-                    ridge: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _bucket_factors(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor | None, members: torch.Tensor,
+                    valid: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Inverse ridged Grams H (nb, s, s), weight Grams A = W_b^T W_b (nb, s, s) of one consumer, and
-    its centred output energy |X_c W^T|^2.
+    its centred output energy |X_c W^T|^2 (:func:`~hashexp.merge.solves.consumer_energy`, from the
+    captured outputs ``y`` where they pair with ``x``).
 
     The ridge is the exact order's (per neuron, relative to the mean energy of the whole width),
     so each bucket's diagonal block equals the same block of the full ridged Gram. Working on A
@@ -128,8 +130,7 @@ def _bucket_factors(x: torch.Tensor, w: torch.Tensor, members: torch.Tensor, val
     idx = members.clamp_min(0)
     wf = w.float()
     h, a = factors(xc[:, idx].permute(1, 0, 2), wf[:, idx].permute(1, 0, 2), valid, lam[idx])
-    energy = float(((xc @ wf.T).double() ** 2).sum())
-    return h, a, energy
+    return h, a, consumer_energy(x, w, y)
 
 
 def restricted_removal_order(cap: SiteCapture, eligible: torch.Tensor, floor: int, ridge: float = 1e-3,
@@ -150,17 +151,19 @@ def restricted_removal_order(cap: SiteCapture, eligible: torch.Tensor, floor: in
     width = int(cap.inputs[0].shape[1])
     labels = balanced_buckets(_signature(cap.inputs[0]), bucket_size, seed)
     members, valid = _padded_members(labels)
-    facs = [_bucket_factors(x, w, members, valid, ridge) for x, w in zip(cap.inputs, cap.weights)]
+    outs = list(cap.outputs) if len(cap.outputs) == len(cap.inputs) else [None] * len(cap.inputs)
+    facs = [_bucket_factors(x, w, y, members, valid, ridge) for x, w, y in zip(cap.inputs, cap.weights, outs)]
     energy = sum(f[2] for f in facs)
     hs = [f[0] for f in facs]
     gs = [f[1] for f in facs]
     alive = valid & eligible.bool()[members.clamp_min(0)]
-    steps_cost, steps_slot = greedy_steps(hs, gs, alive, per_step)
+    steps_cost, steps_slot = greedy_steps(hs, gs, alive, per_step, room=max(width - int(floor), 0))
     steps_who = [torch.where(p >= 0, members.gather(1, p.clamp_min(0)), p) for p in steps_slot]
     return _merge_sequences(steps_cost, steps_who, width, floor, energy, max_error, block_frac)
 
 
-def removal_cost(cap: SiteCapture, removed: torch.Tensor, ridge: float = 1e-3) -> float:
+def removal_cost(cap: SiteCapture, removed: torch.Tensor, ridge: float = 1e-3, dtype: torch.dtype | None = None,
+                 offer: bool = False) -> float:
     """Exact structured-OBS cost of removing the neurons ``removed`` at once (summed over consumers).
 
     With survivors K, Z = X_S W_S^T (centred) and the exact order's ridge Lambda, the cost
@@ -168,34 +171,89 @@ def removal_cost(cap: SiteCapture, removed: torch.Tensor, ridge: float = 1e-3) -
     tr(W_S Lambda_S W_S^T) + tr(Z^T (I + X_K Lambda_K^-1 X_K^T)^-1 Z)
     (Schur complement, then the push-through identity). The kernel form costs rows^2 * |K|, the
     primal form (G_KK + Lambda_K) |K|^2 * rows: whichever is smaller, so for a fixed calibration set
-    the cost is linear in width. It is the number an error budget is checked against.
+    the cost is linear in width. It is the number an error budget is checked against. A consumer
+    with more outputs than removed neurons goes through A_S = W_S^T W_S instead of Z.
+    ``dtype``: the precision of the factorization (None: :func:`hashexp.merge.solves.solve_dtype`
+    of the survivors; both forms' matrices have the ridged Gram's conditioning bound).
+
+    ``offer``: also solve the survivors' least-squares map of the removed neurons from the same
+    factorization, T_S = (G_KK + Lambda_K)^-1 G_KS (two triangular solves more), and offer it to the
+    consumers' refit of this capture (:func:`hashexp.merge.solves.offer_map`), which then skips its
+    own Gram and solve: the map a pruning refit with these survivors computes, to the ridge's
+    1e-12 floor (taken over the whole width here, over the survivors there).
     """
     width = int(cap.inputs[0].shape[1])
     gone = torch.zeros(width, dtype=torch.bool)
     gone[removed] = True
-    kept = (~gone).nonzero().flatten()
+    kept, out = (~gone).nonzero().flatten(), gone.nonzero().flatten()
+    dt = solve_dtype(len(kept), ridge) if dtype is None else dtype
     total = 0.0
     for x, w in zip(cap.inputs, cap.weights):
         xc = x.double() - x.double().mean(0)
         d = (xc * xc).sum(0)
         lam = float(ridge) * d + 1e-12 * float(d.mean().clamp_min(1e-30))
-        ws, xs, xk = w.double()[:, gone], xc[:, gone], xc[:, kept]
-        z = xs @ ws.T  # (rows, out)
-        total += float((ws * ws * lam[gone]).sum())
-        lk = lam[kept]
-        if xk.shape[0] <= xk.shape[1]:  # fewer rows than survivors: kernel form
-            xs_k = xk / lk.sqrt()
-            kmat = xs_k @ xs_k.T
-            kmat.diagonal().add_(1.0)
-            chol = torch.linalg.cholesky(kmat)
-            total += float((torch.linalg.solve_triangular(chol, z, upper=False) ** 2).sum())
-        else:
-            g = xk.T @ xk
-            g.diagonal().add_(lk)
-            chol = torch.linalg.cholesky(g)
-            proj = torch.linalg.solve_triangular(chol, xk.T @ z, upper=False)
-            total += float((z * z).sum() - (proj ** 2).sum())
+        ws = w.index_select(1, out).double()
+        total += float((ws ** 2 * lam[out]).sum())
+        cost, t_s = _projected_cost(xc.index_select(1, out).to(dt), xc.index_select(1, kept).to(dt), ws.to(dt),
+                                    lam[kept].to(dt), want_map=offer)
+        total += cost
+        if offer:
+            offer_map(x, kept, ridge, t_s)
     return max(total, 0.0)
+
+
+def _projected_cost(xs: torch.Tensor, xk: torch.Tensor, ws: torch.Tensor, lk: torch.Tensor,
+                    want_map: bool = False) -> tuple[float, torch.Tensor | None]:
+    """tr(Z^T (I + X_K Lambda_K^-1 X_K^T)^-1 Z), Z = X_S W_S^T: the data part of :func:`removal_cost`,
+    and with ``want_map`` the map T_S = (X_K^T X_K + Lambda_K)^-1 X_K^T X_S (float64), else None.
+
+    Kernel form (rows <= |K|): |L^-1 Z|^2 with L L^T = I + X_K Lambda_K^-1 X_K^T, and
+    T_S = Lambda_K^-1 X_K^T L^-T L^-1 X_S. Primal form: |Z|^2 - |L^-1 X_K^T Z|^2 with
+    L L^T = G_KK + Lambda_K, and T_S = L^-T L^-1 X_K^T X_S. With more outputs than removed
+    neurons, |M Z|^2 = sum(A_S * (M X_S)^T (M X_S)), A_S = W_S^T W_S, costs less than Z itself.
+    """
+    wide = ws.shape[0] > ws.shape[1]
+    a = ws.T @ ws if wide else None
+
+    def quad(v: torch.Tensor) -> float:  # |v W_S^T|^2
+        if a is not None:
+            return float(((v.T @ v) * a.to(v.dtype)).double().sum())
+        return float(((v @ ws.T.to(v.dtype)).double() ** 2).sum())
+
+    if xk.shape[0] <= xk.shape[1]:  # fewer rows than survivors: kernel form
+        xs_k = xk / lk.sqrt()
+        kmat = xs_k @ xs_k.T
+        kmat.diagonal().add_(1.0)
+        chol = _factor(kmat)
+        if not (wide or want_map):
+            z = (xs @ ws.T).to(chol.dtype)
+            return float((torch.linalg.solve_triangular(chol, z, upper=False).double() ** 2).sum()), None
+        v = torch.linalg.solve_triangular(chol, xs.to(chol.dtype), upper=False)
+        if not want_map:
+            return quad(v), None
+        u = torch.linalg.solve_triangular(chol.mT, v, upper=True)
+        return quad(v), ((xk.to(chol.dtype).T @ u) / lk.to(chol.dtype)[:, None]).double()
+    g = xk.T @ xk
+    g.diagonal().add_(lk)
+    chol = _factor(g)
+    if not (wide or want_map):
+        z = xs @ ws.T
+        proj = torch.linalg.solve_triangular(chol, (xk.T @ z).to(chol.dtype), upper=False)
+        return float((z.double() ** 2).sum() - (proj.double() ** 2).sum()), None
+    p = torch.linalg.solve_triangular(chol, (xk.T @ xs).to(chol.dtype), upper=False)
+    whole = float(((xs.T @ xs).double() * a.double()).sum()) if wide else float(((xs @ ws.T).double() ** 2).sum())
+    t_s = torch.linalg.solve_triangular(chol.mT, p, upper=True).double() if want_map else None
+    return whole - quad(p), t_s
+
+
+def _factor(a: torch.Tensor) -> torch.Tensor:
+    """Cholesky factor of ``a``; a float32 one that fails is redone in float64."""
+    chol = spd_factor(a)
+    if chol is None and a.dtype != torch.float64:
+        chol = spd_factor(a.double())
+    if chol is None:
+        raise RuntimeError("removal_cost: the ridged Gram is not positive definite")
+    return chol
 
 
 def cut_by_budget(cap: SiteCapture, order: RemovalOrder, max_error: float, ridge: float = 1e-3) -> RemovalOrder:
@@ -211,7 +269,7 @@ def cut_by_budget(cap: SiteCapture, order: RemovalOrder, max_error: float, ridge
     hi = len(costs)
     exact_at = {}
     if lo < hi:
-        c = removal_cost(cap, order.removed(hi), ridge)
+        c = removal_cost(cap, order.removed(hi), ridge, offer=True)  # the likeliest cut: offer its refit map
         exact_at[hi] = c
         if c <= budget:
             lo = hi

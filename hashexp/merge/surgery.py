@@ -222,22 +222,40 @@ def _on_site(w: torch.Tensor, cons: Consumer, width: int, fn) -> torch.Tensor:
     return out.reshape(w.shape[0], -1) if block > 1 else out
 
 
-def _dense_map(t: torch.Tensor, tmap: torch.Tensor) -> torch.Tensor:
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    """The precision a parameter's map is applied in: float64 for float64 tensors, else float32 (the
+    map of a float32 weight is rounded to float32 anyway; float32 products run about twice as fast)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _dense_map(t: torch.Tensor, tmap: torch.Tensor, split: tuple | None = None) -> torch.Tensor:
     """out[:, g, ...] = sum_i t[:, i, ...] tmap[g, i]: a (k, n) map applied on dim 1.
 
     Columns of ``tmap`` that are unit vectors (a survivor that keeps its column, most of a
     pruning refit) are copied, not multiplied: the product runs over the other columns only.
+    ``split``: :func:`_unit_split` of ``tmap``, when several tensors take maps of the same pattern.
+    When every new column is exactly one copied column (a pruning refit), the copies are gathered
+    into the output and the product is added in place (one gather and one addmm for a matrix).
     """
     tmap = tmap.to(t.dtype)
+    rest, src, dst = _unit_split(tmap) if split is None else split
+    if len(src) == 0:
+        return torch.einsum("oi...,gi->og...", t, tmap)
+    if len(src) == tmap.shape[0] and t.dim() == 2 and bool((dst.sort().values == torch.arange(
+            len(dst), device=dst.device)).all()):
+        out = t.index_select(1, src[torch.argsort(dst)])
+        return out.addmm_(t.index_select(1, rest), tmap.index_select(1, rest).T) if len(rest) else out
+    out = torch.einsum("oi...,gi->og...", t.index_select(1, rest), tmap.index_select(1, rest))
+    return out.index_add_(1, dst, t.index_select(1, src))
+
+
+def _unit_split(tmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rest, src, dst) of a (k, n) map: the columns that are not unit vectors, those that are, and
+    the new column each of those is copied to. Squaring the map (second moments) keeps them."""
     unit = (tmap != 0).sum(0) == 1
     unit &= tmap.sum(0) == 1
-    if not bool(unit.any()):
-        return torch.einsum("oi...,gi->og...", t, tmap)
-    rest = (~unit).nonzero().flatten()
-    out = torch.einsum("oi...,gi->og...", t.index_select(1, rest), tmap.index_select(1, rest))
     src = unit.nonzero().flatten()
-    dst = tmap.index_select(1, src).argmax(0)
-    return out.index_add_(1, dst, t.index_select(1, src))
+    return (~unit).nonzero().flatten(), src, tmap.index_select(1, src).argmax(0)
 
 
 def refit_consumer(module: nn.Module | Consumer, tmap: torch.Tensor, shift: torch.Tensor | None,
@@ -263,7 +281,8 @@ def refit_consumer(module: nn.Module | Consumer, tmap: torch.Tensor, shift: torc
     with torch.no_grad():
         old = module.weight
         w = old.data
-        new_w = _dense_map(w.double(), tmap.double()).to(w.dtype)
+        split = _unit_split(tmap)
+        new_w = _dense_map(w.to(_work_dtype(w)), tmap, split).to(w.dtype)
         param = nn.Parameter(new_w.contiguous(), requires_grad=old.requires_grad)
         setattr(module, "weight", param)
         if optimizer is not None:
@@ -274,7 +293,7 @@ def refit_consumer(module: nn.Module | Consumer, tmap: torch.Tensor, shift: torc
                 for key, val in list(st.items()):
                     if torch.is_tensor(val) and val.shape == old.shape and val.dim() > 0:
                         tm = tmap * tmap if "sq" in key else tmap
-                        st[key] = _dense_map(val.double(), tm.double()).to(val.dtype)
+                        st[key] = _dense_map(val.to(_work_dtype(val)), tm, split).to(val.dtype)
                 optimizer.state[param] = st
         if shift is not None:
             wsum = w.double().flatten(2).sum(2) if w.dim() > 2 else w.double()
@@ -298,8 +317,10 @@ def _refit_columns(cons: Consumer, tmap: torch.Tensor, shift: torch.Tensor | Non
             mid = v[:, cons.offset:cons.offset + width].double()
             delta = (mid.flatten(2).sum(2) if mid.dim() > 2 else mid) @ shift.double().to(w.device)
         tm, tm_sq = tmap.double(), (tmap * tmap).double()
-        _swap(mod, "weight", lambda t: _on_site(t, cons, width, lambda x: _dense_map(x.double(), tm).to(x.dtype)),
-              lambda t: _on_site(t, cons, width, lambda x: _dense_map(x.double(), tm_sq).to(x.dtype)), optimizer)
+        _swap(mod, "weight",
+              lambda t: _on_site(t, cons, width, lambda x: _dense_map(x.to(_work_dtype(x)), tm).to(x.dtype)),
+              lambda t: _on_site(t, cons, width, lambda x: _dense_map(x.to(_work_dtype(x)), tm_sq).to(x.dtype)),
+              optimizer)
         if shift is not None:
             if getattr(mod, "bias", None) is not None:
                 mod.bias.data.add_(delta.to(mod.bias.dtype))
