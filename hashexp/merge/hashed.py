@@ -39,6 +39,7 @@ from hashexp.merge.heads import head_removal_order, head_vectors
 from hashexp.merge.order import check_order_knobs, removal_order
 from hashexp.merge.sites import MergeSite, model_sites
 from hashexp.merge.surgery import MergePlan, merge_plan, prune_plan
+from hashexp.merge.training_rows import example_input
 from hashexp.utils.checks import check_at_least, check_bits, check_cosine
 from hashexp.utils.seeding import EVENT_MIX, SITE_MIX, derive_seed
 
@@ -247,8 +248,7 @@ class HashCompressor(Compressor):
         caps, eligibles, floors, errors, candidates = [], [], [], [], {}
         for site in sites:
             idx = index_of[site.name]
-            caps.append(cal.capture_site(model, site, calib, derive_seed(self.seed, idx, scale=SITE_MIX, weights=(1,)),
-                                         conv_samples=self.conv_samples))
+            caps.append(self.measure(model, site, calib, derive_seed(self.seed, idx, scale=SITE_MIX, weights=(1,))))
             with self._overridden(self._site_knobs(site.name, overrides)):
                 saved = self.target_ratio
                 if glob:
@@ -277,7 +277,7 @@ class HashCompressor(Compressor):
             self._site_orders = {site.name: (o, el) for site, o, el in zip(sites, found, eligibles)}
             return
         widths = {site.name: site.width for site in sites}
-        layers = layer_flops(model, sites, calib)
+        layers = layer_flops(model, sites, example_input(calib))
         flops = neuron_flops(layers, widths)
         take = allocate(orders, flops, widths, self.max_error, self.target_ratio, layers)
         self._global_removed = {n: (orders[n].removed(k), candidates[n]) for n, k in take.items()}
