@@ -152,11 +152,14 @@ class Rehasher:
         return x[self.calib_index.to(x.device)]
 
     # ------------------------------------------------------------------ the training step
-    def before_forward(self, n_global: int) -> None:
-        """A training forward of a global batch of ``n_global`` samples follows (this rank: its slice)."""
+    def before_forward(self, n_global: int, wanted=None) -> None:
+        """A training forward of a global batch of ``n_global`` samples follows (this rank: its slice).
+        ``wanted(K)``: whether a rehash may use this batch (one of the last K before it); None: always.
+        Recording only those batches keeps exactly the rows an always-recording ring buffer holds at
+        the rehash, at a fraction of the cost."""
         if self.rows is not None:
             lo = self.dist.bounds(n_global)[0] if self.dist is not None else 0
-            self.rows.begin_batch(lo, n_global)
+            self.rows.begin_batch(lo, n_global, record=wanted is None or bool(wanted(self.calib_batches)))
 
     def after_backward(self, model: nn.Module) -> None:
         """With a pull in flight: members of each pulled group share their group's mean gradient.
