@@ -74,6 +74,12 @@ def install() -> None:
         cal.capture_site = capture1
     cal.lsq_map = _timed("lsq", cal.lsq_map)
     compressor.refit_consumer = _timed("lsq", compressor.refit_consumer)
+    try:  # the refit on recorded rows (hashing.calibration=training)
+        from hashexp.merge import training_rows
+
+        training_rows.refit_consumer = _timed("lsq", training_rows.refit_consumer)
+    except ImportError:  # a checkout from before training-row calibration
+        pass
     compressor.apply_producers = _timed("surgery", compressor.apply_producers)
     hashed.HashCompressor.eligible = _timed("candidates", hashed.HashCompressor.eligible)
     hashed.HashCompressor._order = _timed("order", hashed.HashCompressor._order)

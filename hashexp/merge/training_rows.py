@@ -50,7 +50,8 @@ from typing import Any
 import torch
 
 from hashexp.errors import ConfigError
-from hashexp.merge.calibration import DEFAULT_SAMPLES, MAX_CONV_ROWS, SiteCapture, centred_gram, lsq_map, weight_matrix
+from hashexp.merge import calibration as cal
+from hashexp.merge.calibration import DEFAULT_SAMPLES, MAX_CONV_ROWS, SiteCapture, centred_gram, weight_matrix
 from hashexp.merge.plans import MergePlan, survivor_index
 from hashexp.merge.site import MergeSite, site_input
 from hashexp.merge.surgery import refit_consumer
@@ -87,11 +88,7 @@ class TrainingCapture:
         self.armed = False  # between begin_batch and end_batch: only the training forward is recorded
         self.gen = torch.Generator()
         self.active = True
-        self.handles = []
-        for s in sites:
-            for k, c in enumerate(s.consumers):
-                self.handles.append(c.module.register_forward_pre_hook(
-                    lambda m, i, s=s, k=k: self.record(s.name, k, m, i[0])))
+        self.handles = []  # hooked only while a recorded batch runs: the other steps pay nothing
 
     def begin_batch(self, lo: int, n_global: int, record: bool = True) -> None:
         """The next training forward sees rows [lo, lo + local) of a global batch of ``n_global``
@@ -99,13 +96,21 @@ class TrainingCapture:
         self.batch += 1
         self.lo, self.n_global = int(lo), int(n_global)
         self.armed = bool(record)
+        if not self.armed:
+            return
         # one generator per batch, drawn in forward order (the same on every rank and after a resume)
         self.gen = torch.Generator().manual_seed(derive_seed(self.seed, self.batch, scale=EVENT_MIX, weights=(131,)))
+        if not self.handles:
+            for s in self.sites.values():
+                for k, c in enumerate(s.consumers):
+                    self.handles.append(c.module.register_forward_pre_hook(
+                        lambda m, i, s=s, k=k: self.record(s.name, k, m, i[0])))
 
     def end_batch(self) -> None:
-        """The training forward is over: other forwards (BN re-estimation, latency, a copy of the
-        model) record nothing."""
+        """The training forward is over: unhooked, so other forwards (evaluation, BN re-estimation,
+        latency, a copy of the model) record nothing and cost nothing."""
         self.armed = False
+        self.remove()
 
     def budget(self, name: str, x: torch.Tensor) -> int:
         """Rows a calibration pass would capture for a consumer of site ``name`` with input ``x``."""
@@ -308,7 +313,7 @@ def refit_on_rows(site: MergeSite, plan: MergePlan, cap: SiteCapture, ridge: flo
     maps = []
     for k, cons in enumerate(site.consumers):
         old = cap.inputs[k]
-        t, c = lsq_map(old, old[:, same], ridge, prior, same=same)
+        t, c = cal.lsq_map(old, old[:, same], ridge, prior, same=same)
         dev = cons.module.weight.device
         refit_consumer(cons, t.to(dev), c.to(dev), optimizer, norm_of.get(id(cons.module)))
         maps.append((t, c))
