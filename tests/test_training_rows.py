@@ -298,3 +298,18 @@ def test_recording_only_before_a_rehash_keeps_the_rows_of_recording_always(tmp_p
     # only the 8 batches before each rehash were recorded: steps 3..10, 28..35, 53..60, 78..85 / 25..32, 57..64, 89..96
     steps = [e["step"] for e in windowed["rehash_events"]]
     assert recorded == sorted({t for s in steps for t in range(s - 7, s + 1)})
+
+
+def test_clocks_say_which_steps_a_rehash_can_use():
+    from hashexp.schedules.fixed import FixedSchedule
+    from hashexp.schedules.gradual import GradualSchedule
+
+    steps = FixedSchedule(unit="step", every=25, start=10, max_rehashes=2)
+    assert [t for t in range(1, 70) if steps.rehash_within(t, 4, 32)] == [7, 8, 9, 10, 32, 33, 34, 35, 57, 58, 59, 60]
+    steps.count = 2  # both rehashes done: nothing left to record for
+    assert not any(steps.rehash_within(t, 4, 32) for t in range(1, 200))
+    epochs = FixedSchedule(unit="epoch", every=2, start=1)  # after epochs 1, 3, 5, ...: steps 32, 96, 160
+    assert [t for t in range(1, 130) if epochs.rehash_within(t, 3, 32)] == [30, 31, 32, 94, 95, 96]
+    assert [t for t in range(1, 40) if epochs.rehash_within(t, 40, 32)] == list(range(1, 33))  # K > an epoch
+    ramp = GradualSchedule(start=4, end=28, every=8)
+    assert [t for t in range(1, 40) if ramp.rehash_within(t, 2, 32)] == [3, 4, 11, 12, 19, 20, 27, 28]
