@@ -115,7 +115,9 @@ def _write(a, rows: dict[str, list], loads: list) -> None:
             if v != "after" and ratio:  # both ran at the same time: a side-by-side ratio
                 body.append(f"  - wall time / after's of the same seed: {fmt(ratio, digits=3)}")
         body.append("")
-    notes = [f"Before: `{a.baseline_root}`; after: this checkout. The runs of a seed ran at the same time, one torch "
+    who = f"Before: `{a.baseline_root}`; after: this checkout." if a.baseline_root is not None else \
+        "After: this checkout (no baseline checkout); the variants: this checkout with their overrides."
+    notes = [f"{who} The runs of a seed ran at the same time, one torch "
              "thread each (capture = the training-forward row recording of hashing.calibration=training, part of "
              "the training time, not of hash s). Share = metrics.json hash_time_s / wall_time_s (calibration passes, candidates, order, "
              "least squares, surgery and BN re-estimation of every rehash). Phase columns from "

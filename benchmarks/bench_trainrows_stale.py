@@ -3,6 +3,9 @@
     nice -n 10 .venv/bin/python benchmarks/bench_trainrows_stale.py --seeds 0 1 2      # the headline MLP
     nice -n 10 .venv/bin/python benchmarks/bench_trainrows_stale.py --seeds 0 --setting resnet20_subset
 
+Each run writes ``benchmarks/bench_trainrows_stale_<setting>.md`` (or ``--out``); the committed
+benchmarks/bench_trainrows_stale.md joins the sections of the runs listed at its top.
+
 With ``hashing.calibration=training`` a rehash plans, refits and measures every site on the rows
 the training forward recorded before the rehash; a site whose upstream merged earlier in the same
 rehash is therefore planned on pre-merge ("stale") rows. A calibration pass would measure it
@@ -39,7 +42,8 @@ def _compose(overrides: list[str]):
         return compose(config_name="config", overrides=overrides)
 
 
-def one_seed(setting: str, seed: int, epochs: int, batches: int, max_error: float | None) -> dict:
+def one_seed(setting: str, seed: int, epochs: int, batches: int, max_error: float | None,
+             fresh_clean: bool = False) -> dict:
     """Train, record K batches, compress from stale rows and from fresh passes; the figures of both."""
     from hashexp.app import _instantiate, build_rehasher
     from hashexp.data import BatchIterator, build_dataset
@@ -63,11 +67,13 @@ def one_seed(setting: str, seed: int, epochs: int, batches: int, max_error: floa
     bs = int(cfg.trainer.batch_size)
     it = iter(BatchIterator(data.x_train, data.y_train, bs, shuffle=True,
                             generator=torch.Generator().manual_seed(seed + 7)))
-    xs = []
+    xs, clean = [], []
     for _ in range(batches):
         xb = next(it)[0]
+        clean.append(xb)
         xs.append(trainer.augment(xb, trainer.aug_gen) if trainer.augment is not None else xb)
     x = torch.cat(xs)
+    x_fresh = torch.cat(clean) if fresh_clean else x  # the passes' samples, with or without the augmentation
     sites = model_sites(model)
     cap = TrainingCapture(sites, batches, samples=len(x), conv_samples=len(x), seed=seed)
     model.train()
@@ -87,7 +93,7 @@ def one_seed(setting: str, seed: int, epochs: int, batches: int, max_error: floa
             rows.source, rows.example = None, x[:1]
             rep = comp.compress(m, None, None, None, 0, calib=rows)
         else:
-            rep = comp.compress(m, None, None, None, 0, calib=x)
+            rep = comp.compress(m, None, None, None, 0, calib=x_fresh)
         out[name] = {"acc": evaluate(m, data.x_test, data.y_test)[1], "flops": count_flops(m, data.input_shape),
                      "width": sum(model_widths(m).values()), "error": max(r["error"] for r in rep)}
     return out
@@ -100,12 +106,15 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batches", type=int, default=8, help="K, the recorded training batches")
     p.add_argument("--max-error", type=float, default=None, help="hashing.max_error (default: the model's budget)")
+    p.add_argument("--fresh-clean", action="store_true",
+                   help="the fresh passes run the samples without augmentation (as the calibration set does)")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
     torch.set_num_threads(1)
-    rows = [(s, one_seed(a.setting, s, a.epochs, a.batches, a.max_error)) for s in a.seeds]
+    rows = [(s, one_seed(a.setting, s, a.epochs, a.batches, a.max_error, a.fresh_clean)) for s in a.seeds]
     body = [f"## {a.setting}: `{' '.join(SETTINGS[a.setting])}`, {a.epochs} epochs vanilla, K = {a.batches} batches, "
-            f"max_error {a.max_error if a.max_error is not None else 'the model default'}", "",
+            f"max_error {a.max_error if a.max_error is not None else 'the model default'}"
+            + (", fresh passes on the samples without augmentation" if a.fresh_clean else ""), "",
             "| seed | vanilla acc % | stale: acc % | stale: width | stale: FLOPs M | fresh: acc % | fresh: width | "
             "fresh: FLOPs M | acc stale - fresh pp |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s, r in rows:
