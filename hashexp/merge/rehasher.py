@@ -152,14 +152,17 @@ class Rehasher:
         return x[self.calib_index.to(x.device)]
 
     # ------------------------------------------------------------------ the training step
-    def before_forward(self, n_global: int, wanted=None) -> None:
-        """A training forward of a global batch of ``n_global`` samples follows (this rank: its slice).
-        ``wanted(K)``: whether a rehash may use this batch (one of the last K before it); None: always.
-        Recording only those batches keeps exactly the rows an always-recording ring buffer holds at
-        the rehash, at a fraction of the cost."""
+    def before_forward(self, n_global: int, schedule=None, step: int = 0) -> None:
+        """Training step ``step`` (counted from 1) forwards a global batch of ``n_global`` samples (this
+        rank: its slice). With ``calibration=training`` its rows are recorded when a rehash may use them:
+        ``schedule.rehash_within`` says whether one may come within ``calib_batches`` steps (no
+        schedule: no rehash comes). Recording only those batches keeps exactly the rows an always-recording ring
+        buffer holds at each rehash, at a fraction of the cost."""
         if self.rows is not None:
             lo = self.dist.bounds(n_global)[0] if self.dist is not None else 0
-            self.rows.begin_batch(lo, n_global, record=wanted is None or bool(wanted(self.calib_batches)))
+            per_epoch = -(-len(self.data.x_train) // self.batch_size)
+            wanted = schedule is not None and schedule.rehash_within(step, self.calib_batches, per_epoch)
+            self.rows.begin_batch(lo, n_global, record=bool(wanted))
 
     def after_backward(self, model: nn.Module) -> None:
         """With a pull in flight: members of each pulled group share their group's mean gradient.

@@ -288,7 +288,7 @@ class Trainer(Checkpointing):
         """Forward, backward, optimizer step (and the pull's gradient sharing and contraction); the loss."""
         with self.timer("train"):
             if self.rehasher is not None:  # training-row calibration: this rank's place in the global batch
-                self.rehasher.before_forward(n_global, self._rows_wanted)
+                self.rehasher.before_forward(n_global, self.schedule, self.step + 1)
             if self.dist is None:
                 if self.augment is not None:
                     xb = self.augment(xb, self.aug_gen)
@@ -307,14 +307,6 @@ class Trainer(Checkpointing):
             if self.rehasher is not None:
                 self.rehasher.after_step(self.model)
         return loss_value
-
-    def _rows_wanted(self, steps: int) -> bool:
-        """Whether the step about to run is one of the last ``steps`` before a rehash the schedule
-        may make (training-row calibration records only those)."""
-        if self.schedule is None:
-            return False
-        n_batches = math.ceil(len(self.data.x_train) / self.batch_size)
-        return self.schedule.rehash_within(self.step + 1, steps, n_batches)
 
     def _end_epoch(self, use_bar: bool) -> None:
         """LR step, a possible rehash, the evaluation row, a checkpoint."""
