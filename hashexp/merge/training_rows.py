@@ -51,7 +51,7 @@ import torch
 
 from hashexp.errors import ConfigError
 from hashexp.merge import calibration as cal
-from hashexp.merge.calibration import DEFAULT_SAMPLES, MAX_CONV_ROWS, SiteCapture, centred_gram, weight_matrix
+from hashexp.merge.calibration import DEFAULT_SAMPLES, MAX_CONV_ROWS, SiteCapture, weight_matrix
 from hashexp.merge.plans import MergePlan, survivor_index
 from hashexp.merge.site import MergeSite, site_input
 from hashexp.merge.surgery import refit_consumer
@@ -269,22 +269,22 @@ def example_input(calib: torch.Tensor | RecordedRows) -> torch.Tensor:
 def rows_error(old: SiteCapture, new_weights: list[torch.Tensor], index: torch.Tensor) -> float:
     """Relative change of the consumers' centred tap-wise pre-activation on recorded rows.
 
-    Old outputs X W_old^T, new ones X[:, index] W_new^T (X the recorded rows, ``index`` the kept
-    channels): the error is sqrt(sum_k tr(M_k^T G_k M_k) / sum_k tr(W_k G_k W_k^T)) with G_k the
-    centred Gram of X_k and M_k = W_old^T - E W_new^T (E selects ``index``). A consumer that lost
-    output channels itself (it writes into the site) is compared on the kept ones.
+    Old outputs X W_old^T, new ones X[:, index] W_new^T (X the recorded rows, centred; ``index``
+    the kept channels; one output per output channel and kernel tap): |Y_new - Y_old| / |Y_old|
+    over all consumers. Two products of the rows (float32, norms summed in float64), as cheap as
+    comparing a pass's recorded outputs; no Gram of the old width. A consumer that lost output
+    channels itself (it writes into the site) is compared on the kept ones.
     """
     num = den = 0.0
     for x, w_old, w_new in zip(old.inputs, old.weights, new_weights):
-        g = centred_gram(x)
-        w_old = w_old.double()
+        xc = x.float() - x.float().mean(0)
         if w_old.shape[0] != w_new.shape[0]:
             taps = w_new.shape[0] // len(index)
             w_old = w_old[(index[:, None] * taps + torch.arange(taps)).flatten()]
-        m = w_old.T.clone()
-        m[index] -= w_new.double().T
-        num += float(((g @ m) * m).sum())
-        den += float(((g @ w_old.T) * w_old.T).sum())
+        y_old = xc @ w_old.float().T
+        d = xc[:, index] @ w_new.float().T - y_old
+        num += float(d.double().square().sum())
+        den += float(y_old.double().square().sum())
     return (num / max(den, 1e-30)) ** 0.5
 
 
