@@ -15,8 +15,8 @@ wrapped by a timer (no change to what runs) and writes the split to ``--json``:
 - ``surgery``: producers and optimizer state (apply_producers);
 - ``bn``: BatchNorm re-estimation;
 - ``total``: Rehasher.rehash as a whole (``other`` = total minus the phases: plans, reports, DDP);
-- ``capture``: the training-forward capture of ``hashing.calibration=reuse`` (recorded while training,
-  outside a rehash), when it exists.
+- ``capture``: the training-forward row recording of ``hashing.calibration=training``
+  (:class:`hashexp.merge.training_rows.TrainingCapture`, while training, outside a rehash), when it exists.
 """
 
 from __future__ import annotations
@@ -74,12 +74,18 @@ def install() -> None:
         cal.capture_site = capture1
     cal.lsq_map = _timed("lsq", cal.lsq_map)
     compressor.refit_consumer = _timed("lsq", compressor.refit_consumer)
+    try:  # the refit on recorded rows (hashing.calibration=training)
+        from hashexp.merge import training_rows
+
+        training_rows.refit_consumer = _timed("lsq", training_rows.refit_consumer)
+    except ImportError:  # a checkout from before training-row calibration
+        pass
     compressor.apply_producers = _timed("surgery", compressor.apply_producers)
     hashed.HashCompressor.eligible = _timed("candidates", hashed.HashCompressor.eligible)
     hashed.HashCompressor._order = _timed("order", hashed.HashCompressor._order)
     rehasher.recalibrate_bn = _timed("bn", rehasher.recalibrate_bn)
     rehasher.Rehasher.rehash = _timed("total", rehasher.Rehasher.rehash)
-    cap_cls = getattr(rehasher, "TrainingCapture", None)
+    cap_cls = getattr(rehasher, "TrainingCapture", None)  # hashexp.merge.training_rows
     if cap_cls is not None and hasattr(cap_cls, "record"):
         cap_cls.record = _timed("capture", cap_cls.record)
 

@@ -190,3 +190,39 @@ def test_torchrun_two_ranks_pull_the_same_groups_and_merge_like_one_process(tmp_
     assert [s for s, _ in d_ddp] == [s for s, _ in d_one] and len(d_ddp) > 5
     for (_, a), (_, b) in zip(d_ddp, d_one):
         assert float(a) == pytest.approx(float(b), rel=1e-3, abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to the interpreter")
+def test_torchrun_two_ranks_record_training_rows_and_merge_like_one_process(tmp_path):
+    """hashing.calibration=training: each rank records its slice of the chosen rows of every global
+    batch (the last one: one sample, an empty slice for rank 0); rank 0 plans on the ranks' rows
+    joined in rank order, which are the single process's rows, so both merge alike."""
+    env = _env(tmp_path)
+    run = [*DDP_RUN, "hashing.calibration=training", "hashing.calib_batches=4", "hashing.calib_samples=96"]
+    ddp = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "--monitor-interval=0.2",
+                          "-m", "hashexp", *run, f"hydra.run.dir={tmp_path / 'ddp'}"],
+                         cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=240)
+    assert ddp.returncode == 0, (ddp.stdout + ddp.stderr)[-4000:]
+    single = subprocess.run([sys.executable, "-m", "hashexp", *run, f"hydra.run.dir={tmp_path / 'single'}"],
+                            cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=240)
+    assert single.returncode == 0, single.stderr[-3000:]
+    m_ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    m_one = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    assert m_ddp["world_size"] == 2 and m_ddp["rehashes"] == m_one["rehashes"] == 4
+    assert [e["after"] for e in m_ddp["rehash_events"]] == [e["after"] for e in m_one["rehash_events"]]
+    assert m_ddp["widths"] != m_ddp["widths_before"]
+    for a, b in zip(m_ddp["rehash_events"], m_one["rehash_events"]):
+        for site, err in b["error"].items():
+            assert a["error"][site] == pytest.approx(err, rel=1e-3, abs=1e-5)
+    assert m_ddp["test_acc"] == pytest.approx(m_one["test_acc"], abs=1e-3)
+    # the checkpoint holds each rank's rows: 24 of each 64-sample global batch, 12 on each rank
+    ck = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
+    one = torch.load(tmp_path / "single" / "checkpoint.pt", weights_only=True)
+    assert len(ck["rows"]) == 2 and len(one["rows"]) == 1
+    r0, r1, r = (c["rows"]["fc1"][0] for c in (ck["rows"][0], ck["rows"][1], one["rows"][0]))
+    assert r0["ids"].tolist() == r1["ids"].tolist() == r["ids"].tolist() and len(r["ids"]) == 4
+    assert (r0["lens"] + r1["lens"]).tolist() == r["lens"].tolist()
+    joined = torch.cat([torch.cat([a, b]) for a, b in zip(r0["x"].split(r0["lens"].tolist()),
+                                                        r1["x"].split(r1["lens"].tolist()))])
+    assert joined.shape == r["x"].shape and torch.allclose(joined, r["x"], atol=1e-3)

@@ -35,6 +35,7 @@ from hashexp.merge.plans import fixed_plan, nearest_survivor, proposal_groups, s
 from hashexp.merge.reports import SiteReport
 from hashexp.merge.sites import MergeSite, model_sites
 from hashexp.merge.surgery import MergePlan, apply_consumers, apply_producers, check_plan, refit_consumer
+from hashexp.merge.training_rows import RecordedRows, check_keeps_survivors, refit_on_rows
 from hashexp.merge.width_plan import load_width_plan
 from hashexp.utils.checks import check_at_least, check_cosine, check_fraction
 from hashexp.utils.seeding import SEED_MIX, SITE_MIX, derive_seed
@@ -156,7 +157,9 @@ class Compressor:
         ranks apply its plan and its least-squares maps, so every rank holds the same network.
         ``fixed`` maps a site name to a pulled proposal (``{"groups", "keep"}``, see
         :meth:`propose`): that site merges exactly those groups into their survivors instead of
-        planning anew.
+        planning anew. ``calib`` may also be :class:`~hashexp.merge.training_rows.RecordedRows`
+        (``hashing.calibration=training``): every site is then planned, refit and measured on the
+        rows the training forward recorded, with no calibration pass.
         """
         if self.compensation == "lsq" and calib is None:
             raise ConfigError(f"hashing={self.name} with compensation=lsq needs calibration inputs (calib=...); "
@@ -188,9 +191,12 @@ class Compressor:
             later = [(s, seeds[s.name]) for _, s in chosen[pos + 1:]]
             cap = measured.pop(site.name, None)
             if cap is None and calib is not None and main:
-                caps = cal.capture_sites(model, [(site, seed, None)], calib, self.conv_samples, optional=later)
-                cap = caps[0]
-                measured.update({s.name: c for (s, _), c in zip(later, caps[1:]) if c is not None})
+                if isinstance(calib, RecordedRows):
+                    cap = calib.capture(site)
+                else:
+                    caps = cal.capture_sites(model, [(site, seed, None)], calib, self.conv_samples, optional=later)
+                    cap = caps[0]
+                    measured.update({s.name: c for (s, _), c in zip(later, caps[1:]) if c is not None})
             if fixed is not None and site.name in fixed:
                 plan = fixed_plan(site, fixed[site.name]["groups"], fixed[site.name]["keep"])
             else:
@@ -215,9 +221,15 @@ class Compressor:
         Later sites measured by the refit pass are added to ``measured``."""
         check_plan(site, plan, f"hashing={self.name} (compensation={self.compensation})")
         main = dist is None or dist.is_main
+        rows = calib if isinstance(calib, RecordedRows) else None
+        if rows is not None:
+            check_keeps_survivors(plan, f"hashing={self.name}", site.name)
         apply_producers(site, plan, optimizer)
         if self.compensation == "lsq":
-            maps = self._refit(model, site, plan, cap, calib, seed, optimizer, norm_of, later) if main else None
+            if rows is not None:
+                maps = refit_on_rows(site, plan, cap, self.ridge, optimizer, norm_of) if main else None
+            else:
+                maps = self._refit(model, site, plan, cap, calib, seed, optimizer, norm_of, later) if main else None
             if main:
                 measured.update(maps.pop("next"))
             if dist is not None:
@@ -226,6 +238,8 @@ class Compressor:
                     for cons, (t, c) in zip(site.consumers, maps["maps"]):
                         refit_consumer(cons, t.to(cons.module.weight.device), c.to(cons.module.weight.device),
                                        optimizer, norm_of.get(id(cons.module)))
+            if rows is not None:  # every rank's ring buffers follow the merge
+                rows.after_merge(site, survivor_index(plan))
             return maps["error"]
         apply_consumers(site, plan, optimizer)
         error = 0.0
@@ -256,8 +270,7 @@ class Compressor:
                 if (names is not None and site.name not in names) or (self.sites is not None and site.name not in self.sites):
                     continue
                 mass = stats.mass(site.name) if stats is not None else None
-                cap = cal.capture_site(model, site, calib, derive_seed(self.seed, idx, scale=SITE_MIX, weights=(1,)),
-                                       conv_samples=self.conv_samples) if calib is not None else None
+                cap = self.measure(model, site, calib, derive_seed(self.seed, idx, scale=SITE_MIX, weights=(1,)))
                 knobs = self._site_knobs(site.name, overrides)
                 if max_error is not None and hasattr(self, "max_error"):
                     knobs["max_error"] = max_error
@@ -311,6 +324,15 @@ class Compressor:
         caps = cal.capture_sites(model, specs, calib, n, optional=optional)
         nxt = list(zip([s for s, _, _ in specs[1:]] + [s for s, _ in optional], caps[1:]))
         return {"maps": maps, "error": site_error(cap, caps[0], same), "next": {s.name: c for s, c in nxt if c is not None}}
+
+    def measure(self, model, site: MergeSite, calib, seed: int) -> cal.SiteCapture | None:
+        """The site's calibration capture: a pass over ``calib`` inputs, or its recorded training rows
+        (:class:`~hashexp.merge.training_rows.RecordedRows`); None without calibration."""
+        if calib is None:
+            return None
+        if isinstance(calib, RecordedRows):
+            return calib.capture(site)
+        return cal.capture_site(model, site, calib, seed, conv_samples=self.conv_samples)
 
     def plan_site(self, site: MergeSite, index: int, mass: torch.Tensor | None,
                   capture: cal.SiteCapture | None = None) -> MergePlan | None:
@@ -373,3 +395,4 @@ class Compressor:
     def _generator(self, index: int) -> torch.Generator:
         return torch.Generator().manual_seed(derive_seed(self.seed, self.calls, index, scale=SEED_MIX,
                                                          weights=(SITE_MIX, 1), modulus=2**63))
+

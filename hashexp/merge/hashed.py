@@ -40,6 +40,7 @@ from hashexp.merge.heads import head_removal_order, head_vectors
 from hashexp.merge.order import check_order_knobs, removal_order
 from hashexp.merge.sites import MergeSite, model_sites
 from hashexp.merge.surgery import MergePlan, merge_plan, prune_plan
+from hashexp.merge.training_rows import example_input
 from hashexp.merge.width_plan import load_width_plan
 from hashexp.utils.checks import check_at_least, check_bits, check_cosine
 from hashexp.utils.seeding import EVENT_MIX, SITE_MIX, derive_seed
@@ -282,8 +283,7 @@ class HashCompressor(Compressor):
         caps, eligibles, floors, errors, candidates = [], [], [], [], {}
         for site in sites:
             idx = index_of[site.name]
-            caps.append(cal.capture_site(model, site, calib, derive_seed(self.seed, idx, scale=SITE_MIX, weights=(1,)),
-                                         conv_samples=self.conv_samples))
+            caps.append(self.measure(model, site, calib, derive_seed(self.seed, idx, scale=SITE_MIX, weights=(1,))))
             with self._overridden(self._site_knobs(site.name, overrides)):
                 saved = self.target_ratio
                 if glob:
@@ -322,7 +322,7 @@ class HashCompressor(Compressor):
         and the share of the layers' FLOPs this rehash keeps (``target_ratio``, or the ``flops_plan``
         run's FLOPs after the same rehash; None: only the error budget)."""
         widths = {site.name: site.width for site in sites}
-        layers = layer_flops(model, sites, calib)
+        layers = layer_flops(model, sites, example_input(calib))
         keep = self.target_ratio
         if self.flops_plan is not None:
             plan = self.flops_plan

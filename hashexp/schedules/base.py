@@ -69,6 +69,12 @@ class Schedule:
         for s in list(event.sites) + list(event.proposed or []):
             self.per_site[s] = self.per_site.get(s, 0) + 1
 
+    def rehash_within(self, step: int, steps: int, steps_per_epoch: int) -> bool:
+        """Whether a rehash may come at one of the steps ``step .. step + steps - 1`` (after its
+        optimizer step, or at the epoch end it closes): training-row calibration records only the
+        batches a rehash can use. True unless the schedule knows better (a clock does)."""
+        return True
+
     def history_columns(self, sites) -> list[str]:
         """Extra history.csv columns this schedule writes (none by default)."""
         return []

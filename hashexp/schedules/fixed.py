@@ -37,3 +37,14 @@ class FixedSchedule(Schedule):
         elif ctx.epoch_end or not due(ctx.step, self.start, self.every, self.stop):
             return RehashDecision()
         return RehashDecision([n for n in site_names(ctx) if self.sites is None or n in self.sites])
+
+    def rehash_within(self, step: int, steps: int, steps_per_epoch: int) -> bool:
+        """Whether a tick of the clock falls on steps ``step .. step + steps - 1`` (unit ``epoch``:
+        an epoch that ends there), while rehashes remain."""
+        if self.max_rehashes is not None and self.count >= self.max_rehashes:
+            return False
+        last = step + steps - 1
+        if self.unit == "step":
+            return any(due(t, self.start, self.every, self.stop) for t in range(step, last + 1))
+        spe = max(int(steps_per_epoch), 1)
+        return any(due(e, self.start, self.every, self.stop) for e in range(-(-step // spe), last // spe + 1))

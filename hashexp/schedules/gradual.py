@@ -73,6 +73,10 @@ class GradualSchedule(Schedule):
         self.step = t
         return RehashDecision([n for n in site_names(ctx) if self.sites is None or n in self.sites])
 
+    def rehash_within(self, step: int, steps: int, steps_per_epoch: int) -> bool:
+        """Whether a step of the ramp falls on ``step .. step + steps - 1``."""
+        return any(due(t, self.start, self.every, self.end) for t in range(step, step + steps))
+
     def site_overrides(self) -> dict[str, dict[str, Any]]:
         """Each site's ramp width now, as its ``target_width``."""
         return {n: {"target_width": self.target(n, self.step)} for n in self.initial

@@ -88,11 +88,12 @@ class CheckpointState:
     world_size: int = 1
     calib_index: torch.Tensor | None = None
     pull: dict[str, Any] | None = None
+    rows: list[dict[str, Any]] | None = None  # hashing.calibration=training: recorded rows, one entry per rank
     config: dict[str, Any] | None = None  # the composed, resolved run config
 
     _ORDER = ("format", "model", "optimizer", "lr_schedule", "schedule", "compressor", "step", "epoch", "rehashes",
               "batch_in_epoch", "batch_size", "n_train", "pending_losses", "history_rows", "stats", "world_size",
-              "rehash_log", "widths_before", "calib_index", "pull", "times", "rng", "config")
+              "rehash_log", "widths_before", "calib_index", "pull", "rows", "times", "rng", "config")
 
     def to_dict(self) -> dict[str, Any]:
         """The on-disk dict (plain values and tensors, in a fixed order)."""
@@ -191,6 +192,8 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, 
 #: checkpoint adopts that value (:func:`predated_knobs`), so it continues as it was started.
 ADDED_KNOBS: dict[str, Any] = {
     "hashing.scoring": "sequential",  # issue 22: the baselines scored site by site before it
+    "hashing.calibration": "passes",  # issue 19: calibration passes at every rehash before training rows existed
+    "hashing.calib_batches": 8,  # (its window; unused with passes)
 }
 
 

@@ -287,6 +287,8 @@ class Trainer(Checkpointing):
     def _train_step(self, net: nn.Module, xb: torch.Tensor, yb: torch.Tensor, n_global: int) -> torch.Tensor:
         """Forward, backward, optimizer step (and the pull's gradient sharing and contraction); the loss."""
         with self.timer("train"):
+            if self.rehasher is not None:  # training-row calibration: this rank's place in the global batch
+                self.rehasher.before_forward(n_global, self.schedule, self.step + 1)
             if self.dist is None:
                 if self.augment is not None:
                     xb = self.augment(xb, self.aug_gen)

@@ -35,10 +35,11 @@ class Checkpointing:
         path = os.path.join(self.run_dir, "checkpoint.pt")
         return path if os.path.exists(path) else None
 
-    def checkpoint_state(self, stats: list[dict[str, torch.Tensor]] | None = None) -> ckpt.CheckpointState:
+    def checkpoint_state(self, stats: list[dict[str, torch.Tensor]] | None = None,
+                         rows: list[dict] | None = None) -> ckpt.CheckpointState:
         """Everything a resume needs to continue exactly: weights at their merged widths,
-        optimizer, LR schedule, rehash schedule, compressor, activation statistics (one entry
-        per rank, ``stats``), the position in the epoch, pending step losses, every RNG and the
+        optimizer, LR schedule, rehash schedule, compressor, activation statistics and recorded
+        calibration rows (one entry per rank, ``stats``, ``rows``), the position in the epoch, pending step losses, every RNG and the
         run config."""
         from hashexp.models import model_payload
 
@@ -60,6 +61,7 @@ class Checkpointing:
             rehash_log=[e.to_dict() for e in self.rehash_log], widths_before=self.widths_before,
             calib_index=own.get("calib_index"),
             pull=own.get("pull"),
+            rows=rows if rows is not None else ([own["rows"]] if own.get("rows") is not None else None),
             times=dict(self.timer.totals),
             rng=ckpt.capture_rng(gen_state, self.aug_gen, self.device),
             config=self.config,
@@ -73,15 +75,18 @@ class Checkpointing:
         if not self.checkpointing.enabled:
             return
         with self.timer("checkpoint"):
-            stats = None
+            stats = rows = None
             if self.dist is not None:
-                stats = self.dist.all_gather_object(self.rehasher.state_dict()["stats"] if self.rehasher else {})
+                own = self.rehasher.state_dict() if self.rehasher else {}
+                stats = self.dist.all_gather_object(own.get("stats", {}))
+                if own.get("rows") is not None:
+                    rows = self.dist.all_gather_object(own["rows"])
             if not self.is_main:
                 return
             if self._hist is not None:
                 self._hist.flush()
                 self._history_rows = self._hist.rows
-            ckpt.save(self.checkpoint_state(stats), self.run_dir)
+            ckpt.save(self.checkpoint_state(stats, rows), self.run_dir)
 
     def load_checkpoint(self, path: str) -> None:
         """Continue from the checkpoint at ``path`` (a file or a run dir), after checking it fits this run."""
@@ -99,7 +104,8 @@ class Checkpointing:
         if self.rehasher is not None:
             self.rehasher.watch(self.model)
             self.rehasher.load_state_dict({"compressor": ck.compressor, "calib_index": ck.calib_index,
-                                           "pull": ck.pull, "stats": self._rank_stats(ck.stats)}, self.device)
+                                           "pull": ck.pull, "stats": self._rank_stats(ck.stats),
+                                           "rows": self._rank_rows(ck.rows)}, self.device)
         self.optimizer = self.make_optimizer(self.model.parameters())
         self.optimizer.load_state_dict(ck.optimizer)
         if ck.lr_schedule is not None and self._lr_factory is not None:
@@ -138,20 +144,39 @@ class Checkpointing:
         run's config and compressor, and the log says so. Returns ``{key: [this run's, adopted]}``."""
         comp = getattr(self.rehasher, "compressor", None)
         present = {f"hashing.{k}" for k in vars(comp)} if comp is not None else set()
+        own = self.rehasher.own_knobs() if self.rehasher is not None else {}
+        present |= {f"hashing.{k}" for k in own}
         adopted = {}
         for key, value in ckpt.predated_knobs(ck.config, self.config, present).items():
             attr = key.split(".", 1)[1]
-            if not key.startswith("hashing.") or comp is None or not hasattr(comp, attr):
+            if not key.startswith("hashing.") or comp is None:
                 continue
-            before = getattr(comp, attr)
-            setattr(comp, attr, value)
+            if attr in own:  # a knob of the Rehasher (its recorder is rebuilt with the model below)
+                before = own[attr]
+                self.rehasher.adopt(attr, value)
+            elif hasattr(comp, attr):
+                before = getattr(comp, attr)
+                setattr(comp, attr, value)
+            else:
+                continue
             for cfg in (self.config, ck.config):  # both as the run has been computing
                 if cfg is not None:
                     ckpt.set_dotted(cfg, key, value)
+            if before == value:  # the run computes as it was started: nothing to say
+                continue
             adopted[key] = [before, value]
             log.warning("%s predates %s: resuming with %s=%s, the behaviour the run was started with "
                         "(this run's config had %s)", path, key, key, value, before)
         return adopted
+
+    def _rank_rows(self, saved: list[dict] | None) -> dict | None:
+        """This rank's recorded calibration rows; with another world size, rank 0 takes them all."""
+        if not saved:
+            return None
+        from hashexp.merge.training_rows import TrainingCapture
+
+        rank, ws = (self.dist.rank, self.dist.world_size) if self.dist is not None else (0, 1)
+        return saved[rank] if len(saved) == ws else TrainingCapture.merged_state(saved, rank)
 
     def _rank_stats(self, saved: list[dict[str, torch.Tensor]] | None) -> dict[str, torch.Tensor] | None:
         """This rank's activation statistics; with another world size, rank 0 takes their sum."""
