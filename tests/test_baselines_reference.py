@@ -390,3 +390,9 @@ def test_conv_bn_knobs_are_validated():
         NeuronMerging(target_ratio=0.5, bn_rule="bn")
     with pytest.raises(ConfigError, match=r"^hashing.bn_lambda must be in \[0, 1\]"):
         NeuronMerging(target_ratio=0.5, bn_lambda=1.5)
+    from hashexp.compress import make_compressor
+
+    assert make_compressor("neuron_merging", 0.5, bn_rule="code").bn_rule == "code"
+    assert make_compressor("neuron_merging", 0.5).bn_rule == "paper"  # conf/hashing/neuron_merging.yaml's default
+    with pytest.raises(ConfigError, match=r"^bn_rule: not keys of conf/hashing/magnitude.yaml"):
+        make_compressor("magnitude", 0.5, bn_rule="paper")
