@@ -50,8 +50,10 @@ def batches(data, n: int, batch_size: int, seed: int):
     return [xb for _, (xb, _) in zip(range(n), it)]
 
 
-def one_run(model0, data, seed: int, keep_ratios, n_test: int, threshold: float, lam: float) -> dict:
-    """Accuracy (as cut, and after BN re-estimation) of every method at every keep ratio."""
+def one_run(model0, data, seed: int, keep_ratios, n_test: int, threshold: float, lam: float,
+            comp_seeds=(0,)) -> dict:
+    """Accuracies (as cut, and after BN re-estimation) of every method at every keep ratio: one value
+    for the data-free methods (deterministic), one per compression seed for the hashed one."""
     import torch
 
     from hashexp.compress import make_compressor
@@ -60,36 +62,38 @@ def one_run(model0, data, seed: int, keep_ratios, n_test: int, threshold: float,
 
     x_test, y_test = data.x_test[:n_test], data.y_test[:n_test]
     inner = [s.name for s in model0.merge_sites() if s.name.endswith(".inner")]
-    gen = torch.Generator().manual_seed(seed)
-    calib = data.x_train[torch.randperm(len(data.x_train), generator=gen)[:1024]]
     bn_batches = batches(data, 20, 128, seed)
     out = {"base": accuracy(model0, x_test, y_test), "rows": {}}
     for label, (method, knobs) in METHODS.items():
         for keep in keep_ratios:
             kw = dict(knobs, min_width=1)  # every method cuts to exactly round(keep x width)
             if method == "neuron_merging":
-                kw.update(threshold=threshold, bn_lambda=lam)
-            comp = make_compressor(method, keep, seed=seed, **{k: v for k, v in kw.items() if k != "threshold"},
-                                   threshold=kw.get("threshold"))
-            comp.sites = inner
-            m = copy.deepcopy(model0).eval()
-            comp.compress(m, None, None, None, step=0, calib=calib if method == "simhash" else None)
-            widths = [m.widths()[n] for n in inner]
-            acc = accuracy(m, x_test, y_test)
-            recalibrate_bn(m, bn_batches)
-            m.eval()
-            out["rows"][(label, keep)] = {"acc": acc, "acc_bn": accuracy(m, x_test, y_test), "widths": widths}
-            print(f"  seed {seed} {label} keep {keep}: {acc:.4f} (BN re-estimated {out['rows'][(label, keep)]['acc_bn']:.4f}) "
-                  f"widths {widths}", flush=True)
+                kw.update(bn_lambda=lam)
+            row = out["rows"][(label, keep)] = {"acc": [], "acc_bn": []}
+            for cs in comp_seeds if method == "simhash" else comp_seeds[:1]:
+                comp = make_compressor(method, keep, seed=cs, threshold=threshold if method == "neuron_merging" else None,
+                                       **kw)
+                comp.sites = inner
+                calib = data.x_train[torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(cs))[:1024]]
+                m = copy.deepcopy(model0).eval()
+                comp.compress(m, None, None, None, step=0, calib=calib if method == "simhash" else None)
+                row["widths"] = [m.widths()[n] for n in inner]
+                row["acc"].append(accuracy(m, x_test, y_test))
+                recalibrate_bn(m, bn_batches)
+                m.eval()
+                row["acc_bn"].append(accuracy(m, x_test, y_test))
+                print(f"  seed {seed}/{cs} {label} keep {keep}: {row['acc'][-1]:.4f} (BN re-estimated "
+                      f"{row['acc_bn'][-1]:.4f}) widths {row['widths']}", flush=True)
     return out
 
 
-def report(results: dict[int, dict], keep_ratios, n_test: int, threshold: float, lam: float) -> list[str]:
-    """The markdown table: mean ± sd over the runs, per method and keep ratio."""
+def report(results: dict[int, dict], keep_ratios, n_test: int, threshold: float, lam: float, comp_seeds) -> list[str]:
+    """The markdown tables: mean ± sd per method and keep ratio."""
     seeds = sorted(results)
     base = [results[s]["base"] for s in seeds]
     lines = [f"Trained ResNet-20s (seeds {seeds}): {fmt(base, pct=True)} % on the first {n_test} test samples. "
-             f"Neuron Merging at t = {threshold}, lambda = {lam}. Mean ± sd over the trained seeds; "
+             f"Neuron Merging at t = {threshold}, lambda = {lam}. Mean ± sd over the trained seeds (the data-free "
+             f"methods are deterministic) and, for the hashed row, compression seeds {list(comp_seeds)}; "
              "'as cut' leaves BN statistics as they were (the paper's data-free setting), 'BN re-estimated' "
              "recomputes them on 20 training batches of 128.", ""]
     first = results[seeds[0]]["rows"]
@@ -97,9 +101,9 @@ def report(results: dict[int, dict], keep_ratios, n_test: int, threshold: float,
         lines += [f"### keep {keep} of each block-internal width (widths {first[(next(iter(METHODS)), keep)]['widths']})", "",
                   "| method | acc % as cut | Δ vs trained pp | acc % BN re-estimated |", "|---|---:|---:|---:|"]
         for label in METHODS:
-            acc = [results[s]["rows"][(label, keep)]["acc"] for s in seeds]
-            bn = [results[s]["rows"][(label, keep)]["acc_bn"] for s in seeds]
-            drop = [100 * (a - b) for a, b in zip(acc, base)]
+            acc = [a for s in seeds for a in results[s]["rows"][(label, keep)]["acc"]]
+            bn = [a for s in seeds for a in results[s]["rows"][(label, keep)]["acc_bn"]]
+            drop = [100 * (a - results[s]["base"]) for s in seeds for a in results[s]["rows"][(label, keep)]["acc"]]
             lines.append(f"| {label} | {fmt(acc, pct=True)} | {fmt(drop)} | {fmt(bn, pct=True)} |")
         lines.append("")
     return lines
@@ -112,6 +116,7 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=2000, help="test samples evaluated (a shared 2-core CPU)")
     ap.add_argument("--threshold", type=float, default=0.1, help="Neuron Merging's t (the authors' ResNet setting)")
     ap.add_argument("--lam", type=float, default=0.85, help="the Conv-BN rule's lambda (the authors' ResNet setting)")
+    ap.add_argument("--comp-seeds", type=int, nargs="+", default=[0, 1, 2], help="compression seeds of the hashed row")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--smoke", action="store_true", help="an untrained ResNet-20 on 256 test samples, nothing written")
     ap.add_argument("--md", default=str(Path(__file__).with_name("bench_nm_bn.md")))
@@ -129,15 +134,16 @@ def main() -> None:
         data = build_dataset(OmegaConf.load(ROOT / "conf" / "dataset" / "fashion_mnist.yaml"), seed=0)
         torch.manual_seed(0)
         model = build_model({"_target_": "hashexp.models.resnet.ResNet20"}, data.input_shape, data.num_classes)
-        results[0] = one_run(model.eval(), data, 0, a.keep[:1], 256, a.threshold, a.lam)
-        print("\n".join(report(results, a.keep[:1], 256, a.threshold, a.lam)))
+        results[0] = one_run(model.eval(), data, 0, a.keep[:1], 256, a.threshold, a.lam, a.comp_seeds[:2])
+        print("\n".join(report(results, a.keep[:1], 256, a.threshold, a.lam, a.comp_seeds[:2])))
         return
     for run_dir in map(Path, a.runs):
         cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
         data = build_dataset(cfg.dataset, seed=int(cfg.seed))
         model = load_model(run_dir / "model.pt").eval()
-        results[int(cfg.seed)] = one_run(model, data, int(cfg.seed), a.keep, a.n_test, a.threshold, a.lam)
-    body = report(results, a.keep, a.n_test, a.threshold, a.lam)
+        results[int(cfg.seed)] = one_run(model, data, int(cfg.seed), a.keep, a.n_test, a.threshold, a.lam,
+                                         a.comp_seeds)
+    body = report(results, a.keep, a.n_test, a.threshold, a.lam, a.comp_seeds)
     write_markdown(a.md, "Neuron Merging's Conv-BN rule on ResNet-20 (one-shot, no fine-tuning)", body,
                    command=command_line(), notes=[__doc__.split("\n\n", 2)[2].strip()])
     print("\n".join(body))
