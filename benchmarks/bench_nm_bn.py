@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
+import json
 import sys
 from pathlib import Path
 
@@ -87,6 +87,19 @@ def one_run(model0, data, seed: int, keep_ratios, n_test: int, threshold: float,
     return out
 
 
+def cached(path: Path, key: dict, compute) -> dict:
+    """``compute()``'s result, kept in ``path`` and reused while the settings ``key`` are the same
+    (a later call adds trained seeds without redoing the earlier ones)."""
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved["key"] == key:
+            return {"base": saved["base"], "rows": {(lab, keep): row for lab, keep, row in saved["rows"]}}
+    out = compute()
+    path.write_text(json.dumps({"key": key, "base": out["base"],
+                                "rows": [[lab, keep, row] for (lab, keep), row in out["rows"].items()]}))
+    return out
+
+
 def report(results: dict[int, dict], keep_ratios, n_test: int, threshold: float, lam: float, comp_seeds) -> list[str]:
     """The markdown tables: mean ± sd per method and keep ratio."""
     seeds = sorted(results)
@@ -141,8 +154,9 @@ def main() -> None:
         cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
         data = build_dataset(cfg.dataset, seed=int(cfg.seed))
         model = load_model(run_dir / "model.pt").eval()
-        results[int(cfg.seed)] = one_run(model, data, int(cfg.seed), a.keep, a.n_test, a.threshold, a.lam,
-                                         a.comp_seeds)
+        results[int(cfg.seed)] = cached(run_dir / "bench_nm_bn.json", vars(a) | {"runs": None, "md": None},
+                                        lambda: one_run(model, data, int(cfg.seed), a.keep, a.n_test, a.threshold,
+                                                        a.lam, a.comp_seeds))
     body = report(results, a.keep, a.n_test, a.threshold, a.lam, a.comp_seeds)
     write_markdown(a.md, "Neuron Merging's Conv-BN rule on ResNet-20 (one-shot, no fine-tuning)", body,
                    command=command_line(), notes=[__doc__.split("\n\n", 2)[2].strip()])

@@ -385,6 +385,17 @@ def test_conv_bn_rule_is_exact_on_planted_rescaled_channels(rule, exact):
     assert (err < 1e-6) if exact else (err > 1e-3), err
 
 
+def test_conv_bn_rule_with_no_merge_is_magnitude_pruning():
+    """With t above every cosine nothing merges: the Conv-BN rule then cuts exactly the channels Li
+    et al. cut (raw-kernel L1), so the network equals magnitude pruning's, tensor for tensor."""
+    nets = [conv_bn_net(), conv_bn_net()]
+    NeuronMerging(target_width={"c1": 3, "c2": 5}, threshold=1.0, bn_rule="paper").compress(nets[0], None, None, None, step=0)
+    MagnitudePruner(target_width={"c1": 3, "c2": 5}, compensation="none").compress(nets[1], None, None, None, step=0)
+    a, b = nets[0].state_dict(), nets[1].state_dict()
+    assert a.keys() == b.keys() and a["conv1.weight"].shape[0] == 3
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_conv_bn_knobs_are_validated():
     with pytest.raises(ConfigError, match=r"^hashing.bn_rule='bn'; choose paper .*, code .* or folded"):
         NeuronMerging(target_ratio=0.5, bn_rule="bn")
