@@ -131,6 +131,7 @@ def main() -> None:
     ap.add_argument("--lam", type=float, default=0.85, help="the Conv-BN rule's lambda (the authors' ResNet setting)")
     ap.add_argument("--comp-seeds", type=int, nargs="+", default=[0, 1, 2], help="compression seeds of the hashed row")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--note", default="", help="a paragraph after the tables (how to read them)")
     ap.add_argument("--smoke", action="store_true", help="an untrained ResNet-20 on 256 test samples, nothing written")
     ap.add_argument("--md", default=str(Path(__file__).with_name("bench_nm_bn.md")))
     a = ap.parse_args()
@@ -154,10 +155,10 @@ def main() -> None:
         cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
         data = build_dataset(cfg.dataset, seed=int(cfg.seed))
         model = load_model(run_dir / "model.pt").eval()
-        results[int(cfg.seed)] = cached(run_dir / "bench_nm_bn.json", vars(a) | {"runs": None, "md": None},
+        results[int(cfg.seed)] = cached(run_dir / "bench_nm_bn.json", vars(a) | {"runs": None, "md": None, "note": None},
                                         lambda: one_run(model, data, int(cfg.seed), a.keep, a.n_test, a.threshold,
                                                         a.lam, a.comp_seeds))
-    body = report(results, a.keep, a.n_test, a.threshold, a.lam, a.comp_seeds)
+    body = report(results, a.keep, a.n_test, a.threshold, a.lam, a.comp_seeds) + ([a.note] if a.note else [])
     write_markdown(a.md, "Neuron Merging's Conv-BN rule on ResNet-20 (one-shot, no fine-tuning)", body,
                    command=command_line(), notes=[__doc__.split("\n\n", 2)[2].strip()])
     print("\n".join(body))
