@@ -49,11 +49,17 @@ def body(run_dir: Path) -> list[str]:
                   f"{m['params']:,} | {m['wall_time_s']:.0f} |", "",
                   f"Widths after each rehash equal the plan's: {reached == plan}. Final widths: {m['widths']}."]
     else:
-        epochs = [r for r in read_history(run_dir) if r.get("kind") == "epoch" and "test_acc" in r]
+        hist = read_history(run_dir)
+        epochs = [r for r in hist if r.get("kind") == "epoch" and "test_acc" in r]
+        cut = [{k[len("width/"):]: int(v) for k, v in r.items() if k.startswith("width/")}
+               for r in hist if r.get("rehash", 0) > 0]
         last = epochs[-1] if epochs else None
         lines += ["Not finished when this file was written: " + (
             f"{len(epochs)} of 15 epochs done, test accuracy after epoch {int(last['epoch'])}: "
-            f"{100 * last['test_acc']:.2f} % at {int(last['flops']):,} FLOPs/sample." if last else "no epoch done yet.")]
+            f"{100 * last['test_acc']:.2f} % at {int(last['flops']):,} FLOPs/sample." if last else "no epoch done yet."),
+            "", f"Rehashes done: {len(cut)} of {len(plan)}; widths equal the plan's: {cut == plan[:len(cut)]}.",
+            "", "| epoch | test acc % | FLOPs/sample |", "|---:|---:|---:|"]
+        lines += [f"| {int(r['epoch'])} | {100 * r['test_acc']:.2f} | {int(r['flops']):,} |" for r in epochs]
     return lines
 
 
