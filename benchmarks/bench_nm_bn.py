@@ -119,6 +119,15 @@ def report(results: dict[int, dict], keep_ratios, n_test: int, threshold: float,
             drop = [100 * (a - results[s]["base"]) for s in seeds for a in results[s]["rows"][(label, keep)]["acc"]]
             lines.append(f"| {label} | {fmt(acc, pct=True)} | {fmt(drop)} | {fmt(bn, pct=True)} |")
         lines.append("")
+    paper = next(iter(METHODS))
+    lines += ["### The paper's Conv-BN rule minus each other data-free method, paired by trained seed (pp)", "",
+              "| keep | vs | as cut | BN re-estimated |", "|---:|---|---:|---:|"]
+    for keep in keep_ratios:
+        for label in list(METHODS)[1:4]:
+            diff = {k: [100 * (results[s]["rows"][(paper, keep)][k][0] - results[s]["rows"][(label, keep)][k][0])
+                        for s in seeds] for k in ("acc", "acc_bn")}
+            lines.append(f"| {keep} | {label} | {fmt(diff['acc'])} | {fmt(diff['acc_bn'])} |")
+    lines.append("")
     return lines
 
 
