@@ -131,6 +131,15 @@ def report(results: dict[int, dict], keep_ratios, n_test: int, threshold: float,
     return lines
 
 
+def argv_without_note() -> list[str]:
+    """sys.argv less ``--note TEXT`` (the paragraph is in the md itself)."""
+    argv = list(sys.argv)
+    if "--note" in argv:
+        i = argv.index("--note")
+        del argv[i:i + 2]
+    return argv
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", nargs="*", default=[], help="run dirs of trained ResNet-20s (model.pt, .hydra/)")
@@ -169,7 +178,8 @@ def main() -> None:
                                                         a.lam, a.comp_seeds))
     body = report(results, a.keep, a.n_test, a.threshold, a.lam, a.comp_seeds) + ([a.note] if a.note else [])
     write_markdown(a.md, "Neuron Merging's Conv-BN rule on ResNet-20 (one-shot, no fine-tuning)", body,
-                   command=command_line(), notes=[__doc__.split("\n\n", 2)[2].strip()])
+                   command=command_line(argv_without_note()) + (" --note '...'" if a.note else ""),
+                   notes=[__doc__.split("\n\n", 2)[2].strip()])
     print("\n".join(body))
 
 
