@@ -259,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scoring", default=None, choices=("original", "sequential"),
                    help="baselines: score every site on the network before compression (original, the papers' "
                         "default) or each site after its upstream sites were cut (sequential)")
+    p.add_argument("--bn-rule", default=None, choices=("paper", "code", "folded"),
+                   help="neuron_merging on conv+BN sites: the paper's Conv-BN rule (default), the authors' code's "
+                        "terms, or the plain rule on BN-folded rows")
     p.add_argument("--finetune-epochs", type=float, default=0.0)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--calib-batches", type=int, default=20)
@@ -279,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                                        compensation=a.compensation, max_error=a.max_error,
                                        calib_samples=a.calib_samples,
                                        **{k: v for k, v in (("order", a.order), ("budget", a.budget),
-                                                            ("scoring", a.scoring)) if v is not None})
+                                                            ("scoring", a.scoring), ("bn_rule", a.bn_rule))
+                                          if v is not None})
         out = a.out or os.path.join(a.run if os.path.isdir(a.run) else os.path.dirname(a.run),
                                     f"compressed_{a.hashing}_{a.keep if a.keep is not None else a.max_error}")
         os.makedirs(out, exist_ok=True)

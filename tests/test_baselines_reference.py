@@ -233,6 +233,7 @@ def conv_bn_net() -> ConvBNNet:
             bn.running_mean.copy_(torch.randn(n) * 0.3)
             bn.running_var.copy_(torch.rand(n) * 2 + 0.2)
             bn.weight.copy_(torch.rand(n) * 1.5 + 0.1)
+            bn.weight[1] *= -1.0  # one negative gamma: no positive rescaling into or out of channel 1
             bn.bias.copy_(torch.randn(n) * 0.2)
     return net.eval()
 
@@ -243,19 +244,70 @@ def bn_np(bn) -> tuple[np.ndarray, np.ndarray]:
     return c, bn.bias.detach().double().numpy() - bn.running_mean.double().numpy() * c
 
 
-def ref_conv_net(net: ConvBNNet, ks: list[int], t: float | None):
-    """The cut (t None: Li et al., raw kernels) or merged (Neuron Merging on BN-folded filters) conv
-    net as arrays: conv kernels, BN (c, d) per kept channel, fc; plus kept indices and Zs."""
+def ref_conv_bn_scaling(k: np.ndarray, bn, keep: np.ndarray, t: float, lam: float, rule: str = "paper") -> np.ndarray:
+    """Kim et al.'s Conv-BN rule, Z (n, k), from the equations (hashexp/merge/neuron_merging.py's docstring).
+
+    Channel i after BN: gamma_i (W_i * x - mu_i) / sigma_i + beta_i. For pruned n and kept m with
+    s = |W_n| / |W_m|: BN_n = S BN_m + B, S = s gamma_n sigma_m / (gamma_m sigma_n),
+    B = beta_n - S beta_m + gamma_n / sigma_n (s mu_m - mu_n), sigma = sqrt(var + eps); n joins the
+    m minimizing lam (1 - cos) + (1 - lam) * minmax(|B| / S) over the m with S > 0, with Z = S, if
+    cos >= t. ``rule="code"``: the authors' code's terms (sigma = var, pruned and kept swapped in S
+    and B, no sign check).
+    """
+    w = k.reshape(len(k), -1)
+    gamma, beta = bn.weight.detach().double().numpy(), bn.bias.detach().double().numpy()
+    mu, var = bn.running_mean.double().numpy(), bn.running_var.double().numpy()
+    sigma = np.sqrt(var + bn.eps) if rule == "paper" else var
+    norm = np.linalg.norm(w, axis=1)
+    z = np.zeros((len(w), len(keep)))
+    for n in range(len(w)):  # literal loops: this is the reference
+        if n in keep:
+            z[n, np.flatnonzero(keep == n)[0]] = 1.0
+            continue
+        cos, scale, dist = [], [], []
+        for m in keep:
+            s = norm[n] / norm[m]
+            if rule == "paper":
+                S = s * gamma[n] * sigma[m] / (gamma[m] * sigma[n])
+                B = beta[n] - S * beta[m] + gamma[n] / sigma[n] * (s * mu[m] - mu[n])
+            else:
+                S = s * gamma[m] * sigma[n] / (gamma[n] * sigma[m])
+                B = gamma[m] / sigma[m] * (s * (mu[n] - sigma[n] * beta[n] / gamma[n]) - mu[m]) + beta[m]
+            cos.append(w[n] @ w[m] / (norm[n] * norm[m]))
+            scale.append(S)
+            dist.append(abs(B) / S if (S > 0 or rule == "code") else np.nan)
+        dist = np.array(dist)
+        ok = ~np.isnan(dist)
+        if not ok.any():  # no survivor is a positive rescaling: n is dropped
+            continue
+        lo, hi = dist[ok].min(), dist[ok].max()
+        d_hat = (dist - lo) / (hi - lo) if hi > lo else np.zeros_like(dist)
+        score = np.where(ok, lam * (1 - np.array(cos)) + (1 - lam) * d_hat, np.inf)
+        j = int(np.argmin(score))
+        if cos[j] >= t:
+            z[n, j] = scale[j]
+    return z
+
+
+def ref_conv_net(net: ConvBNNet, ks: list[int], t: float | None, rule: str = "folded", lam: float = 0.85):
+    """The cut (t None: Li et al., raw kernels) or merged conv net as arrays: conv kernels, BN (c, d)
+    per kept channel, fc; plus kept indices and Zs. Merged: Neuron Merging's Conv-BN rule (``paper``,
+    ``code``: selection by raw-kernel L1) or the plain rule on BN-folded filters (``folded``)."""
     k1, k2 = net.conv1.weight.detach().double().numpy(), net.conv2.weight.detach().double().numpy()
     (c1, d1), (c2, d2) = bn_np(net.bn1), bn_np(net.bn2)
     fc_w, fc_b = net.fc.weight.detach().double().numpy(), net.fc.bias.detach().double().numpy()
-    if t is None:  # Li et al.: the sum of |kernel| of each filter; a bias-free conv adds b = 0
+    if t is None or rule != "folded":  # Li et al.: the sum of |kernel| of each filter; a bias-free conv adds b = 0
         rows = [k1.reshape(8, -1), k2.reshape(12, -1)]
     else:  # BN folded: filter c * K, bias d
         rows = [np.hstack([c1[:, None] * k1.reshape(8, -1), d1[:, None]]),
                 np.hstack([c2[:, None] * k2.reshape(12, -1), d2[:, None]])]
     keeps = [ref_keep(r, k) for r, k in zip(rows, ks)]
-    zs = [np.eye(len(r))[:, kp] if t is None else ref_scaling(r, kp, t) for r, kp in zip(rows, keeps)]
+    if t is None:
+        zs = [np.eye(len(r))[:, kp] for r, kp in zip(rows, keeps)]
+    elif rule == "folded":
+        zs = [ref_scaling(r, kp, t) for r, kp in zip(rows, keeps)]
+    else:
+        zs = [ref_conv_bn_scaling(k, bn, kp, t, lam, rule) for k, bn, kp in zip((k1, k2), (net.bn1, net.bn2), keeps)]
     k2_in = np.einsum("oihw,ij->ojhw", k2, zs[0])  # Z_1 folds into conv2's input channels
     return dict(k1=k1[keeps[0]], bn1=(c1[keeps[0]], d1[keeps[0]]), k2=k2_in[keeps[1]],
                 bn2=(c2[keeps[1]], d2[keeps[1]]), fc_w=fc_w @ zs[1], fc_b=fc_b, keeps=keeps, zs=zs)
@@ -270,19 +322,88 @@ def conv_forward(r: dict, x: torch.Tensor) -> np.ndarray:
     return (h.mean((2, 3)) @ t["fc_w"].T + t["fc_b"]).numpy()
 
 
-@pytest.mark.parametrize("method", ["magnitude", "neuron_merging"])
-def test_baselines_match_the_references_on_a_conv_bn_net(method):
+@pytest.mark.parametrize("method,rule,t", [("magnitude", None, None), ("neuron_merging", "folded", 0.1),
+                                           ("neuron_merging", "paper", 0.1), ("neuron_merging", "paper", -0.2),
+                                           ("neuron_merging", "code", 0.1)])
+def test_baselines_match_the_references_on_a_conv_bn_net(method, rule, t):
+    """Same kept indices, the same Z and the same outputs to 1e-6 as the numpy references: Li et al.,
+    Neuron Merging's Conv-BN rule (the paper's equations, and the authors' code's terms) and its plain
+    rule on BN-folded filters."""
     net = conv_bn_net()
     x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(2))
-    t = None if method == "magnitude" else 0.1
-    ref = ref_conv_net(net, [3, 5], t)
+    ref = ref_conv_net(net, [3, 5], t, rule or "folded", lam=0.7)
     if t is not None:
-        assert (ref["zs"][0] > 0).sum() > 3  # pruned channels really merge
+        assert (ref["zs"][0][~np.isin(np.arange(8), ref["keeps"][0])] != 0).sum() >= 2  # pruned channels really merge
     comp = MagnitudePruner(target_width={"c1": 3, "c2": 5}, compensation="none") if t is None else \
-        NeuronMerging(target_width={"c1": 3, "c2": 5}, threshold=t)
+        NeuronMerging(target_width={"c1": 3, "c2": 5}, threshold=t, bn_rule=rule, bn_lambda=0.7)
     plans = recorded_plans(comp)
     comp.compress(net, None, None, None, step=0)
     for name, kp, z in zip(("c1", "c2"), ref["keeps"], ref["zs"]):
         np.testing.assert_allclose(plan_z(plans[name]), z, atol=1e-6, rtol=0)
         assert np.array_equal(np.flatnonzero(plans[name].r.cpu().numpy() > 0), kp)
     assert_same_outputs(as_double(net, x), conv_forward(ref, x))
+
+
+def test_the_conv_bn_rules_differ_on_this_net():
+    """The paper's Conv-BN rule, the authors' code's terms and the plain rule on folded filters are
+    three different scaling matrices here (so the test above tells them apart)."""
+    net = conv_bn_net()
+    zs = {rule: ref_conv_net(net, [3, 5], 0.1, rule, lam=0.7)["zs"][0] for rule in ("paper", "code", "folded")}
+    assert not np.allclose(zs["paper"], zs["code"], atol=1e-3)
+    assert not np.allclose(zs["paper"], zs["folded"], atol=1e-3)
+    assert (zs["code"] < 0).any() and not (zs["paper"] < 0).any()  # a negative gamma: the paper's S > 0 check
+
+
+def planted_conv_bn_net() -> ConvBNNet:
+    """conv1's channels 5-7 are 0.1x copies of channels 0-2 (the smallest L1 norms), their BN set so
+    that BN_n = S BN_m exactly (B = 0): merging them into 0-2 changes nothing."""
+    net = conv_bn_net()
+    bn = net.bn1
+    with torch.no_grad():
+        bn.weight.abs_()
+        for n, m in zip((5, 6, 7), (0, 1, 2)):
+            net.conv1.weight[n] = 0.1 * net.conv1.weight[m]
+            sig = (bn.running_var + bn.eps).sqrt()
+            s, g = 0.1, bn.weight
+            scale = s * g[n] * sig[m] / (g[m] * sig[n])
+            bn.bias[n] = scale * bn.bias[m] - g[n] / sig[n] * (s * bn.running_mean[m] - bn.running_mean[n])
+    return net
+
+
+@pytest.mark.parametrize("rule,exact", [("paper", True), ("code", False)])
+def test_conv_bn_rule_is_exact_on_planted_rescaled_channels(rule, exact):
+    """Kim et al.'s merge condition: a pruned filter that is a positive rescaling of a survivor after
+    its BN merges with no change in function. The paper's equations get it exactly; the authors'
+    code's terms (sigma = var, roles swapped) pair the same channels with the wrong scale."""
+    net = planted_conv_bn_net()
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    y0 = as_double(net, x)
+    plans = recorded_plans(comp := NeuronMerging(target_width={"c1": 5, "c2": 12}, threshold=0.99, bn_rule=rule))
+    comp.compress(net, None, None, None, step=0)
+    assert plans["c1"].labels.tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
+    err = np.abs(as_double(net, x) - y0).max() / np.abs(y0).max()
+    assert (err < 1e-6) if exact else (err > 1e-3), err
+
+
+def test_conv_bn_rule_with_no_merge_is_magnitude_pruning():
+    """With t above every cosine nothing merges: the Conv-BN rule then cuts exactly the channels Li
+    et al. cut (raw-kernel L1), so the network equals magnitude pruning's, tensor for tensor."""
+    nets = [conv_bn_net(), conv_bn_net()]
+    NeuronMerging(target_width={"c1": 3, "c2": 5}, threshold=1.0, bn_rule="paper").compress(nets[0], None, None, None, step=0)
+    MagnitudePruner(target_width={"c1": 3, "c2": 5}, compensation="none").compress(nets[1], None, None, None, step=0)
+    a, b = nets[0].state_dict(), nets[1].state_dict()
+    assert a.keys() == b.keys() and a["conv1.weight"].shape[0] == 3
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_conv_bn_knobs_are_validated():
+    with pytest.raises(ConfigError, match=r"^hashing.bn_rule='bn'; choose paper .*, code .* or folded"):
+        NeuronMerging(target_ratio=0.5, bn_rule="bn")
+    with pytest.raises(ConfigError, match=r"^hashing.bn_lambda must be in \[0, 1\]"):
+        NeuronMerging(target_ratio=0.5, bn_lambda=1.5)
+    from hashexp.compress import make_compressor
+
+    assert make_compressor("neuron_merging", 0.5, bn_rule="code").bn_rule == "code"
+    assert make_compressor("neuron_merging", 0.5).bn_rule == "paper"  # conf/hashing/neuron_merging.yaml's default
+    with pytest.raises(ConfigError, match=r"^bn_rule: not keys of conf/hashing/magnitude.yaml"):
+        make_compressor("magnitude", 0.5, bn_rule="paper")

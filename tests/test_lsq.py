@@ -296,20 +296,32 @@ def test_a_constant_channel_goes_into_the_next_batchnorm_of_a_bias_free_conv():
     assert reps[0]["error"] < 0.3 and err_lsq < 0.3 * err_plain, (reps, err_lsq, err_plain)
 
 
-def test_neuron_merging_folds_a_rescaled_conv_bn_channel_exactly():
-    """Conv+BN sites: the BN-folded filter of channel 5 is 0.1x channel 2's, so it has the smallest
-    L1 norm, is pruned, and folds into channel 2 with m = 0.1: the eval output is unchanged."""
+@pytest.mark.parametrize("rule", ["folded", "paper"])
+def test_neuron_merging_folds_a_rescaled_conv_bn_channel_exactly(rule):
+    """Conv+BN sites. ``folded``: the BN-folded filter of channel 5 is 0.1x channel 2's, so it has the
+    smallest L1 norm, is pruned, and folds into channel 2 with m = 0.1. ``paper`` (the Conv-BN rule):
+    channel 5's raw kernel is 0.1x channel 2's (the smallest raw L1) and its BN leaves no bias
+    (B = 0), so it folds into channel 2 with the scale S. Either way the eval output is unchanged."""
     torch.manual_seed(0)
     m = build_model({"_target_": "hashexp.models.resnet.ResNet20"}, (3, 12, 12), 10)
     m.eval()
     conv, bn = m.layer1[0].conv1, m.layer1[0].bn1
     with torch.no_grad():
-        conv.weight[5] = conv.weight[2]
-        bn.running_mean[5], bn.running_var[5] = bn.running_mean[2], bn.running_var[2]
-        bn.weight[5], bn.bias[5] = 0.1 * bn.weight[2], 0.1 * bn.bias[2]
+        if rule == "folded":
+            conv.weight[5] = conv.weight[2]
+            bn.running_mean[5], bn.running_var[5] = bn.running_mean[2], bn.running_var[2]
+            bn.weight[5], bn.bias[5] = 0.1 * bn.weight[2], 0.1 * bn.bias[2]
+        else:
+            bn.running_mean.copy_(torch.randn(16) * 0.3)
+            bn.running_var.copy_(torch.rand(16) + 0.5)
+            bn.weight.copy_(torch.rand(16) + 0.5)
+            conv.weight[5] = 0.1 * conv.weight[2]
+            sig = (bn.running_var + bn.eps).sqrt()
+            scale = 0.1 * bn.weight[5] * sig[2] / (bn.weight[2] * sig[5])
+            bn.bias[5] = scale * bn.bias[2] - bn.weight[5] / sig[5] * (0.1 * bn.running_mean[2] - bn.running_mean[5])
     x = torch.randn(32, 3, 12, 12)
     y0 = m(x).detach()
-    NeuronMerging(target_width=15, threshold=0.99).compress(m, ["layer1.0.inner"], None, None, step=0)
+    NeuronMerging(target_width=15, threshold=0.99, bn_rule=rule).compress(m, ["layer1.0.inner"], None, None, step=0)
     assert m.widths()["layer1.0.inner"] == 15
     assert rel_err(m(x).detach(), y0) < 1e-5
 

@@ -5,8 +5,8 @@ are cut at once (``scoring=original``; ``sequential`` is hashexp's behaviour bef
 tests/test_baselines_reference.py checks them against numpy references of the papers' equations.
 
 ``MagnitudePruner`` (structured L1 pruning of whole neurons, Li et al. 2017), ``RandomMerger``
-(random groups) and ``NeuronMerging`` (Kim et al., NeurIPS 2020, with
-:func:`neuron_merging_coefficients`). A ``width_plan`` (a hashed run's metrics.json) makes a
+(random groups) and ``NeuronMerging`` (Kim et al., NeurIPS 2020, its plain and Conv-BN rules in
+:mod:`hashexp.merge.neuron_merging`). A ``width_plan`` (a hashed run's metrics.json) makes a
 baseline hit exactly the widths that run reached at each rehash.
 """
 
@@ -17,6 +17,8 @@ import torch
 from hashexp.errors import ConfigError
 from hashexp.merge.compressor import Compressor
 from hashexp.merge.heads import keep_groups
+from hashexp.merge.neuron_merging import (BN_RULES, bn_statistics, conv_bn_merging_coefficients,
+                                          neuron_merging_coefficients)
 from hashexp.merge.sites import MergeSite
 from hashexp.merge.surgery import MergePlan, merge_plan, prune_plan
 from hashexp.utils.checks import check_cosine
@@ -151,71 +153,75 @@ class RandomMerger(_Baseline):
 class NeuronMerging(_Baseline):
     """Neuron Merging (Kim et al., NeurIPS 2020): prune by L1, fold each pruned neuron into a survivor.
 
-    Data-free. The survivors are the ``target`` neurons with the largest L1 norm of [w; b]
-    (BN folded in for conv+BN sites). Each pruned neuron j goes to the survivor i whose
-    direction is most cosine-similar; when that cosine reaches ``threshold`` its consumer
-    column is added to i's, scaled by the norm ratio |p_j| / |p_i| (exact when p_j is a positive
-    multiple of p_i and the activation is ReLU-like), otherwise it is dropped. With
-    ``scoring=original`` (the paper's algorithm) selection, cosines and norm ratios come from every
-    site's rows before this step, and the scaling folds into the consumer's current columns (the
-    next layer's rows are the already-merged ones, Z_l applied to W_{l+1} after Z_{l-1}).
+    Data-free; the scaling matrices come from :mod:`hashexp.merge.neuron_merging`, whose docstring
+    gives the equations. A site whose single producer has a BatchNorm (conv+BN, Linear+BN) follows
+    the paper's Conv-BN rule by default (``bn_rule=paper``): survivors by the L1 norm of the raw
+    filter, each pruned channel n paired with the survivor m minimizing
+    lambda (1 - cos(W_n, W_m)) + (1 - lambda) |B_nm| / S_nm (min-max normalised), folded with the
+    scale S_nm = s (gamma_n sigma_m) / (gamma_m sigma_n) when the cosine reaches ``threshold``; the
+    survivor's BN stays. ``bn_rule=code`` computes S and B as the authors' code does (sigma =
+    running_var, pruned and kept swapped), ``bn_rule=folded`` the plain rule on BN-folded rows.
+    Every other site (Linear without BN; a residual stream, where several layers add into a
+    channel and the paper gives no rule) uses the plain rule: survivors by the L1 norm of [w; b]
+    (BN folded in), the most cosine-similar survivor and the norm ratio |p_n| / |p_m|.
 
-    On Linear sites this is the paper's rule exactly. On conv+BN sites it is the same rule on the
-    BN-folded filters (exact for a BN-rescaled channel); the paper instead selects by the raw
-    kernel L1 and matches by a blend of the raw-kernel cosine and a BN bias term (its lambda).
+    With ``scoring=original`` (the paper's algorithm) selection, cosines, scales and BN statistics
+    come from every site before this step, and the scaling folds into the consumer's current columns
+    (the next layer's rows are the already-merged ones, Z_l applied to W_{l+1} after Z_{l-1}).
 
     Args:
         threshold: the cosine a pruned neuron needs to its survivor to be merged (the paper
-            tunes it per architecture).
+            tunes it per architecture; its ResNet setting is 0.1).
+        bn_rule: ``paper``, ``code`` or ``folded``: how sites with a BatchNorm after their layer merge.
+        bn_lambda: the Conv-BN rule's lambda, the weight of the filter's cosine distance against
+            the leftover bias (the authors' ResNet setting is 0.85).
         other arguments: see :class:`_Baseline` and :class:`Compressor`.
     """
 
     name = "neuron_merging"
     own_knobs = frozenset({"threshold"})
 
-    def __init__(self, threshold: float | None = 0.45, **kw) -> None:
+    def __init__(self, threshold: float | None = 0.45, bn_rule: str = "paper", bn_lambda: float = 0.85, **kw) -> None:
         super().__init__(**kw)
         check_cosine("hashing.threshold", threshold, note=" for neuron_merging")
+        if bn_rule not in BN_RULES:
+            raise ConfigError(f"hashing.bn_rule={bn_rule!r}; choose paper (Neuron Merging's Conv-BN rule from the "
+                              "paper's equations), code (as the authors' code computes it) or folded (the plain "
+                              "rule on BN-folded rows)")
+        if bn_lambda is None or not 0.0 <= float(bn_lambda) <= 1.0:
+            raise ConfigError(f"hashing.bn_lambda must be in [0, 1] (1: match by the filters' cosine only), got {bn_lambda}")
         self.threshold = float(threshold)
+        self.bn_rule = bn_rule
+        self.bn_lambda = float(bn_lambda)
+        self._bn_before: dict[str, tuple[torch.Tensor, float]] = {}
+
+    def before_compress(self, sites: list[MergeSite] | None) -> None:
+        """Also record the BatchNorm statistics of every Conv-BN site (``scoring=original``)."""
+        super().before_compress(sites)
+        recorded = sites if sites is not None and self.scoring == "original" else []
+        self._bn_before = {s.name: bn_statistics(s.producers[0].norm) for s in recorded if self.conv_bn(s)}
+
+    def conv_bn(self, site: MergeSite) -> bool:
+        """True when ``site`` merges by the Conv-BN rule: one producer, a BatchNorm after it, ``bn_rule`` not folded."""
+        return (self.bn_rule != "folded" and len(site.producers) == 1 and site.producers[0].parts == 1
+                and site.producers[0].norm is not None)
 
     def plan_site(self, site: MergeSite, index: int, mass, capture=None) -> MergePlan | None:
-        """Survivors by L1 norm, each pruned neuron folded into its most cosine-similar survivor."""
+        """Survivors by L1 norm, each pruned neuron folded into a survivor (Conv-BN or plain rule)."""
         if self.compensation == "weights" and not site.homogeneous:
             raise ConfigError(f"site {site.name} ({site.activation}): neuron_merging folds neurons by a positive "
                               "scale, which needs a ReLU-like activation; use hashing.compensation=lsq")
         target = self._target_or_fail(site)
         if target is None:
             return None
-        p = self.vectors(site, "folded")
-        labels, m, survivor = neuron_merging_coefficients(p, target, self.threshold)
-        one = survivor.to(p.device, p.dtype)
-        return self._finish(MergePlan(labels=labels.to(p.device), r=one, m=m.to(p.device), a=one, new_width=target))
-
-
-def neuron_merging_coefficients(p: torch.Tensor, keep: int, threshold: float
-                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Labels, consumer coefficients and survivor mask of Neuron Merging for neuron vectors ``p`` (width, D).
-
-    Survivors: the ``keep`` largest L1 norms, labelled 0..keep-1 in index order with m = 1.
-    Pruned neuron j: label of its most cosine-similar survivor i and m_j = |p_j| / |p_i| when the
-    cosine is >= ``threshold``; label -1 (dropped) otherwise.
-    """
-    width = p.shape[0]
-    keep_idx = torch.topk(p.abs().sum(1), keep).indices.sort().values
-    labels = torch.full((width,), -1, dtype=torch.long)
-    labels[keep_idx] = torch.arange(keep)
-    m = torch.zeros(width, dtype=p.dtype)
-    m[keep_idx] = 1.0
-    norm = p.norm(dim=1).clamp_min(1e-12)
-    u = p / norm[:, None]
-    gone = (labels < 0).nonzero().flatten()
-    if len(gone):
-        cos = u[gone] @ u[keep_idx].T
-        best, arg = cos.max(1)
-        ok = best >= threshold
-        partner = keep_idx[arg]
-        labels[gone[ok]] = arg[ok]
-        m[gone[ok]] = norm[gone[ok]] / norm[partner[ok]]
-    survivor = torch.zeros(width, dtype=torch.bool)
-    survivor[keep_idx] = True
-    return labels, m, survivor
+        if self.conv_bn(site):
+            raw = self.vectors(site, "raw")  # [kernel; bias] of the one producer
+            bn, eps = self._bn_before.get(site.name) or bn_statistics(site.producers[0].norm)
+            labels, m, survivor = conv_bn_merging_coefficients(raw[:, :-1], raw[:, -1], bn, eps, target,
+                                                               self.threshold, self.bn_lambda, self.bn_rule)
+        else:
+            labels, m, survivor = neuron_merging_coefficients(self.vectors(site, "folded"), target, self.threshold)
+        dev = site.device
+        one = survivor.to(dev, torch.float32)
+        return self._finish(MergePlan(labels=labels.to(dev), r=one, m=m.to(dev, torch.float32), a=one,
+                                      new_width=target))
