@@ -100,6 +100,21 @@ def _history(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def _ddp_and_single(tmp_path: Path, run: list[str]) -> tuple[dict, dict]:
+    """Run ``run`` on two torchrun ranks and in one process (run dirs ``ddp``/``single`` under
+    ``tmp_path``); both must succeed. Returns their metrics.json."""
+    env = _env(tmp_path)
+    ddp = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "--monitor-interval=0.2",
+                          "-m", "hashexp", *run, f"hydra.run.dir={tmp_path / 'ddp'}"],
+                         cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=240)
+    assert ddp.returncode == 0, (ddp.stdout + ddp.stderr)[-4000:]
+    single = subprocess.run([sys.executable, "-m", "hashexp", *run, f"hydra.run.dir={tmp_path / 'single'}"],
+                            cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=240)
+    assert single.returncode == 0, single.stderr[-3000:]
+    return (json.loads((tmp_path / "ddp" / "metrics.json").read_text()),
+            json.loads((tmp_path / "single" / "metrics.json").read_text()))
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to the interpreter")
 def test_torchrun_two_ranks_match_single_process(tmp_path):
@@ -159,16 +174,7 @@ PULL_DDP_RUN = ["dataset=synthetic", "dataset.n_samples=1600", "dataset.subset_t
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to the interpreter")
 def test_torchrun_two_ranks_pull_the_same_groups_and_merge_like_one_process(tmp_path):
-    env = _env(tmp_path)
-    ddp = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "--monitor-interval=0.2",
-                          "-m", "hashexp", *PULL_DDP_RUN, f"hydra.run.dir={tmp_path / 'ddp'}"],
-                         cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=240)
-    assert ddp.returncode == 0, (ddp.stdout + ddp.stderr)[-4000:]
-    single = subprocess.run([sys.executable, "-m", "hashexp", *PULL_DDP_RUN, f"hydra.run.dir={tmp_path / 'single'}"],
-                            cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=240)
-    assert single.returncode == 0, single.stderr[-3000:]
-    m_ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
-    m_one = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    m_ddp, m_one = _ddp_and_single(tmp_path, PULL_DDP_RUN)
     assert m_ddp["world_size"] == 2
 
     def events(m):
@@ -198,17 +204,8 @@ def test_torchrun_two_ranks_record_training_rows_and_merge_like_one_process(tmp_
     """hashing.calibration=training: each rank records its slice of the chosen rows of every global
     batch (the last one: one sample, an empty slice for rank 0); rank 0 plans on the ranks' rows
     joined in rank order, which are the single process's rows, so both merge alike."""
-    env = _env(tmp_path)
     run = [*DDP_RUN, "hashing.calibration=training", "hashing.calib_batches=4", "hashing.calib_samples=96"]
-    ddp = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "--monitor-interval=0.2",
-                          "-m", "hashexp", *run, f"hydra.run.dir={tmp_path / 'ddp'}"],
-                         cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=240)
-    assert ddp.returncode == 0, (ddp.stdout + ddp.stderr)[-4000:]
-    single = subprocess.run([sys.executable, "-m", "hashexp", *run, f"hydra.run.dir={tmp_path / 'single'}"],
-                            cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=240)
-    assert single.returncode == 0, single.stderr[-3000:]
-    m_ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
-    m_one = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    m_ddp, m_one = _ddp_and_single(tmp_path, run)
     assert m_ddp["world_size"] == 2 and m_ddp["rehashes"] == m_one["rehashes"] == 4
     assert [e["after"] for e in m_ddp["rehash_events"]] == [e["after"] for e in m_one["rehash_events"]]
     assert m_ddp["widths"] != m_ddp["widths_before"]
