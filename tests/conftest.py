@@ -68,6 +68,12 @@ def tiny_overrides() -> list[str]:
     return list(TINY)
 
 
+def tiny_vit(path, *extra: str, depth: int = 2) -> list[str]:
+    """Overrides of a ViT small enough for a test (dim 16, 2 heads, patch 4) on the npz images at ``path``."""
+    return ["dataset=npz", f"dataset.path={path}", "model=vit", "model.dim=16", f"model.depth={depth}",
+            "model.heads=2", "model.patch=4", *extra]
+
+
 class Killed(BaseException):
     """Stands for SIGKILL inside the test process (not an Exception: nothing may catch it)."""
 
@@ -98,6 +104,20 @@ def die_at_checkpoint(monkeypatch, n: int, torn_bytes: int | None = None):
 
     monkeypatch.setattr(torch, "save", dying_save)
     return real_save
+
+
+def killed_run(monkeypatch, cfg, run_dir, n: int, torn_bytes: int | None = None) -> dict:
+    """Train ``cfg`` into ``run_dir`` until its ``n``-th checkpoint write kills it
+    (:func:`die_at_checkpoint`), restore ``torch.save`` and return the checkpoint.pt left behind."""
+    import torch
+
+    from hashexp.app import train_run
+
+    real_save = die_at_checkpoint(monkeypatch, n, torn_bytes=torn_bytes)
+    with pytest.raises(Killed):
+        train_run(cfg, str(run_dir))
+    monkeypatch.setattr(torch, "save", real_save)
+    return torch.load(Path(run_dir) / "checkpoint.pt", weights_only=True)
 
 
 def images(n: int = 256, shape=(1, 8, 8), classes: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import Killed, images, compose, die_at_checkpoint
+from conftest import compose, images, killed_run, tiny_vit
 from hashexp import compress_model, find_sites
 from hashexp.errors import ConfigError
 from hashexp.merge.sites import model_widths
@@ -126,18 +126,14 @@ def test_merged_vit_round_trips_through_model_pt(tmp_path):
 def test_vit_trains_merges_checkpoints_and_resumes_like_an_uninterrupted_run(tmp_path, monkeypatch, npz_images):
     from hashexp.app import train_run
 
-    run = ["dataset=npz", f"dataset.path={npz_images}", "model=vit", "model.dim=16", "model.depth=2", "model.heads=2",
-           "model.patch=4", "trainer.epochs=3", "trainer.batch_size=32", "trainer.num_threads=1",
+    run = tiny_vit(npz_images, "trainer.epochs=3", "trainer.batch_size=32", "trainer.num_threads=1",
            "trainer.logging.progress=none", "trainer.logging.every=3", "hashing=simhash", "hashing.max_error=null",
            "hashing.target_ratio=0.8", "schedule.unit=step", "schedule.every=8", "schedule.start=4",
-           "trainer.checkpoint.every_steps=7", "seed=3"]
+           "trainer.checkpoint.every_steps=7", "seed=3")
     ref = train_run(compose(run), str(tmp_path / "full"))
     assert ref["rehashes"] >= 3 and all(w < 64 for w in ref["widths"].values())
     assert set(ref["widths"]) == {"blocks.0.attn.qkv", "blocks.0.mlp.fc1", "blocks.1.attn.qkv", "blocks.1.mlp.fc1"}
-    real_save = die_at_checkpoint(monkeypatch, 3)
-    with pytest.raises(Killed):
-        train_run(compose(run), str(tmp_path / "killed"))
-    monkeypatch.setattr(torch, "save", real_save)
+    killed_run(monkeypatch, compose(run), tmp_path / "killed", 3)
     out = train_run(compose([*run, f"trainer.checkpoint.resume={tmp_path / 'killed'}"]), str(tmp_path / "resumed"))
     for k in ("test_acc", "train_loss", "widths", "widths_before", "rehashes", "steps", "flops", "params"):
         assert out[k] == ref[k], k
@@ -172,10 +168,9 @@ def test_torchrun_two_ranks_train_a_vit_like_one_process(tmp_path, npz_images):
     if not torchrun.exists():
         pytest.skip("torchrun not installed next to the interpreter")
     root = Path(__file__).resolve().parents[1]
-    run = ["dataset=npz", f"dataset.path={npz_images}", "model=vit", "model.dim=16", "model.depth=2", "model.heads=2",
-           "model.patch=4", "trainer.epochs=2", "trainer.batch_size=64", "trainer.logging.progress=log",
+    run = tiny_vit(npz_images, "trainer.epochs=2", "trainer.batch_size=64", "trainer.logging.progress=log",
            "hashing=simhash", "hashing.max_error=null", "hashing.target_ratio=0.75", "schedule.unit=step",
-           "schedule.every=3", "schedule.start=2", "seed=1"]
+           "schedule.every=3", "schedule.start=2", "seed=1")
     env = dict(os.environ, HASHEXP_OUTPUTS=str(tmp_path / "outputs"), WANDB_MODE="disabled", OMP_NUM_THREADS="1",
                PYTHONPATH=str(root), TMPDIR=str(tmp_path))
     ddp = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "hashexp", *run,
@@ -196,8 +191,7 @@ def test_compress_cli_compresses_a_trained_vit_run(tmp_path, npz_images):
     from hashexp.app import train_run
     from hashexp.compress import main
 
-    run = ["dataset=npz", f"dataset.path={npz_images}", "model=vit", "model.dim=16", "model.depth=2", "model.heads=2",
-           "model.patch=4", "trainer.epochs=1", "trainer.num_threads=1", "trainer.logging.progress=none", "seed=0"]
+    run = tiny_vit(npz_images, "trainer.epochs=1", "trainer.num_threads=1", "trainer.logging.progress=none", "seed=0")
     from omegaconf import OmegaConf
 
     cfg = compose(run)

@@ -243,15 +243,14 @@ def test_timm_attention_is_recognized_and_refused():
 def test_with_the_pull_on_heads_merge_at_once_and_feed_forward_neurons_are_pulled(tmp_path, npz_images):
     """Pulling two heads toward their mean would average q/k across heads: heads are removed at the
     rehash itself, the feed-forward proposals merge ``pull.steps`` later."""
-    from conftest import compose
+    from conftest import compose, tiny_vit
     from hashexp.app import train_run
 
     path = npz_images
-    run = ["dataset=npz", f"dataset.path={path}", "model=vit", "model.dim=16", "model.depth=1", "model.heads=2",
-           "model.patch=4", "trainer.epochs=2", "trainer.batch_size=32", "trainer.num_threads=1",
+    run = tiny_vit(path, "trainer.epochs=2", "trainer.batch_size=32", "trainer.num_threads=1",
            "trainer.logging.progress=none", "hashing=simhash", "hashing.max_error=null", "hashing.target_ratio=0.5",
            "hashing.pull.steps=4", "schedule.unit=step", "schedule.every=8", "schedule.start=4",
-           "schedule.max_rehashes=1", "seed=0"]
+           "schedule.max_rehashes=1", "seed=0", depth=1)
     m = train_run(compose(run), str(tmp_path / "run"))
     ev = [e for e in m["rehash_events"] if e["after"] != e["before"]]
     first, later = ev[0], ev[1]

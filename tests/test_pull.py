@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import Killed, compose, die_at_checkpoint
+from conftest import compose, killed_run
 
 from hashexp.errors import ConfigError
 from hashexp.merge.compressor import proposal_groups
@@ -191,11 +191,7 @@ def test_resume_mid_pull_ends_identical_to_an_uninterrupted_run(tmp_path, monkey
 
     ref = train_run(compose(PULL_RUN), str(tmp_path / "full"))
     # killed right after the 6th checkpoint: step 35 (after 7, 14, 21, 28 and the epoch end at 32), mid-pull
-    real_save = die_at_checkpoint(monkeypatch, 6)
-    with pytest.raises(Killed):
-        train_run(compose(PULL_RUN), str(tmp_path / "killed"))
-    monkeypatch.setattr(torch, "save", real_save)
-    ck = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
+    ck = killed_run(monkeypatch, compose(PULL_RUN), tmp_path / "killed", 6)
     assert ck["step"] == 35 and set(ck["pull"]) == {"fc1", "fc2"} and ck["pull"]["fc1"]["end"] == 42
 
     out = train_run(compose([*PULL_RUN, f"trainer.checkpoint.resume={tmp_path / 'killed'}"]), str(tmp_path / "resumed"))

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import Killed, compose, die_at_checkpoint
+from conftest import compose, killed_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,10 +126,7 @@ def test_kill_during_mid_epoch_checkpoint_write_resumes_exactly_into_a_new_dir(t
     ref = train_run(compose(MID_RUN), str(tmp_path / "full"))
 
     # second attempt: "killed" while writing its 7th checkpoint (step 66, epoch 3): half a file
-    real_save = die_at_checkpoint(monkeypatch, 7, torn_bytes=2000)
-    with pytest.raises(Killed):
-        train_run(compose(MID_RUN), str(tmp_path / "killed"))
-    monkeypatch.setattr(torch, "save", real_save)
+    killed_run(monkeypatch, compose(MID_RUN), tmp_path / "killed", 7, torn_bytes=2000)
 
     killed = tmp_path / "killed"
     assert (killed / "checkpoint.pt.tmp").stat().st_size == 2000  # the torn write
@@ -308,11 +305,7 @@ def test_a_baseline_checkpoint_from_before_scoring_resumes_sequential_as_it_was_
 
     # an old run: killed right after its 3rd checkpoint (step 32, an epoch end; rehashes at 35.. still to come),
     # its recorded config without the scoring key, as code before issue 22 wrote it
-    real_save = die_at_checkpoint(monkeypatch, 3)
-    with pytest.raises(Killed):
-        train_run(compose([*BASELINE_RUN, "hashing.scoring=sequential"]), str(tmp_path / "old"))
-    monkeypatch.setattr(torch, "save", real_save)
-    ck = torch.load(tmp_path / "old" / "checkpoint.pt", weights_only=True)
+    ck = killed_run(monkeypatch, compose([*BASELINE_RUN, "hashing.scoring=sequential"]), tmp_path / "old", 3)
     assert ck["step"] == 32 and ck["rehashes"] == 1
     del ck["config"]["hashing"]["scoring"]
     torch.save(ck, tmp_path / "old" / "checkpoint.pt")

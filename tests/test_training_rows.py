@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 
-from conftest import Killed, compose, die_at_checkpoint
+from conftest import compose, killed_run
 from hashexp.errors import ConfigError
 from hashexp.merge import calibration as cal
 from hashexp.merge.hashed import HashCompressor
@@ -216,11 +216,7 @@ def test_resume_inside_the_window_ends_as_the_uninterrupted_run(tmp_path, monkey
     assert ref["rehashes"] == 4  # steps 10, 35, 60, 85
     # killed right after its 6th checkpoint (steps 11, 22, 32, 33, 44, 55), inside the window of the rehash at 60:
     # its rows come from batches 53..60
-    real_save = die_at_checkpoint(monkeypatch, 6)
-    with pytest.raises(Killed):
-        train_run(compose(ROWS_RUN), str(tmp_path / "killed"))
-    monkeypatch.setattr(torch, "save", real_save)
-    ck = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
+    ck = killed_run(monkeypatch, compose(ROWS_RUN), tmp_path / "killed", 6)
     assert ck["step"] == 55 and len(ck["rows"]) == 1 and ck["rows"][0]["batch"] == 55
     fc1 = ck["rows"][0]["rows"]["fc1"][0]
     # the ring buffer: 5 batches left from the window of the rehash at 35, then the window of 60 began
@@ -241,11 +237,7 @@ def test_a_checkpoint_from_before_the_keys_resumes_with_passes(tmp_path, monkeyp
 
     run = [o for o in ROWS_RUN if not o.startswith(("hashing.calib", "trainer.epochs"))] + ["trainer.epochs=2"]
     ref = train_run(compose(run), str(tmp_path / "full"))
-    real_save = die_at_checkpoint(monkeypatch, 3)
-    with pytest.raises(Killed):
-        train_run(compose(run), str(tmp_path / "old"))
-    monkeypatch.setattr(torch, "save", real_save)
-    ck = torch.load(tmp_path / "old" / "checkpoint.pt", weights_only=True)
+    ck = killed_run(monkeypatch, compose(run), tmp_path / "old", 3)
     for key in ("calibration", "calib_batches"):  # as code before issue 19's item 2 wrote it
         del ck["config"]["hashing"][key]
     del ck["rows"]
